@@ -1,0 +1,130 @@
+"""llmrouter_ulab: JSONL of ``{prompt, task_name, scores: {model: score}}`` (+ optional prompt_id).
+
+Scores are already in [0, 1]. Costs: list prices per 1M tokens from ``llm_candidates.json`` (next
+to the JSONL, else the shared one via :mod:`router_ml.data.prices`) x estimated tokens (prompt
+chars / 4 in, the task's output-token prior out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from router_ml.data.adapters._common import finish_table
+from router_ml.data.prices import model_prices
+from router_ml.paths import source_dir
+
+FOLDER = "llmrouter_ulab"
+
+
+class MalformedRecordError(ValueError):
+    """A JSONL line that is not a valid routing record; the message names file:line."""
+
+
+def _check_record(rec: Any, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise MalformedRecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("prompt", "task_name", "scores"):
+        if key not in rec:
+            raise MalformedRecordError(f"{where}: missing field {key!r}")
+    if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+        raise MalformedRecordError(f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(rec["task_name"], str) or not rec["task_name"]:
+        raise MalformedRecordError(f"{where}: 'task_name' must be a non-empty string")
+    scores = rec["scores"]
+    if not isinstance(scores, dict) or not scores:
+        raise MalformedRecordError(f"{where}: 'scores' must be a non-empty object {{model: score}}")
+    for model, s in scores.items():
+        ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s <= 1
+        if not ok:
+            raise MalformedRecordError(
+                f"{where}: score for model {model!r} must be a number in [0, 1], got {s!r}"
+            )
+    if "prompt_id" in rec and not isinstance(rec["prompt_id"], (str, int)):
+        raise MalformedRecordError(f"{where}: 'prompt_id' must be a string or integer")
+
+
+def read_jsonl(file: Path) -> list[dict[str, Any]]:
+    """Parse and check every line of ``file`` (blank lines skipped); errors name file:line."""
+    records = []
+    with file.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MalformedRecordError(
+                    f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            _check_record(rec, where)
+            rec["_line"] = lineno
+            records.append(rec)
+    if not records:
+        raise MalformedRecordError(f"{file}: no records")
+    return records
+
+
+def _candidate_prices(file: Path, models: list[str]) -> pd.DataFrame:
+    """Prices for ``models``: the ``llm_candidates.json`` beside ``file`` if any, else the shared table."""
+    cand = file.parent / "llm_candidates.json"
+    if not cand.is_file():
+        return model_prices(models)
+    table = json.loads(cand.read_text())
+    rows = [
+        (m, float(table[m]["input_price"]), float(table[m]["output_price"]), math.nan, f"{cand.name}: {m}")
+        for m in models
+        if m in table
+    ]
+    found = pd.DataFrame(
+        rows, columns=["model", "input_per_mtok", "output_per_mtok", "context_window", "price_source"]
+    )
+    rest = [m for m in models if m not in table]
+    return pd.concat([found, model_prices(rest)], ignore_index=True) if rest else found
+
+
+def load_llmrouter(
+    path: str | os.PathLike | None = None, *, costs: bool = True, source: str = FOLDER
+) -> pd.DataFrame:
+    """Long routing table from an llmrouter-format JSONL (a file, or a folder holding train.jsonl).
+
+    Returns one row per (prompt, model): n_prompts x n_models rows. prompt_id is
+    ``"<source>/<prompt_id>"`` (or ``"<source>/<file stem>-<line>"`` when the record has none).
+    """
+    file = source_dir(FOLDER) / "train.jsonl" if path is None else Path(path).expanduser()
+    if file.is_dir():
+        file = file / "train.jsonl"
+    if not file.is_file():
+        raise FileNotFoundError(f"llmrouter: JSONL file {str(file)!r} not found")
+    records = read_jsonl(file)
+    ids = [
+        f"{source}/{rec['prompt_id']}" if "prompt_id" in rec else f"{source}/{file.stem}-{rec['_line']}"
+        for rec in records
+    ]
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "prompt": [r["prompt"] for r in records],
+            "source_task": [r["task_name"] for r in records],
+            "scores": [r["scores"] for r in records],
+        }
+    )
+    dup = prompts["prompt_id"].duplicated()
+    if dup.any():
+        raise MalformedRecordError(
+            f"{file}: duplicate prompt_id(s) {prompts.loc[dup, 'prompt_id'].head(5).tolist()}"
+        )
+    scores = pd.DataFrame(prompts.pop("scores").tolist(), index=prompts.index)
+    scores.columns.name = "model"
+    long = scores.stack().dropna().rename("score").reset_index(level="model")
+    df = prompts.join(long, how="inner").reset_index(drop=True)
+    for col in ("input_tokens", "output_tokens", "cost_usd", "latency_s"):
+        df[col] = float("nan")
+    prices = _candidate_prices(file, sorted(df["model"].unique())) if costs else None
+    return finish_table(df, source, costs=costs, prices=prices)
