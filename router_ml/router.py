@@ -1,0 +1,260 @@
+"""``LearnedRouter`` = encoder + task head + quality head (+ calibrator) + model pool.
+
+Predictor (estimates) and policy (decides) stay apart: this class estimates and, with no
+constraints, routes to the highest predicted quality. The cost/latency decision layer plugs in
+through ``route(..., policy=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from router_ml.checkpoint import CheckpointError, read_arrays, read_config, write_checkpoint
+
+
+class RoutingError(ValueError):
+    """A routing request that cannot be served as asked (empty prompt, unknown model, ...)."""
+
+
+@dataclass
+class RoutingDecision:
+    """One routing decision: the chosen model and why."""
+
+    model: str
+    task: str
+    task_confidence: float
+    predicted_quality: dict[str, float]
+    reason: str
+    fallbacks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    items = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items:
+        raise RoutingError("no prompts given")
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise RoutingError(f"prompt {i} is {type(p).__name__}, expected str")
+        if not p.strip():
+            raise RoutingError(f"prompt {i} is empty")
+    return items
+
+
+class LearnedRouter:
+    """Routes a prompt to one of ``models`` by predicted quality.
+
+    Parameters: ``encoder`` (an :class:`router_ml.embeddings.Encoder`), ``task_head``
+    (a fitted ``TaskClassifier``), ``quality_head`` (a fitted quality predictor with
+    ``predict(X) -> (n, n_models)``), ``models`` (column order of the quality head),
+    ``calibrator`` (optional, fitted), ``metadata`` (what ``router.json`` records).
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        task_head: Any,
+        quality_head: Any,
+        models: Sequence[str],
+        calibrator: Any | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.task_head = task_head
+        self.quality_head = quality_head
+        self.models = list(models)
+        self.calibrator = calibrator
+        self.metadata = dict(metadata or {})
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"duplicate model names in {self.models}")
+
+    @property
+    def task_labels(self) -> list[str]:
+        return list(self.task_head.labels)
+
+    # ---- estimates -------------------------------------------------------------------------
+    def embed(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """(n, dim) float32 embeddings of the prompts."""
+        return self.encoder.encode(_check_prompts(prompts))
+
+    def _quality_from_embeddings(self, X: np.ndarray) -> np.ndarray:
+        q = self.quality_head.predict(X)
+        if self.calibrator is not None:
+            q = self.calibrator.transform(q)
+        return np.clip(q, 0.0, 1.0)
+
+    def predict_task_proba(self, prompts: str | Sequence[str]) -> pd.DataFrame:
+        """A row per prompt, a column per task label; rows sum to 1."""
+        return pd.DataFrame(self.task_head.predict_proba(self.embed(prompts)), columns=self.task_labels)
+
+    def predict_task(self, prompts: str | Sequence[str]) -> list[str]:
+        return list(self.task_head.predict(self.embed(prompts)))
+
+    def predict_quality(self, prompts: str | Sequence[str]) -> pd.DataFrame:
+        """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is set)."""
+        return pd.DataFrame(self._quality_from_embeddings(self.embed(prompts)), columns=self.models)
+
+    # ---- decisions -------------------------------------------------------------------------
+    def _candidates(
+        self, allowed_models: Sequence[str] | None, exclude_models: Sequence[str] | None
+    ) -> list[int]:
+        names = list(allowed_models) if allowed_models is not None else list(self.models)
+        for name in [*names, *(exclude_models or [])]:
+            if name not in self.models:
+                raise RoutingError(f"unknown model {name!r}; this router knows {self.models}")
+        idx = [self.models.index(n) for n in names if n not in set(exclude_models or [])]
+        if not idx:
+            raise RoutingError("no candidate model left after allowed_models/exclude_models")
+        return idx
+
+    def route(
+        self,
+        prompt: str,
+        *,
+        allowed_models: Sequence[str] | None = None,
+        exclude_models: Sequence[str] | None = None,
+        policy: Any | None = None,
+        **constraints: Any,
+    ) -> RoutingDecision:
+        """Pick a model for one prompt.
+
+        With no policy, the candidate with the highest predicted quality wins; the others follow
+        in ``fallbacks`` by predicted quality. ``policy`` (the decision layer) receives the
+        estimates and ``constraints`` and returns the decision.
+        """
+        return self.route_batch(
+            [prompt],
+            allowed_models=allowed_models,
+            exclude_models=exclude_models,
+            policy=policy,
+            **constraints,
+        )[0]
+
+    def route_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        allowed_models: Sequence[str] | None = None,
+        exclude_models: Sequence[str] | None = None,
+        policy: Any | None = None,
+        **constraints: Any,
+    ) -> list[RoutingDecision]:
+        items = _check_prompts(prompts)
+        cand = self._candidates(allowed_models, exclude_models)
+        X = self.encoder.encode(items)
+        task_p = self.task_head.predict_proba(X)
+        quality = self._quality_from_embeddings(X)
+        labels = self.task_labels
+        out = []
+        for i in range(len(items)):
+            t = int(np.argmax(task_p[i]))
+            q = {self.models[j]: float(quality[i, j]) for j in cand}
+            if policy is not None:
+                out.append(policy.decide(q, task=labels[t], task_proba=task_p[i], **constraints))
+                continue
+            if constraints:
+                raise RoutingError(
+                    f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
+                )
+            order = sorted(q, key=lambda m: (-q[m], self.models.index(m)))
+            best = order[0]
+            runner = f"; next {order[1]} at {q[order[1]]:.2f}" if len(order) > 1 else ""
+            reason = (
+                f"task {labels[t]} (p={task_p[i, t]:.2f}); highest predicted quality: {best} at {q[best]:.2f}"
+                f"{runner}"
+            )
+            out.append(
+                RoutingDecision(
+                    model=best,
+                    task=labels[t],
+                    task_confidence=float(task_p[i, t]),
+                    predicted_quality=q,
+                    reason=reason,
+                    fallbacks=order[1:],
+                )
+            )
+        return out
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, metrics: dict[str, float] | None = None) -> Path:
+        """Write the checkpoint directory (router.json, weights.safetensors, README.md)."""
+        from router_ml.card import model_card
+
+        config = dict(self.metadata)
+        config.update(
+            {
+                "encoder": {**self.encoder.get_config(), "id": self.encoder.id, "dim": int(self.encoder.dim)},
+                "models": self.models,
+                "task_labels": self.task_labels,
+                "task_head": {"type": type(self.task_head).name, "params": self.task_head.get_params()},
+                "quality_head": {
+                    "type": type(self.quality_head).name,
+                    "params": self.quality_head.get_params(),
+                },
+                "calibrator": None
+                if self.calibrator is None
+                else {"type": type(self.calibrator).name, "params": self.calibrator.get_params()},
+            }
+        )
+        if metrics is not None:
+            config["metrics"] = metrics
+        arrays = {"task": self.task_head.state_dict(), "quality": self.quality_head.state_dict()}
+        if self.calibrator is not None:
+            arrays["calibrator"] = self.calibrator.state_dict()
+        self.metadata = {k: v for k, v in config.items() if k not in ("package_versions",)}
+        return write_checkpoint(path, config, arrays, model_card({**config, "schema_version": 1}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, encoder: Any | None = None) -> LearnedRouter:
+        """Load a checkpoint directory. ``encoder`` overrides the recorded one (it must match its dim)."""
+        from router_ml.embeddings import build_encoder
+        from router_ml.predictors import CALIBRATORS, QUALITY_PREDICTORS, TaskClassifier
+
+        config = read_config(path)
+        arrays = read_arrays(path, config)
+        enc_cfg = {k: v for k, v in config["encoder"].items() if k not in ("id", "dim")}
+        enc = encoder if encoder is not None else build_encoder(enc_cfg)
+        if encoder is None and enc.id != config["encoder"]["id"]:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was trained with encoder {config['encoder']['id']!r}, "
+                f"but its config builds {enc.id!r}"
+            )
+        if int(enc.dim) != int(config["encoder"]["dim"]):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} expects {config['encoder']['dim']}-dim embeddings; "
+                f"encoder {enc.id!r} gives {enc.dim}"
+            )
+
+        def build(kind: str, registry: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
+            spec = config[kind]
+            if spec["type"] not in registry:
+                raise CheckpointError(f"checkpoint {str(path)!r}: unknown {kind} type {spec['type']!r}")
+            try:
+                return registry[spec["type"]](**spec.get("params", {})).load_state_dict(state)
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointError(f"checkpoint {str(path)!r}: cannot restore {kind}: {e}") from e
+
+        task_head = build("task_head", {TaskClassifier.name: TaskClassifier}, arrays["task"])
+        quality_head = build("quality_head", QUALITY_PREDICTORS, arrays["quality"])
+        calibrator = (
+            build("calibrator", CALIBRATORS, arrays["calibrator"]) if config.get("calibrator") else None
+        )
+        if list(task_head.labels) != list(config["task_labels"]):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: task labels differ between router.json and task head"
+            )
+        if getattr(quality_head, "n_models_", len(config["models"])) != len(config["models"]):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: quality head predicts {quality_head.n_models_} models, "
+                f"router.json lists {len(config['models'])}"
+            )
+        meta = {k: v for k, v in config.items() if k not in ("package_versions",)}
+        return cls(enc, task_head, quality_head, config["models"], calibrator=calibrator, metadata=meta)

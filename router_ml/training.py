@@ -1,0 +1,242 @@
+"""``train(cfg) -> metrics``: the plain, testable body of ``python -m experiments.train``.
+
+Steps: load the routing table -> leak-free split by prompt (and optionally whole tasks held out)
+-> embed every prompt once (on-disk cache) -> fit the task head on labelled prompts -> optionally
+tune the quality head by k-fold CV inside the training part -> fit it -> calibrate on the
+validation part -> score the held-out test part -> write the checkpoint and ``metrics.json``.
+Every ``test/`` figure comes from prompts the run never trained, tuned or calibrated on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from router_ml.data.schema import table_hash, to_wide
+from router_ml.data.taxonomy import TASK_TYPES
+from router_ml.evaluation.metrics import (
+    best_single_model,
+    gap_closed,
+    oracle_scores,
+    paired_bootstrap,
+    random_scores,
+    routed_scores,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _task_ids(tasks: pd.Series) -> np.ndarray:
+    return tasks.map({t: i for i, t in enumerate(TASK_TYPES)}).to_numpy(dtype="int64")
+
+
+def split_data(table: pd.DataFrame, split_cfg: Mapping[str, Any], seed: int) -> dict[str, pd.DataFrame]:
+    """train / val / test (+ ood when ``holdout_tasks`` is set), grouped by prompt."""
+    from router_ml.data.splits import split_prompts, split_tasks
+
+    out: dict[str, pd.DataFrame] = {}
+    pool = table
+    holdout = split_cfg.get("holdout_tasks")
+    if holdout:
+        parts = split_tasks(table, list(holdout), by=split_cfg.get("holdout_by", "source_task"))
+        pool, out["ood"] = parts["train"], parts["test"]
+    parts = split_prompts(
+        pool,
+        test_size=float(split_cfg.get("test_size", 0.2)),
+        val_size=float(split_cfg.get("val_size", 0.1)),
+        seed=seed,
+    )
+    out.update(parts)
+    return out
+
+
+def task_training_data(
+    splits: dict[str, pd.DataFrame], cfg: Mapping[str, Any], seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test) frames of (prompt, task) for the task head; no test text is ever trained on."""
+    from router_ml.data.labelled import load_labelled
+
+    rng = np.random.default_rng(seed)
+    held_texts = set()
+    for name in ("val", "test", "ood"):
+        if name in splits:
+            held_texts |= set(splits[name]["prompt"])
+    train_parts = []
+    if cfg.get("routing_table", True):
+        pr = splits["train"].drop_duplicates("prompt_id")[["prompt", "task", "source_task"]]
+        cap = int(cfg.get("max_per_source_task", 300))
+        pr = pr.groupby("source_task", group_keys=False).apply(
+            lambda g: g.sample(n=min(cap, len(g)), random_state=int(rng.integers(1 << 31)))
+        )
+        train_parts.append(pr[["prompt", "task"]])
+    project = load_labelled("project")[["prompt", "task"]]
+    in_table = project["prompt"].isin(held_texts) | project["prompt"].isin(set(splits["train"]["prompt"]))
+    free = project[~in_table]
+    if len(free):
+        test_frac = float(cfg.get("project_test_size", 0.3))
+        test_idx = (
+            free.groupby("task", group_keys=False)
+            .apply(lambda g: g.sample(frac=test_frac, random_state=seed))
+            .index
+        )
+        test = pd.concat([free.loc[test_idx], project[project["prompt"].isin(held_texts)]])
+        train_parts.append(free.drop(index=test_idx))
+    else:  # the routing table IS the project set (simulated data): its held-out prompts are the test
+        test = project[project["prompt"].isin(held_texts)]
+    train_parts.append(project[project["prompt"].isin(set(splits["train"]["prompt"]))])
+    train = pd.concat(train_parts, ignore_index=True).drop_duplicates("prompt")
+    train = train[~train["prompt"].isin(set(test["prompt"]))]
+    return train.reset_index(drop=True), test.drop_duplicates("prompt").reset_index(drop=True)
+
+
+def routing_metrics(
+    prefix: str, pred: np.ndarray, Y: np.ndarray, best: int, models: list[str]
+) -> dict[str, float]:
+    routed = routed_scores(pred, Y)
+    single = Y[:, best]
+    ok = ~np.isnan(single)
+    q, b, o = float(routed.mean()), float(np.nanmean(single)), float(oracle_scores(Y).mean())
+    diff, lo, hi = paired_bootstrap(routed[ok], single[ok])
+    return {
+        f"{prefix}/quality": q,
+        f"{prefix}/best_single_quality": b,
+        f"{prefix}/random_quality": float(random_scores(Y).mean()),
+        f"{prefix}/oracle_quality": o,
+        f"{prefix}/gap_closed": gap_closed(q, b, o),
+        f"{prefix}/gain_over_best_single": diff,
+        f"{prefix}/gain_over_best_single_ci_lo": lo,
+        f"{prefix}/gain_over_best_single_ci_hi": hi,
+        f"{prefix}/n_prompts": float(len(Y)),
+    }
+
+
+def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Train one router from a (Hydra or plain dict) config; returns the metrics it also writes."""
+    from router_ml.data.loading import load_routing_data
+    from router_ml.embeddings import CachedEncoder, build_encoder
+    from router_ml.evaluation.tuning import tune_quality_head
+    from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
+    from router_ml.predictors.calibration import expected_calibration_error
+    from router_ml.router import LearnedRouter
+
+    cfg = _as_dict(cfg)
+    seed = int(cfg.get("seed", 0))
+    run_dir = Path(run_dir or cfg.get("run_dir") or ".")
+    metrics: dict[str, float] = {}
+
+    table = load_routing_data(cfg["data"], seed=seed)
+    splits = split_data(table, cfg.get("split", {}), seed)
+    models = sorted(table["model"].unique())
+    wide = {name: to_wide(df, models) for name, df in splits.items()}
+    log.info(
+        "data %s: %d prompts x %d models; %s",
+        cfg["data"].get("name"),
+        table["prompt_id"].nunique(),
+        len(models),
+        {k: len(v[0]) for k, v in wide.items()},
+    )
+
+    encoder = build_encoder(cfg["encoder"])
+    cached = CachedEncoder(encoder, cache_dir=cfg.get("cache_dir"))
+    task_train, task_test = task_training_data(splits, cfg.get("task_data", {}), seed)
+    texts = sorted(set(table["prompt"]) | set(task_train["prompt"]) | set(task_test["prompt"]))
+    t0 = time.perf_counter()
+    emb = dict(zip(texts, cached.encode(texts), strict=True))
+    metrics["time/embed_s"] = time.perf_counter() - t0
+
+    def X_of(prompts: pd.Series) -> np.ndarray:
+        return np.stack([emb[p] for p in prompts]).astype("float32")
+
+    t0 = time.perf_counter()
+    task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
+    task_head.fit(X_of(task_train["prompt"]), list(task_train["task"]))
+    metrics["time/task_head_train_s"] = time.perf_counter() - t0
+    if len(task_test):
+        from sklearn.metrics import accuracy_score, f1_score
+
+        pred_t = task_head.predict(X_of(task_test["prompt"]))
+        metrics["test/task_macro_f1"] = float(f1_score(task_test["task"], pred_t, average="macro"))
+        metrics["test/task_accuracy"] = float(accuracy_score(task_test["task"], pred_t))
+        metrics["test/task_n_prompts"] = float(len(task_test))
+
+    prompts_tr, Y_tr, _ = wide["train"]
+    X_tr, tid_tr = X_of(prompts_tr["prompt"]), _task_ids(prompts_tr["task"])
+    pcfg = cfg["predictor"]
+    params = dict(pcfg.get("params") or {})
+    tune_cfg = cfg.get("tune") or {}
+    if tune_cfg.get("enabled") and tune_cfg.get("grid", {}).get(pcfg["name"]):
+        t0 = time.perf_counter()
+        params, cv = tune_quality_head(
+            pcfg["name"],
+            params,
+            tune_cfg["grid"][pcfg["name"]],
+            X_tr,
+            Y_tr,
+            tid_tr,
+            folds=int(tune_cfg.get("folds", 3)),
+            seed=seed,
+        )
+        metrics["cv/best_quality"] = cv
+        metrics["time/tune_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    head = build_quality_predictor(pcfg["name"], **params).fit(X_tr, Y_tr, tid_tr)
+    metrics["time/quality_head_train_s"] = time.perf_counter() - t0
+
+    calibrator = None
+    cal_name = (cfg.get("calibrator") or {}).get("name", "none")
+    if cal_name != "none" and "val" in wide and len(wide["val"][0]):
+        prompts_va, Y_va, _ = wide["val"]
+        calibrator = build_calibrator(cal_name).fit(head.predict(X_of(prompts_va["prompt"])), Y_va)
+
+    best = best_single_model(Y_tr)
+    metrics["train/best_single_model_index"] = float(best)
+    for name in ("test", "ood"):
+        if name not in wide or not len(wide[name][0]):
+            continue
+        prompts_s, Y_s, _ = wide[name]
+        raw = head.predict(X_of(prompts_s["prompt"]))
+        metrics.update(routing_metrics(name, raw, Y_s, best, models))
+        metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
+        if calibrator is not None:
+            metrics[f"{name}/ece"] = expected_calibration_error(calibrator.transform(raw), Y_s)
+
+    router = LearnedRouter(
+        encoder,
+        task_head,
+        head,
+        models,
+        calibrator=calibrator,
+        metadata={
+            "name": cfg.get("name", "router"),
+            "training": {
+                "data": cfg["data"].get("name"),
+                "data_hash": table_hash(table),
+                "n_prompts": int(table["prompt_id"].nunique()),
+                "n_train_prompts": len(prompts_tr),
+                "best_single_model": models[best],
+                "seed": seed,
+            },
+        },
+    )
+    metrics = {k: float(v) for k, v in sorted(metrics.items())}
+    router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,124 @@
+"""Hydra experiments: every config composes; train/export run end to end as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from router_ml import LearnedRouter
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def _compose(overrides: list[str], name: str = "train"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_every_data_config_composes(data):
+    cfg = _compose([f"data={data}"])
+    assert cfg.data.name == data and cfg.data.adapter
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_file_composes(experiment):
+    cfg = _compose([f"+experiment={experiment}"])
+    assert cfg.predictor.name in ("knn", "linear", "mlp", "mf")
+
+
+@pytest.mark.parametrize("group", ["predictor", "encoder", "calibrator"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        assert _compose([f"{group}={option}"])[group] is not None
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_train_on_shrunk_llmrouter_writes_loadable_checkpoint(tmp_path, shared_data, embedding_cache):
+    run = tmp_path / "run"
+    _run(
+        [
+            "-m",
+            "experiments.train",
+            "data=llmrouter",
+            "data.max_prompts=400",
+            "predictor=linear",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=ROOT,
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["test/quality"] <= 1 and metrics["test/n_prompts"] >= 60
+    assert (run / ".hydra" / "config.yaml").is_file()
+    router = LearnedRouter.from_pretrained(run / "checkpoint")
+    assert len(router.models) == 9
+    assert (
+        router.route("def add(a, b): return a + b  # add type hints and a docstring").model in router.models
+    )
+
+
+def test_multirun_sweep_over_predictors(tmp_path, shared_data, embedding_cache):
+    sweep = tmp_path / "sweep"
+    _run(
+        [
+            "-m",
+            "experiments.train",
+            "-m",
+            "data=llmrouter",
+            "data.max_prompts=200",
+            "predictor=knn,mf",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+    )
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    for r in runs:
+        assert json.loads((r / "metrics.json").read_text())["test/quality"] > 0
+        LearnedRouter.from_pretrained(r / "checkpoint")
+
+
+def test_main_job_default_then_export(tmp_path, embedding_cache):
+    run = tmp_path / "main"
+    _run(["-m", "experiments.train", f"hydra.run.dir={run}"], cwd=ROOT)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/task_macro_f1"] > 0.5
+    dest = tmp_path / "exported"
+    _run(["-m", "experiments.export", f"run={run}", f"to={dest}"], cwd=ROOT)
+    assert LearnedRouter.from_pretrained(dest).models
+
+
+def test_export_of_missing_run_fails_clearly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"run={tmp_path / 'nope'}", f"to={tmp_path / 'x'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr
