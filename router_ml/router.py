@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from router_ml.checkpoint import CheckpointError, read_arrays, read_config, write_checkpoint
+from router_ml.checkpoint import SCHEMA_VERSION, CheckpointError, read_arrays, read_config, write_checkpoint
 
 
 class RoutingError(ValueError):
@@ -93,10 +93,14 @@ class LearnedRouter:
 
     def predict_task_proba(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per task label; rows sum to 1."""
-        return pd.DataFrame(self.task_head.predict_proba(self.embed(prompts)), columns=self.task_labels)
+        items = _check_prompts(prompts)
+        return pd.DataFrame(
+            self.task_head.predict_proba(self.embed(items), texts=items), columns=self.task_labels
+        )
 
     def predict_task(self, prompts: str | Sequence[str]) -> list[str]:
-        return list(self.task_head.predict(self.embed(prompts)))
+        items = _check_prompts(prompts)
+        return list(self.task_head.predict(self.embed(items), texts=items))
 
     def predict_quality(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is set)."""
@@ -150,7 +154,7 @@ class LearnedRouter:
         items = _check_prompts(prompts)
         cand = self._candidates(allowed_models, exclude_models)
         X = self.encoder.encode(items)
-        task_p = self.task_head.predict_proba(X)
+        task_p = self.task_head.predict_proba(X, texts=items)
         quality = self._quality_from_embeddings(X)
         labels = self.task_labels
         out = []
@@ -210,7 +214,9 @@ class LearnedRouter:
         if self.calibrator is not None:
             arrays["calibrator"] = self.calibrator.state_dict()
         self.metadata = {k: v for k, v in config.items() if k not in ("package_versions",)}
-        return write_checkpoint(path, config, arrays, model_card({**config, "schema_version": 1}))
+        return write_checkpoint(
+            path, config, arrays, model_card({**config, "schema_version": SCHEMA_VERSION})
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, encoder: Any | None = None) -> LearnedRouter:

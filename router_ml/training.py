@@ -45,7 +45,9 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _task_ids(tasks: pd.Series) -> np.ndarray:
-    return tasks.map({t: i for i, t in enumerate(TASK_TYPES)}).to_numpy(dtype="int64")
+    """Integer task ids: the taxonomy's order for task types, sorted order for any other labels."""
+    labels = list(TASK_TYPES) if set(tasks) <= set(TASK_TYPES) else sorted(set(tasks))
+    return tasks.map({t: i for i, t in enumerate(labels)}).to_numpy(dtype="int64")
 
 
 def split_data(table: pd.DataFrame, split_cfg: Mapping[str, Any], seed: int) -> dict[str, pd.DataFrame]:
@@ -82,7 +84,7 @@ def task_training_data(
     train_parts = []
     if cfg.get("routing_table", True):
         pr = splits["train"].drop_duplicates("prompt_id")[["prompt", "task", "source_task"]]
-        cap = int(cfg.get("max_per_source_task", 300))
+        cap = int(cfg.get("max_per_source_task", 60))
         pr = pr.groupby("source_task", group_keys=False).apply(
             lambda g: g.sample(n=min(cap, len(g)), random_state=int(rng.integers(1 << 31)))
         )
@@ -167,19 +169,20 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
 
     t0 = time.perf_counter()
     task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
-    task_head.fit(X_of(task_train["prompt"]), list(task_train["task"]))
+    task_head.fit(X_of(task_train["prompt"]), list(task_train["task"]), texts=list(task_train["prompt"]))
     metrics["time/task_head_train_s"] = time.perf_counter() - t0
     if len(task_test):
         from sklearn.metrics import accuracy_score, f1_score
 
-        pred_t = task_head.predict(X_of(task_test["prompt"]))
+        pred_t = task_head.predict(X_of(task_test["prompt"]), texts=list(task_test["prompt"]))
         metrics["test/task_macro_f1"] = float(f1_score(task_test["task"], pred_t, average="macro"))
         metrics["test/task_accuracy"] = float(accuracy_score(task_test["task"], pred_t))
         metrics["test/task_n_prompts"] = float(len(task_test))
 
     prompts_tr, Y_tr, _ = wide["train"]
-    X_tr, tid_tr = X_of(prompts_tr["prompt"]), _task_ids(prompts_tr["task"])
     pcfg = cfg["predictor"]
+    X_tr = X_of(prompts_tr["prompt"])
+    tid_tr = _task_ids(prompts_tr[pcfg.get("task_key", "task")])
     params = dict(pcfg.get("params") or {})
     tune_cfg = cfg.get("tune") or {}
     if tune_cfg.get("enabled") and tune_cfg.get("grid", {}).get(pcfg["name"]):

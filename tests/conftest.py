@@ -45,6 +45,7 @@ def trained_run(tmp_path_factory, embedding_cache) -> Path:
         "encoder": {"type": "sentence_transformer", "model": "minilm"},
         "predictor": {"name": "knn", "params": {"k": 10}},
         "calibrator": {"name": "isotonic"},
+        "task_head": {"params": {"class_weight": "balanced", "text_features": 4096, "view_words": 16}},
         "split": {"test_size": 0.2, "val_size": 0.1},
         "task_data": {},
     }

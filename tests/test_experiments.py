@@ -31,7 +31,7 @@ def test_every_data_config_composes(data):
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_file_composes(experiment):
     cfg = _compose([f"+experiment={experiment}"])
-    assert cfg.predictor.name in ("knn", "linear", "mlp", "mf")
+    assert cfg.predictor.name in ("knn", "linear", "mlp", "mf", "taskmix")
 
 
 @pytest.mark.parametrize("group", ["predictor", "encoder", "calibrator"])

@@ -1,0 +1,270 @@
+"""Benchmark of the learned router core on real data (prints the figures of the core issue).
+
+    python -m experiments.bench_core                      # llmrouter_ulab, split seed 0
+    python -m experiments.bench_core --seeds 0 1 2 --cold # several splits; re-measure cold embedding
+
+For each quality head (knn, linear, mlp, mf), hyper-parameters are tuned by k-fold CV INSIDE the
+training part; the head is then fitted on the training part and scored on held-out prompts it
+never saw: mean score of routing each prompt to its highest-predicted model, next to the best
+single model (chosen on the training part), random and the oracle. The best head is compared with
+the tuned kNN by a paired bootstrap over test prompts. Also: task-type macro-F1 on held-out
+labelled prompts, ECE of calibrated quality, embedding/training times, decision latency and
+batched throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+from router_ml.data.adapters import load_source
+from router_ml.data.schema import to_wide
+from router_ml.data.taxonomy import TASK_TYPES
+from router_ml.embeddings import CachedEncoder, build_encoder
+from router_ml.evaluation.metrics import (
+    best_single_model,
+    gap_closed,
+    oracle_scores,
+    paired_bootstrap,
+    random_scores,
+    routed_scores,
+)
+from router_ml.evaluation.tuning import tune_quality_head
+from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
+from router_ml.predictors.calibration import expected_calibration_error
+from router_ml.training import _task_ids, split_data, task_training_data
+
+GRIDS = {
+    "knn": {"k": [10, 20, 50, 100, 200], "weights": ["uniform", "distance"]},
+    "linear": {"alpha": [1.0, 10.0, 30.0, 100.0]},
+    "mlp": {"hidden": [[256], [512]]},
+    "mf": {"dim": [8, 16, 32]},
+    "taskmix": {"prior_count": [1.0, 5.0, 20.0]},
+}
+TASK_KEY = {"taskmix": "source_task"}  # which labels a head learns from (as in conf/predictor/*.yaml)
+TASK_HEAD = {
+    "C": 10.0,
+    "class_weight": "balanced",
+    "text_features": 32768,
+    "text_scale": 2.0,
+    "view_words": 16,
+}
+SHORT = [
+    "Is this email spam? 'You won a free cruise, click here'",
+    "Write a haiku about autumn rain.",
+    "What is the capital of Australia?",
+    "Fix the off-by-one error in my for loop.",
+]
+
+
+def pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q))
+
+
+def run_seed(seed: int, table, emb, heads, folds) -> dict:
+    splits = split_data(table, {"test_size": 0.2, "val_size": 0.1}, seed)
+    models = sorted(table["model"].unique())
+    (p_tr, Y_tr, _), (p_va, Y_va, _), (p_te, Y_te, _) = (
+        to_wide(splits[s], models) for s in ("train", "val", "test")
+    )
+    X = {
+        s: np.stack([emb[t] for t in p["prompt"]])
+        for s, p in (("train", p_tr), ("val", p_va), ("test", p_te))
+    }
+    best = best_single_model(Y_tr)
+    res = {
+        "seed": seed,
+        "n_train": len(p_tr),
+        "n_test": len(p_te),
+        "best_single_model": models[best],
+        "best_single": float(np.nanmean(Y_te[:, best])),
+        "random": float(random_scores(Y_te).mean()),
+        "oracle": float(oracle_scores(Y_te).mean()),
+        "heads": {},
+    }
+    per_prompt = {}
+    for name in heads:
+        tid = _task_ids(p_tr[TASK_KEY.get(name, "task")])
+        t0 = time.perf_counter()
+        params, cv = tune_quality_head(name, {}, GRIDS[name], X["train"], Y_tr, tid, folds=folds, seed=seed)
+        tune_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        head = build_quality_predictor(name, **params).fit(X["train"], Y_tr, tid)
+        fit_s = time.perf_counter() - t0
+        raw = head.predict(X["test"])
+        routed = routed_scores(raw, Y_te)
+        per_prompt[name] = routed
+        cal = build_calibrator("isotonic").fit(head.predict(X["val"]), Y_va)
+        res["heads"][name] = {
+            "params": params,
+            "cv_quality": cv,
+            "quality": float(routed.mean()),
+            "gap_closed": gap_closed(float(routed.mean()), res["best_single"], res["oracle"]),
+            "ece_raw": expected_calibration_error(raw, Y_te),
+            "ece_isotonic": expected_calibration_error(cal.transform(raw), Y_te),
+            "tune_s": tune_s,
+            "fit_s": fit_s,
+            "head": head,
+            "calibrator": cal,
+        }
+    top = max(res["heads"], key=lambda n: res["heads"][n]["cv_quality"])  # chosen on CV, not on test
+    res["chosen"] = top
+    if "knn" in per_prompt and top != "knn":
+        res["chosen_vs_knn"] = paired_bootstrap(per_prompt[top], per_prompt["knn"], seed=seed)
+    res["chosen_vs_best_single"] = paired_bootstrap(per_prompt[top], Y_te[:, best], seed=seed)
+    res["splits"] = splits
+    return res
+
+
+def latency(router, n: int = 200) -> dict:
+    for p in SHORT * 3:  # warm-up
+        router.route(p)
+    total, after = [], []
+    for i in range(n):
+        p = SHORT[i % len(SHORT)]
+        t0 = time.perf_counter()
+        X = router.encoder.encode([p])
+        t1 = time.perf_counter()
+        router.task_head.predict_proba(X, texts=[p])
+        router._quality_from_embeddings(X)
+        t2 = time.perf_counter()
+        router.route(p)
+        t3 = time.perf_counter()
+        total.append(t3 - t2)
+        after.append(t2 - t1)
+    batch = [SHORT[i % len(SHORT)] + f" (#{i})" for i in range(1000)]
+    t0 = time.perf_counter()
+    router.route_batch(batch)
+    tput = len(batch) / (time.perf_counter() - t0)
+    ms = lambda a, q: pct(np.array(a) * 1e3, q)  # noqa: E731
+    return {
+        "route_p50_ms": ms(total, 50),
+        "route_p99_ms": ms(total, 99),
+        "after_embed_p50_ms": ms(after, 50),
+        "after_embed_p99_ms": ms(after, 99),
+        "batched_prompts_per_s": tput,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--heads", nargs="+", default=["knn", "linear", "mlp", "mf", "taskmix"])
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument(
+        "--cold", action="store_true", help="also time a cold (uncached) embedding of all prompts"
+    )
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    from router_ml.router import LearnedRouter
+
+    table = load_source("llmrouter")
+    encoder = build_encoder("minilm")
+    texts = sorted(set(table["prompt"]))
+    out: dict = {"n_prompts": len(texts)}
+    if args.cold:
+        t0 = time.perf_counter()
+        encoder.encode(texts, show_progress=True)
+        out["embed_cold_s"] = time.perf_counter() - t0
+    cached = CachedEncoder(encoder)
+    cached.encode(texts)  # fill the cache if needed
+    t0 = time.perf_counter()
+    vecs = cached.encode(texts)
+    out["embed_cached_s"] = time.perf_counter() - t0
+    emb = dict(zip(texts, vecs, strict=True))
+
+    results = []
+    for seed in args.seeds:
+        res = run_seed(seed, table, emb, args.heads, args.folds)
+        results.append(res)
+        print(
+            f"\n== llmrouter_ulab held-out split, seed {seed}: {res['n_train']} train / {res['n_test']} test prompts"
+        )
+        print(
+            f"best single ({res['best_single_model']}, chosen on train): {res['best_single']:.4f}   "
+            f"random: {res['random']:.4f}   oracle: {res['oracle']:.4f}"
+        )
+        print(
+            f"{'head':8s} {'quality':>8s} {'vs best':>8s} {'gap':>6s} {'cv':>7s} {'ECE raw':>8s} {'ECE iso':>8s} "
+            f"{'fit s':>6s} {'tune s':>7s}  params"
+        )
+        for name, h in res["heads"].items():
+            print(
+                f"{name:8s} {h['quality']:8.4f} {h['quality'] - res['best_single']:+8.4f} {h['gap_closed']:6.1%} "
+                f"{h['cv_quality']:7.4f} {h['ece_raw']:8.4f} {h['ece_isotonic']:8.4f} {h['fit_s']:6.2f} "
+                f"{h['tune_s']:7.1f}  {h['params']}"
+            )
+        d, lo, hi = res["chosen_vs_best_single"]
+        print(f"chosen head (by CV): {res['chosen']}; vs best single {d:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]")
+        if "chosen_vs_knn" in res:
+            d, lo, hi = res["chosen_vs_knn"]
+            print(f"chosen head vs tuned kNN: {d:+.4f} [95% paired-bootstrap CI {lo:+.4f}, {hi:+.4f}]")
+
+    # task head + latency on the first seed's split
+    res = results[0]
+    task_train, task_test = task_training_data(res["splits"], {}, res["seed"])
+    texts2 = sorted(set(task_train["prompt"]) | set(task_test["prompt"]))
+    emb.update(zip(texts2, cached.encode(texts2), strict=True))
+    t0 = time.perf_counter()
+    task_head = TaskClassifier(labels=list(TASK_TYPES), **TASK_HEAD).fit(
+        np.stack([emb[t] for t in task_train["prompt"]]),
+        list(task_train["task"]),
+        texts=list(task_train["prompt"]),
+    )
+    out["task_head_fit_s"] = time.perf_counter() - t0
+    from sklearn.metrics import f1_score
+
+    from router_ml.data.labelled import load_labelled
+
+    pred = task_head.predict(np.stack([emb[t] for t in task_test["prompt"]]), texts=list(task_test["prompt"]))
+    out["task_macro_f1_heldout"] = float(f1_score(task_test["task"], pred, average="macro"))
+    out["task_heldout_n"] = len(task_test)
+    for name in ("wizardlm", "mt_bench"):
+        lab = load_labelled(name)
+        p = task_head.predict(cached.encode(list(lab["prompt"])), texts=list(lab["prompt"]))
+        out[f"task_macro_f1_{name}"] = float(f1_score(lab["task"], p, average="macro"))
+    print(
+        f"\ntask head: macro-F1 {out['task_macro_f1_heldout']:.3f} on {len(task_test)} held-out labelled prompts; "
+        f"WizardLM {out['task_macro_f1_wizardlm']:.3f}, MT-Bench {out['task_macro_f1_mt_bench']:.3f} (OOD)"
+    )
+
+    h = res["heads"][res["chosen"]]
+    router = LearnedRouter(
+        encoder, task_head, h["head"], sorted(table["model"].unique()), calibrator=h["calibrator"]
+    )
+    out.update(latency(router))
+    out["train_s_on_cached_embeddings"] = {n: r["fit_s"] for n, r in res["heads"].items()}
+    print(
+        f"embedding {len(texts)} prompts: cold {out.get('embed_cold_s', float('nan')):.1f} s, "
+        f"cached {out['embed_cached_s']:.2f} s"
+    )
+    print(
+        "training on cached embeddings (s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in out["train_s_on_cached_embeddings"].items())
+    )
+    print(
+        f"decision latency ({res['chosen']}): p50 {out['route_p50_ms']:.2f} ms, p99 {out['route_p99_ms']:.2f} ms; "
+        f"after the embedding p50 {out['after_embed_p50_ms']:.3f} ms, p99 {out['after_embed_p99_ms']:.3f} ms; "
+        f"batched {out['batched_prompts_per_s']:.0f} prompts/s"
+    )
+    if args.out:
+        slim = [{k: v for k, v in r.items() if k != "splits"} for r in results]
+        for r in slim:
+            r["heads"] = {
+                n: {k: v for k, v in h.items() if k not in ("head", "calibrator")}
+                for n, h in r["heads"].items()
+            }
+        with open(args.out, "w") as f:
+            json.dump({**out, "seeds": slim}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
