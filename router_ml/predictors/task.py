@@ -1,14 +1,18 @@
 """Task-type classifier (multinomial logistic regression + temperature scaling) and the task-mixture
 quality head built on it.
 
-Fitting uses scikit-learn. With ``calibrate=True`` the classifier is fitted on all but a seeded,
-stratified ``val_fraction`` of the data and a temperature is fitted on that held-out part (Guo et
-al., 2017). The classifier is not refitted on all rows afterwards: a refit changes its confidence
-and voids the temperature. Inference is numpy: ``softmax((X @ W.T + b) / T)``.
+Fitting uses scikit-learn. With ``calibrate=True`` it cross-fits: one model per stratified fold,
+a temperature fitted on the out-of-fold logits (every row scored by a model that never saw it; Guo
+et al., 2017), and the mean of the fold models as the classifier. A plain refit on all rows would
+change the confidence the temperature was fitted for. Inference is numpy:
+``softmax((X @ W.T + b + text logits) / T)``.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +26,8 @@ from router_ml.predictors.base import (
     check_state,
     state_size,
 )
+
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -61,8 +67,9 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray, iters: int = 60) -> floa
 class TaskClassifier(BasePredictor):
     """Predicts the task type of a prompt embedding: ``predict_proba(X (n, d)) -> (n, len(labels))``.
 
-    ``C``: inverse L2 strength of the logistic regression. ``calibrate``: fit a temperature on a
-    ``val_fraction`` held-out part (stratified, ``seed``). Labels absent from the training data get
+    ``C``: inverse L2 strength of the logistic regression. ``calibrate``: cross-fit
+    ``cv_folds`` stratified, seeded fold models, average them, and fit a temperature on their
+    out-of-fold logits. Labels absent from the training data get
     probability 0. ``class_weight="balanced"`` keeps a flood of benchmark prompts of one type from
     drowning the rarer types.
 
@@ -80,7 +87,7 @@ class TaskClassifier(BasePredictor):
         labels: Sequence[str] = TASK_TYPES,
         C: float = 10.0,
         calibrate: bool = True,
-        val_fraction: float = 0.2,
+        cv_folds: int = 5,
         seed: int = 0,
         class_weight: str | None = None,
         text_features: int = 0,
@@ -90,17 +97,20 @@ class TaskClassifier(BasePredictor):
         self.labels = labels
         self.C = C
         self.calibrate = calibrate
-        self.val_fraction = val_fraction
+        self.cv_folds = cv_folds
         self.seed = seed
         self.class_weight = class_weight
         self.text_features = text_features
         self.text_scale = text_scale
         self.view_words = view_words
 
-    def _text_matrix(self, texts: Sequence[str] | None, n: int) -> Any:
-        """Sparse ``(n, text_features)`` hashed n-grams of each text's instruction view."""
-        from sklearn.feature_extraction.text import HashingVectorizer
+    def _hashed(self, texts: Sequence[str] | None, n: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per text: unique hashed feature indices of its instruction view, and one weight each.
 
+        Tokens are lower-cased words of 2+ characters (uni- and bigrams) of the first and last
+        ``view_words`` words; index = crc32(token) mod ``text_features`` (stable across versions
+        and platforms); binary values, l2-normalised, times ``text_scale``.
+        """
         if texts is None:
             raise ValueError(
                 "TaskClassifier: this head uses text features (text_features > 0); pass the prompt texts"
@@ -108,19 +118,36 @@ class TaskClassifier(BasePredictor):
         texts = list(texts)
         if len(texts) != n:
             raise ValueError(f"TaskClassifier: {n} embedding rows but {len(texts)} texts")
-        k = int(self.view_words)
-        views = []
-        for t in texts:
+        k, nf = int(self.view_words), int(self.text_features)
+        rows, weights = [], np.zeros(n)
+        for i, t in enumerate(texts):
             w = str(t).split()
-            views.append(" ".join(w) if len(w) <= 2 * k else " ".join(w[:k] + w[-k:]))
-        hv = HashingVectorizer(
-            n_features=int(self.text_features),
-            ngram_range=(1, 2),
-            binary=True,
-            norm="l2",
-            alternate_sign=False,
-        )
-        return hv.transform(views) * float(self.text_scale)
+            view = " ".join(w) if len(w) <= 2 * k else " ".join(w[:k] + w[-k:])
+            toks = _TOKEN.findall(view.lower())
+            feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
+            idx = np.unique(np.fromiter((zlib.crc32(f.encode()) % nf for f in feats), dtype=np.int64))
+            rows.append(idx)
+            weights[i] = float(self.text_scale) / np.sqrt(len(idx)) if len(idx) else 0.0
+        return rows, weights
+
+    def _text_matrix(self, texts: Sequence[str] | None, n: int) -> Any:
+        """Sparse ``(n, text_features)`` matrix of the hashed features (for fitting)."""
+        import scipy.sparse as sp
+
+        rows, weights = self._hashed(texts, n)
+        indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        data = np.repeat(weights, [len(r) for r in rows])
+        return sp.csr_matrix((data, indices, indptr), shape=(n, int(self.text_features)))
+
+    def _text_logits(self, texts: Sequence[str] | None, n: int) -> np.ndarray:
+        """``(n, L)`` text contribution to the logits, numpy only (fast for one row)."""
+        rows, weights = self._hashed(texts, n)
+        out = np.zeros((n, len(self.labels)))
+        for i, idx in enumerate(rows):
+            if len(idx):
+                out[i] = self._text_coef_t[idx].sum(axis=0) * weights[i]
+        return out
 
     def _features(self, X: np.ndarray, texts: Sequence[str] | None) -> Any:
         if not self.text_features:
@@ -161,33 +188,47 @@ class TaskClassifier(BasePredictor):
             raise ValueError(f"TaskClassifier: {X.shape[0]} rows in X but {yi.shape[0]} labels")
         if len(np.unique(yi)) < 2:
             raise ValueError("TaskClassifier: need at least two distinct labels to fit")
-        tr, va = self._holdout(yi) if self.calibrate else (np.arange(len(yi)), np.arange(0))
-        if len(va) == 0 or len(np.unique(yi[tr])) < 2:
-            tr, va = np.arange(len(yi)), np.arange(0)
         d = X.shape[1]
         F = self._features(X, texts)
-        W, b = self._fit_lr(F[tr], yi[tr])
-        temperature = 1.0
-        keep = np.isfinite(b)[yi[va]]  # held-out rows whose class the model has seen
-        if keep.any():
-            seen = np.isfinite(b)
-            remap = np.cumsum(seen) - 1
-            logits = np.asarray(F[va][keep] @ W[seen].T) + b[seen]
-            temperature = _fit_temperature(logits, remap[yi[va][keep]])
+        fitted = self._cross_fit(F, yi) if self.calibrate else None
+        if fitted is None:
+            W, b = self._fit_lr(F, yi)
+            temperature = 1.0
+        else:
+            W, b, temperature = fitted
         self._set_state(W[:, :d], b, np.array([temperature]), W[:, d:])
         return self
 
-    def _holdout(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Seeded stratified split: ``val_fraction`` of each class (classes with >= 2 rows) held out."""
-        rng = np.random.default_rng(int(self.seed))
-        val = []
-        for c in np.unique(y):
-            rows = rng.permutation(np.where(y == c)[0])
-            n_val = round(len(rows) * float(self.val_fraction))
-            if len(rows) >= 2:
-                val.extend(rows[: min(n_val, len(rows) - 1)])
-        val = np.sort(np.array(val, dtype=np.int64))
-        return np.setdiff1d(np.arange(len(y)), val), val
+    def _cross_fit(self, F: Any, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """Cross-fitting: one model per stratified fold, averaged; temperature on out-of-fold logits.
+
+        Each row's out-of-fold logits come from a model that never saw it, so the temperature is
+        fitted on honest logits (Guo et al., 2017); the final classifier is the mean of the fold
+        models (for a linear model, averaging logits = averaging weights), so every row is used
+        for training and the temperature still matches the models it was fitted on.
+        Returns None when some class has fewer rows than two folds need.
+        """
+        from sklearn.model_selection import StratifiedKFold
+
+        counts = np.bincount(y)
+        folds = min(int(self.cv_folds), int(counts[counts > 0].min()))
+        if folds < 2:
+            return None
+        Ws, bs, logits, labels = [], [], [], []
+        for tr, va in StratifiedKFold(folds, shuffle=True, random_state=int(self.seed)).split(F, y):
+            W, b = self._fit_lr(F[tr], y[tr])
+            seen = np.isfinite(b)
+            z = np.full((len(va), len(self.labels)), -np.inf)
+            z[:, seen] = np.asarray(F[va] @ W[seen].T) + b[seen]
+            Ws.append(W)
+            bs.append(b)
+            logits.append(z)
+            labels.append(y[va])
+        z, lab = np.concatenate(logits), np.concatenate(labels)
+        seen = np.isfinite(z).all(axis=0)
+        remap = np.cumsum(seen) - 1
+        temperature = _fit_temperature(z[:, seen], remap[lab])
+        return np.mean(Ws, axis=0), np.mean(bs, axis=0), temperature
 
     def _set_state(self, W: np.ndarray, b: np.ndarray, temperature: np.ndarray, text_W: np.ndarray) -> None:
         self.text_coef_ = np.ascontiguousarray(text_W, dtype=np.float64)
@@ -204,7 +245,7 @@ class TaskClassifier(BasePredictor):
         X = as_float_matrix(X, "TaskClassifier", self.dim_, dtype=np.float64)
         z = X @ self._coef_t + self.intercept_
         if self.text_features:
-            z = z + np.asarray(self._text_matrix(texts, X.shape[0]) @ self._text_coef_t)
+            z = z + self._text_logits(texts, X.shape[0])
         return z / self.temperature_[0]
 
     def predict_proba(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
