@@ -87,3 +87,18 @@ def test_save_load_round_trip_identical(router, tmp_path):
 def test_route_batch_matches_route(router):
     batch = router.route_batch(PROMPTS)
     assert [d.model for d in batch] == [router.route(p).model for p in PROMPTS]
+
+
+def test_cli_route_and_info(trained_run, capsys):
+    import json
+
+    from router_ml.cli import main
+
+    ckpt = str(trained_run / "checkpoint")
+    assert main(["route", "--ckpt", ckpt, PROMPTS[1]]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["task"] == "code" and decision["model"] in decision["predicted_quality"]
+    assert main(["info", ckpt]) == 0
+    assert json.loads(capsys.readouterr().out)["quality_head"]["type"] == "knn"
+    assert main(["route", "--ckpt", ckpt, " "]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
