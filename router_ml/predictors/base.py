@@ -167,6 +167,15 @@ class QualityPredictor(BasePredictor):
             task_ids = task_ids.astype(np.int64)
         return X, Y, task_ids
 
+    def _aux_task_ids(self, task_ids: np.ndarray | None) -> np.ndarray | None:
+        """The task ids an auxiliary task head trains on (None when ``aux_task_weight`` <= 0)."""
+        if float(getattr(self, "aux_task_weight", 0.0)) <= 0 or task_ids is None:
+            return None  # only the auxiliary head reads them
+        n_tasks = int(self.n_tasks)
+        if task_ids.min() < 0 or task_ids.max() >= n_tasks:
+            raise ValueError(f"{type(self).__name__}: task_ids must lie in [0, n_tasks={n_tasks})")
+        return task_ids
+
     def _check_X(self, X: Any) -> np.ndarray:
         self._check_fitted("dim_")
         return as_float_matrix(X, type(self).__name__, self.dim_)

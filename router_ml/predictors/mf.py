@@ -81,10 +81,7 @@ class MfQualityPredictor(QualityPredictor):
         import torch
 
         X, Y, task_ids = self._check_fit_inputs(X, Y, task_ids)
-        if float(self.aux_task_weight) <= 0:
-            task_ids = None  # only the auxiliary head reads them
-        if task_ids is not None and (task_ids.min() < 0 or task_ids.max() >= int(self.n_tasks)):
-            raise ValueError(f"MfQualityPredictor: task_ids must lie in [0, n_tasks={self.n_tasks})")
+        task_ids = self._aux_task_ids(task_ids)
         # centre, then one global scale (per-dimension scaling inflates noise directions)
         mean = X.mean(axis=0)
         scale = np.full(X.shape[1], np.sqrt(((X - mean) ** 2).sum(axis=1).mean() / X.shape[1]) + 1e-12)

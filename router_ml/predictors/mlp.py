@@ -203,10 +203,7 @@ class MlpQualityPredictor(QualityPredictor):
         import torch
 
         X, Y, task_ids = self._check_fit_inputs(X, Y, task_ids)
-        if float(self.aux_task_weight) <= 0:
-            task_ids = None  # only the auxiliary head reads them
-        if task_ids is not None and (task_ids.min() < 0 or task_ids.max() >= int(self.n_tasks)):
-            raise ValueError(f"MlpQualityPredictor: task_ids must lie in [0, n_tasks={self.n_tasks})")
+        task_ids = self._aux_task_ids(task_ids)
         if int(self.n_members) < 1:
             raise ValueError(f"MlpQualityPredictor: n_members must be >= 1, got {self.n_members}")
         mean, scale = X.mean(axis=0), X.std(axis=0) + 1e-6
