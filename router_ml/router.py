@@ -83,7 +83,7 @@ class LearnedRouter:
     # ---- estimates -------------------------------------------------------------------------
     def embed(self, prompts: str | Sequence[str]) -> np.ndarray:
         """(n, dim) float32 embeddings of the prompts."""
-        return self.encoder.encode(_check_prompts(prompts))
+        return self.encoder.encode(_check_prompts(prompts), show_progress=False)
 
     def _quality_from_embeddings(self, X: np.ndarray) -> np.ndarray:
         q = self.quality_head.predict(X)
@@ -153,7 +153,7 @@ class LearnedRouter:
     ) -> list[RoutingDecision]:
         items = _check_prompts(prompts)
         cand = self._candidates(allowed_models, exclude_models)
-        X = self.encoder.encode(items)
+        X = self.encoder.encode(items, show_progress=False)
         task_p = self.task_head.predict_proba(X, texts=items)
         quality = self._quality_from_embeddings(X)
         labels = self.task_labels
