@@ -39,7 +39,7 @@ from router_ml.evaluation.metrics import (
 from router_ml.evaluation.tuning import tune_quality_head
 from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
 from router_ml.predictors.calibration import expected_calibration_error
-from router_ml.training import _task_ids, split_data, task_training_data
+from router_ml.training import split_data, task_ids_of, task_training_data
 
 GRIDS = {
     "knn": {"k": [10, 20, 50, 100, 200], "weights": ["uniform", "distance"]},
@@ -91,7 +91,7 @@ def run_seed(seed: int, table, emb, heads, folds) -> dict:
     }
     per_prompt = {}
     for name in heads:
-        tid = _task_ids(p_tr[TASK_KEY.get(name, "task")])
+        tid = task_ids_of(p_tr[TASK_KEY.get(name, "task")])
         t0 = time.perf_counter()
         params, cv = tune_quality_head(name, {}, GRIDS[name], X["train"], Y_tr, tid, folds=folds, seed=seed)
         tune_s = time.perf_counter() - t0

@@ -44,7 +44,7 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _task_ids(tasks: pd.Series) -> np.ndarray:
+def task_ids_of(tasks: pd.Series) -> np.ndarray:
     """Integer task ids: the taxonomy's order for task types, sorted order for any other labels."""
     labels = list(TASK_TYPES) if set(tasks) <= set(TASK_TYPES) else sorted(set(tasks))
     return tasks.map({t: i for i, t in enumerate(labels)}).to_numpy(dtype="int64")
@@ -109,9 +109,8 @@ def task_training_data(
     return train.reset_index(drop=True), test.drop_duplicates("prompt").reset_index(drop=True)
 
 
-def routing_metrics(
-    prefix: str, pred: np.ndarray, Y: np.ndarray, best: int, models: list[str]
-) -> dict[str, float]:
+def routing_metrics(prefix: str, pred: np.ndarray, Y: np.ndarray, best: int) -> dict[str, float]:
+    """Routed quality vs best single model (column ``best``), random and oracle, with a bootstrap CI."""
     routed = routed_scores(pred, Y)
     single = Y[:, best]
     ok = ~np.isnan(single)
@@ -182,7 +181,7 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     prompts_tr, Y_tr, _ = wide["train"]
     pcfg = cfg["predictor"]
     X_tr = X_of(prompts_tr["prompt"])
-    tid_tr = _task_ids(prompts_tr[pcfg.get("task_key", "task")])
+    tid_tr = task_ids_of(prompts_tr[pcfg.get("task_key", "task")])
     params = dict(pcfg.get("params") or {})
     tune_cfg = cfg.get("tune") or {}
     if tune_cfg.get("enabled") and tune_cfg.get("grid", {}).get(pcfg["name"]):
@@ -216,7 +215,7 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
             continue
         prompts_s, Y_s, _ = wide[name]
         raw = head.predict(X_of(prompts_s["prompt"]))
-        metrics.update(routing_metrics(name, raw, Y_s, best, models))
+        metrics.update(routing_metrics(name, raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:
             metrics[f"{name}/ece"] = expected_calibration_error(calibrator.transform(raw), Y_s)

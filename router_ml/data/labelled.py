@@ -10,13 +10,13 @@ Every loader returns columns ``prompt_id, prompt, task, source_task, source``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from router_ml.data.jsonl import iter_jsonl
 from router_ml.data.splits import normalize_text
 from router_ml.data.taxonomy import TASK_TYPES, map_task
 from router_ml.paths import project_data_dir, source_dir
@@ -91,21 +91,12 @@ def _project(path: str | os.PathLike | None) -> pd.DataFrame:
     rows: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     for file in files:
-        with file.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                try:
-                    rec = _project_record(json.loads(line), where)
-                except json.JSONDecodeError as err:
-                    raise LabelledDataError(f"{where}: invalid JSON ({err.msg})") from None
-                if rec["id"] in seen:
-                    raise LabelledDataError(
-                        f"{where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})"
-                    )
-                seen[rec["id"]] = where
-                rows.append(rec)
+        for where, _, value in iter_jsonl(file, LabelledDataError):
+            rec = _project_record(value, where)
+            if rec["id"] in seen:
+                raise LabelledDataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
+            seen[rec["id"]] = where
+            rows.append(rec)
     df = pd.DataFrame(rows, columns=["id", "prompt", "task"])
     return pd.DataFrame(
         {

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from router_ml.data.adapters._common import finish_table
+from router_ml.data.jsonl import iter_jsonl
 from router_ml.data.prices import model_prices
 from router_ml.paths import source_dir
 
@@ -52,20 +53,10 @@ def _check_record(rec: Any, where: str) -> None:
 def read_jsonl(file: Path) -> list[dict[str, Any]]:
     """Parse and check every line of ``file`` (blank lines skipped); errors name file:line."""
     records = []
-    with file.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MalformedRecordError(
-                    f"{where}: invalid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            _check_record(rec, where)
-            rec["_line"] = lineno
-            records.append(rec)
+    for where, lineno, rec in iter_jsonl(file, MalformedRecordError):
+        _check_record(rec, where)
+        rec["_line"] = lineno
+        records.append(rec)
     if not records:
         raise MalformedRecordError(f"{file}: no records")
     return records
