@@ -1,0 +1,280 @@
+"""Spend ledgers: restarts, concurrent writers (threads, spawned and forked processes), kill -9,
+idempotent retries, bad files, budget periods, and the in-memory twin."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import pickle
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from router_ml.decision.ledger import (
+    BudgetLedger,
+    LedgerError,
+    MemoryLedger,
+    open_ledger,
+    period_start,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cost(i: int) -> float:
+    """Dyadic costs (k / 64): every partial sum is exact in float64, whatever the order."""
+    return (i % 13 + 1) / 64
+
+
+def test_records_survive_restart(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "spend.sqlite"  # the parent folder is created
+    with BudgetLedger(path) as ledger:
+        assert ledger.record(0.25, "gpt-4o", request_id="r1", ts=100.0, session="a", meta={"tokens": 12})
+        assert ledger.record(0.5, "llama", request_id="r2", ts=200.0, session="b")
+        assert ledger.record(1.0, "gpt-4o", ts=300.0)  # generated request id
+    with BudgetLedger(path) as again:
+        assert again.spent() == 1.75
+        assert again.count() == 3
+        assert not again.record(9.0, "gpt-4o", request_id="r1"), "a retry after a restart is not counted"
+        assert again.spent() == 1.75
+        rows = again.entries()
+    assert list(rows.columns) == ["request_id", "ts", "model", "cost_usd", "session", "meta"]
+    assert rows["request_id"].tolist()[:2] == ["r1", "r2"]
+    assert len(rows["request_id"].iloc[2]) == 32  # uuid4 hex
+    assert rows["ts"].tolist() == [100.0, 200.0, 300.0]
+    assert rows["meta"].iloc[0] == {"tokens": 12}
+    assert rows["meta"].iloc[1] is None
+    assert rows["session"].tolist()[:2] == ["a", "b"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_duplicate_request_id_counted_once(tmp_path: Path) -> None:
+    for ledger in (BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger()):
+        assert ledger.record(0.5, "m", request_id="same", ts=1.0)
+        assert not ledger.record(0.5, "m", request_id="same", ts=1.0)
+        assert not ledger.record(3.0, "other", request_id="same", ts=2.0), "the first record wins"
+        assert (ledger.spent(), ledger.count()) == (0.5, 1)
+        assert ledger.entries()["model"].tolist() == ["m"]
+        ledger.close()
+
+
+@pytest.mark.parametrize("bad", [-0.01, float("nan"), float("inf"), "free"])
+def test_invalid_cost_is_refused(tmp_path: Path, bad: object) -> None:
+    for ledger in (BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger()):
+        with pytest.raises(ValueError, match="cost_usd"):
+            ledger.record(bad, "m")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="model"):
+            ledger.record(1.0, "")
+        with pytest.raises(ValueError, match="meta"):
+            ledger.record(1.0, "m", meta={"x": object()})
+        assert ledger.count() == 0
+        ledger.close()
+
+
+def test_windows_and_sessions(tmp_path: Path) -> None:
+    for ledger in (BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger()):
+        for i, (ts, session) in enumerate([(10.0, "a"), (20.0, "b"), (20.0, "a"), (30.0, None)]):
+            ledger.record(_cost(i), "m", request_id=str(i), ts=ts, session=session)
+        assert ledger.spent(since=20.0) == _cost(1) + _cost(2) + _cost(3)  # since is inclusive
+        assert ledger.spent(until=20.0) == _cost(0)  # until is exclusive
+        assert ledger.spent(since=10.0, until=30.0, session="a") == _cost(0) + _cost(2)
+        assert ledger.count(session="b") == 1
+        assert ledger.count(session="nobody") == 0 and ledger.spent(session="nobody") == 0.0
+        assert ledger.entries(since=15.0, until=25.0)["request_id"].tolist() == ["1", "2"]
+        ledger.close()
+
+
+def _spawned_writer(ledger: BudgetLedger | str, worker: int, n: int, go: object) -> None:
+    go.wait(60)  # type: ignore[attr-defined]  # all workers start together
+    if isinstance(ledger, str):
+        ledger = BudgetLedger(ledger)  # concurrent creation of the same new file
+    for i in range(n):
+        ledger.record(
+            _cost(i), f"m{worker % 2}", request_id=f"{worker}-{i}", ts=float(i), session=str(worker)
+        )
+    ledger.close()
+
+
+def test_four_spawned_processes_write_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"  # does not exist yet: the four workers race to create it
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_spawned_writer, args=(str(path), w, 200, go)) for w in range(4)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    ledger = BudgetLedger(path)
+    assert ledger.count() == 800
+    assert ledger.spent() == 4 * sum(_cost(i) for i in range(200))
+    assert ledger.entries()["request_id"].nunique() == 800
+    assert ledger.spent(session="2") == sum(_cost(i) for i in range(200))
+
+
+def test_threads_share_one_ledger(tmp_path: Path) -> None:
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+
+    def write(worker: int) -> None:
+        for i in range(50):
+            ledger.record(_cost(i), "m", request_id=f"{worker}-{i % 40}")  # 10 retries per thread
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ledger.count() == 6 * 40
+    assert ledger.spent() == 6 * sum(_cost(i) for i in range(40))
+    ledger.close()
+    with pytest.raises(LedgerError, match="closed"):
+        ledger.spent()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_child_reopens_its_connection(tmp_path: Path) -> None:
+    ledger = BudgetLedger(tmp_path / "l.sqlite")
+    ledger.record(1.0, "parent", request_id="p")  # the parent's connection is open before the fork
+    assert pickle.loads(pickle.dumps(ledger)).path == ledger.path  # a spawned worker gets its path
+    child = mp.get_context("fork").Process(target=_spawned_writer, args=(ledger, 7, 20, _Ready()))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert ledger.count() == 21
+    assert ledger.spent() == 1.0 + sum(_cost(i) for i in range(20))
+    assert ledger.record(0.5, "parent", request_id="p2"), "the parent's connection still works"
+
+
+class _Ready:
+    def wait(self, timeout: float) -> bool:
+        return True
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    from router_ml.decision.ledger import BudgetLedger
+    ledger = BudgetLedger(sys.argv[1])
+    i = 0
+    while True:  # until killed
+        ledger.record((i % 13 + 1) / 64, "m", request_id=f"k-{i}", ts=float(i), meta={"i": i})
+        i += 1
+        if i % 50 == 0:
+            print(i, flush=True)
+    """
+)
+
+
+def test_killed_writer_leaves_a_consistent_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if int(line) >= 300:
+                break
+        proc.send_signal(signal.SIGKILL)  # while it is in the middle of later writes
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ledger = BudgetLedger(path)
+    rows = ledger.entries()
+    n = ledger.count()
+    assert n >= 300 and len(rows) == n
+    assert ledger.spent() == math.fsum(rows["cost_usd"])
+    assert rows["request_id"].tolist() == [f"k-{i}" for i in range(n)], "a prefix of the writes, no gaps"
+    assert ledger.record(1.0, "m", request_id="after"), "the ledger goes on after the crash"
+
+
+def test_not_a_ledger_is_refused(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database, just bytes " * 200)
+    with pytest.raises(LedgerError, match=re.escape(str(garbage))):
+        BudgetLedger(garbage)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(LedgerError, match="not a spend ledger"):
+        BudgetLedger(other)
+    newer = tmp_path / "newer.sqlite"
+    BudgetLedger(newer).close()
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(LedgerError, match="newer"):
+        BudgetLedger(newer)
+    with pytest.raises(LedgerError, match="directory"):
+        BudgetLedger(tmp_path)
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()  # an empty file is an empty database: it becomes a ledger
+    assert BudgetLedger(empty).count() == 0
+
+
+def _utc(*args: int) -> float:
+    return datetime(*args, tzinfo=timezone.utc).timestamp()
+
+
+def test_period_start() -> None:
+    now = _utc(2024, 3, 13, 15, 42, 10)  # a Wednesday
+    assert period_start("hour", now) == _utc(2024, 3, 13, 15)
+    assert period_start("day", now) == _utc(2024, 3, 13)
+    assert period_start("week", now) == _utc(2024, 3, 11)  # Monday
+    assert period_start("month", now) == _utc(2024, 3, 1)
+    assert period_start("day", _utc(2024, 3, 13)) == _utc(2024, 3, 13), "a period starts at its start"
+    assert period_start("week", _utc(2024, 3, 10, 23, 59)) == _utc(2024, 3, 4)  # Sunday -> last Monday
+    assert period_start("session", now) is None and period_start(None) is None
+    assert period_start("day") <= time.time()
+    with pytest.raises(ValueError, match=r"'year'.*'hour'"):
+        period_start("year", now)
+
+
+def test_memory_ledger_matches_sqlite(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    disk, mem = BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger()
+    for i in range(400):  # out-of-order timestamps, sessions, retries
+        rid = f"r{rng.integers(0, 300)}"
+        ts = float(rng.integers(0, 1000))
+        session = [None, "a", "b"][int(rng.integers(0, 3))]
+        kw = {"request_id": rid, "ts": ts, "session": session, "meta": {"i": i}}
+        assert disk.record(_cost(i), f"m{i % 3}", **kw) == mem.record(_cost(i), f"m{i % 3}", **kw)
+    for since, until, session in [
+        (None, None, None),
+        (100.0, 700.0, None),
+        (None, 500.0, "a"),
+        (250.0, None, "b"),
+    ]:
+        assert disk.spent(since, until, session) == pytest.approx(mem.spent(since, until, session), abs=1e-12)
+        assert disk.count(since, until, session) == mem.count(since, until, session)
+        pd.testing.assert_frame_equal(disk.entries(since, until, session), mem.entries(since, until, session))
+    assert mem.count() < 400  # some retries were dropped
+
+
+def test_open_ledger(tmp_path: Path) -> None:
+    assert isinstance(open_ledger(None), MemoryLedger)
+    empty = open_ledger(None).entries()
+    assert list(empty.columns) == ["request_id", "ts", "model", "cost_usd", "session", "meta"] and empty.empty
+    assert isinstance(open_ledger("memory"), MemoryLedger)
+    ledger = open_ledger(f"sqlite:{tmp_path / 'a.sqlite'}")
+    assert isinstance(ledger, BudgetLedger) and ledger.path == tmp_path / "a.sqlite"
+    assert isinstance(open_ledger(str(tmp_path / "b.sqlite")), BudgetLedger)
+    with pytest.raises(ValueError, match="needs a path"):
+        open_ledger("sqlite:")
