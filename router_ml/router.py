@@ -8,7 +8,6 @@ through ``route(..., policy=...)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +15,11 @@ import numpy as np
 import pandas as pd
 
 from router_ml.checkpoint import SCHEMA_VERSION, CheckpointError, read_arrays, read_config, write_checkpoint
+from router_ml.decision.base import RoutingDecision
 
 
 class RoutingError(ValueError):
     """A routing request that cannot be served as asked (empty prompt, unknown model, ...)."""
-
-
-@dataclass
-class RoutingDecision:
-    """One routing decision: the chosen model and why."""
-
-    model: str
-    task: str
-    task_confidence: float
-    predicted_quality: dict[str, float]
-    reason: str
-    fallbacks: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -131,8 +116,9 @@ class LearnedRouter:
         """Pick a model for one prompt.
 
         With no policy, the candidate with the highest predicted quality wins; the others follow
-        in ``fallbacks`` by predicted quality. ``policy`` (the decision layer) receives the
-        estimates and ``constraints`` and returns the decision.
+        in ``fallbacks`` by predicted quality. ``policy`` (a :class:`router_ml.decision.DecisionLayer`)
+        adds expected cost and latency, applies ``constraints`` (``max_cost_usd``,
+        ``latency_slo_s``, ``slo``, ``lam``, ...) and returns the decision.
         """
         return self.route_batch(
             [prompt],
@@ -157,17 +143,18 @@ class LearnedRouter:
         task_p = self.task_head.predict_proba(X, texts=items)
         quality = self._quality_from_embeddings(X)
         labels = self.task_labels
+        if policy is not None:  # the decision layer (router_ml.decision.DecisionLayer)
+            return policy.decide_batch(
+                items, quality[:, cand], [self.models[j] for j in cand], task_p, labels, **constraints
+            )
+        if constraints:
+            raise RoutingError(
+                f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
+            )
         out = []
         for i in range(len(items)):
             t = int(np.argmax(task_p[i]))
             q = {self.models[j]: float(quality[i, j]) for j in cand}
-            if policy is not None:
-                out.append(policy.decide(q, task=labels[t], task_proba=task_p[i], **constraints))
-                continue
-            if constraints:
-                raise RoutingError(
-                    f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
-                )
             order = sorted(q, key=lambda m: (-q[m], self.models.index(m)))
             best = order[0]
             runner = f"; next {order[1]} at {q[order[1]]:.2f}" if len(order) > 1 else ""

@@ -1,0 +1,247 @@
+"""The decision layer: a policy plus the estimates it needs, for live routing.
+
+``DecisionLayer`` turns what ``LearnedRouter`` predicts (quality per model, task) into the common
+:class:`Estimates` (adding expected cost from the cost model and latency from the latency model),
+asks the policy, and returns :class:`RoutingDecision` objects with an ordered fallback chain and a
+reason. Spend lives in a ledger (:mod:`router_ml.decision.ledger`) so budgets survive restarts::
+
+    layer = DecisionLayer(build_policy({"name": "utility", "lam": 200}), ModelPool.simulated())
+    layer.fit_router(router)             # resolve auto tiers / thresholds on a calibration set
+    decision = router.route("Summarise this email ...", policy=layer, latency_slo_s=5)
+    ...                                  # call decision.model, then:
+    layer.record(decision, cost_usd=0.00042, request_id="req-1")
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from router_ml.decision.base import (
+    Estimates,
+    PolicyError,
+    RoutingDecision,
+    argmax_cheapest,
+    fallback_order,
+)
+from router_ml.decision.costs import CostModel
+from router_ml.decision.latency import LatencyModel
+from router_ml.decision.ledger import MemoryLedger, period_start
+from router_ml.decision.policies import SLO_PRESETS, Policy
+from router_ml.decision.spec import ModelPool
+
+# per-request constraints a caller may pass to route(); each overrides the policy attribute of that name
+REQUEST_CONSTRAINTS = (
+    "lam",
+    "target_quality",
+    "max_cost_usd",
+    "ttft_slo_s",
+    "latency_slo_s",
+    "slo",
+    "budget_usd",
+    "threshold",
+)
+
+
+class DecisionLayer:
+    """A policy with a model pool, cost and latency models and a spend ledger.
+
+    ``period``: the budget window of stateful policies ("session", "hour", "day", "week",
+    "month"); ``session``: the ledger session key these decisions spend from.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        pool: ModelPool,
+        cost_model: CostModel | None = None,
+        latency_model: LatencyModel | None = None,
+        ledger: Any | None = None,
+        session: str | None = None,
+        period: str = "session",
+        max_fallbacks: int = 3,
+    ):
+        self.policy = policy
+        self.pool = pool
+        self.cost_model = cost_model or CostModel(pool)
+        self.latency_model = latency_model or LatencyModel(pool)
+        self.ledger = ledger if ledger is not None else MemoryLedger()
+        self.session = session
+        self.period = period
+        self.max_fallbacks = max_fallbacks
+        period_start(period)  # validates the name
+        self.models_: list[str] | None = None  # the model columns the policy was fitted on
+
+    # ---- estimates -----------------------------------------------------------------------
+    def estimates(
+        self,
+        prompts: Sequence[str],
+        quality: np.ndarray,
+        models: Sequence[str],
+        tasks: Sequence[str],
+        task_proba: np.ndarray | None = None,
+        input_tokens: np.ndarray | None = None,
+        observed: np.ndarray | None = None,
+    ) -> Estimates:
+        """Estimates for ``prompts`` over ``models`` (a subset of the pool, in this order)."""
+        for name in models:
+            if name not in self.pool:
+                raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
+        cols = np.array([self.pool.index(m) for m in models], dtype=np.int64)
+        ce = self.cost_model.estimate(list(prompts), list(tasks), input_tokens=input_tokens)
+        ttft, latency = self.latency_model.expected(ce.output_tokens)
+        # a hard bound on the bill where the model's max_tokens caps the output; NaN elsewhere
+        max_tokens = np.array([self.pool.get(m).max_tokens or np.nan for m in models], dtype="float64")
+        pin, pout = self.pool.input_price[cols], self.pool.output_price[cols]
+        upper = (ce.input_tokens[:, cols] * pin + max_tokens[None, :] * pout) / 1e6
+        return Estimates(
+            models=list(models),
+            quality=np.asarray(quality, dtype="float64"),
+            tasks=np.asarray(list(tasks), dtype=object),
+            cost=ce.cost_usd[:, cols],
+            ttft=ttft[:, cols],
+            latency=latency[:, cols],
+            is_local=self.pool.is_local[cols],
+            params_b=np.array([self.pool.get(m).params_b or np.nan for m in models], dtype="float64"),
+            task_proba=task_proba,
+            cost_upper=upper,
+            observed=observed,
+        )
+
+    def fit(self, est: Estimates) -> DecisionLayer:
+        """Fit the policy; its tables (capability rules, tiers, strong/weak pair) index ``est.models``,
+        so every later decision is made over these columns, candidates or not."""
+        self.policy.fit(est)
+        self.policy.resume(int(self.ledger.count(since=period_start(self.period), session=self.session)))
+        self.models_ = list(est.models)
+        return self
+
+    def fit_router(self, router: Any, prompts: Sequence[str] | None = None) -> DecisionLayer:
+        """Fit the policy on the router's estimates for ``prompts`` (default: the project's own
+        labelled prompts, a mix of every task type)."""
+        if prompts is None:
+            from router_ml.data.labelled import load_labelled
+
+            prompts = load_labelled("project")["prompt"].tolist()
+        q = router.predict_quality(prompts)
+        tasks = router.predict_task(prompts)
+        return self.fit(self.estimates(prompts, q.to_numpy(), list(q.columns), tasks))
+
+    # ---- decisions -----------------------------------------------------------------------
+    def _policy_for(self, constraints: Mapping[str, Any]) -> Policy:
+        unknown = set(constraints) - set(REQUEST_CONSTRAINTS)
+        if unknown:
+            raise PolicyError(f"unknown constraint(s) {sorted(unknown)}; known: {list(REQUEST_CONSTRAINTS)}")
+        if not constraints:
+            return self.policy
+        policy = copy.copy(self.policy)
+        for key, value in constraints.items():
+            if not hasattr(policy, key):
+                raise PolicyError(f"policy {policy.name!r} does not take the constraint {key!r}")
+            setattr(policy, key, value)
+        if constraints.get("slo") is not None and constraints["slo"] not in SLO_PRESETS:
+            raise PolicyError(f"unknown SLO preset {constraints['slo']!r}; known: {sorted(SLO_PRESETS)}")
+        return policy
+
+    def spent(self) -> float:
+        return float(self.ledger.spent(since=period_start(self.period), session=self.session))
+
+    def decide_batch(
+        self,
+        prompts: Sequence[str],
+        quality: np.ndarray,
+        models: Sequence[str],
+        task_proba: np.ndarray,
+        task_labels: Sequence[str],
+        **constraints: Any,
+    ) -> list[RoutingDecision]:
+        """The router's hook: one decision per prompt (in order, so budgets see earlier ones)."""
+        if self.models_ is None:
+            raise PolicyError(
+                f"policy {self.policy.name!r} is not fitted: call DecisionLayer.fit_router(router) first"
+            )
+        fitted, models = self.models_, list(models)
+        unknown = [m for m in models if m not in fitted]
+        if unknown:
+            raise PolicyError(
+                f"model(s) {unknown} were not among the models the policy was fitted on {fitted}; refit it"
+            )
+        policy = self._policy_for(constraints)
+        tidx = np.argmax(task_proba, axis=1)
+        tasks = [task_labels[t] for t in tidx]
+        # decide over the fitted columns (the policy's tables index them); non-candidates are infeasible
+        cols = [fitted.index(m) for m in models]
+        full = np.zeros((len(prompts), len(fitted)))
+        full[:, cols] = quality
+        est = self.estimates(prompts, full, fitted, tasks, task_proba=task_proba)
+        candidate = np.isin(fitted, models)
+        if not candidate.all():
+            est.feasible = np.repeat(candidate[None, :], len(est), axis=0)
+        if policy.stateful:
+            # spend so far = the ledger plus the expected bills of this batch's earlier picks
+            choice, pending, spent = [], 0.0, self.spent()
+            for i in range(len(est)):
+                j = policy.step(est.take(slice(i, i + 1)), spent + pending)
+                choice.append(j)
+                pending += float(est.cost[i, j])
+        else:
+            choice = list(policy.choose(est))
+        out = []
+        usable, allowed = policy.usable(est), est.allowed
+        for i, j in enumerate(int(c) for c in choice):
+            row = est.take(slice(i, i + 1))
+            reason = policy.explain(row, j)
+            rule_tokens = getattr(policy, "max_tokens_", {}).get(tasks[i])
+            if not allowed[i, j]:  # a rule/tier policy named a model this request excludes
+                k = int(
+                    argmax_cheapest(np.where(allowed[i], est.quality[i], -np.inf)[None], est.cost[i][None])[0]
+                )
+                reason += f"; {fitted[j]} is not allowed here: best predicted allowed model {fitted[k]}"
+                j, rule_tokens = k, None
+            # the last resort may be a local model outside the policy's constraints, never a non-candidate
+            chain = fallback_order(
+                est.quality[i], est.is_local & allowed[i], j, usable[i], self.max_fallbacks
+            )
+            max_tokens = rule_tokens or self.pool.get(fitted[j]).max_tokens
+            out.append(
+                RoutingDecision(
+                    model=fitted[j],
+                    task=tasks[i],
+                    task_confidence=float(task_proba[i, tidx[i]]),
+                    predicted_quality={
+                        m: float(est.quality[i, k]) for m, k in zip(models, cols, strict=True)
+                    },
+                    reason=f"task {tasks[i]} (p={task_proba[i, tidx[i]]:.2f}); {reason}",
+                    fallbacks=[fitted[k] for k in chain],
+                    policy=policy.name,
+                    expected_cost_usd=float(est.cost[i, j]),
+                    expected_ttft_s=float(est.ttft[i, j]),
+                    expected_latency_s=float(est.latency[i, j]),
+                    max_tokens=None if max_tokens is None else int(max_tokens),
+                )
+            )
+        return out
+
+    def record(
+        self,
+        decision: RoutingDecision | str,
+        cost_usd: float,
+        request_id: str | None = None,
+        ttft_s: float | None = None,
+        tokens_per_s: float | None = None,
+    ) -> bool:
+        """Book a finished call: spend into the ledger (idempotent per ``request_id``), the bill
+        into the pacing policy, measured latency into the latency model."""
+        model = decision.model if isinstance(decision, RoutingDecision) else decision
+        if model not in self.pool:
+            raise PolicyError(f"cannot record spend for unknown model {model!r}")
+        new = self.ledger.record(cost_usd, model, request_id=request_id, session=self.session)
+        if new:
+            expected = decision.expected_cost_usd if isinstance(decision, RoutingDecision) else None
+            self.policy.observe_cost(float(expected if expected is not None else cost_usd), float(cost_usd))
+        if ttft_s is not None or tokens_per_s is not None:
+            self.latency_model.observe(model, ttft_s=ttft_s, tokens_per_s=tokens_per_s)
+        return bool(new)
