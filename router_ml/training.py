@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,22 +130,63 @@ def routing_metrics(prefix: str, pred: np.ndarray, Y: np.ndarray, best: int) -> 
     }
 
 
-def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
-    """Train one router from a (Hydra or plain dict) config; returns the metrics it also writes."""
-    from router_ml.data.loading import load_routing_data
+@dataclass
+class FittedRouter:
+    """A router fitted on one split, with what evaluation needs: the cached embeddings and the wide
+    score matrices of every split (``wide[name] = (prompts, Y, models)``)."""
+
+    router: Any
+    models: list[str]
+    wide: dict[str, tuple[pd.DataFrame, np.ndarray, list[str]]]
+    embeddings: dict[str, np.ndarray]
+    best: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def X_of(self, prompts: pd.Series | list[str]) -> np.ndarray:
+        return np.stack([self.embeddings[p] for p in prompts]).astype("float32")
+
+    def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
+        """Another quality head on the same training split (for comparisons such as kNN); returns a
+        ``predict(X) -> (n, m)`` object, calibrated on the validation split when asked."""
+        from router_ml.predictors import build_calibrator, build_quality_predictor
+
+        prompts_tr, Y_tr, _ = self.wide["train"]
+        X_tr = self.X_of(prompts_tr["prompt"])
+        tid = task_ids_of(prompts_tr[predictor_cfg.get("task_key", "task")])
+        head = build_quality_predictor(predictor_cfg["name"], **dict(predictor_cfg.get("params") or {}))
+        head.fit(X_tr, Y_tr, tid)
+        if calibrator_name != "none" and "val" in self.wide and len(self.wide["val"][0]):
+            prompts_va, Y_va, _ = self.wide["val"]
+            cal = build_calibrator(calibrator_name).fit(head.predict(self.X_of(prompts_va["prompt"])), Y_va)
+            return _Calibrated(head, cal)
+        return head
+
+
+@dataclass
+class _Calibrated:
+    head: Any
+    calibrator: Any
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.calibrator.transform(self.head.predict(X))
+
+
+def fit_router(
+    cfg: Mapping[str, Any],
+    table: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+    seed: int,
+    encoder: Any | None = None,
+    task_head: Any | None = None,
+) -> FittedRouter:
+    """Embed, fit the task head (unless given), tune and fit the quality head, calibrate, score."""
     from router_ml.embeddings import CachedEncoder, build_encoder
     from router_ml.evaluation.tuning import tune_quality_head
     from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
     from router_ml.predictors.calibration import expected_calibration_error
     from router_ml.router import LearnedRouter
 
-    cfg = _as_dict(cfg)
-    seed = int(cfg.get("seed", 0))
-    run_dir = Path(run_dir or cfg.get("run_dir") or ".")
     metrics: dict[str, float] = {}
-
-    table = load_routing_data(cfg["data"], seed=seed)
-    splits = split_data(table, cfg.get("split", {}), seed)
     models = sorted(table["model"].unique())
     wide = {name: to_wide(df, models) for name, df in splits.items()}
     log.info(
@@ -155,7 +197,7 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
         {k: len(v[0]) for k, v in wide.items()},
     )
 
-    encoder = build_encoder(cfg["encoder"])
+    encoder = encoder or build_encoder(cfg["encoder"])
     cached = CachedEncoder(encoder, cache_dir=cfg.get("cache_dir"))
     task_train, task_test = task_training_data(splits, cfg.get("task_data", {}), seed)
     texts = sorted(set(table["prompt"]) | set(task_train["prompt"]) | set(task_test["prompt"]))
@@ -166,10 +208,11 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     def X_of(prompts: pd.Series) -> np.ndarray:
         return np.stack([emb[p] for p in prompts]).astype("float32")
 
-    t0 = time.perf_counter()
-    task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
-    task_head.fit(X_of(task_train["prompt"]), list(task_train["task"]), texts=list(task_train["prompt"]))
-    metrics["time/task_head_train_s"] = time.perf_counter() - t0
+    if task_head is None:
+        t0 = time.perf_counter()
+        task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
+        task_head.fit(X_of(task_train["prompt"]), list(task_train["task"]), texts=list(task_train["prompt"]))
+        metrics["time/task_head_train_s"] = time.perf_counter() - t0
     if len(task_test):
         from sklearn.metrics import accuracy_score, f1_score
 
@@ -230,6 +273,8 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
             "name": cfg.get("name", "router"),
             "training": {
                 "data": cfg["data"].get("name"),
+                "data_config": dict(cfg["data"]),
+                "split": dict(cfg.get("split") or {}),
                 "data_hash": table_hash(table),
                 "n_prompts": int(table["prompt_id"].nunique()),
                 "n_train_prompts": len(prompts_tr),
@@ -238,7 +283,20 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
             },
         },
     )
-    metrics = {k: float(v) for k, v in sorted(metrics.items())}
-    router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
+    return FittedRouter(router, models, wide, emb, best, metrics)
+
+
+def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Train one router from a (Hydra or plain dict) config; returns the metrics it also writes."""
+    from router_ml.data.loading import load_routing_data
+
+    cfg = _as_dict(cfg)
+    seed = int(cfg.get("seed", 0))
+    run_dir = Path(run_dir or cfg.get("run_dir") or ".")
+    table = load_routing_data(cfg["data"], seed=seed)
+    splits = split_data(table, cfg.get("split", {}), seed)
+    fitted = fit_router(cfg, table, splits, seed)
+    metrics = {k: float(v) for k, v in sorted(fitted.metrics.items())}
+    fitted.router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
