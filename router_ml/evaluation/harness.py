@@ -237,15 +237,27 @@ def pacing_replay(
 
 # ---- metrics over a comparison ---------------------------------------------------------------
 def frontier_metrics(fdf: pd.DataFrame, best: str, oracle_q: float) -> dict[str, float]:
-    """AIQ, quality at the best single model's cost, cost to reach 95%/100% of its quality, gap closed."""
+    """AIQ, quality at the best single model's cost, cost to reach 95%/100% of its quality, gap
+    closed; and at each router's operating point nearest the best single model's cost (its best
+    sweep point that costs no more): quality, $ per 1k requests, mean latency, SLO attainment and,
+    for budgeted policies, the largest share of a budget spent."""
     singles = fdf[fdf["policy"] == "single"]
     b = singles[singles["router"] == f"single:{best}"].iloc[0]
     c_lo, c_hi = float(fdf["cost"].min()), float(fdf["cost"].max())
     out: dict[str, float] = {
         "best_single/quality": float(b["quality"]),
         "best_single/cost": float(b["cost"]),
+        "best_single/cost_per_1k": float(b["cost_per_1k"]),
+        "best_single/slo_attainment": float(b["slo_attainment"]),
         "oracle/quality": oracle_q,
     }
+    for r, g in fdf[fdf["policy"] != "single"].groupby("router", sort=False):
+        under = g[g["cost"] <= float(b["cost"]) * (1 + 1e-9)]
+        op = (under if len(under) else g.nsmallest(1, "cost")).sort_values("quality").iloc[-1]
+        for col in ("quality", "cost_per_1k", "latency_mean_s", "slo_attainment", "refused"):
+            out[f"{r}/op_{col}"] = float(op[col])
+        if "spend_over_budget" in g and g["spend_over_budget"].notna().any():
+            out[f"{r}/max_spend_over_budget"] = float(g["spend_over_budget"].max())
     zc, zq = fr.zero_router(singles["cost"].to_numpy(), singles["quality"].to_numpy())
     routers = {r: g for r, g in fdf.groupby("router", sort=False) if not r.startswith("single:")}
     routers["zero"] = pd.DataFrame({"cost": zc, "quality": zq})
@@ -470,12 +482,12 @@ def _per_task(
 
 
 # ---- entry point -----------------------------------------------------------------------------
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Strict JSON: NaN/inf -> null, numpy scalars -> Python numbers."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -530,6 +542,6 @@ def evaluate(cfg: Any, run_dir: str | Path | None = None) -> dict[str, Any]:
     )
     frontier.to_parquet(run_dir / "frontier.parquet", index=False)
     per_task.to_parquet(run_dir / "per_task.parquet", index=False)
-    (run_dir / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     plot_run(run_dir)
     return summary

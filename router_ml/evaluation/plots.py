@@ -2,7 +2,8 @@
 ``metrics.json``), so a notebook or a person can look instead of read.
 
 - ``frontier_<split>.png``: quality vs $ per 1k requests: every single model, random, the oracle, the
-  Zero-router hull (the single models' NDCH) and each router's NDCH with its sweep points.
+  Zero-router hull (the single models' NDCH) and the main routers' NDCH with their sweep points;
+  ``frontier_all_<split>.png`` the same with every router of the run.
 - ``per_task_<split>.png``: quality per true task type, best single vs oracle vs the utility policy.
 - ``reliability_<split>.png``: calibration of the learned quality head (reliability diagram).
 """
@@ -21,6 +22,8 @@ import pandas as pd
 
 from router_ml.evaluation.frontier import ndch, zero_router
 
+# the routers of the main frontier plot (frontier_all_<split>.png has every router)
+MAIN_ROUTERS = ("utility", "utility[knn]", "cost_aware", "capability", "threshold", "random", "oracle")
 BASELINE_STYLE = {"oracle": dict(marker="*", s=160, color="gold", edgecolor="k", zorder=5)}
 
 
@@ -30,7 +33,7 @@ def plot_frontier(
     """One seed's quality-vs-cost frontier (the first seed: every seed has its own test prompts)."""
     seed = fdf["seed"].min()
     d = fdf[(fdf["split"] == split) & (fdf["seed"] == seed)]
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11, 6))
     singles = d[d["policy"] == "single"]
     n = max(1, int(metrics.get("n_prompts", {}).get("mean", 1000))) if isinstance(metrics, dict) else 1000
     scale = 1000.0 / n
@@ -62,9 +65,9 @@ def plot_frontier(
     ax.set_ylabel("mean quality (observed score of the chosen model)")
     ax.set_title(f"Quality vs cost, {split} prompts (seed {seed})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path = out / f"frontier_{split}.png"
+    path = out / (f"frontier_{split}.png" if routers else f"frontier_all_{split}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -113,7 +116,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     summary = json.loads((run_dir / "metrics.json").read_text())
     paths = []
     for split in sorted(fdf["split"].unique()):
-        paths.append(plot_frontier(fdf, summary["splits"].get(split, {}), split, run_dir))
+        metrics = summary["splits"].get(split, {})
+        present = set(fdf["router"])
+        paths.append(plot_frontier(fdf, metrics, split, run_dir, [r for r in MAIN_ROUTERS if r in present]))
+        paths.append(plot_frontier(fdf, metrics, split, run_dir))
         if len(per_task) and split in set(per_task["split"]):
             paths.append(plot_per_task(per_task, split, run_dir))
         if split in summary.get("reliability", {}):
