@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: backend catalog and client, local model servers, the routing proxy."""
