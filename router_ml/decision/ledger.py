@@ -416,12 +416,17 @@ def period_start(period: str | None, now: float | None = None) -> float | None:
     return start.timestamp()
 
 
-def open_ledger(spec: str | os.PathLike | None) -> BudgetLedger | MemoryLedger:
+def open_ledger(spec: str | os.PathLike | None) -> Any:
     """A ledger from a config value: ``None``/``"memory"`` -> :class:`MemoryLedger`;
-    ``"sqlite:<path>"`` or a plain path -> :class:`BudgetLedger` on that file."""
+    ``"redis://..."`` -> a Redis ledger shared by proxy replicas; ``"sqlite:<path>"`` or a plain
+    path -> :class:`BudgetLedger` on that file."""
     if spec is None or (isinstance(spec, str) and spec.strip() in ("", "memory")):
         return MemoryLedger()
     text = os.fspath(spec)
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        from router_ml.serving.redis_ledger import RedisLedger
+
+        return RedisLedger(text)
     if text.startswith("sqlite:"):
         text = text[len("sqlite:") :]
         if not text:
