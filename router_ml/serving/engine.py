@@ -1,0 +1,344 @@
+"""The routing engine behind both the proxy and the in-process SDK.
+
+One request: validate -> resolve the ``model`` field (``"router"``, ``"router:<policy>[:<knob>]"``
+or a backend's own name, which bypasses routing) -> decide (LearnedRouter + DecisionLayer, in a
+worker thread so the event loop keeps serving) -> call the chosen backend with the decision's
+fallback chain (:class:`~router_ml.serving.client.BackendClient`) -> book spend in the shared
+ledger, measured latency in the latency model, one line in the routing log and the metrics.
+
+``aliases`` maps the router's model names onto catalog backends (a checkpoint trained on public
+models served by other names); router models with no backend are never chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
+from router_ml.decision.costs import CostModel, OutputLengthModel
+from router_ml.decision.latency import LatencyModel
+from router_ml.decision.layer import DecisionLayer
+from router_ml.decision.policies import build_policy
+from router_ml.serving.catalog import Catalog
+from router_ml.serving.client import (
+    AllBackendsFailed,
+    BackendClient,
+    BackendError,
+    BadRequest,
+    ChatResult,
+    ChatStream,
+)
+from router_ml.serving.openai_errors import ApiError, prompt_of, validate_chat
+
+log = logging.getLogger(__name__)
+
+ROUTER_MODEL = "router"
+OFFLINE_ONLY = ("oracle",)
+
+
+def load_policy_configs(conf_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every ``conf/policy/*.yaml`` as a plain dict (the evaluation-only keys are dropped)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for path in sorted(Path(conf_dir).glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if isinstance(cfg, dict) and cfg.get("name") not in OFFLINE_ONLY:
+            out[path.stem] = {k: v for k, v in cfg.items() if k not in ("sweep", "heads")}
+    return out
+
+
+def _knob_value(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@dataclass
+class Outcome:
+    """What a finished request produced, for logs, metrics and headers."""
+
+    request_id: str
+    route: str  # "router" | "passthrough"
+    decision: RoutingDecision | None
+    layer: DecisionLayer | None = None
+    result: ChatResult | None = None
+    stream: ChatStream | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    decision_s: float = 0.0
+
+
+class RoutingEngine:
+    """``router`` (a LearnedRouter) + ``catalog`` + policies + shared ledger + routing log.
+
+    ``policies``: name -> policy config (``conf/policy`` entries); ``default_policy`` serves
+    ``model="router"``; ``calibration_prompts``: how many of the project's labelled prompts fit the
+    policies (auto tiers, thresholds) at start-up.
+    """
+
+    def __init__(
+        self,
+        router: Any,
+        catalog: Catalog,
+        policies: Mapping[str, Mapping[str, Any]],
+        default_policy: str = "utility",
+        ledger: Any | None = None,
+        routing_log: Any | None = None,
+        aliases: Mapping[str, str] | None = None,
+        session: str | None = None,
+        period: str = "day",
+        calibration_prompts: int = 240,
+        on_finish: Callable[[Outcome], None] | None = None,
+    ):
+        from router_ml.decision.ledger import MemoryLedger
+
+        self.router, self.catalog = router, catalog
+        self.aliases = {m: (aliases or {}).get(m, m) for m in router.models}
+        for model, backend in self.aliases.items():
+            if backend != model and backend not in catalog:
+                raise ValueError(
+                    f"alias {model!r} -> {backend!r}: no such backend in the catalog {catalog.names}"
+                )
+        self.served = [m for m in router.models if self.aliases[m] in catalog]
+        if not self.served:
+            raise ValueError(
+                f"none of the router's models {router.models} has a backend in the catalog {catalog.names}; "
+                "map them with aliases"
+            )
+        if default_policy not in policies:
+            raise ValueError(f"default policy {default_policy!r} is not among {sorted(policies)}")
+        self.default_policy = default_policy
+        self.ledger = ledger if ledger is not None else MemoryLedger()
+        self.routing_log = routing_log
+        self.on_finish = on_finish
+        # the decision layer prices and times the ROUTER's model names with their backends' specs
+        pool = catalog.pool()
+        from router_ml.decision.spec import ModelPool
+
+        self.pool = ModelPool([dataclasses.replace(pool.get(self.aliases[m]), name=m) for m in self.served])
+        self.latency_model = LatencyModel(self.pool)
+        self.cost_model = CostModel(self.pool, OutputLengthModel())
+        self.layers: dict[str, DecisionLayer] = {}
+        for name, cfg in policies.items():
+            self.layers[name] = DecisionLayer(
+                build_policy(dict(cfg)),
+                self.pool,
+                self.cost_model,
+                self.latency_model,
+                ledger=self.ledger,
+                session=session,
+                period=period,
+            )
+        self._fit(calibration_prompts)
+        # backend latency observations also feed the router-name latency model
+        self.client = BackendClient(catalog, latency_model=_AliasedLatency(self.latency_model, self.aliases))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-ml-decide")
+
+    def _fit(self, n: int) -> None:
+        from router_ml.data.labelled import load_labelled
+
+        prompts = (
+            load_labelled("project").groupby("task", group_keys=False).head(max(1, n // 6))["prompt"].tolist()
+        )
+        q = self.router.predict_quality(prompts)[self.served]
+        tasks = self.router.predict_task(prompts)
+        first = next(iter(self.layers.values()))
+        est = first.estimates(prompts, q.to_numpy(), self.served, tasks)
+        for layer in self.layers.values():
+            layer.fit(est)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self._executor.shutdown(wait=False)
+
+    # ---- resolution and decision ---------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        """What ``/v1/models`` lists: the router entries, then the backends."""
+        return [ROUTER_MODEL, *(f"{ROUTER_MODEL}:{p}" for p in self.layers), *self.catalog.names]
+
+    def resolve(self, model: str) -> tuple[str, DecisionLayer | None, dict[str, Any]]:
+        """``(route, layer, constraints)`` for a request's ``model`` field."""
+        if model in self.catalog:
+            return "passthrough", None, {}
+        if model == ROUTER_MODEL or model.startswith(ROUTER_MODEL + ":"):
+            parts = model.split(":", 2)
+            name = parts[1] if len(parts) > 1 and parts[1] else self.default_policy
+            if name not in self.layers:
+                raise ApiError(
+                    404, f"unknown routing policy {name!r}; known: {sorted(self.layers)}", param="model",
+                    code="model_not_found",
+                )  # fmt: skip
+            layer = self.layers[name]
+            constraints: dict[str, Any] = {}
+            if len(parts) == 3 and parts[2]:
+                knob = layer.policy.knob
+                if knob is None:
+                    raise ApiError(
+                        400, f"policy {name!r} has no knob to set (got {parts[2]!r})", param="model"
+                    )
+                constraints[knob] = _knob_value(parts[2])
+            return "router", layer, constraints
+        raise ApiError(
+            404, f"unknown model {model!r}; use 'router', 'router:<policy>[:<knob>]' or one of {self.catalog.names}",
+            param="model", code="model_not_found",
+        )  # fmt: skip
+
+    def _decide(self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]) -> RoutingDecision:
+        return self.router.route(prompt, allowed_models=self.served, policy=layer, **constraints)
+
+    async def decide(self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]) -> RoutingDecision:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._decide, prompt, layer, constraints)
+        except BudgetExhausted as e:
+            raise ApiError(429, str(e), type="insufficient_quota", code="budget_exhausted") from None
+        except PolicyError as e:
+            raise ApiError(400, str(e), param="model") from None
+
+    # ---- one request ---------------------------------------------------------------------------
+    async def complete(self, body: Mapping[str, Any], max_prompt_chars: int = 200_000) -> Outcome:
+        """Validate, route and call; a stream is returned open (iterate ``outcome.stream``)."""
+        model, messages = validate_chat(dict(body), max_prompt_chars)
+        route, layer, constraints = self.resolve(model)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = bool(body.get("stream", False))
+        payload = {k: v for k, v in body.items() if k != "model"}
+        decision, t0 = None, time.perf_counter()
+        if route == "router":
+            decision = await self.decide(prompt_of(messages), layer, constraints)
+            chain = [self.aliases[m] for m in [decision.model, *decision.fallbacks]]
+            if decision.max_tokens and not (
+                payload.get("max_tokens") or payload.get("max_completion_tokens")
+            ):
+                payload["max_tokens"] = int(decision.max_tokens)
+        else:
+            chain = [model]
+        outcome = Outcome(request_id, route, decision, layer, decision_s=time.perf_counter() - t0)
+        outcome.headers = self._headers(decision, outcome.decision_s)
+        try:
+            got = await self.client.chat_with_fallback(chain, payload, stream=stream)
+        except BadRequest as e:
+            self._finish(outcome, prompt_of(messages), error=e)
+            raise ApiError(e.status or 400, f"backend {e.backend} rejected the request: {e}") from None
+        except (AllBackendsFailed, BackendError) as e:
+            self._finish(outcome, prompt_of(messages), error=e)
+            raise ApiError(
+                502, f"no backend answered: {e}", type="api_error", code="backends_failed"
+            ) from None
+        if isinstance(got, ChatStream):
+            outcome.stream = got
+        else:
+            outcome.result = got
+            self._finish(outcome, prompt_of(messages))
+        outcome.headers["x-router-served-model"] = self._served_name(got)
+        return outcome
+
+    def _served_name(self, got: ChatResult | ChatStream) -> str:
+        if isinstance(got, ChatResult):
+            return got.backend
+        return got.tried[-1] if got.tried else ""
+
+    async def iterate(self, outcome: Outcome, prompt: str) -> AsyncIterator[dict[str, Any]]:
+        """Yield a stream's chunks; books the request when it ends (or breaks)."""
+        assert outcome.stream is not None
+        error: BaseException | None = None
+        try:
+            async for chunk in outcome.stream:
+                yield chunk
+        except BaseException as e:  # the client went away or every fallback failed mid-stream
+            error = e
+            raise
+        finally:
+            outcome.result = outcome.stream.result
+            await outcome.stream.aclose()
+            self._finish(outcome, prompt, error=error)
+
+    def _headers(self, d: RoutingDecision | None, decision_s: float) -> dict[str, str]:
+        if d is None:
+            return {"x-router-route": "passthrough"}
+
+        def ascii(text: str) -> str:
+            return text.encode("ascii", "replace").decode()[:512]
+
+        return {
+            "x-router-route": "router",
+            "x-router-model": d.model,
+            "x-router-task": d.task,
+            "x-router-task-confidence": f"{d.task_confidence:.3f}",
+            "x-router-predicted-quality": f"{d.predicted_quality.get(d.model, float('nan')):.3f}",
+            "x-router-expected-cost-usd": f"{d.expected_cost_usd or 0.0:.8f}",
+            "x-router-policy": d.policy or "",
+            "x-router-fallbacks": ",".join(d.fallbacks),
+            "x-router-reason": ascii(d.reason),
+            "x-router-decision-ms": f"{decision_s * 1000:.2f}",
+        }
+
+    def _finish(self, outcome: Outcome, prompt: str, error: BaseException | None = None) -> None:
+        """Book spend, latency, the routing log line and the metrics of a finished request."""
+        res, d = outcome.result, outcome.decision
+        served = res.backend if res is not None else None
+        router_name = next((m for m, b in self.aliases.items() if b == served), served) if served else None
+        cost = res.cost_usd if res is not None and res.cost_usd is not None else 0.0
+        if res is not None and router_name in self.pool:
+            layer = outcome.layer or self.layers[self.default_policy]
+            layer.record(
+                d if d is not None and d.model == router_name else router_name, cost, outcome.request_id
+            )
+        elif res is not None:  # a backend outside the router's pool: spend still counts
+            self.ledger.record(cost, served, request_id=outcome.request_id)
+        if self.routing_log is not None:
+            try:
+                self.routing_log.log(
+                    outcome.request_id,
+                    prompt,
+                    d,
+                    model=(d.model if d is not None else served) or "unknown",
+                    served_model=served,
+                    fallbacks_tried=list(res.tried if res is not None else []),
+                    latency_s=res.latency_s if res is not None else None,
+                    ttft_s=res.ttft_s if res is not None else None,
+                    input_tokens=res.prompt_tokens if res is not None else None,
+                    output_tokens=res.completion_tokens if res is not None else None,
+                    cost_usd=cost if res is not None else None,
+                    outcome="ok" if error is None else type(error).__name__,
+                    error=None if error is None else str(error)[:500],
+                    stream=outcome.stream is not None,
+                )
+            except Exception:  # the log never fails a request
+                log.exception("routing log write failed for %s", outcome.request_id)
+        if self.on_finish is not None:
+            self.on_finish(outcome)
+
+
+class _AliasedLatency:
+    """Latency observations made under backend names, booked under the router's model names."""
+
+    def __init__(self, model: LatencyModel, aliases: Mapping[str, str]):
+        self.model = model
+        self.by_backend: dict[str, list[str]] = {}
+        for m, b in aliases.items():
+            self.by_backend.setdefault(b, []).append(m)
+
+    def observe(self, backend: str, ttft_s: float | None = None, tokens_per_s: float | None = None) -> None:
+        for m in self.by_backend.get(backend, []):
+            if m in self.model.pool:
+                self.model.observe(m, ttft_s=ttft_s, tokens_per_s=tokens_per_s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def chunk_sse(chunk: Mapping[str, Any]) -> bytes:
+    """One server-sent event carrying a chat.completion.chunk."""
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"

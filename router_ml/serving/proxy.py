@@ -1,0 +1,233 @@
+"""The OpenAI-compatible routing proxy (FastAPI).
+
+    router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml [--policy utility] [--port 8000]
+
+Endpoints: ``POST /v1/chat/completions`` (SSE streaming and not), ``GET /v1/models`` (router entries
+and backends), ``GET /health``, ``GET /metrics`` (Prometheus). ``model="router"`` routes with the
+default policy, ``model="router:<policy>[:<knob>]"`` picks policy and knob per request, a backend's
+own name passes through. The response's ``model`` is the backend that answered; ``x-router-*``
+headers carry the decision (task, predicted quality, expected cost, reason, fallbacks).
+
+Malformed requests get an OpenAI-style 4xx before any backend is called (body size limit
+included); a backend's 4xx is returned as is, never retried elsewhere; when no backend answers the
+client gets a 502. Optional bearer-key auth for the proxy itself (``api_key_env``: the NAME of the
+env var holding the key).
+"""
+
+from __future__ import annotations
+
+import gc
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from router_ml.serving.engine import Outcome, RoutingEngine, chunk_sse
+from router_ml.serving.openai_errors import ApiError, parse_body, prompt_of
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class ProxySettings:
+    max_body_bytes: int = 512 * 1024
+    max_prompt_chars: int = 200_000
+    api_key_env: str | None = None  # the NAME of the env var holding the proxy's own key
+
+
+class Metrics:
+    """Prometheus metrics of one proxy (its own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "router_ml_requests", "Requests by route and HTTP status", ["route", "status"], registry=r
+        )
+        self.decisions = Counter(
+            "router_ml_decisions", "Routing decisions by chosen model", ["model"], registry=r
+        )
+        self.served = Counter(
+            "router_ml_served", "Answers by the backend that produced them", ["backend"], registry=r
+        )
+        self.fallbacks = Counter("router_ml_fallbacks", "Requests answered by a fallback backend", registry=r)
+        self.spend = Counter("router_ml_spend_usd", "Spend in USD by backend", ["backend"], registry=r)
+        self.ttft = Histogram(
+            "router_ml_ttft_seconds",
+            "Time to first token (streams)",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "router_ml_latency_seconds", "Request latency", ["backend"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.decision_time = Histogram(
+            "router_ml_decision_seconds", "Time to decide (embedding + policy)", buckets=LATENCY_BUCKETS, registry=r
+        )  # fmt: skip
+
+    def finished(self, outcome: Outcome) -> None:
+        res = outcome.result
+        if outcome.decision is not None:
+            self.decisions.labels(outcome.decision.model).inc()
+            self.decision_time.observe(outcome.decision_s)
+        if res is None:
+            return
+        self.served.labels(res.backend).inc()
+        if len(res.tried) > 1:
+            self.fallbacks.inc()
+        if res.cost_usd:
+            self.spend.labels(res.backend).inc(res.cost_usd)
+        if res.ttft_s is not None:
+            self.ttft.labels(res.backend).observe(res.ttft_s)
+        self.latency.labels(res.backend).observe(res.latency_s)
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> FastAPI:
+    """The FastAPI app around a :class:`RoutingEngine`."""
+    settings = settings or ProxySettings()
+    metrics = Metrics()
+    engine.on_finish = metrics.finished
+    key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    if settings.api_key_env and not key:
+        raise ValueError(f"proxy auth: env var {settings.api_key_env!r} is not set")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gc.collect()
+        gc.freeze()  # start-up objects leave the collector's generations: no long full-GC pauses
+        yield
+        await engine.aclose()
+
+    app = FastAPI(title="router-ml proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    def authorize(request: Request) -> None:
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise ApiError(
+                401, "invalid or missing proxy API key", type="authentication_error", code="invalid_api_key"
+            )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:  # pragma: no cover - last resort
+        log.exception("unexpected error")
+        return _error(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        route = "unknown"
+        try:
+            authorize(request)
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > settings.max_body_bytes:
+                raise ApiError(413, f"request body is {length} bytes; the limit is {settings.max_body_bytes}")
+            body = parse_body(await request.body(), settings.max_body_bytes)
+            outcome = await engine.complete(body, settings.max_prompt_chars)
+        except ApiError as e:
+            metrics.requests.labels(route, str(e.status)).inc()
+            return _error(e)
+        route = outcome.route
+        metrics.requests.labels(route, "200").inc()
+        if outcome.stream is None:
+            raw = dict(outcome.result.raw or {})
+            raw["model"] = outcome.result.backend
+            raw["id"] = raw.get("id") or outcome.request_id
+            return JSONResponse(raw, headers=outcome.headers)
+        prompt = prompt_of(body["messages"])
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in engine.iterate(outcome, prompt):
+                    yield chunk_sse(chunk)
+            except Exception as e:  # every backend failed mid-stream: tell the client in-band
+                err = ApiError(502, f"stream failed: {e}", type="api_error", code="backends_failed")
+                yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        headers = {**outcome.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        try:
+            authorize(request)
+        except ApiError as e:
+            return _error(e)
+        now = int(time.time())
+        data = [
+            {"id": m, "object": "model", "created": now, "owned_by": "router-ml"} for m in engine.model_ids()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        breaker = engine.client.breaker
+        backends = {name: breaker.state(name) for name in engine.catalog.names}
+        return JSONResponse({"status": "ok", "backends": backends, "policies": sorted(engine.layers)})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def build_engine(
+    ckpt: str,
+    backends: str,
+    policy: str = "utility",
+    ledger: str | None = None,
+    routing_log: str | None = None,
+    log_prompts: str = "hash",
+    aliases: dict[str, str] | None = None,
+    policy_dir: str | None = None,
+    period: str = "day",
+) -> RoutingEngine:
+    """A :class:`RoutingEngine` from files: checkpoint, backend catalog, ``conf/policy``."""
+    from pathlib import Path
+
+    from router_ml.decision.ledger import open_ledger
+    from router_ml.router import LearnedRouter
+    from router_ml.serving.catalog import Catalog
+    from router_ml.serving.engine import load_policy_configs
+
+    conf = Path(policy_dir) if policy_dir else Path(__file__).resolve().parents[2] / "conf" / "policy"
+    if not conf.is_dir():
+        raise FileNotFoundError(f"policy configs not found at {str(conf)!r}; pass policy_dir")
+    rlog = None
+    if routing_log:
+        from router_ml.serving.routing_log import RoutingLog
+
+        rlog = RoutingLog(routing_log, log_prompts=log_prompts)
+    return RoutingEngine(
+        LearnedRouter.from_pretrained(ckpt),
+        Catalog.load(backends),
+        load_policy_configs(conf),
+        default_policy=policy,
+        ledger=open_ledger(ledger),
+        routing_log=rlog,
+        aliases=aliases,
+        period=period,
+    )

@@ -1,0 +1,321 @@
+"""The routing proxy end to end: a real trained router, real loopback HTTP backends, the real
+FastAPI app under uvicorn on loopback, and the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from router_ml.router import LearnedRouter
+from router_ml.serving.catalog import Catalog
+from router_ml.serving.engine import RoutingEngine, load_policy_configs
+from router_ml.serving.loopback import LoopbackThread
+from router_ml.serving.proxy import ProxySettings, create_app
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+SECRET = "sk-test-" + "x" * 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """The app under uvicorn in a thread, stopped on exit."""
+
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def backends():
+    fast, big = LoopbackThread().start(), LoopbackThread().start()
+    yield fast, big
+    fast.stop()
+    big.stop()
+
+
+def _catalog(fast, big, big_model_id: str = "big") -> Catalog:
+    return Catalog.from_entries(
+        {
+            "backends": [
+                {
+                    "name": "fast",
+                    "kind": "vllm",
+                    "base_url": fast.base_url,
+                    "prices": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
+                    "latency": {"ttft_s": 0.05, "tokens_per_s": 100},
+                    "first_token_timeout_s": 1,
+                },
+                {
+                    "name": "big",
+                    "kind": "api",
+                    "base_url": big.base_url,
+                    "served_model_id": big_model_id,
+                    "api_key_env": "ROUTER_ML_TEST_BIG_KEY",
+                    "prices": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+                    "latency": {"ttft_s": 0.3, "tokens_per_s": 50},
+                    "first_token_timeout_s": 1,
+                },
+            ]
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def router(trained_run):
+    return LearnedRouter.from_pretrained(trained_run / "checkpoint")
+
+
+def _engine(router, catalog, **kw) -> RoutingEngine:
+    aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
+    return RoutingEngine(
+        router, catalog, load_policy_configs("conf/policy"), aliases=aliases, calibration_prompts=60, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def proxy(router, backends, tmp_path_factory):
+    import os
+
+    from router_ml.serving.routing_log import RoutingLog
+
+    os.environ["ROUTER_ML_TEST_BIG_KEY"] = SECRET
+    log_path = tmp_path_factory.mktemp("proxy") / "routing.jsonl"
+    engine = _engine(router, _catalog(*backends), routing_log=RoutingLog(log_path, log_prompts="full"))
+    with Served(create_app(engine)) as url:
+        yield url, engine, log_path
+
+
+def test_routes_and_reports_the_decision(proxy):
+    url, _, _ = proxy
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    raw = client.chat.completions.with_raw_response.create(
+        model="router",
+        messages=[{"role": "user", "content": "Is this review positive or negative? 'Arrived broken.'"}],
+    )
+    reply = raw.parse()
+    assert reply.model in ("fast", "big") and reply.choices[0].message.content
+    assert raw.headers["x-router-task"] == "classify"
+    assert raw.headers["x-router-model"].startswith("qwen")  # the router's own model name ...
+    assert reply.model == raw.headers["x-router-served-model"] == "fast"  # ... served by its backend
+    assert float(raw.headers["x-router-expected-cost-usd"]) > 0 and raw.headers["x-router-reason"]
+
+
+def test_knob_per_request_changes_the_choice(proxy):
+    url, _, _ = proxy
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    msg = [{"role": "user", "content": "Write a long, moving poem about the sea at night."}]
+    free = client.chat.completions.with_raw_response.create(model="router:utility:0", messages=msg)
+    frugal = client.chat.completions.with_raw_response.create(model="router:utility:1e9", messages=msg)
+    assert frugal.headers["x-router-model"] != free.headers["x-router-model"]
+    assert float(frugal.headers["x-router-expected-cost-usd"]) < float(
+        free.headers["x-router-expected-cost-usd"]
+    )
+
+
+def test_streaming_through_the_proxy_with_the_openai_client(proxy):
+    url, _, _ = proxy
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    chunks = list(
+        client.chat.completions.create(
+            model="router",
+            stream=True,
+            messages=[{"role": "user", "content": "Prove that sqrt(2) is irrational."}],
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "sqrt(2)" in text and {c.model for c in chunks} <= {"fast", "big"}
+
+
+def test_backend_name_passes_through(proxy, backends):
+    url, _, _ = proxy
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    raw = client.chat.completions.with_raw_response.create(
+        model="big", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().model == "big" and raw.headers["x-router-route"] == "passthrough"
+    assert backends[1].server.last_request["model"] == "big"
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        (b"[1, 2]", 400),
+        (b"{not json", 400),
+        (b"", 400),
+        (json.dumps({"model": "router", "messages": []}).encode(), 400),
+        (json.dumps({"model": "router"}).encode(), 400),
+        (json.dumps({"model": "router", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
+        (
+            json.dumps(
+                {"model": "router", "messages": [{"role": "user", "content": "x"}], "max_tokens": "abc"}
+            ).encode(),
+            400,
+        ),
+        (
+            json.dumps(
+                {"model": "router", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}
+            ).encode(),
+            400,
+        ),
+        (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
+        (
+            json.dumps({"model": "router:oracle", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            404,
+        ),
+        (
+            json.dumps(
+                {"model": "router", "messages": [{"role": "user", "content": "a" * (1 << 20)}]}
+            ).encode(),
+            413,
+        ),
+        (
+            json.dumps(
+                {"model": "router", "messages": [{"role": "user", "content": "a" * (8 << 20)}]}
+            ).encode(),
+            413,
+        ),
+    ],
+)
+def test_malformed_requests_get_a_4xx_before_any_backend_call(proxy, backends, body, status):
+    url, _, _ = proxy
+    before = sum(b.server.stats["chat"] for b in backends)
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"] and r.json()["error"]["type"]
+    assert sum(b.server.stats["chat"] for b in backends) == before
+
+
+def test_fallback_when_the_chosen_backend_fails(proxy, backends):
+    url, _, _ = proxy
+    fast, _ = backends
+    fast.set_fault("error500", count=10)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="router", messages=[{"role": "user", "content": "Classify the sentiment: 'I love it'"}]
+        )
+        assert raw.headers["x-router-model"].startswith("qwen") and raw.parse().model == "big"
+    finally:
+        fast.set_fault("ok")
+    line = next(
+        x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith("router_ml_fallbacks_total")
+    )
+    assert float(line.split()[-1]) >= 1
+
+
+def test_models_health_metrics(proxy):
+    url, _, _ = proxy
+    ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    assert ids[0] == "router" and "router:cost_aware" in ids and {"fast", "big"} <= set(ids)
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and set(health["backends"]) == {"fast", "big"}
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("router_ml_requests_total", "router_ml_decisions_total", "router_ml_latency_seconds_bucket",
+                 "router_ml_spend_usd_total", "router_ml_decision_seconds_count"):  # fmt: skip
+        assert name in metrics, name
+
+
+def test_api_keys_never_reach_logs(proxy, caplog):
+    url, _, log_path = proxy
+    caplog.set_level(logging.DEBUG)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client.chat.completions.create(model="big", messages=[{"role": "user", "content": "hello"}])
+    text = log_path.read_text()
+    assert text.strip() and SECRET not in text and SECRET not in caplog.text
+    assert json.loads(text.splitlines()[-1])["served_model"] == "big"
+
+
+def test_backend_4xx_is_returned_not_retried_elsewhere(router, backends):
+    strict = LoopbackThread(model_id="the-real-id").start()  # answers 404 to any other model id
+    try:
+        cat = _catalog(backends[0], strict, big_model_id="no-such-model")
+        with Served(create_app(_engine(router, cat))) as url:
+            before = backends[0].server.stats["chat"]
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "big", "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 404 and "rejected" in r.json()["error"]["message"]
+            assert strict.server.stats["chat"] == 1 and backends[0].server.stats["chat"] == before
+    finally:
+        strict.stop()
+
+
+def test_budget_cap_holds_across_a_proxy_restart(router, backends, tmp_path):
+    from router_ml.decision.ledger import BudgetLedger
+
+    ledger_path = tmp_path / "spend.sqlite"
+    policies = load_policy_configs("conf/policy")
+    policies["cost_aware"].update(budget_usd=2e-5, horizon=1000, hard_cap_usd=2e-5)
+    msg = {
+        "model": "router:cost_aware",
+        "messages": [{"role": "user", "content": "Summarise: the cat sat on the mat."}],
+    }
+    statuses = []
+    for _ in range(2):  # the second engine is the restarted proxy on the same ledger file
+        aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
+        engine = RoutingEngine(router, _catalog(*backends), policies, aliases=aliases, calibration_prompts=60,
+                               ledger=BudgetLedger(ledger_path))  # fmt: skip
+        with Served(create_app(engine)) as url:
+            for _ in range(12):
+                statuses.append(httpx.post(f"{url}/v1/chat/completions", json=msg).status_code)
+            spent = BudgetLedger(ledger_path).spent()
+        assert spent <= 2e-5
+    assert 429 in statuses and statuses[-1] == 429
+    assert statuses[12:] == [429] * 12  # after the restart the spent budget is still spent
+
+
+def test_proxy_auth(router, backends, monkeypatch):
+    monkeypatch.setenv("ROUTER_ML_TEST_PROXY_KEY", "proxy-secret-123")
+    engine = _engine(router, _catalog(*backends))
+    with Served(create_app(engine, ProxySettings(api_key_env="ROUTER_ML_TEST_PROXY_KEY"))) as url:
+        body = {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
+        ok = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"authorization": "Bearer proxy-secret-123"}
+        )
+        assert ok.status_code == 200
+
+
+def test_sdk_routes_in_process(router, backends):
+    from router_ml.serving.sdk import RouterClient
+
+    with RouterClient(_engine(router, _catalog(*backends))) as client:
+        reply = client.chat.completions.create(
+            model="router", messages=[{"role": "user", "content": "Is this spam? 'WIN A FREE PHONE'"}]
+        )
+        assert reply.model == "fast" and client.last_decision.task == "classify"
+        chunks = list(
+            client.chat.completions.create(
+                model="big", stream=True, messages=[{"role": "user", "content": "hi"}]
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
