@@ -578,7 +578,12 @@ class _PairMixin:
             if name and name not in est.models:
                 raise PolicyError(f"{self.name}: model {name!r} is not in the pool {est.models}")
         strong = est.models.index(self.strong) if self.strong else strongest_model(est)
-        weak = est.models.index(self.weak) if self.weak else cheapest_model(est)
+        if self.weak:
+            weak = est.models.index(self.weak)
+        else:  # the cheapest model other than the strong one (ties in price are common in one pool)
+            cost = _mean_by_model(est, est.cost)
+            cost[strong] = np.inf
+            weak = int(np.argmin(cost)) if len(cost) > 1 else strong
         if strong == weak:
             raise PolicyError(f"strong and weak models are the same ({est.models[strong]})")
         return strong, weak

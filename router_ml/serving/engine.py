@@ -217,7 +217,8 @@ class RoutingEngine:
         decision, t0 = None, time.perf_counter()
         if route == "router":
             decision = await self.decide(prompt_of(messages), layer, constraints)
-            chain = [self.aliases[m] for m in [decision.model, *decision.fallbacks]]
+            # several router models may share one backend: each backend once, in the decision's order
+            chain = list(dict.fromkeys(self.aliases[m] for m in [decision.model, *decision.fallbacks]))
             if decision.max_tokens and not (
                 payload.get("max_tokens") or payload.get("max_completion_tokens")
             ):
@@ -242,6 +243,11 @@ class RoutingEngine:
             outcome.result = got
             self._finish(outcome, prompt_of(messages))
         outcome.headers["x-router-served-model"] = self._served_name(got)
+        if isinstance(got, ChatResult) and len(got.tried) > 1:  # why the earlier backends were left
+            outcome.headers["x-router-tried"] = ",".join(got.tried)
+            outcome.headers["x-router-fallback-errors"] = (
+                " | ".join(got.errors)[:512].encode("ascii", "replace").decode()
+            )
         return outcome
 
     def _served_name(self, got: ChatResult | ChatStream) -> str:
