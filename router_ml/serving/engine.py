@@ -144,6 +144,7 @@ class RoutingEngine:
         # backend latency observations also feed the router-name latency model
         self.client = BackendClient(catalog, latency_model=_AliasedLatency(self.latency_model, self.aliases))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-ml-decide")
+        self._vllm_seen: dict[str, dict[str, float | None]] = {}
 
     def _fit(self, n: int) -> None:
         from router_ml.data.labelled import load_labelled
@@ -157,6 +158,34 @@ class RoutingEngine:
         est = first.estimates(prompts, q.to_numpy(), self.served, tasks)
         for layer in self.layers.values():
             layer.fit(est)
+
+    async def refresh_vllm_metrics(self) -> dict[str, dict[str, float | None]]:
+        """One pass over the vLLM backends' ``/metrics``: the TTFT and decode speed of the requests
+        each finished since the last pass feed the latency model (so latency-aware policies see the
+        live server, queueing included); queue depth and KV-cache use are kept for ``/health``.
+        A backend that does not answer is skipped."""
+        from router_ml.serving.client import apply_vllm_metrics
+
+        for backend in self.catalog:
+            engine = (backend.launch or {}).get("engine", "vllm")
+            if backend.kind != "vllm" or engine != "vllm":
+                continue
+            try:
+                current = await self.client.scrape_metrics(backend.name)
+            except Exception as e:  # down, or not a vLLM server
+                log.debug("no /metrics from %s: %s", backend.name, e)
+                continue
+            apply_vllm_metrics(
+                self.client.latency_model, backend.name, current, self._vllm_seen.get(backend.name)
+            )
+            self._vllm_seen[backend.name] = current
+        return dict(self._vllm_seen)
+
+    async def poll_vllm_metrics(self, interval_s: float = 10.0) -> None:
+        """:meth:`refresh_vllm_metrics` every ``interval_s`` until cancelled."""
+        while True:
+            await self.refresh_vllm_metrics()
+            await asyncio.sleep(interval_s)
 
     async def aclose(self) -> None:
         await self.client.aclose()

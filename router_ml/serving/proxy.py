@@ -16,6 +16,7 @@ env var holding the key).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
 import json
@@ -43,6 +44,7 @@ class ProxySettings:
     max_body_bytes: int = 512 * 1024
     max_prompt_chars: int = 200_000
     api_key_env: str | None = None  # the NAME of the env var holding the proxy's own key
+    metrics_poll_s: float | None = 10.0  # how often vLLM backends' /metrics feed live latency (None: never)
 
 
 class Metrics:
@@ -110,7 +112,14 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.collect()
         gc.freeze()  # start-up objects leave the collector's generations: no long full-GC pauses
+        poller = (
+            asyncio.create_task(engine.poll_vllm_metrics(settings.metrics_poll_s))
+            if settings.metrics_poll_s
+            else None
+        )
         yield
+        if poller is not None:
+            poller.cancel()
         await engine.aclose()
 
     app = FastAPI(title="router-ml proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -185,7 +194,16 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
     async def health() -> JSONResponse:
         breaker = engine.client.breaker
         backends = {name: breaker.state(name) for name in engine.catalog.names}
-        return JSONResponse({"status": "ok", "backends": backends, "policies": sorted(engine.layers)})
+        latency = engine.latency_model.snapshot().to_dict(orient="records")
+        return JSONResponse(
+            {
+                "status": "ok",
+                "backends": backends,
+                "policies": sorted(engine.layers),
+                "latency": latency,
+                "vllm": engine._vllm_seen,
+            }
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:

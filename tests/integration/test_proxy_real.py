@@ -14,7 +14,7 @@ from router_ml.router import LearnedRouter
 from router_ml.serving.catalog import Catalog
 from router_ml.serving.engine import RoutingEngine, load_policy_configs
 from router_ml.serving.launcher import LocalServer
-from router_ml.serving.proxy import create_app
+from router_ml.serving.proxy import ProxySettings, create_app
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai")
@@ -67,7 +67,12 @@ def proxy(trained_run, vllm_server, own_llamacpp):
     )
     port = _port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(engine, ProxySettings(metrics_poll_s=0.5)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -114,6 +119,27 @@ def test_streams_through_the_proxy_and_measures_ttft(proxy):
         if line.startswith("router_ml_ttft_seconds_count")
     }
     assert counts.get("smollm2-vllm", 0) >= 1 and counts.get("smollm2-llamacpp", 0) >= 1
+
+
+def test_vllm_metrics_feed_live_latency(proxy):
+    url, engine = proxy
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client.chat.completions.create(
+        model="smollm2-vllm", max_tokens=8, messages=[{"role": "user", "content": "Hi"}]
+    )
+    vllm_models = [m for m, b in engine.aliases.items() if b == "smollm2-vllm"]
+    before = engine.latency_model.snapshot().set_index("model").loc[vllm_models, "n_observed"].sum()
+    deadline = time.time() + 10
+    health = {}
+    while time.time() < deadline:  # the proxy polls vLLM's /metrics every 0.5 s in this fixture
+        health = httpx.get(f"{url}/health").json()
+        after = engine.latency_model.snapshot().set_index("model").loc[vllm_models, "n_observed"].sum()
+        if (health["vllm"].get("smollm2-vllm") or {}).get("ttft_count") and after > before:
+            break
+        time.sleep(0.5)
+    assert health["vllm"]["smollm2-vllm"]["ttft_count"] >= 1
+    assert after > before  # vLLM's own TTFT histogram reached the latency model
+    assert "num_requests_waiting" in health["vllm"]["smollm2-vllm"]
 
 
 def test_fallback_when_a_server_is_killed_mid_test(proxy, own_llamacpp):
