@@ -319,3 +319,30 @@ def test_sdk_routes_in_process(router, backends):
             )
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_concurrent_decisions_share_encoder_batches(router, backends):
+    import asyncio
+
+    engine = _engine(router, _catalog(*backends))
+    prompts = [f"Classify the sentiment of review number {i}: 'it broke after {i} days'" for i in range(16)]
+    calls = []
+    real = engine.router.route_batch
+
+    def counting(items, **kw):
+        calls.append(len(items))
+        return real(items, **kw)
+
+    engine.router.route_batch = counting
+    try:
+        layer = engine.layers["utility"]
+
+        async def all_at_once():
+            return await asyncio.gather(*(engine.decide(p, layer, {}) for p in prompts))
+
+        decisions = asyncio.run(all_at_once())
+    finally:
+        engine.router.route_batch = real
+    assert sum(calls) == 16 and len(calls) < 16  # batched, every prompt decided once
+    alone = [router.route(p, allowed_models=engine.served, policy=layer) for p in prompts]
+    assert [d.model for d in decisions] == [d.model for d in alone]

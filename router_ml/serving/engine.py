@@ -84,7 +84,8 @@ class RoutingEngine:
 
     ``policies``: name -> policy config (``conf/policy`` entries); ``default_policy`` serves
     ``model="router"``; ``calibration_prompts``: how many of the project's labelled prompts fit the
-    policies (auto tiers, thresholds) at start-up.
+    policies (auto tiers, thresholds) at start-up; ``max_batch``: the most prompts embedded in one
+    encoder call when requests arrive together.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class RoutingEngine:
         period: str = "day",
         calibration_prompts: int = 240,
         on_finish: Callable[[Outcome], None] | None = None,
+        max_batch: int = 32,
     ):
         from router_ml.decision.ledger import MemoryLedger
 
@@ -145,6 +147,9 @@ class RoutingEngine:
         self.client = BackendClient(catalog, latency_model=_AliasedLatency(self.latency_model, self.aliases))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-ml-decide")
         self._vllm_seen: dict[str, dict[str, float | None]] = {}
+        self._pending: list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+        self.max_batch = max_batch
 
     def _fit(self, n: int) -> None:
         from router_ml.data.labelled import load_labelled
@@ -223,13 +228,56 @@ class RoutingEngine:
             param="model", code="model_not_found",
         )  # fmt: skip
 
-    def _decide(self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]) -> RoutingDecision:
-        return self.router.route(prompt, allowed_models=self.served, policy=layer, **constraints)
+    def _decide_many(
+        self, prompts: list[str], layer: DecisionLayer, constraints: dict[str, Any]
+    ) -> list[RoutingDecision | BaseException]:
+        """Decisions for prompts that share a policy and constraints: one encoder batch for a
+        stateless policy; one by one for a budgeted one (a refusal stays that request's own)."""
+        if not layer.policy.stateful:
+            try:
+                return list(
+                    self.router.route_batch(prompts, allowed_models=self.served, policy=layer, **constraints)
+                )
+            except Exception as e:
+                return [e] * len(prompts)
+        out: list[RoutingDecision | BaseException] = []
+        for p in prompts:
+            try:
+                out.append(self.router.route(p, allowed_models=self.served, policy=layer, **constraints))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    async def _drain(self) -> None:
+        """Decide everything pending, in batches: requests that arrive while the encoder works on one
+        batch form the next (micro-batching without a waiting window, so an idle proxy adds no delay)."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            groups: dict[tuple, list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]]] = {}
+            for item in batch:
+                key = (id(item[1]), tuple(sorted((k, repr(v)) for k, v in item[2].items())))
+                groups.setdefault(key, []).append(item)
+            for items in groups.values():
+                prompts = [i[0] for i in items]
+                results = await loop.run_in_executor(
+                    self._executor, self._decide_many, prompts, items[0][1], items[0][2]
+                )
+                for (_, _, _, fut), res in zip(items, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
 
     async def decide(self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]) -> RoutingDecision:
-        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt, layer, constraints, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
         try:
-            return await loop.run_in_executor(self._executor, self._decide, prompt, layer, constraints)
+            return await fut
         except BudgetExhausted as e:
             raise ApiError(429, str(e), type="insufficient_quota", code="budget_exhausted") from None
         except PolicyError as e:

@@ -1,0 +1,371 @@
+"""Proxy overhead benchmark: a direct call vs router-ml's proxy vs LiteLLM's proxy (issue 4).
+
+    python -m experiments.bench_proxy                       # trains a small router if needed
+    python -m experiments.bench_proxy --ckpt CHECKPOINT --duration 3 --warmup 1 --no-litellm
+
+One run starts, as subprocesses stopped by PID: the project's loopback backend (the same fast
+backend behind every path), ``router-ml serve`` (catalog: one backend ``loop``; every router model
+aliased to it; memory ledger, no routing log) and LiteLLM's proxy from its own venv
+``.venv-litellm`` (created with ``pip install 'litellm[proxy]'`` if missing; skipped with a message
+if that fails). A closed-loop asyncio + httpx load generator (N workers, tiny prompts, each carrying
+a unique marker that the loopback echoes) measures, at 1, 8 and 32 concurrent requests, non-stream
+latency and streaming time to first token for: direct, router-ml pass-through (``model="loop"``),
+router-ml routed (``model="router"``) and LiteLLM. It prints p50/p99 added over direct, req/s,
+errors / lost / duplicated ids, router-ml's figures as ratios to LiteLLM's, the decision time the
+proxy reports (``x-router-decision-ms``), and writes ``outputs/bench/proxy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MASTER_KEY = "bench-master-key"  # LiteLLM needs one; a throwaway local value, not a secret
+TARGETS = ("direct", "rml_pass", "rml_routed", "litellm")
+SMALL_ROUTER = {
+    "name": "bench-simulated-knn",
+    "seed": 0,
+    "data": {"name": "simulated", "adapter": "simulated", "sources": ["project"], "options": {"seed": 0}},
+    "encoder": {"type": "sentence_transformer", "model": "minilm"},
+    "predictor": {"name": "knn", "params": {"k": 10}},
+    "calibrator": {"name": "isotonic"},
+    "task_head": {"params": {"class_weight": "balanced", "text_features": 4096, "view_words": 16}},
+    "split": {"test_size": 0.2, "val_size": 0.1},
+    "task_data": {},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_checkpoint(ckpt: str | None) -> Path:
+    """The given checkpoint, or a small router trained once into outputs/bench/ckpt."""
+    if ckpt:
+        return Path(ckpt)
+    run = ROOT / "outputs" / "bench" / "ckpt"
+    if not (run / "checkpoint" / "router.json").is_file():
+        from router_ml.training import train
+
+        print(f"training a small router into {run} ...", flush=True)
+        train(SMALL_ROUTER, run_dir=run)
+    return run / "checkpoint"
+
+
+def ensure_litellm() -> Path | None:
+    """``.venv-litellm/bin/litellm``, installed if missing; None (with a message) if it cannot be."""
+    venv = ROOT / ".venv-litellm"
+    exe = venv / "bin" / "litellm"
+    if exe.is_file():
+        return exe
+    try:
+        if not (venv / "bin" / "pip").is_file():
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"LiteLLM skipped: cannot install 'litellm[proxy]' into {venv}: {e}", flush=True)
+        return None
+    return exe if exe.is_file() else None
+
+
+class Proc:
+    """A server subprocess, waited for on ``ready_url`` and stopped by its PID."""
+
+    def __init__(self, name: str, cmd: list[str], ready_url: str, log: Path, env: dict | None = None):
+        self.name, self.ready_url, self.log = name, ready_url, log
+        self._fh = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if httpx.get(self.ready_url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+
+
+def start_servers(ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, Proc]) -> dict[str, dict]:
+    """Start loopback, router-ml and (optionally) LiteLLM into ``procs``; return each target's call."""
+    from router_ml.checkpoint import read_config
+
+    lp, rp, llp = free_port(), free_port(), free_port()
+    loop_url = f"http://127.0.0.1:{lp}"
+    py = sys.executable
+    procs["loopback"] = Proc(
+        "loopback", [py, "-m", "router_ml.serving.loopback", "--port", str(lp)], f"{loop_url}/health",
+        tmp / "loopback.log",
+    )  # fmt: skip
+    procs["loopback"].wait_ready(30)
+    catalog = tmp / "catalog.yaml"
+    catalog.write_text(
+        "backends:\n  - name: loop\n    kind: vllm\n"
+        f"    base_url: {loop_url}/v1\n    served_model_id: loop\n    first_token_timeout_s: 5\n"
+        "    prices: {gpu_hour_usd: 0.5, decode_tokens_per_s: 250}\n"
+        "    latency: {ttft_s: 0.01, tokens_per_s: 1000}\n    context_window: 8192\n"
+    )
+    aliases = [a for m in read_config(ckpt)["models"] for a in ("--alias", f"{m}=loop")]
+    rml = [py, "-m", "router_ml.cli", "serve", "--ckpt", str(ckpt), "--backends", str(catalog)]
+    rml += ["--port", str(rp), "--ledger", "memory", "--routing-log", "", *aliases]
+    procs["router-ml"] = Proc("router-ml", rml, f"http://127.0.0.1:{rp}/health", tmp / "router-ml.log")
+    if litellm is not None:
+        cfg = tmp / "litellm.yaml"
+        cfg.write_text(
+            "model_list:\n  - model_name: loop\n    litellm_params:\n      model: openai/loop\n"
+            f"      api_base: {loop_url}/v1\n      api_key: unused\n"
+            f"general_settings:\n  master_key: {MASTER_KEY}\n"
+            "litellm_settings:\n  telemetry: false\n  drop_params: true\n"
+        )
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        cmd = [str(litellm), "--config", str(cfg), "--port", str(llp), "--num_workers", "1"]
+        url = f"http://127.0.0.1:{llp}/health/liveliness"
+        procs["litellm"] = Proc("litellm", cmd, url, tmp / "litellm.log", env=env)
+    for name in ("router-ml", "litellm"):
+        if name in procs:
+            try:
+                procs[name].wait_ready()
+            except RuntimeError as e:
+                if name == "router-ml":
+                    raise
+                print(f"LiteLLM skipped: {e}", flush=True)
+                procs.pop(name).stop()
+    calls = {
+        "direct": {"url": f"{loop_url}/v1/chat/completions", "model": "loop", "headers": {}},
+        "rml_pass": {"url": f"http://127.0.0.1:{rp}/v1/chat/completions", "model": "loop", "headers": {}},
+        "rml_routed": {"url": f"http://127.0.0.1:{rp}/v1/chat/completions", "model": "router", "headers": {}},
+    }  # fmt: skip
+    if "litellm" in procs:
+        auth = {"authorization": f"Bearer {MASTER_KEY}"}
+        calls["litellm"] = {
+            "url": f"http://127.0.0.1:{llp}/v1/chat/completions",
+            "model": "loop",
+            "headers": auth,
+        }
+    return calls
+
+
+async def one_request(
+    http: httpx.AsyncClient, call: dict, marker: str, stream: bool
+) -> tuple[float, str, str | None]:
+    """``(seconds to the answer or first token, echoed text, decision ms header)``; raises on errors."""
+    body = {
+        "model": call["model"],
+        "messages": [{"role": "user", "content": f"hi {marker} ok"}],
+        "max_tokens": 32,
+    }
+    t0 = time.perf_counter()
+    if not stream:
+        r = await http.post(call["url"], json=body, headers=call["headers"])
+        dt = time.perf_counter() - t0
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}")
+        return dt, r.json()["choices"][0]["message"]["content"], r.headers.get("x-router-decision-ms")
+    body["stream"] = True
+    ttft, parts = None, []
+    async with http.stream("POST", call["url"], json=body, headers=call["headers"]) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                raise RuntimeError("error event in stream")
+            for ch in obj.get("choices") or []:
+                text = (ch.get("delta") or {}).get("content")
+                if text:
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    parts.append(text)
+    if ttft is None:
+        raise RuntimeError("stream carried no content")
+    return ttft, "".join(parts), r.headers.get("x-router-decision-ms")
+
+
+async def run_cell(call: dict, conc: int, stream: bool, warmup: float, duration: float, tag: str) -> dict:
+    """Closed loop: ``conc`` workers send back to back for warmup + duration seconds.
+
+    Each worker has its own ``httpx.AsyncClient`` (one keep-alive connection): one shared pool
+    collapses above ~8 concurrent requests (32 workers on one pool: ~300 req/s against the loopback,
+    one client per worker: ~900), which would make the load generator the bottleneck.
+    """
+    lat: list[float] = []
+    dec: list[float] = []
+    errors: Counter[str] = Counter()
+    echoed: Counter[str] = Counter()
+    sent: list[str] = []
+    mismatched = 0
+    t_start = time.perf_counter()
+    t_meas, t_end = t_start + warmup, t_start + warmup + duration
+
+    async def worker(w: int) -> None:
+        nonlocal mismatched
+        i = 0
+        async with httpx.AsyncClient(timeout=30.0) as http:
+            while (now := time.perf_counter()) < t_end:
+                marker = f"m{tag}w{w}n{i}x"
+                i += 1
+                measured = now >= t_meas
+                if measured:
+                    sent.append(marker)
+                try:
+                    dt, text, dms = await one_request(http, call, marker, stream)
+                except Exception as e:  # every failure is counted, by kind
+                    if measured:
+                        errors[str(e)[:60] or type(e).__name__] += 1
+                    continue
+                if not measured:
+                    continue
+                got = [w for w in text.split() if w.startswith(f"m{tag}w")]
+                for g in got:
+                    echoed[g] += 1
+                if marker not in got:
+                    mismatched += 1
+                    continue
+                lat.append(dt)
+                if dms is not None:
+                    dec.append(float(dms))
+
+    await asyncio.gather(*(worker(w) for w in range(conc)))
+    elapsed = time.perf_counter() - t_meas
+    lost = sum(1 for m in sent if echoed[m] == 0)
+    a = np.asarray(lat) * 1000
+    return {
+        "n": len(lat),
+        "p50_ms": float(np.percentile(a, 50)) if len(a) else None,
+        "p99_ms": float(np.percentile(a, 99)) if len(a) else None,
+        "rps": len(lat) / elapsed,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "lost": lost,
+        "duplicated": sum(1 for c in echoed.values() if c > 1),
+        "mismatched": mismatched,
+        "decision_ms_p50": float(np.median(dec)) if dec else None,
+    }
+
+
+def summarise(cells: dict[str, dict], targets: list[str], concs: list[int]) -> dict[str, Any]:
+    """Added latency over direct per (target, mode, concurrency), req/s at the top concurrency, ratios."""
+    added: dict[str, Any] = {}
+    for key, c in cells.items():
+        target, mode, conc = key.split("|")
+        base = cells.get(f"direct|{mode}|{conc}")
+        if target == "direct" or not base or c["p50_ms"] is None or base["p50_ms"] is None:
+            continue
+        added[key] = {"p50_ms": c["p50_ms"] - base["p50_ms"], "p99_ms": c["p99_ms"] - base["p99_ms"]}
+    top = max(concs)
+    rps = {t: cells[f"{t}|nonstream|{top}"]["rps"] for t in targets}
+    ratios: dict[str, Any] = {}
+    if "litellm" in targets:
+        for t in ("rml_pass", "rml_routed"):
+            ratios[f"{t}/litellm rps@{top}"] = rps[t] / rps["litellm"]
+            for key, v in added.items():
+                if key.startswith(t + "|"):
+                    ref = added.get(key.replace(t, "litellm", 1))
+                    if ref and ref["p50_ms"] > 0:
+                        ratios[f"{key} added p50 / litellm"] = v["p50_ms"] / ref["p50_ms"]
+    return {"added_over_direct": added, f"rps_nonstream@{top}": rps, "ratios_to_litellm": ratios}
+
+
+def print_table(cells: dict[str, dict], summary: dict[str, Any]) -> None:
+    head = f"{'target':<11}{'mode':<10}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'+p50':>8}{'+p99':>8}"
+    print("\n" + head + f"{'req/s':>8}{'err':>5}{'lost':>5}{'dup':>5}{'dec p50':>9}")
+    for key, c in cells.items():
+        target, mode, conc = key.split("|")
+        add = summary["added_over_direct"].get(key, {})
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(
+            f"{target:<11}{mode:<10}{conc:>5}{fmt(c['p50_ms']):>9}{fmt(c['p99_ms']):>9}"
+            f"{fmt(add.get('p50_ms')):>8}{fmt(add.get('p99_ms')):>8}{c['rps']:>8.0f}{c['errors']:>5}"
+            f"{c['lost']:>5}{c['duplicated']:>5}{fmt(c['decision_ms_p50']):>9}"
+        )
+    print("\nratios of router-ml to LiteLLM (added latency: lower is better; req/s: higher is better):")
+    for k, v in summary["ratios_to_litellm"].items() or {"(LiteLLM not measured)": float("nan")}.items():
+        print(f"  {k:<45} {v:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--ckpt", default=None, help="router checkpoint (default: train one into outputs/bench/ckpt)"
+    )
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "proxy.json"))
+    args = ap.parse_args(argv)
+    ckpt = ensure_checkpoint(args.ckpt)
+    litellm = None if args.no_litellm else ensure_litellm()
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpdir:
+        tmp = Path(tmpdir)
+        procs: dict[str, Proc] = {}
+        try:
+            calls = start_servers(ckpt, tmp, litellm, procs)
+            gc.collect()
+            gc.freeze()  # the load generator's own start-up objects out of the collector's way
+            cells: dict[str, dict] = {}
+            for conc in args.concurrency:
+                for mode in ("nonstream", "stream"):
+                    for target, call in calls.items():
+                        tag = f"{TARGETS.index(target)}{mode[0]}{conc}"
+                        cell = asyncio.run(
+                            run_cell(call, conc, mode == "stream", args.warmup, args.duration, tag)
+                        )
+                        cells[f"{target}|{mode}|{conc}"] = cell
+                        print(f"{target:<11}{mode:<10}c={conc:<3} {json.dumps(cell)}", flush=True)
+        except BaseException:
+            for p in procs.values():
+                print(f"--- {p.name} log tail ---\n{p.log.read_text()[-2000:]}", file=sys.stderr)
+            raise
+        finally:
+            for p in reversed(list(procs.values())):
+                p.stop()
+    summary = summarise(cells, list(calls), args.concurrency)
+    print_table(cells, summary)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"ckpt": os.path.relpath(ckpt, ROOT), "duration_s": args.duration, "warmup_s": args.warmup,
+            "cpu_count": os.cpu_count(), "litellm": "litellm" in calls}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "cells": cells, **summary}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
