@@ -49,10 +49,10 @@ def proxy(trained_run, vllm_server, own_llamacpp):
             "backends": [
                 {"name": "smollm2-vllm", "kind": "vllm", "base_url": vllm_server.base_url,
                  "served_model_id": "smollm2-135m", "prices": {"gpu_hour_usd": 0.5, "decode_tokens_per_s": 250},
-                 "latency": {"ttft_s": 0.1, "tokens_per_s": 33}, "first_token_timeout_s": 20},
+                 "latency": {"ttft_s": 0.1, "tokens_per_s": 33}, "first_token_timeout_s": 60, "timeout_s": 180},
                 {"name": "smollm2-llamacpp", "kind": "vllm", "base_url": own_llamacpp.base_url,
                  "served_model_id": "smollm2-135m", "prices": {"gpu_hour_usd": 0.1, "decode_tokens_per_s": 155},
-                 "latency": {"ttft_s": 0.04, "tokens_per_s": 120}, "first_token_timeout_s": 20},
+                 "latency": {"ttft_s": 0.04, "tokens_per_s": 120}, "first_token_timeout_s": 60, "timeout_s": 180},
             ]
         }
     )  # fmt: skip
