@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from router_ml.decision.latency import LatencyModel
+from router_ml.serving.breaker import CircuitBreaker
 from router_ml.serving.catalog import Catalog
 from router_ml.serving.client import (
     CONTINUE_PROMPT,
@@ -28,15 +29,13 @@ from router_ml.serving.client import (
     BackendError,
     BackendTimeout,
     BadRequest,
-    CircuitBreaker,
     CircuitOpen,
     StreamInterrupted,
-    apply_vllm_metrics,
     overlap_to_strip,
     parse_retry_after,
-    vllm_stats,
 )
 from router_ml.serving.loopback import LoopbackServer, LoopbackThread, answer_text
+from router_ml.serving.vllm_metrics import apply_vllm_metrics, vllm_stats
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France and why is it famous?"}]
 PAYLOAD = {"messages": MESSAGES, "max_tokens": 64}

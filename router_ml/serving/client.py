@@ -39,8 +39,6 @@ import json
 import logging
 import math
 import random
-import re
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +47,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from router_ml.decision.spec import UnknownModelError
+from router_ml.serving.breaker import CircuitBreaker
 from router_ml.serving.catalog import Backend, Catalog
+from router_ml.serving.vllm_metrics import (  # re-exported: the client's public API
+    scrape_vllm_metrics,
+)
 
 if TYPE_CHECKING:
     from router_ml.decision.costs import CostModel
@@ -148,91 +150,6 @@ class _CallState:
     tried: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     last_error: BackendError | None = None
-
-
-# ---------------------------------------------------------------------------------- circuit breaker
-class CircuitBreaker:
-    """Per-backend circuit: ``fail_threshold`` consecutive failures open it for ``cooldown_s``.
-
-    After the cooldown it is half-open: :meth:`allow` lets one trial through (a trial that never
-    reports is replaced after another ``cooldown_s``); its success closes the circuit, its failure
-    opens it again. Thread- and task-safe; ``clock`` (monotonic seconds) is injectable for tests.
-    """
-
-    def __init__(
-        self, fail_threshold: int = 3, cooldown_s: float = 5.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if not (isinstance(fail_threshold, int) and fail_threshold >= 1):
-            raise ValueError(f"CircuitBreaker: fail_threshold = {fail_threshold!r} must be an integer >= 1")
-        if not cooldown_s >= 0:
-            raise ValueError(f"CircuitBreaker: cooldown_s = {cooldown_s!r} must be >= 0")
-        self.fail_threshold, self.cooldown_s, self.clock = fail_threshold, float(cooldown_s), clock
-        self._state: dict[str, list[Any]] = {}  # name -> [consecutive failures, open until, trial since]
-        self._lock = threading.Lock()
-
-    def _get(self, name: str) -> list[Any]:
-        return self._state.setdefault(name, [0, None, None])
-
-    def state(self, name: str) -> str:
-        """ "closed", "open" (cooling down) or "half_open" (cooled down; a trial may go)."""
-        with self._lock:
-            _, until, _ = self._get(name)
-            if until is None:
-                return "closed"
-            return "open" if self.clock() < until else "half_open"
-
-    def is_open(self, name: str) -> bool:
-        """True while ``name`` takes no requests: cooling down, or half-open with a trial in flight."""
-        with self._lock:
-            _, until, trial = self._get(name)
-            if until is None:
-                return False
-            now = self.clock()
-            return now < until or (trial is not None and now - trial < self.cooldown_s)
-
-    def allow(self, name: str) -> bool:
-        """Whether a request may go to ``name`` now; in the half-open state this claims the one trial."""
-        with self._lock:
-            st = self._get(name)
-            if st[1] is None:
-                return True
-            now = self.clock()
-            if now < st[1] or (st[2] is not None and now - st[2] < self.cooldown_s):
-                return False
-            st[2] = now
-            return True
-
-    def record(self, name: str, ok: bool) -> None:
-        """Report a finished request: success closes the circuit, a failure counts toward opening it."""
-        with self._lock:
-            st = self._get(name)
-            if ok:
-                st[:] = [0, None, None]
-                return
-            st[0] += 1
-            if st[1] is not None or st[0] >= self.fail_threshold:  # a failed trial re-opens at once
-                now = self.clock()
-                if st[1] is None or now >= st[1]:  # log the transition only, not every late failure
-                    log.warning(
-                        "circuit for backend %r open for %.1f s after %d failure(s)",
-                        name,
-                        self.cooldown_s,
-                        st[0],
-                    )
-                st[1], st[2] = now + self.cooldown_s, None
-
-    def trip(self, name: str, seconds: float) -> None:
-        """Open ``name`` for ``seconds`` (a Retry-After), whatever the failure count."""
-        with self._lock:
-            st = self._get(name)
-            until = self.clock() + max(0.0, seconds)
-            st[1], st[2] = max(until, st[1] or 0.0), None
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Per backend seen: state and consecutive failures (for /metrics)."""
-        with self._lock:
-            failures = {n: st[0] for n, st in self._state.items()}
-        return {n: {"state": self.state(n), "failures": f} for n, f in failures.items()}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -1034,92 +951,3 @@ class BackendClient:
         return await scrape_vllm_metrics(
             backend.root_url, http=self.http, timeout_s=backend.connect_timeout_s + 1
         )
-
-
-# --------------------------------------------------------------------------------- vLLM /metrics
-_PROM_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def parse_prometheus(text: str) -> dict[str, list[float]]:
-    """Prometheus text exposition -> metric name (with suffix, e.g. ``_sum``) -> values over label sets."""
-    out: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _PROM_LINE.match(line)
-        if m:
-            try:
-                out.setdefault(m.group(1), []).append(float(m.group(3)))
-            except ValueError:
-                continue
-    return out
-
-
-def vllm_stats(text: str) -> dict[str, float | None]:
-    """The figures the router uses from a vLLM ``/metrics`` page (summed over models/engines).
-
-    Keys: num_requests_waiting, num_requests_running, kv_cache_usage_perc (max over engines, 0-1),
-    ttft_sum_s / ttft_count / ttft_mean_s (the TTFT histogram since start), itl_sum_s / itl_count /
-    itl_mean_s (seconds per output token). Missing metrics give None.
-    """
-    m = parse_prometheus(text)
-
-    def total(*names: str) -> float | None:
-        for name in names:
-            if name in m:
-                return float(sum(m[name]))
-        return None
-
-    kv = m.get("vllm:kv_cache_usage_perc") or m.get("vllm:gpu_cache_usage_perc")
-    out: dict[str, float | None] = {
-        "num_requests_waiting": total("vllm:num_requests_waiting"),
-        "num_requests_running": total("vllm:num_requests_running"),
-        "kv_cache_usage_perc": max(kv) if kv else None,
-    }
-    for key, base in (
-        ("ttft", ("vllm:time_to_first_token_seconds",)),
-        ("itl", ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")),
-    ):
-        s, c = total(*(b + "_sum" for b in base)), total(*(b + "_count" for b in base))
-        out[f"{key}_sum_s"], out[f"{key}_count"] = s, c
-        out[f"{key}_mean_s"] = s / c if s is not None and c else None
-    return out
-
-
-async def scrape_vllm_metrics(
-    base_url_root: str, http: httpx.AsyncClient | None = None, timeout_s: float = 2.0
-) -> dict[str, float | None]:
-    """GET ``<root>/metrics`` of a vLLM server and return :func:`vllm_stats` (a ``/v1`` suffix is dropped)."""
-    root = base_url_root.rstrip("/")
-    root = root[:-3] if root.endswith("/v1") else root
-    if http is None:
-        async with httpx.AsyncClient(trust_env=False) as own:
-            resp = await own.get(f"{root}/metrics", timeout=timeout_s)
-    else:
-        resp = await http.get(f"{root}/metrics", timeout=timeout_s)
-    resp.raise_for_status()
-    return vllm_stats(resp.text)
-
-
-def apply_vllm_metrics(
-    latency_model: LatencyModel,
-    name: str,
-    current: Mapping[str, float | None],
-    previous: Mapping[str, float | None] | None = None,
-) -> tuple[float | None, float | None]:
-    """Feed ``latency_model`` the mean TTFT and decode speed of the requests vLLM finished between
-    two scrapes (``previous`` None: since the server started). Returns (ttft_s, tokens_per_s)
-    observed, None where no request finished."""
-
-    def mean(key: str) -> float | None:
-        s, c = current.get(f"{key}_sum_s"), current.get(f"{key}_count")
-        if s is None or c is None:
-            return None
-        if previous is not None and previous.get(f"{key}_count") is not None:
-            s, c = s - (previous.get(f"{key}_sum_s") or 0.0), c - (previous.get(f"{key}_count") or 0.0)
-        return s / c if c > 0 and s > 0 else None
-
-    ttft, itl = mean("ttft"), mean("itl")
-    tps = 1.0 / itl if itl else None
-    latency_model.observe(name, ttft, tps)
-    return ttft, tps

@@ -169,7 +169,7 @@ class RoutingEngine:
         each finished since the last pass feed the latency model (so latency-aware policies see the
         live server, queueing included); queue depth and KV-cache use are kept for ``/health``.
         A backend that does not answer is skipped."""
-        from router_ml.serving.client import apply_vllm_metrics
+        from router_ml.serving.vllm_metrics import apply_vllm_metrics
 
         for backend in self.catalog:
             engine = (backend.launch or {}).get("engine", "vllm")
