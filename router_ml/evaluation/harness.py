@@ -19,6 +19,7 @@ output tokens / tokens-per-second; SLO attainment is reported on that basis.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -59,15 +60,25 @@ def build_pool(cfg: Mapping[str, Any], models: list[str]) -> Any:
     raise ValueError(f"pool type must be simulated, auto or config, got {kind!r}")
 
 
+@functools.lru_cache(maxsize=4)
+def _learned_output_lengths(data_root: str) -> Any:
+    """The output-length model fitted on the data sets under ``data_root`` (read once per process:
+    every seed and every row of a results run shares it)."""
+    from router_ml.decision.costs import OutputLengthModel
+
+    return OutputLengthModel.from_datasets(data_root)
+
+
 def build_layer(cfg: Mapping[str, Any], models: list[str]) -> Any:
     from router_ml.decision.costs import CostModel, OutputLengthModel
     from router_ml.decision.latency import LatencyModel
     from router_ml.decision.layer import DecisionLayer
     from router_ml.decision.policies import UtilityPolicy
+    from router_ml.paths import data_dir
 
     pool = build_pool(cfg, models)
     out_cfg = cfg.get("output_lengths", "datasets")
-    output_model = OutputLengthModel.from_datasets() if out_cfg == "datasets" else OutputLengthModel()
+    output_model = _learned_output_lengths(str(data_dir())) if out_cfg == "datasets" else OutputLengthModel()
     return DecisionLayer(UtilityPolicy(), pool, CostModel(pool, output_model), LatencyModel(pool))
 
 
@@ -90,13 +101,12 @@ def split_estimates(
             "(a model without a price); give the pool prices or drop the model"
         )
     out_tokens = wide_column(table_split, prompts, models, "output_tokens")
-    out_tokens = np.where(
-        np.isnan(out_tokens),
-        layer.cost_model.estimate(prompts["prompt"].tolist(), tasks).output_tokens[
-            :, [layer.pool.index(m) for m in models]
-        ],
-        out_tokens,
-    )
+    missing = np.isnan(out_tokens)
+    if missing.any():  # no measured length: the output-length model's expectation (no re-tokenising)
+        expected = layer.cost_model.output_model.predict(models, tasks)
+        cap = np.array([layer.pool.get(m).max_tokens or np.inf for m in models], dtype="float64")
+        expected = np.minimum(expected, cap)
+        out_tokens = np.where(missing, expected, out_tokens)
     if "latency_s" in table_split and table_split["latency_s"].notna().all():
         latency = wide_column(table_split, prompts, models, "latency_s")
     else:
