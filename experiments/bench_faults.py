@@ -41,6 +41,8 @@ from experiments.bench_proxy import (
     ensure_checkpoint,
     ensure_litellm,
     free_port,
+    litellm_proc,
+    wait_ready,
 )
 from router_ml.serving.loopback import answer_text
 
@@ -92,33 +94,18 @@ def start_proxies(
     rml += ["--alias", f"{A_MODEL}=A", "--alias", f"{B_MODEL}=B"]
     procs["router-ml"] = Proc("router-ml", rml, f"http://127.0.0.1:{rp}/health", tmp / "router-ml.log")
     if litellm is not None:
-        cfg = tmp / "litellm.yaml"
         models = "".join(
             f"  - model_name: {n}\n    litellm_params:\n      model: openai/{n}\n"
             f"      api_base: http://127.0.0.1:{ports[n]}/v1\n      api_key: unused\n"
             f"      timeout: {args.timeout}\n      stream_timeout: {args.timeout}\n"
             for n in ("A", "B")
         )
-        cfg.write_text(
-            f"model_list:\n{models}"
-            f"general_settings:\n  master_key: {MASTER_KEY}\n"
-            "litellm_settings:\n  telemetry: false\n  drop_params: true\n"
-            f'router_settings:\n  num_retries: {args.litellm_retries}\n  fallbacks: [{{"A": ["B"]}}]\n'
+        settings = (
+            f'  num_retries: {args.litellm_retries}\n  fallbacks: [{{"A": ["B"]}}]\n'
             f"  allowed_fails: 3\n  cooldown_time: {args.cooldown}\n  timeout: {args.timeout}\n"
         )
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-        cmd = [str(litellm), "--config", str(cfg), "--port", str(llp), "--num_workers", "1"]
-        url = f"http://127.0.0.1:{llp}/health/liveliness"
-        procs["litellm"] = Proc("litellm", cmd, url, tmp / "litellm.log", env=env)
-    for name in ("router-ml", "litellm"):
-        if name in procs:
-            try:
-                procs[name].wait_ready()
-            except RuntimeError as e:
-                if name == "router-ml":
-                    raise
-                print(f"LiteLLM skipped: {e}", flush=True)
-                procs.pop(name).stop()
+        procs["litellm"] = litellm_proc(litellm, models, settings, llp, tmp)
+    wait_ready(procs)
     calls = {
         "router-ml": {"url": f"http://127.0.0.1:{rp}/v1/chat/completions", "model": ROUTED, "headers": {}}
     }

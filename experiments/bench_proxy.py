@@ -22,7 +22,6 @@ import asyncio
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx
 import numpy as np
 
+from router_ml.serving.launcher import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MASTER_KEY = "bench-master-key"  # LiteLLM needs one; a throwaway local value, not a secret
 TARGETS = ("direct", "rml_pass", "rml_routed", "litellm")
@@ -52,12 +53,6 @@ SMALL_ROUTER = {
     "split": {"test_size": 0.2, "val_size": 0.1},
     "task_data": {},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_checkpoint(ckpt: str | None) -> Path:
@@ -121,6 +116,33 @@ class Proc:
         self._fh.close()
 
 
+def litellm_proc(litellm: Path, model_list: str, router_settings: str, port: int, tmp: Path) -> Proc:
+    """LiteLLM's proxy (started, not yet ready) with ``model_list`` / ``router_settings`` YAML bodies."""
+    cfg = tmp / "litellm.yaml"
+    cfg.write_text(
+        f"model_list:\n{model_list}"
+        f"general_settings:\n  master_key: {MASTER_KEY}\n"
+        "litellm_settings:\n  telemetry: false\n  drop_params: true\n"
+        + (f"router_settings:\n{router_settings}" if router_settings else "")
+    )
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    cmd = [str(litellm), "--config", str(cfg), "--port", str(port), "--num_workers", "1"]
+    return Proc("litellm", cmd, f"http://127.0.0.1:{port}/health/liveliness", tmp / "litellm.log", env=env)
+
+
+def wait_ready(procs: dict[str, Proc]) -> None:
+    """Wait for router-ml (required) and LiteLLM (dropped with a message if it does not come up)."""
+    for name in ("router-ml", "litellm"):
+        if name in procs:
+            try:
+                procs[name].wait_ready()
+            except RuntimeError as e:
+                if name == "router-ml":
+                    raise
+                print(f"LiteLLM skipped: {e}", flush=True)
+                procs.pop(name).stop()
+
+
 def start_servers(ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, Proc]) -> dict[str, dict]:
     """Start loopback, router-ml and (optionally) LiteLLM into ``procs``; return each target's call."""
     from router_ml.checkpoint import read_config
@@ -145,26 +167,10 @@ def start_servers(ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, 
     rml += ["--port", str(rp), "--ledger", "memory", "--routing-log", "", *aliases]
     procs["router-ml"] = Proc("router-ml", rml, f"http://127.0.0.1:{rp}/health", tmp / "router-ml.log")
     if litellm is not None:
-        cfg = tmp / "litellm.yaml"
-        cfg.write_text(
-            "model_list:\n  - model_name: loop\n    litellm_params:\n      model: openai/loop\n"
-            f"      api_base: {loop_url}/v1\n      api_key: unused\n"
-            f"general_settings:\n  master_key: {MASTER_KEY}\n"
-            "litellm_settings:\n  telemetry: false\n  drop_params: true\n"
-        )
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-        cmd = [str(litellm), "--config", str(cfg), "--port", str(llp), "--num_workers", "1"]
-        url = f"http://127.0.0.1:{llp}/health/liveliness"
-        procs["litellm"] = Proc("litellm", cmd, url, tmp / "litellm.log", env=env)
-    for name in ("router-ml", "litellm"):
-        if name in procs:
-            try:
-                procs[name].wait_ready()
-            except RuntimeError as e:
-                if name == "router-ml":
-                    raise
-                print(f"LiteLLM skipped: {e}", flush=True)
-                procs.pop(name).stop()
+        models = "  - model_name: loop\n    litellm_params:\n      model: openai/loop\n"
+        models += f"      api_base: {loop_url}/v1\n      api_key: unused\n"
+        procs["litellm"] = litellm_proc(litellm, models, "", llp, tmp)
+    wait_ready(procs)
     calls = {
         "direct": {"url": f"{loop_url}/v1/chat/completions", "model": "loop", "headers": {}},
         "rml_pass": {"url": f"http://127.0.0.1:{rp}/v1/chat/completions", "model": "loop", "headers": {}},

@@ -146,7 +146,8 @@ class RoutingEngine:
         # backend latency observations also feed the router-name latency model
         self.client = BackendClient(catalog, latency_model=_AliasedLatency(self.latency_model, self.aliases))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-ml-decide")
-        self._vllm_seen: dict[str, dict[str, float | None]] = {}
+        # the last /metrics figures of each vLLM backend (for /health and the next delta)
+        self.vllm_seen: dict[str, dict[str, float | None]] = {}
         self._pending: list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
         self.max_batch = max_batch
@@ -181,10 +182,10 @@ class RoutingEngine:
                 log.debug("no /metrics from %s: %s", backend.name, e)
                 continue
             apply_vllm_metrics(
-                self.client.latency_model, backend.name, current, self._vllm_seen.get(backend.name)
+                self.client.latency_model, backend.name, current, self.vllm_seen.get(backend.name)
             )
-            self._vllm_seen[backend.name] = current
-        return dict(self._vllm_seen)
+            self.vllm_seen[backend.name] = current
+        return dict(self.vllm_seen)
 
     async def poll_vllm_metrics(self, interval_s: float = 10.0) -> None:
         """:meth:`refresh_vllm_metrics` every ``interval_s`` until cancelled."""

@@ -201,7 +201,7 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
                 "backends": backends,
                 "policies": sorted(engine.layers),
                 "latency": latency,
-                "vllm": engine._vllm_seen,
+                "vllm": engine.vllm_seen,
             }
         )
 
