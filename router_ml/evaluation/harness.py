@@ -8,6 +8,11 @@ model) -> every policy swept over its knob. A point is billed with the data's ow
 call (RouterBench's measured $, list prices x tokens elsewhere) and scored with the data's observed
 score; a policy never sees either before it decides.
 
+The steps live in :mod:`~router_ml.evaluation.estimates` (pool, decision layer, estimates),
+:mod:`~router_ml.evaluation.sweeps` (knob sweeps), :mod:`~router_ml.evaluation.pacing` (budget
+pacing replay) and :mod:`~router_ml.evaluation.comparison` (frontier metrics, APGR/CPT, per task);
+this module runs them per seed and writes the run folder.
+
 Written to ``run_dir``: ``metrics.json`` (per seed and mean with 95% CI over seeds),
 ``frontier.parquet`` (one row per seed x router x knob: cost, quality, latency, strong share...),
 ``per_task.parquet``, ``pacing.parquet`` and PNG plots (see :mod:`router_ml.evaluation.plots`).
@@ -19,7 +24,6 @@ output tokens / tokens-per-second; SLO attainment is reported on that basis.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -31,275 +35,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from router_ml.data.schema import table_hash, wide_column
-from router_ml.decision.base import Estimates
-from router_ml.decision.policies import SLO_PRESETS, Policy, build_policy, replay
+from router_ml.data.schema import table_hash
+from router_ml.decision.policies import SLO_PRESETS
 from router_ml.evaluation import frontier as fr
-from router_ml.training import FittedRouter, _as_dict, fit_router, split_data
+from router_ml.evaluation.comparison import _per_task, frontier_metrics, pair_metrics
+from router_ml.evaluation.estimates import build_layer, build_pool, split_estimates
+from router_ml.evaluation.pacing import pacing_replay
+from router_ml.evaluation.sweeps import _point, knob_values, sweep_policy
+from router_ml.training import _as_dict, fit_router, split_data
 
 log = logging.getLogger(__name__)
 
-
-# ---- estimates -------------------------------------------------------------------------------
-def build_pool(cfg: Mapping[str, Any], models: list[str]) -> Any:
-    """The decision layer's model pool: ``simulated`` (the seed article's pool), ``auto`` (list
-    prices and llmperf latency priors for the data's models) or an explicit list of specs."""
-    from router_ml.decision.spec import ModelPool
-
-    default = "simulated" if cfg["data"].get("adapter") == "simulated" else "auto"
-    pool_cfg = cfg.get("pool") or cfg["data"].get("pool") or default
-    if isinstance(pool_cfg, str):
-        pool_cfg = {"type": pool_cfg}
-    kind = pool_cfg.get("type", "auto")
-    if kind == "simulated":
-        return ModelPool.simulated().subset(models)
-    if kind == "auto":
-        return ModelPool.from_data(models, overrides=pool_cfg.get("overrides"))
-    if kind == "config":
-        return ModelPool.from_config(pool_cfg["models"]).subset(models)
-    raise ValueError(f"pool type must be simulated, auto or config, got {kind!r}")
-
-
-@functools.lru_cache(maxsize=4)
-def _learned_output_lengths(data_root: str) -> Any:
-    """The output-length model fitted on the data sets under ``data_root`` (read once per process:
-    every seed and every row of a results run shares it)."""
-    from router_ml.decision.costs import OutputLengthModel
-
-    return OutputLengthModel.from_datasets(data_root)
-
-
-def build_layer(cfg: Mapping[str, Any], models: list[str]) -> Any:
-    from router_ml.decision.costs import CostModel, OutputLengthModel
-    from router_ml.decision.latency import LatencyModel
-    from router_ml.decision.layer import DecisionLayer
-    from router_ml.decision.policies import UtilityPolicy
-    from router_ml.paths import data_dir
-
-    pool = build_pool(cfg, models)
-    out_cfg = cfg.get("output_lengths", "datasets")
-    output_model = _learned_output_lengths(str(data_dir())) if out_cfg == "datasets" else OutputLengthModel()
-    return DecisionLayer(UtilityPolicy(), pool, CostModel(pool, output_model), LatencyModel(pool))
-
-
-def split_estimates(
-    layer: Any,
-    fitted: FittedRouter,
-    split: str,
-    quality: np.ndarray,
-    tasks: list[str],
-    table_split: pd.DataFrame,
-) -> tuple[Estimates, np.ndarray, np.ndarray]:
-    """(estimates, actual cost (n, m), actual latency (n, m)) for one split's prompts."""
-    prompts, Y, models = fitted.wide[split]
-    est = layer.estimates(prompts["prompt"].tolist(), quality, models, tasks, observed=Y)
-    est.feasible = ~np.isnan(Y)
-    cost = wide_column(table_split, prompts, models, "cost_usd")
-    if np.isnan(cost[est.feasible]).any():
-        raise ValueError(
-            f"split {split}: {int(np.isnan(cost[est.feasible]).sum())} observed calls have no cost "
-            "(a model without a price); give the pool prices or drop the model"
-        )
-    out_tokens = wide_column(table_split, prompts, models, "output_tokens")
-    missing = np.isnan(out_tokens)
-    if missing.any():  # no measured length: the output-length model's expectation (no re-tokenising)
-        expected = layer.cost_model.output_model.predict(models, tasks)
-        cap = np.array([layer.pool.get(m).max_tokens or np.inf for m in models], dtype="float64")
-        expected = np.minimum(expected, cap)
-        out_tokens = np.where(missing, expected, out_tokens)
-    if "latency_s" in table_split and table_split["latency_s"].notna().all():
-        latency = wide_column(table_split, prompts, models, "latency_s")
-    else:
-        latency = layer.latency_model.expected(out_tokens)[1]
-    return est, cost, latency
-
-
-# ---- sweeps ----------------------------------------------------------------------------------
-def knob_values(policy_cfg: Mapping[str, Any], policy: Policy, est: Estimates, ref_cost: float) -> list[Any]:
-    """The knob values a policy is swept over (``sweep`` in its conf/policy entry)."""
-    sweep = dict(policy_cfg.get("sweep") or {})
-    if "values" in sweep:
-        return list(sweep["values"])
-    kind = sweep.get("kind")
-    n = int(sweep.get("num", 25))
-    if kind == "lam":  # willingness to pay, relative to the best single model's cost per request
-        lo, hi = float(sweep.get("lo", 1e-3)), float(sweep.get("hi", 1e3))
-        return [0.0, *(np.geomspace(lo, hi, n) / max(ref_cost, 1e-12)).tolist()]
-    if kind == "budget_fraction":  # budget as shares of the best single model's spend on the set
-        return [float(f) * ref_cost * len(est) for f in sweep.get("fractions", [0.1, 0.25, 0.5, 0.75, 1.0])]
-    if kind == "advantage_quantiles":
-        adv = policy.advantage(est)  # type: ignore[attr-defined]
-        return [*np.quantile(adv, np.linspace(0, 1, n)).tolist(), float(np.max(adv)) + 1e-9]
-    if kind == "linspace":
-        return np.linspace(float(sweep.get("lo", 0.0)), float(sweep.get("hi", 1.0)), n).tolist()
-    if kind:
-        raise ValueError(f"policy {policy.name}: unknown sweep kind {kind!r}")
-    return [None]
-
-
-def _point(
-    choice: np.ndarray, refused: np.ndarray, est: Estimates, cost: np.ndarray, latency: np.ndarray, slo: tuple
-) -> dict[str, float]:
-    n = len(choice)
-    rows = np.arange(n)
-    ok = choice >= 0
-    j = np.where(ok, choice, 0)
-    score = np.where(ok, est.observed[rows, j], 0.0)
-    score = np.where(np.isnan(score), 0.0, score)  # an unobserved pick scores 0 (cannot happen: feasible)
-    spend = np.where(ok, cost[rows, j], 0.0)
-    lat = np.where(ok, latency[rows, j], np.nan)
-    ttft = np.where(ok, est.ttft[rows, j], np.nan)
-    meets = (ttft <= slo[0]) & (lat <= slo[1])
-    return {
-        "quality": float(score.mean()),
-        "cost": float(spend.sum()),
-        "cost_per_1k": float(spend.sum() / n * 1000),
-        "latency_mean_s": float(np.nanmean(lat)) if ok.any() else math.nan,
-        "latency_p95_s": float(np.nanquantile(lat, 0.95)) if ok.any() else math.nan,
-        "slo_attainment": float(np.mean(meets & ok)),
-        "refused": float(refused.mean()),
-    }
-
-
-def sweep_policy(
-    name: str,
-    policy_cfg: Mapping[str, Any],
-    est: Estimates,
-    cost: np.ndarray,
-    latency: np.ndarray,
-    ref_cost: float,
-    slo: tuple[float, float],
-    fit_est: Estimates,
-    seed: int,
-    pair: tuple[int, int] | None = None,
-) -> list[dict[str, Any]]:
-    """One frontier row per knob value. ``pair`` = (strong, weak) model indices: rows record the share
-    of strong calls and whether every call went to the pair (then APGR/CPT apply)."""
-    params = {k: v for k, v in policy_cfg.items() if k not in ("sweep",)}
-    if params.get("name") == "random":
-        params.setdefault("seed", seed)
-    if params.get("name") == "cost_aware":
-        params["horizon"] = len(est)
-    if params.get("name") in ("threshold", "random") and pair is not None and not params.get("uniform"):
-        # the comparison's strong/weak pair, unless the policy config names its own
-        params["strong"] = params.get("strong") or est.models[pair[0]]
-        params["weak"] = params.get("weak") or est.models[pair[1]]
-    base = build_policy(params).fit(fit_est)
-    rows = []
-    for value in knob_values(policy_cfg, base, est, ref_cost):
-        policy = base if value is None else base.with_knob(value)
-        if isinstance(policy, type(base)) and hasattr(policy, "_rng"):
-            policy._rng = np.random.default_rng(seed)  # every knob value gets the same draws
-        choice, refused = replay(policy, est, cost)
-        p_slo = slo
-        if hasattr(policy, "limits"):
-            lim = policy.limits()
-            p_slo = (lim[0] if lim[0] is not None else slo[0], lim[1] if lim[1] is not None else slo[1])
-        row = {"router": name, "policy": base.name, "knob": base.knob, "knob_value": value}
-        row.update(_point(choice, refused, est, cost, latency, p_slo))
-        row["slo_ttft_s"], row["slo_latency_s"] = p_slo
-        if pair is not None:
-            row["strong_share"] = float(np.mean(choice == pair[0]))
-            row["pair_only"] = bool(np.isin(choice, pair).all())
-        if base.stateful and value is not None:
-            budget = float(value)
-            spent = row["cost"]
-            row["budget_usd"] = budget
-            row["spend_over_budget"] = spent / budget if budget > 0 else math.nan
-        rows.append(row)
-    return rows
-
-
-def pacing_replay(
-    pcfg: Mapping[str, Any], est: Estimates, cost: np.ndarray, fit_est: Estimates, ref_cost: float, seed: int
-) -> dict[str, float]:
-    """Budget pacing over a long stream: ``requests`` draws (with replacement, seeded) from the
-    test prompts; ``budget_fraction`` of what the best single model would cost on that stream."""
-    from router_ml.decision.policies import CostAwarePolicy
-
-    n = int(pcfg.get("requests", 10_000))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(est), size=n)
-    stream = est.take(idx)
-    actual = cost[idx]
-    budget = float(pcfg.get("budget_fraction", 0.3)) * ref_cost * n
-    policy = CostAwarePolicy(budget_usd=budget, horizon=n, eta=float(pcfg.get("eta", 0.05))).fit(fit_est)
-    t0 = time.perf_counter()
-    choice, refused = replay(policy, stream, actual)
-    elapsed = time.perf_counter() - t0
-    ok = choice >= 0
-    spend = np.where(ok, actual[np.arange(n), np.where(ok, choice, 0)], 0.0)
-    cum = np.cumsum(spend)
-    q = np.where(ok, stream.observed[np.arange(n), np.where(ok, choice, 0)], 0.0)
-    return {
-        "requests": float(n),
-        "budget_usd": budget,
-        "spent_usd": float(cum[-1]),
-        "spend_vs_target": float(cum[-1] / budget),
-        "max_cumulative_over_cap_usd": float(max(0.0, (cum - policy.cap).max())),
-        "never_over_cap": float((cum <= policy.cap + 1e-12).all()),
-        "refused_share": float(refused.mean()),
-        "quality": float(np.nan_to_num(q).mean()),
-        "decisions_per_s": n / elapsed if elapsed > 0 else math.nan,
-        "spent_at_half_stream": float(cum[n // 2 - 1] / budget),
-    }
-
-
-# ---- metrics over a comparison ---------------------------------------------------------------
-def frontier_metrics(fdf: pd.DataFrame, best: str, oracle_q: float) -> dict[str, float]:
-    """AIQ, quality at the best single model's cost, cost to reach 95%/100% of its quality, gap
-    closed; and at each router's operating point nearest the best single model's cost (its best
-    sweep point that costs no more): quality, $ per 1k requests, mean latency, SLO attainment and,
-    for budgeted policies, the largest share of a budget spent."""
-    singles = fdf[fdf["policy"] == "single"]
-    b = singles[singles["router"] == f"single:{best}"].iloc[0]
-    c_lo, c_hi = float(fdf["cost"].min()), float(fdf["cost"].max())
-    out: dict[str, float] = {
-        "best_single/quality": float(b["quality"]),
-        "best_single/cost": float(b["cost"]),
-        "best_single/cost_per_1k": float(b["cost_per_1k"]),
-        "best_single/slo_attainment": float(b["slo_attainment"]),
-        "oracle/quality": oracle_q,
-    }
-    for r, g in fdf[fdf["policy"] != "single"].groupby("router", sort=False):
-        under = g[g["cost"] <= float(b["cost"]) * (1 + 1e-9)]
-        op = (under if len(under) else g.nsmallest(1, "cost")).sort_values("quality").iloc[-1]
-        for col in ("quality", "cost_per_1k", "latency_mean_s", "slo_attainment", "refused"):
-            out[f"{r}/op_{col}"] = float(op[col])
-        if "spend_over_budget" in g and g["spend_over_budget"].notna().any():
-            out[f"{r}/max_spend_over_budget"] = float(g["spend_over_budget"].max())
-    zc, zq = fr.zero_router(singles["cost"].to_numpy(), singles["quality"].to_numpy())
-    routers = {r: g for r, g in fdf.groupby("router", sort=False) if not r.startswith("single:")}
-    routers["zero"] = pd.DataFrame({"cost": zc, "quality": zq})
-    for r, g in routers.items():
-        c, q = g["cost"].to_numpy(), g["quality"].to_numpy()
-        out[f"{r}/aiq"] = fr.aiq(c, q, (c_lo, c_hi))
-        hc, hq = fr.ndch(c, q)
-        q_at = float(fr.hull_quality(hc, hq, b["cost"])) if len(hc) else math.nan
-        out[f"{r}/quality_at_best_cost"] = q_at
-        out[f"{r}/gap_closed_at_best_cost"] = (
-            (q_at - b["quality"]) / (oracle_q - b["quality"]) if oracle_q > b["quality"] else math.nan
-        )
-        for share in (0.95, 1.0):
-            cost = fr.cost_to_reach(c, q, share * float(b["quality"]))
-            out[f"{r}/cost_share_to_{int(share * 100)}pct_best"] = cost / float(b["cost"])
-        out[f"{r}/max_quality"] = float(q.max())
-    return out
-
-
-def pair_metrics(fdf: pd.DataFrame, q_weak: float, q_strong: float) -> dict[str, float]:
-    """APGR and CPT(20/50/80%) of every router whose rows carry a strong-call share."""
-    out: dict[str, float] = {}
-    if "strong_share" not in fdf:
-        return out
-    for r, g in fdf.dropna(subset=["strong_share"]).groupby("router", sort=False):
-        if not g["pair_only"].astype(bool).all():
-            continue  # some calls went to a third model: not a strong/weak router
-        share, q = g["strong_share"].to_numpy(), g["quality"].to_numpy()
-        out[f"{r}/apgr"] = fr.apgr(share, q, q_weak, q_strong)
-        for p in (0.2, 0.5, 0.8):
-            out[f"{r}/cpt{int(p * 100)}"] = fr.cpt(share, q, q_weak, q_strong, p)
-    return out
+__all__ = [
+    "build_layer",
+    "build_pool",
+    "complete_prompts",
+    "evaluate",
+    "evaluate_seed",
+    "frontier_metrics",
+    "json_safe",
+    "knob_values",
+    "load_checkpoint_router",
+    "pacing_replay",
+    "pair_metrics",
+    "split_estimates",
+    "sweep_policy",
+]
 
 
 # ---- one seed --------------------------------------------------------------------------------
@@ -445,50 +206,6 @@ def evaluate_seed(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
     result["time"] = {"fit_s": fit_s, "evaluate_s": time.perf_counter() - t0}
     result["router"] = fitted.router
     return result
-
-
-def _per_task(
-    split: str,
-    fdf: pd.DataFrame,
-    true_tasks: np.ndarray,
-    cost: np.ndarray,
-    models: list[str],
-    best: int,
-    ests: Mapping[str, tuple[Estimates, Estimates]],
-) -> pd.DataFrame:
-    """Quality and cost per TRUE task type: the best single model, the oracle and the utility policy
-    at the best single model's cost (its most accurate sweep point that does not cost more)."""
-    from router_ml.decision.policies import OraclePolicy, UtilityPolicy
-
-    est = ests["learned"][0]
-    picks: dict[str, np.ndarray] = {
-        "best single": np.full(len(est), best),
-        "oracle": OraclePolicy().choose(est),
-    }
-    b_cost = float(fdf.loc[fdf["router"] == f"single:{models[best]}", "cost"].iloc[0])
-    for hname, (e, _) in ests.items():
-        label = "utility" if hname == "learned" else f"utility[{hname}]"
-        g = fdf[(fdf["router"] == label) & (fdf["cost"] <= b_cost * 1.0001)]
-        if len(g):
-            lam = float(g.sort_values("quality").iloc[-1]["knob_value"])
-            picks[f"{label} @ best-single cost"] = UtilityPolicy(lam=lam).choose(e)
-    rows = []
-    idx = np.arange(len(est))
-    for label, choice in picks.items():
-        s, c = est.observed[idx, choice], cost[idx, choice]
-        for task in sorted(set(true_tasks)):
-            mask = true_tasks == task
-            rows.append(
-                {
-                    "split": split,
-                    "router": label,
-                    "task": task,
-                    "n": int(mask.sum()),
-                    "quality": float(np.nanmean(s[mask])),
-                    "cost_per_1k": float(c[mask].mean() * 1000),
-                }
-            )
-    return pd.DataFrame(rows)
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -36,14 +36,8 @@ from typing import Any
 
 import pandas as pd
 
-from router_ml.decision.ledger import (
-    BudgetLedger,
-    LedgerError,
-    MemoryLedger,
-    _check_record,
-    _entries_frame,
-    open_ledger,
-)
+from router_ml.decision.ledger import BudgetLedger, LedgerError, MemoryLedger, open_ledger
+from router_ml.decision.ledger.records import _check_record, _entries_frame
 
 SCHEMA_VERSION = 1
 APP = "router-ml-ledger"

@@ -1,41 +1,25 @@
-"""Spend ledgers: how much the router has spent, per time window and session, across restarts.
-
-- :class:`BudgetLedger` keeps one row per request in SQLite: WAL journal, a busy timeout and one
-  ``BEGIN IMMEDIATE`` transaction per write, so several threads and processes can record into the
-  same file at once, a killed writer loses at most the record in flight, and the total is always
-  the sum of the stored rows. ``request_id`` is the primary key: recording a retry twice counts once.
-- :class:`MemoryLedger` has the same interface in memory, for offline replays (running totals and
-  per-session prefix sums, so ``spent`` over a window costs O(log n)).
-- :func:`period_start` turns a budget period ("hour", "day", ...) into the UTC start of the current
-  window; :func:`open_ledger` builds either ledger from a config string.
-
-Windows are half-open: ``since <= ts < until``; ``session=None`` means every session.
-"""
+"""The persistent spend ledger: :class:`BudgetLedger`, one row per request in SQLite (WAL, a busy
+timeout, one ``BEGIN IMMEDIATE`` transaction per write), safe across restarts and concurrent
+writers."""
 
 from __future__ import annotations
 
-import bisect
-import json
-import math
 import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+
+from router_ml.decision.ledger.records import COLUMNS, LedgerError, _check_record, _entries_frame
 
 #: Schema version stored in ``PRAGMA user_version``; a newer file is refused, not guessed at.
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` that marks a SQLite file as a router-ml spend ledger ("RMLG").
 APPLICATION_ID = 0x524D4C47
-PERIODS = ("session", "hour", "day", "week", "month")
-COLUMNS = ["request_id", "ts", "model", "cost_usd", "session", "meta"]
 _SCHEMA = [
     """CREATE TABLE spend (
         request_id TEXT PRIMARY KEY,
@@ -52,58 +36,9 @@ _SCHEMA = [
 ]
 
 
-class LedgerError(ValueError):
-    """A ledger file that cannot be used (not SQLite, not a ledger, newer schema) or a closed ledger."""
-
-
-def _check_record(
-    cost_usd: float,
-    model: str,
-    request_id: str | None,
-    ts: float | None,
-    session: str | None,
-    meta: Mapping | None,
-) -> tuple[str, float, str, float, str | None, str | None]:
-    """Validate one record; returns the row ``(request_id, ts, model, cost, session, meta_json)``."""
-    try:
-        cost = float(cost_usd)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"cost_usd must be a number, got {cost_usd!r}") from err
-    if not math.isfinite(cost) or cost < 0:
-        raise ValueError(f"cost_usd must be finite and >= 0, got {cost_usd!r}")
-    if not isinstance(model, str) or not model:
-        raise ValueError(f"model must be a non-empty string, got {model!r}")
-    rid = uuid.uuid4().hex if request_id is None else str(request_id)
-    when = time.time() if ts is None else float(ts)
-    if not math.isfinite(when):
-        raise ValueError(f"ts must be a finite unix time, got {ts!r}")
-    try:
-        meta_json = None if meta is None else json.dumps(dict(meta), sort_keys=True)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"meta must be a JSON-serialisable mapping: {err}") from err
-    if session is not None and not isinstance(session, str):
-        raise ValueError(f"session must be a string or None, got {session!r}")
-    return rid, when, model, cost, session, meta_json
-
-
 def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         conn.execute("ROLLBACK")
-
-
-def _entries_frame(rows: list[tuple]) -> pd.DataFrame:
-    """Rows ``(request_id, ts, model, cost, session, meta_json)`` -> the ``entries()`` frame."""
-    cols = list(zip(*rows, strict=True)) if rows else [()] * len(COLUMNS)
-    return pd.DataFrame(
-        {
-            "request_id": pd.Series(cols[0], dtype="str"),
-            "ts": np.asarray(cols[1], dtype="float64"),
-            "model": pd.Series(cols[2], dtype="str"),
-            "cost_usd": np.asarray(cols[3], dtype="float64"),
-            "session": pd.Series(cols[4], dtype="object"),  # None = no session (kept as None)
-            "meta": pd.Series([None if m is None else json.loads(m) for m in cols[5]], dtype="object"),
-        }
-    )
 
 
 class BudgetLedger:
@@ -286,149 +221,3 @@ class BudgetLedger:
         where, args = self._where(since, until, session)
         sql = f"SELECT {', '.join(COLUMNS)} FROM spend{where} ORDER BY ts, rowid"
         return _entries_frame(self._conn().execute(sql, args).fetchall())
-
-
-class _Series:
-    """Records sorted by ts with prefix sums of cost: window totals by two bisections."""
-
-    def __init__(self) -> None:
-        self.ts: list[float] = []
-        self.cost: list[float] = []
-        self.cum: list[float] = [0.0]
-
-    def add(self, ts: float, cost: float) -> None:
-        if not self.ts or ts >= self.ts[-1]:  # the usual case in a replay: O(1)
-            self.ts.append(ts)
-            self.cost.append(cost)
-            self.cum.append(self.cum[-1] + cost)
-            return
-        i = bisect.bisect_right(self.ts, ts)
-        self.ts.insert(i, ts)
-        self.cost.insert(i, cost)
-        del self.cum[i + 1 :]
-        for c in self.cost[i:]:
-            self.cum.append(self.cum[-1] + c)
-
-    def window(self, since: float | None, until: float | None) -> tuple[int, int]:
-        lo = 0 if since is None else bisect.bisect_left(self.ts, since)
-        hi = len(self.ts) if until is None else bisect.bisect_left(self.ts, until)
-        return lo, max(lo, hi)
-
-
-class MemoryLedger:
-    """The :class:`BudgetLedger` interface in memory (thread-safe), for offline replays and tests."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rows: list[tuple] = []
-        self._ids: set[str] = set()
-        self._all = _Series()
-        self._by_session: dict[str | None, _Series] = {}
-
-    def __repr__(self) -> str:
-        return f"MemoryLedger(n={len(self._rows)})"
-
-    def record(
-        self,
-        cost_usd: float,
-        model: str,
-        request_id: str | None = None,
-        ts: float | None = None,
-        session: str | None = None,
-        meta: Mapping | None = None,
-    ) -> bool:
-        """Record one call's spend; ``False`` (and nothing changes) when ``request_id`` is already in."""
-        row = _check_record(cost_usd, model, request_id, ts, session, meta)
-        rid, when, _, cost, session, _ = row
-        with self._lock:
-            if rid in self._ids:
-                return False
-            self._ids.add(rid)
-            self._rows.append(row)
-            self._all.add(when, cost)
-            self._by_session.setdefault(session, _Series()).add(when, cost)
-        return True
-
-    def _series(self, session: str | None) -> _Series:
-        return self._all if session is None else self._by_session.get(session, _Series())
-
-    def spent(
-        self, since: float | None = None, until: float | None = None, session: str | None = None
-    ) -> float:
-        """Total $ recorded with ``since <= ts < until`` (open ends when ``None``) in ``session``."""
-        with self._lock:
-            series = self._series(session)
-            lo, hi = series.window(since, until)
-            return float(series.cum[hi] - series.cum[lo])
-
-    def count(
-        self, since: float | None = None, until: float | None = None, session: str | None = None
-    ) -> int:
-        """Number of records in the window (same filters as :meth:`spent`)."""
-        with self._lock:
-            lo, hi = self._series(session).window(since, until)
-            return hi - lo
-
-    def entries(
-        self, since: float | None = None, until: float | None = None, session: str | None = None
-    ) -> pd.DataFrame:
-        """The records in the window, oldest first (same columns as :meth:`BudgetLedger.entries`)."""
-        with self._lock:
-            rows = [
-                r
-                for r in self._rows
-                if (since is None or r[1] >= since)
-                and (until is None or r[1] < until)
-                and (session is None or r[4] == session)
-            ]
-        rows.sort(key=lambda r: r[1])  # stable: ties keep insertion order, as BudgetLedger's rowid
-        return _entries_frame(rows)
-
-    def close(self) -> None:
-        """Nothing to release (kept for the shared interface)."""
-
-    def __enter__(self) -> MemoryLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def period_start(period: str | None, now: float | None = None) -> float | None:
-    """UTC unix time at which the current budget ``period`` began (``None``: no time window).
-
-    ``"session"``/``None`` -> ``None``; ``"hour"``, ``"day"``, ``"week"`` (Monday 00:00) and
-    ``"month"`` (the 1st, 00:00) -> the start of the period that contains ``now`` (default: now).
-    """
-    if period is None or period == "session":
-        return None
-    if period not in PERIODS:
-        raise ValueError(f"unknown budget period {period!r}; allowed: {list(PERIODS)} or None")
-    t = datetime.fromtimestamp(time.time() if now is None else float(now), tz=timezone.utc)
-    if period == "hour":
-        start = t.replace(minute=0, second=0, microsecond=0)
-    elif period == "day":
-        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
-    elif period == "week":
-        start = t.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=t.weekday())
-    else:
-        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return start.timestamp()
-
-
-def open_ledger(spec: str | os.PathLike | None) -> Any:
-    """A ledger from a config value: ``None``/``"memory"`` -> :class:`MemoryLedger`;
-    ``"redis://..."`` -> a Redis ledger shared by proxy replicas; ``"sqlite:<path>"`` or a plain
-    path -> :class:`BudgetLedger` on that file."""
-    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "memory")):
-        return MemoryLedger()
-    text = os.fspath(spec)
-    if text.startswith(("redis://", "rediss://", "unix://")):
-        from router_ml.serving.redis_ledger import RedisLedger
-
-        return RedisLedger(text)
-    if text.startswith("sqlite:"):
-        text = text[len("sqlite:") :]
-        if not text:
-            raise ValueError("ledger spec 'sqlite:' needs a path, e.g. 'sqlite:runs/spend.sqlite'")
-    return BudgetLedger(text)

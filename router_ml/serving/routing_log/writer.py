@@ -1,39 +1,20 @@
-"""The routing log: one JSON line per routed request, from which new training data is built.
-
-Each line (schema ``v`` 1) holds the request id and time, the prompt (full text, its sha256 only,
-or nothing, per ``log_prompts``), the decision (task and its confidence, routed model, policy, knob,
-predicted quality per model, expected cost, planned fallbacks), the ``propensity`` (the probability
-the policy had of choosing that model: 1.0 for deterministic policies, the mixing probability for
-random ones), and what happened (the model that answered, fallbacks tried, latency, TTFT, tokens,
-cost, ``outcome`` ``"ok"`` or an error type). Every string is scrubbed of anything that looks like
-a credential (``sk-...``, ``Bearer ...``, ``api_key=...``, the values of ``*_API_KEY``/``*TOKEN``/
-``*SECRET`` environment variables), and mapping keys such as ``Authorization`` lose their values.
-
-Crash safety: a line is one ``write`` on an ``O_APPEND`` descriptor (optionally ``fsync``-ed), so a
-crash leaves at most a torn last line, which :func:`read_routing_log` skips; reopening a log that
-ends in a torn line seals it with a newline first. Files rotate by size (``routing.jsonl.1`` is
-the newest backup); use one file per proxy process.
-"""
+"""The routing-log writer: :class:`RoutingLog` appends one scrubbed JSON line per routed request
+(``O_APPEND``, optional ``fsync``, size rotation); :func:`policy_propensity` gives the line's
+``propensity``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from router_ml.data.schema import validate_table
-from router_ml.data.taxonomy import TASK_TYPES
 from router_ml.decision.base import RoutingDecision
+from router_ml.serving.routing_log.redact import env_secrets, scrub
 
 LOG_PROMPTS = ("full", "hash", "none")
 FIELDS = [
@@ -44,56 +25,10 @@ FIELDS = [
 ]  # fmt: skip
 NUMERIC = ["ts", "task_confidence", "propensity", "expected_cost_usd", "latency_s", "ttft_s",
            "input_tokens", "output_tokens", "cost_usd"]  # fmt: skip
-REDACTED = "[REDACTED]"
-_KEY_PATTERNS = re.compile(
-    r"\bsk-[A-Za-z0-9_\-]{16,}"  # OpenAI, Anthropic (sk-ant-), DeepSeek, OpenRouter (sk-or-)
-    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bAIza[0-9A-Za-z_\-]{35}|\bhf_[A-Za-z0-9]{30,}"
-    r"|\bgh[pousr]_[A-Za-z0-9]{30,}|\bgithub_pat_[A-Za-z0-9_]{20,}|\b(?:xai|gsk|pplx|nvapi)-[A-Za-z0-9_\-]{20,}"
-    r"|\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"  # JWT
-)
-# a credential after "Bearer"/"Basic" has a digit ("basic principles" is kept)
-_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)(?=[A-Za-z._~+/=\-]*[0-9])[A-Za-z0-9._~+/=\-]{8,}")
-_ASSIGN = re.compile(
-    r"(?i)\b((?:x-)?api[_-]?key|authorization|access[_-]?token|secret|password|passwd)"
-    r"([\"']?\s*[:=]\s*[\"']?)(?!bearer\b|basic\b)[^\s\"',;}&]{6,}"
-)
-_SECRET_KEYS = re.compile(
-    r"(?i)^(authorization|proxy-authorization|x-api-key|api[_-]?key|\w*_api_key|secret|client_secret"
-    r"|password|cookie|set-cookie|access_token|refresh_token)$"
-)
-_SECRET_ENV = re.compile(r"(?i)(api_?key|token|secret|password|passwd)")
 
 
 class RoutingLogError(ValueError):
     """A routing log that cannot be written or turned into training data; the message says why."""
-
-
-def env_secrets() -> set[str]:
-    """Values (8+ characters) of environment variables whose names mark them as credentials."""
-    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8}
-
-
-def scrub(value: Any, secrets: Iterable[str] = ()) -> Any:
-    """``value`` with credentials removed: strings lose key-like substrings and the exact
-    ``secrets``; mappings lose the values of keys such as ``Authorization``; lists recurse."""
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-        value = _KEY_PATTERNS.sub(REDACTED, value)
-        value = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, value)
-        return _ASSIGN.sub(lambda m: m.group(1) + m.group(2) + REDACTED, value)
-    if isinstance(value, Mapping):
-        return {
-            scrub(str(k), secrets): REDACTED if _SECRET_KEYS.match(str(k)) else scrub(v, secrets)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple | set):
-        return [scrub(v, secrets) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalars
-        return scrub(value.item(), secrets)
-    return value
 
 
 def policy_propensity(
@@ -279,82 +214,3 @@ class RoutingLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def log_files(path: str | os.PathLike) -> list[Path]:
-    """``path`` and its rotated backups, oldest first."""
-    path = Path(path)
-    backups = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
-    return sorted(backups, key=lambda p: -int(p.suffix[1:])) + ([path] if path.exists() else [])
-
-
-def read_routing_log(path: str | os.PathLike, include_rotated: bool = True) -> pd.DataFrame:
-    """The log as a DataFrame, one row per line, oldest first (columns :data:`FIELDS`, then any
-    others). A torn last line (a crash mid-write) is skipped; another bad line is skipped with a
-    warning naming it."""
-    files = log_files(path) if include_rotated else [Path(path)]
-    if not any(f.exists() for f in files):
-        raise FileNotFoundError(f"routing log {str(path)!r} not found")
-    records = []
-    for f in files:
-        data = f.read_bytes()
-        lines = data.split(b"\n")
-        for i, raw in enumerate(lines):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as err:
-                if i < len(lines) - 1:  # a torn last line has no newline: skipped silently
-                    warnings.warn(f"{f}:{i + 1}: unreadable routing-log line skipped ({err})", stacklevel=2)
-                continue
-            records.append(rec)
-    df = pd.DataFrame.from_records(records)
-    df = df.reindex(columns=FIELDS + [c for c in df.columns if c not in FIELDS])
-    for col in NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    return df
-
-
-def to_routing_table(
-    log_df: pd.DataFrame,
-    scores: Mapping[str, float] | pd.Series | pd.DataFrame,
-    prompts: Mapping[str, str] | None = None,
-    source: str = "routing_log",
-    known_models: Iterable[str] | None = None,
-) -> pd.DataFrame:
-    """Logged requests plus later outcome scores -> a canonical routing table (validated).
-
-    ``scores``: ``request_id -> score in [0, 1]`` (a mapping, a Series indexed by request id, or a
-    frame with ``request_id`` and ``score``). Kept: requests with outcome ``"ok"``, a score, a task
-    of the taxonomy and prompt text (logged in full, or found in ``prompts``: sha256 -> text).
-    One row per (prompt, model that answered): repeated requests are averaged. ``prompt_id`` is
-    ``"log-" + sha256[:16]``.
-    """
-    if isinstance(scores, pd.DataFrame):
-        scores = scores.set_index("request_id")["score"]
-    scores = pd.Series(scores, dtype="float64")
-    df = log_df.drop_duplicates("request_id", keep="last")
-    df = df[(df["outcome"] == "ok") & df["request_id"].isin(scores.index) & df["served_model"].notna()].copy()
-    text = df["prompt"]
-    if prompts is not None:
-        text = text.fillna(df["prompt_sha256"].map(prompts))
-    df["prompt"] = text
-    usable = df["prompt"].notna() & df["prompt_sha256"].notna() & df["task"].isin(TASK_TYPES)
-    if (~usable).any():
-        warnings.warn(
-            f"{int((~usable).sum())} scored request(s) skipped: no prompt text or no known task", stacklevel=2
-        )
-    df = df[usable]
-    if df.empty:
-        raise RoutingLogError("no logged request has outcome 'ok', a score, prompt text and a known task")
-    df["score"] = scores.reindex(df["request_id"]).to_numpy()
-    df["prompt_id"] = "log-" + df["prompt_sha256"].str[:16]
-    first = df.groupby("prompt_id")[["prompt", "task"]].agg(lambda s: s.mode().iloc[0])
-    num = ["score", "input_tokens", "output_tokens", "cost_usd", "latency_s"]
-    out = df.groupby(["prompt_id", "served_model"], as_index=False)[num].mean()
-    out = out.rename(columns={"served_model": "model"}).join(first, on="prompt_id")
-    out["source_task"], out["source"] = out["task"], source
-    return validate_table(out, known_models=known_models, name=f"routing table from {source}")
