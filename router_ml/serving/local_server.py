@@ -1,0 +1,203 @@
+"""One local model server process: started in its own process group, watched, stopped by PID.
+
+:class:`LocalServer` is a :class:`~router_ml.serving.launch_spec.LaunchSpec` (the checked launch
+mapping and its command) with a life cycle: ``start()``, ``wait_ready()`` (polls ``/v1/models``),
+``stop()`` (SIGTERM, then SIGKILL, to the whole group). :func:`terminate` stops any PID the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from router_ml.serving.launch_spec import (
+    LaunchError,
+    LaunchSpec,
+    ServerExitedError,
+    ServerNotReadyError,
+    state_dir,
+)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie has exited even though kill(0) succeeds
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the PID, it names one process for good."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return None
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join("    " + line for line in lines)
+    return "    (no log)"
+
+
+class LocalServer(LaunchSpec):
+    """One OpenAI-compatible server process: ``start()``, ``wait_ready()``, ``stop()``; a context manager.
+
+    A :class:`LaunchSpec` (built the same ways: :meth:`from_backend`, :meth:`from_launch`) with a
+    life cycle; ``log_path`` (default ``<state dir>/logs/<name>.log``) takes the server's output.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        launch: Mapping[str, Any],
+        served_model_id: str | None = None,
+        *,
+        log_path: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(name, launch, served_model_id)
+        self.log_path = Path(log_path) if log_path else state_dir() / "logs" / f"{name}.log"
+        self.pid: int | None = None
+        self.ready_s: float | None = None  # seconds from start() to the first answer of /v1/models
+        self._proc: subprocess.Popen | None = None
+        self._started_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"LocalServer({self.name!r}, engine={self.engine!r}, port={self.port}, pid={self.pid})"
+
+    def start(self) -> LocalServer:
+        """Check, then start the server in its own process group; output goes to ``log_path``."""
+        if self.is_running():
+            raise LaunchError(f"backend {self.name!r} is already running as pid {self.pid}")
+        cmd = self.check()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n# router-ml: {' '.join(cmd)}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
+            )
+        self.pid, self.ready_s, self._started_at = self._proc.pid, None, time.monotonic()
+        return self
+
+    def is_running(self) -> bool:
+        if self.pid is None:
+            return False
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return pid_alive(self.pid)
+
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """One GET of ``/v1/models``: True when it answers 200 and lists the served model id."""
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/models", timeout=timeout) as resp:
+                data = json.loads(resp.read())
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+        return any(m.get("id") == self.served_model_id for m in data.get("data") or [])
+
+    def wait_ready(self, timeout: float | None = None, interval: float = 0.25) -> float:
+        """Poll ``/v1/models`` until it answers; return the seconds since :meth:`start` (also ``ready_s``)."""
+        if self.pid is None:
+            raise LaunchError(f"backend {self.name!r} was not started")
+        timeout = self.ready_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.is_running():
+                raise ServerExitedError(
+                    f"backend {self.name!r}: {self.engine} server (pid {self.pid}) exited with code "
+                    f"{self.returncode()} before it was ready; last lines of {str(self.log_path)!r}:\n{_tail(self.log_path)}"
+                )
+            if self.is_ready():
+                self.ready_s = time.monotonic() - (self._started_at or time.monotonic())
+                return self.ready_s
+            if time.monotonic() > deadline:
+                raise ServerNotReadyError(
+                    f"backend {self.name!r}: {self.engine} server (pid {self.pid}) did not answer "
+                    f"{self.base_url}/models within {timeout:.0f} s; last lines of {str(self.log_path)!r}:\n{_tail(self.log_path)}"
+                )
+            time.sleep(interval)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the server's process group, then SIGKILL after ``timeout`` s; a stopped server is a no-op."""
+        if self.pid is None:
+            return
+        terminate(self.pid, timeout, alive=self.is_running, group=self._proc is not None, name=self.name)
+        if self._proc is not None:
+            self._proc.wait(timeout=1)
+
+    def __enter__(self) -> LocalServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def record(self) -> dict[str, Any]:
+        """What the PID file stores for this server."""
+        return {
+            "pid": self.pid, "engine": self.engine, "host": self.host, "port": self.port, "base_url": self.base_url,
+            "served_model_id": self.served_model_id, "log": str(self.log_path), "start_ticks": start_ticks(self.pid or -1),
+        }  # fmt: skip
+
+
+def terminate(
+    pid: int,
+    timeout: float = 10.0,
+    *,
+    alive: Callable[[], bool] | None = None,
+    group: bool | None = None,
+    name: str = "",
+) -> None:
+    """Stop ``pid`` and, when it leads one, its process group: SIGTERM, then SIGKILL after ``timeout`` s.
+
+    ``group=None`` asks the OS whether ``pid`` leads its group (servers started here do: the group
+    holds vLLM's engine workers, which must not outlive a killed API server).
+    """
+    alive = alive or (lambda: pid_alive(pid))
+    if group is None:
+        try:
+            group = os.getpgid(pid) == pid
+        except ProcessLookupError:
+            return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not alive():
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig) if group else os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if group:  # workers a killed leader left behind
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    if alive():
+        raise LaunchError(f"server {name!r}: pid {pid} survived SIGKILL")
