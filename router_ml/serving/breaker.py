@@ -70,15 +70,13 @@ class CircuitBreaker:
                 st[:] = [0, None, None]
                 return
             st[0] += 1
+            now = self.clock()
+            if st[1] is not None and now < st[1]:
+                return  # a straggler sent before the circuit opened: it must not extend the rest
             if st[1] is not None or st[0] >= self.fail_threshold:  # a failed trial re-opens at once
-                now = self.clock()
-                if st[1] is None or now >= st[1]:  # log the transition only, not every late failure
-                    log.warning(
-                        "circuit for backend %r open for %.1f s after %d failure(s)",
-                        name,
-                        self.cooldown_s,
-                        st[0],
-                    )
+                log.warning(
+                    "circuit for backend %r open for %.1f s after %d failure(s)", name, self.cooldown_s, st[0]
+                )
                 st[1], st[2] = now + self.cooldown_s, None
 
     def trip(self, name: str, seconds: float) -> None:
