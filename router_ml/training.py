@@ -85,7 +85,7 @@ def task_training_data(
     train_parts = []
     if cfg.get("routing_table", True):
         pr = splits["train"].drop_duplicates("prompt_id")[["prompt", "task", "source_task"]]
-        cap = int(cfg.get("max_per_source_task", 60))
+        cap = int(cfg.get("max_per_source_task", 10))
         pr = pr.groupby("source_task", group_keys=False).apply(
             lambda g: g.sample(n=min(cap, len(g)), random_state=int(rng.integers(1 << 31)))
         )

@@ -417,3 +417,64 @@ def test_task_classifier_text_features_round_trip_and_need_texts(tmp_path):
         again.predict(X)
     with pytest.raises(ValueError, match="text_coef"):
         TaskClassifier(text_features=2048).load_state_dict(clf.state_dict())
+
+
+def test_task_cue_features_read_instructions_in_several_languages():
+    from router_ml.predictors.task_text import CUE_TASKS, cue_features
+
+    texts = [
+        "Summarize this email in two sentences.",
+        "请用一句话总结以下内容：明天停水。",
+        "Classify the sentiment: 'great phone, awful battery'. One of positive, negative, neutral.",
+        "Write a haiku about rain.",
+        "What is the capital of Australia?",
+    ]
+    F = cue_features(texts, view_words=16)
+    assert F.shape == (5, 2 * len(CUE_TASKS)) and (F >= 0).all()
+    in_view = F[:, 0::2]  # per task: [view, whole text]
+    for row, task in zip(in_view, ["summarize", "summarize", "classify", "creative", "qa"], strict=True):
+        assert CUE_TASKS[int(row.argmax())] == task, (task, dict(zip(CUE_TASKS, row, strict=True)))
+    # only the first and last 16 words count as the view: a cue buried in a long pasted text does not
+    long = "Label this ticket. " + " ".join(["word"] * 50) + " summarize " + " ".join(["word"] * 50)
+    f = cue_features([long], view_words=16)[0]
+    s = CUE_TASKS.index("summarize")
+    assert f[2 * s] == 0 and f[2 * s + 1] > 0
+
+
+def test_task_classifier_cues_round_trip_and_reject_other_lexicon(tmp_path):
+    rng = np.random.default_rng(0)
+    verbs = {"summarize": "summarize", "classify": "classify", "creative": "write a poem about"}
+    texts = [f"{v} item {i}" for v in verbs.values() for i in range(20)]
+    y = [t for t in verbs for _ in range(20)]
+    X = rng.normal(size=(60, 8)).astype(np.float32)  # no signal in the embeddings; only the cues
+    clf = TaskClassifier(C=10.0, cue_scale=1.0, class_weight="balanced").fit(X, y, texts=texts)
+    assert clf.predict(X, texts=texts) == y
+    assert clf.state_dict()["cue_coef"].shape == (6, 12)
+    save_file(clf.state_dict(), str(tmp_path / "t.safetensors"))
+    again = TaskClassifier(**clf.get_params()).load_state_dict(load_file(str(tmp_path / "t.safetensors")))
+    np.testing.assert_array_equal(again.predict_proba(X, texts=texts), clf.predict_proba(X, texts=texts))
+    with pytest.raises(ValueError, match="pass the prompt texts"):
+        again.predict(X)
+    state = dict(clf.state_dict(), cue_lexicon_crc=np.array([12345], dtype=np.int64))
+    with pytest.raises(ValueError, match="cue lexicon"):
+        TaskClassifier(**clf.get_params()).load_state_dict(state)
+    with pytest.raises(ValueError, match="unexpected"):  # a cue head's state on a head without cues
+        TaskClassifier(C=10.0).load_state_dict(clf.state_dict())
+
+
+def test_tune_task_head_scores_only_eval_rows_and_picks_by_cv():
+    from router_ml.predictors.task_tuning import cv_task_macro_f1, tune_task_head
+
+    rng = np.random.default_rng(1)
+    words = {"summarize": "summarize", "classify": "classify"}
+    texts = [f"{w} note {i}" for w in words.values() for i in range(30)]
+    y = [t for t in words for _ in range(30)]
+    X = rng.normal(size=(60, 4))
+    mask = np.arange(60) % 3 != 0  # every third row is never scored, always trained on
+    params, f1, table = tune_task_head(
+        {"C": 10.0, "class_weight": "balanced"}, {"cue_scale": [0.0, 1.0]}, X, y, texts, mask, folds=3
+    )
+    assert params["cue_scale"] == 1.0 and f1 == 1.0 and len(table) == 2
+    assert table[0][1] < 0.8  # embeddings are noise: without the cues the head guesses
+    with pytest.raises(ValueError, match="rows in X"):
+        cv_task_macro_f1({"cue_scale": 1.0}, X[:10], y, texts)

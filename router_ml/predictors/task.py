@@ -10,9 +10,6 @@ change the confidence the temperature was fitted for. Inference is numpy:
 
 from __future__ import annotations
 
-import itertools
-import re
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,8 +23,13 @@ from router_ml.predictors.base import (
     check_state,
     state_size,
 )
-
-_TOKEN = re.compile(r"(?u)\b\w\w+\b")
+from router_ml.predictors.task_text import (
+    CUE_LEXICON_CRC,
+    CUE_TASKS,
+    cue_features,
+    hashed_view,
+    sparse_rows,
+)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -77,7 +79,9 @@ class TaskClassifier(BasePredictor):
     first and last ``view_words`` words), scaled by ``text_scale``, beside the embedding: when a long
     pasted text dominates the embedding, the words that say what to DO with it ("summarise",
     "label", "TL;DR") still count. Hashing is stateless (no vocabulary to store); the weights are an
-    ``(L, text_features)`` array. Such a head needs the prompt texts at predict time too.
+    ``(L, text_features)`` array. ``cue_scale > 0`` adds the hand-written instruction cues of
+    :mod:`router_ml.predictors.task_text` (per task type, in the view and in the whole prompt), times
+    ``cue_scale``; weights ``(L, n_cues)``. Such a head needs the prompt texts at predict time too.
     """
 
     name = "task"
@@ -93,6 +97,7 @@ class TaskClassifier(BasePredictor):
         text_features: int = 0,
         text_scale: float = 2.0,
         view_words: int = 16,
+        cue_scale: float = 0.0,
     ) -> None:
         self.labels = labels
         self.C = C
@@ -103,42 +108,31 @@ class TaskClassifier(BasePredictor):
         self.text_features = text_features
         self.text_scale = text_scale
         self.view_words = view_words
+        self.cue_scale = cue_scale
 
     def _hashed(self, texts: Sequence[str] | None, n: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Per text: unique hashed feature indices of its instruction view, and one weight each.
+        """Hashed instruction-view features per text (see :func:`task_text.hashed_view`)."""
+        texts = self._texts(texts, n)
+        return hashed_view(texts, int(self.text_features), int(self.view_words), float(self.text_scale))
 
-        Tokens are lower-cased words of 2+ characters (uni- and bigrams) of the first and last
-        ``view_words`` words; index = crc32(token) mod ``text_features`` (stable across versions
-        and platforms); binary values, l2-normalised, times ``text_scale``.
-        """
+    def _texts(self, texts: Sequence[str] | None, n: int) -> list[str]:
         if texts is None:
             raise ValueError(
-                "TaskClassifier: this head uses text features (text_features > 0); pass the prompt texts"
+                "TaskClassifier: this head uses text features (text_features > 0 or cue_scale > 0); "
+                "pass the prompt texts"
             )
         texts = list(texts)
         if len(texts) != n:
             raise ValueError(f"TaskClassifier: {n} embedding rows but {len(texts)} texts")
-        k, nf = int(self.view_words), int(self.text_features)
-        rows, weights = [], np.zeros(n)
-        for i, t in enumerate(texts):
-            w = str(t).split()
-            view = " ".join(w) if len(w) <= 2 * k else " ".join(w[:k] + w[-k:])
-            toks = _TOKEN.findall(view.lower())
-            feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
-            idx = np.unique(np.fromiter((zlib.crc32(f.encode()) % nf for f in feats), dtype=np.int64))
-            rows.append(idx)
-            weights[i] = float(self.text_scale) / np.sqrt(len(idx)) if len(idx) else 0.0
-        return rows, weights
+        return texts
+
+    def _cues(self, texts: Sequence[str] | None, n: int) -> np.ndarray:
+        """``(n, n_cues)`` instruction-cue counts times ``cue_scale`` (see :func:`task_text.cue_features`)."""
+        return cue_features(self._texts(texts, n), int(self.view_words)) * float(self.cue_scale)
 
     def _text_matrix(self, texts: Sequence[str] | None, n: int) -> Any:
         """Sparse ``(n, text_features)`` matrix of the hashed features (for fitting)."""
-        import scipy.sparse as sp
-
-        rows, weights = self._hashed(texts, n)
-        indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-        indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        data = np.repeat(weights, [len(r) for r in rows])
-        return sp.csr_matrix((data, indices, indptr), shape=(n, int(self.text_features)))
+        return sparse_rows(*self._hashed(texts, n), int(self.text_features))
 
     def _text_logits(self, texts: Sequence[str] | None, n: int) -> np.ndarray:
         """``(n, L)`` text contribution to the logits, numpy only (fast for one row)."""
@@ -150,11 +144,17 @@ class TaskClassifier(BasePredictor):
         return out
 
     def _features(self, X: np.ndarray, texts: Sequence[str] | None) -> Any:
-        if not self.text_features:
+        """Design matrix ``[X, hashed view, cues]`` (sparse when there are text features)."""
+        if not self.text_features and not self.cue_scale:
             return X
         import scipy.sparse as sp
 
-        return sp.hstack([sp.csr_matrix(X), self._text_matrix(texts, X.shape[0])]).tocsr()
+        parts = [sp.csr_matrix(X)]
+        if self.text_features:
+            parts.append(self._text_matrix(texts, X.shape[0]))
+        if self.cue_scale:
+            parts.append(sp.csr_matrix(self._cues(texts, X.shape[0])))
+        return sp.hstack(parts).tocsr()
 
     def _encode(self, y: Sequence[str]) -> np.ndarray:
         index = {lab: i for i, lab in enumerate(self.labels)}
@@ -166,9 +166,11 @@ class TaskClassifier(BasePredictor):
     def _fit_lr(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full ``(L, d)`` weights and ``(L,)`` biases; absent classes get bias -inf."""
         from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
 
         clf = LogisticRegression(C=float(self.C), max_iter=3000, class_weight=self.class_weight)
-        clf.fit(X, y)
+        with threadpool_limits(1):  # small problem: BLAS threads only contend (40 s vs 2 s on a busy box)
+            clf.fit(X, y)
         L = len(self.labels)
         W = np.zeros((L, X.shape[1]))
         b = np.full(L, -np.inf)
@@ -196,7 +198,8 @@ class TaskClassifier(BasePredictor):
             temperature = 1.0
         else:
             W, b, temperature = fitted
-        self._set_state(W[:, :d], b, np.array([temperature]), W[:, d:])
+        nt = int(self.text_features)
+        self._set_state(W[:, :d], b, np.array([temperature]), W[:, d : d + nt], W[:, d + nt :])
         return self
 
     def _cross_fit(self, F: Any, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -230,7 +233,11 @@ class TaskClassifier(BasePredictor):
         temperature = _fit_temperature(z[:, seen], remap[lab])
         return np.mean(Ws, axis=0), np.mean(bs, axis=0), temperature
 
-    def _set_state(self, W: np.ndarray, b: np.ndarray, temperature: np.ndarray, text_W: np.ndarray) -> None:
+    def _set_state(
+        self, W: np.ndarray, b: np.ndarray, temperature: np.ndarray, text_W: np.ndarray, cue_W: np.ndarray
+    ) -> None:
+        self.cue_coef_ = np.ascontiguousarray(cue_W, dtype=np.float64)
+        self._cue_coef_t = np.ascontiguousarray(self.cue_coef_.T)
         self.text_coef_ = np.ascontiguousarray(text_W, dtype=np.float64)
         self._text_coef_t = np.ascontiguousarray(self.text_coef_.T)
         self.coef_ = np.ascontiguousarray(W, dtype=np.float64)
@@ -246,6 +253,8 @@ class TaskClassifier(BasePredictor):
         z = X @ self._coef_t + self.intercept_
         if self.text_features:
             z = z + self._text_logits(texts, X.shape[0])
+        if self.cue_scale:
+            z = z + self._cues(texts, X.shape[0]) @ self._cue_coef_t
         return z / self.temperature_[0]
 
     def predict_proba(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
@@ -261,6 +270,9 @@ class TaskClassifier(BasePredictor):
         state = {"coef": self.coef_, "intercept": self.intercept_, "temperature": self.temperature_}
         if self.text_features:
             state["text_coef"] = self.text_coef_
+        if self.cue_scale:
+            state["cue_coef"] = self.cue_coef_
+            state["cue_lexicon_crc"] = np.array([CUE_LEXICON_CRC], dtype=np.int64)
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> TaskClassifier:
@@ -272,11 +284,20 @@ class TaskClassifier(BasePredictor):
         }
         if self.text_features:
             shapes["text_coef"] = (L, int(self.text_features))
+        if self.cue_scale:
+            shapes["cue_coef"] = (L, 2 * len(CUE_TASKS))
+            shapes["cue_lexicon_crc"] = (1,)
         s = check_state(state, shapes, "TaskClassifier")
         if not s["temperature"][0] > 0:
             raise ValueError(f"TaskClassifier: temperature must be > 0, got {s['temperature'][0]}")
+        if self.cue_scale and int(s["cue_lexicon_crc"][0]) != CUE_LEXICON_CRC:
+            raise ValueError(
+                f"TaskClassifier: checkpoint was fitted with cue lexicon {int(s['cue_lexicon_crc'][0])}, "
+                f"this code has {CUE_LEXICON_CRC} (router_ml/predictors/task_text.py changed); refit the head"
+            )
         text_W = s.get("text_coef", np.zeros((L, 0)))
-        self._set_state(s["coef"], s["intercept"], s["temperature"], text_W)
+        cue_W = s.get("cue_coef", np.zeros((L, 0)))
+        self._set_state(s["coef"], s["intercept"], s["temperature"], text_W, cue_W)
         return self
 
 
