@@ -331,6 +331,13 @@ def test_repository_labelled_prompts_load_when_present() -> None:
     assert df["prompt_id"].is_unique and set(df["task"]) <= set(TASK_TYPES)
 
 
+def test_fresh_test_prompts_are_disjoint_from_the_training_set() -> None:
+    fresh, project = load_labelled("fresh"), load_labelled("project")
+    assert fresh["prompt_id"].is_unique and fresh["prompt_id"].str.startswith("fresh/").all()
+    assert fresh["task"].value_counts().to_dict() == dict.fromkeys(TASK_TYPES, 40)
+    assert not set(fresh["prompt"].map(normalize_text)) & set(project["prompt"].map(normalize_text))
+
+
 def test_benchmark_task_labels_are_unique_texts(shared_data: Path) -> None:
     df = load_benchmark_task_labels(("llmrouter", "alpaca_eval"), max_per_source_task=50, seed=1)
     assert df["prompt"].map(normalize_text).is_unique

@@ -4,6 +4,8 @@
 - ``mt_bench``: shared ``task_labelled_prompts/mt_bench_questions.jsonl`` (first turn; category -> task).
 - ``project``: the repository's ``data/labelled_prompts/*.jsonl``, one ``{"id", "prompt", "task"}``
   object per line, ``task`` one of :data:`TASK_TYPES`.
+- ``fresh``: ``data/labelled_prompts_fresh/*.jsonl``, same format: 240 prompts written after the task
+  head was tuned, blind to it; a test set only, never trained or tuned on.
 
 Every loader returns columns ``prompt_id, prompt, task, source_task, source``.
 """
@@ -22,9 +24,10 @@ from router_ml.data.taxonomy import TASK_TYPES, map_task
 from router_ml.paths import project_data_dir, source_dir
 
 LABELLED_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt", "task", "source_task", "source")
-LABELLED_SETS: tuple[str, ...] = ("wizardlm", "mt_bench", "project")
+LABELLED_SETS: tuple[str, ...] = ("wizardlm", "mt_bench", "project", "fresh")
 SHARED_FOLDER = "task_labelled_prompts"
 PROJECT_SOURCE = "router_ml_labelled"
+FRESH_SOURCE = "router_ml_fresh"
 
 
 class LabelledDataError(ValueError):
@@ -83,11 +86,15 @@ def _project_record(rec: object, where: str) -> dict[str, str]:
     return {"id": rec["id"], "prompt": rec["prompt"], "task": rec["task"]}
 
 
-def _project(path: str | os.PathLike | None) -> pd.DataFrame:
-    folder = Path(path) if path is not None else project_data_dir() / "labelled_prompts"
+def _project(path: str | os.PathLike | None, name: str = "project") -> pd.DataFrame:
+    default, source = {
+        "project": ("labelled_prompts", PROJECT_SOURCE),
+        "fresh": ("labelled_prompts_fresh", FRESH_SOURCE),
+    }[name]
+    folder = Path(path) if path is not None else project_data_dir() / default
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"labelled set 'project': no *.jsonl files in {str(folder)!r}")
+        raise FileNotFoundError(f"labelled set {name!r}: no *.jsonl files in {str(folder)!r}")
     rows: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     for file in files:
@@ -100,18 +107,23 @@ def _project(path: str | os.PathLike | None) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["id", "prompt", "task"])
     return pd.DataFrame(
         {
-            "prompt_id": "project/" + df["id"],
+            "prompt_id": f"{name}/" + df["id"],
             "prompt": df["prompt"],
             "task": df["task"],
             "source_task": df["task"],
-            "source": PROJECT_SOURCE,
+            "source": source,
         }
     )
 
 
 def load_labelled(name: str, path: str | os.PathLike | None = None) -> pd.DataFrame:
     """One labelled prompt set: (n_prompts, 5) :data:`LABELLED_COLUMNS`; ``path`` overrides its file."""
-    loaders = {"wizardlm": _wizardlm, "mt_bench": _mt_bench, "project": _project}
+    loaders = {
+        "wizardlm": _wizardlm,
+        "mt_bench": _mt_bench,
+        "project": _project,
+        "fresh": lambda p: _project(p, "fresh"),
+    }
     if name not in loaders:
         raise KeyError(f"unknown labelled set {name!r}; known sets: {list(LABELLED_SETS)}")
     return loaders[name](path).reset_index(drop=True)
