@@ -11,8 +11,22 @@ if that fails). A closed-loop asyncio + httpx load generator (N workers, tiny pr
 a unique marker that the loopback echoes) measures, at 1, 8 and 32 concurrent requests, non-stream
 latency and streaming time to first token for: direct, router-ml pass-through (``model="loop"``),
 router-ml routed (``model="router"``) and LiteLLM. It prints p50/p99 added over direct, req/s,
-errors / lost / duplicated ids, router-ml's figures as ratios to LiteLLM's, the decision time the
-proxy reports (``x-router-decision-ms``), and writes ``outputs/bench/proxy.json``.
+errors / lost / duplicated ids, router-ml's figures as ratios to LiteLLM's, the decision and
+encoder times the proxy reports (``x-router-decision-ms``, ``x-router-encode-ms``; "+p50-enc" is
+the routed p50 added minus the encoder's p50, the figure the "encoder + 1 ms" target is about), the
+CPU each proxy process spent per request (from ``/proc``: robust on a shared machine, where wall
+times are not), and writes ``outputs/bench/proxy.json``.
+
+Conditions (the same for every target, so that the comparison stays side by side):
+
+- ``--client fast`` (default): the load generator sends through router-ml's own HTTP/1.1 client
+  (:mod:`router_ml.serving.http11`, about 0.1 ms of CPU per request where ``httpx`` takes ~0.7 ms),
+  so that it steals less CPU from the servers it measures; ``--client httpx`` for the old one.
+- ``--uvloop`` (default on): the load generator's event loop is uvloop, like the servers'.
+- ``--pin``: on a machine with at least 2 cores, the load generator and the loopback backend are
+  pinned to the first core and each proxy (router-ml, LiteLLM) to the second, so that a proxy never
+  waits for a core taken by the load it is measured with. Off by default: a pinned router-ml also
+  runs its encoder on one core. Say which you used when reporting figures.
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx
 import numpy as np
+import orjson
 
+from router_ml.serving.http11 import FastHTTP
 from router_ml.serving.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,8 +159,11 @@ def wait_ready(procs: dict[str, Proc]) -> None:
                 procs.pop(name).stop()
 
 
-def start_servers(ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, Proc]) -> dict[str, dict]:
-    """Start loopback, router-ml and (optionally) LiteLLM into ``procs``; return each target's call."""
+def start_servers(
+    ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, Proc], pin: bool = False
+) -> dict[str, dict]:
+    """Start loopback, router-ml and (optionally) LiteLLM into ``procs``; return each target's call
+    (``pid``: the proxy process, for its CPU time). ``pin``: see the module docstring."""
     from router_ml.checkpoint import read_config
 
     lp, rp, llp = free_port(), free_port(), free_port()
@@ -171,6 +190,11 @@ def start_servers(ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, 
         models += f"      api_base: {loop_url}/v1\n      api_key: unused\n"
         procs["litellm"] = litellm_proc(litellm, models, "", llp, tmp)
     wait_ready(procs)
+    if pin:
+        os.sched_setaffinity(procs["loopback"].proc.pid, {0})
+        for name in ("router-ml", "litellm"):
+            if name in procs:
+                os.sched_setaffinity(procs[name].proc.pid, {1})
     calls = {
         "direct": {"url": f"{loop_url}/v1/chat/completions", "model": "loop", "headers": {}},
         "rml_pass": {"url": f"http://127.0.0.1:{rp}/v1/chat/completions", "model": "loop", "headers": {}},
@@ -183,55 +207,103 @@ def start_servers(ckpt: Path, tmp: Path, litellm: Path | None, procs: dict[str, 
             "model": "loop",
             "headers": auth,
         }
+    for name, call in calls.items():
+        call["url_obj"] = httpx.URL(call["url"])
+        proc = {"rml_pass": "router-ml", "rml_routed": "router-ml", "litellm": "litellm"}.get(name)
+        call["pid"] = procs[proc].proc.pid if proc else None
     return calls
 
 
-async def one_request(
-    http: httpx.AsyncClient, call: dict, marker: str, stream: bool
-) -> tuple[float, str, str | None]:
-    """``(seconds to the answer or first token, echoed text, decision ms header)``; raises on errors."""
+def _request_body(call: dict, marker: str, stream: bool) -> dict:
     body = {
         "model": call["model"],
         "messages": [{"role": "user", "content": f"hi {marker} ok"}],
         "max_tokens": 32,
     }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def _stream_text(lines: list[str] | None, line: str, t0: float, ttft: float | None) -> float | None:
+    """Feed one SSE ``line``; appends content to ``lines``; returns the TTFT so far."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return ttft
+    obj = orjson.loads(line[6:])
+    if "error" in obj:
+        raise RuntimeError("error event in stream")
+    for ch in obj.get("choices") or []:
+        text = (ch.get("delta") or {}).get("content")
+        if text:
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            lines.append(text)
+    return ttft
+
+
+async def one_request(http: Any, call: dict, marker: str, stream: bool) -> tuple[float, str, Any]:
+    """``(seconds to the answer or first token, echoed text, response headers)``; raises on errors.
+
+    ``http``: an ``httpx.AsyncClient`` or a :class:`~router_ml.serving.http11.FastHTTP`."""
+    body = _request_body(call, marker, stream)
+    parts: list[str] = []
+    ttft = None
     t0 = time.perf_counter()
-    if not stream:
+    if isinstance(http, FastHTTP):
+        headers = {"content-type": "application/json", **call["headers"]}
+        r = await http.request(
+            call["url_obj"], orjson.dumps(body), headers, connect_timeout=5, read_timeout=30
+        )
+        if not stream:
+            await r.aread()
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}")
+            return dt, r.json()["choices"][0]["message"]["content"], r.headers
+        try:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}")
+            async for line in r.aiter_lines():
+                ttft = _stream_text(parts, line, t0, ttft)
+        finally:
+            await r.aclose()
+    elif not stream:
         r = await http.post(call["url"], json=body, headers=call["headers"])
         dt = time.perf_counter() - t0
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}")
-        return dt, r.json()["choices"][0]["message"]["content"], r.headers.get("x-router-decision-ms")
-    body["stream"] = True
-    ttft, parts = None, []
-    async with http.stream("POST", call["url"], json=body, headers=call["headers"]) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                raise RuntimeError("error event in stream")
-            for ch in obj.get("choices") or []:
-                text = (ch.get("delta") or {}).get("content")
-                if text:
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    parts.append(text)
+        return dt, r.json()["choices"][0]["message"]["content"], r.headers
+    else:
+        async with http.stream("POST", call["url"], json=body, headers=call["headers"]) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}")
+            async for line in r.aiter_lines():
+                ttft = _stream_text(parts, line, t0, ttft)
     if ttft is None:
         raise RuntimeError("stream carried no content")
-    return ttft, "".join(parts), r.headers.get("x-router-decision-ms")
+    return ttft, "".join(parts), r.headers
 
 
-async def run_cell(call: dict, conc: int, stream: bool, warmup: float, duration: float, tag: str) -> dict:
+async def run_cell(
+    call: dict,
+    conc: int,
+    stream: bool,
+    warmup: float,
+    duration: float,
+    tag: str,
+    client: str = "fast",
+    pid: int | None = None,
+) -> dict:
     """Closed loop: ``conc`` workers send back to back for warmup + duration seconds.
 
-    Each worker has its own ``httpx.AsyncClient`` (one keep-alive connection): one shared pool
+    Each worker has its own client (one keep-alive connection): one shared ``httpx`` pool
     collapses above ~8 concurrent requests (32 workers on one pool: ~300 req/s against the loopback,
-    one client per worker: ~900), which would make the load generator the bottleneck.
+    one client per worker: ~900), which would make the load generator the bottleneck. ``pid``: the
+    proxy process whose CPU time per measured request is reported.
     """
     lat: list[float] = []
     dec: list[float] = []
+    enc: list[float] = []
+    cpu0: float | None = None
     errors: Counter[str] = Counter()
     echoed: Counter[str] = Counter()
     sent: list[str] = []
@@ -240,17 +312,20 @@ async def run_cell(call: dict, conc: int, stream: bool, warmup: float, duration:
     t_meas, t_end = t_start + warmup, t_start + warmup + duration
 
     async def worker(w: int) -> None:
-        nonlocal mismatched
+        nonlocal mismatched, cpu0
         i = 0
-        async with httpx.AsyncClient(timeout=30.0) as http:
+        http: Any = FastHTTP() if client == "fast" else httpx.AsyncClient(timeout=30.0)
+        try:
             while (now := time.perf_counter()) < t_end:
                 marker = f"m{tag}w{w}n{i}x"
                 i += 1
                 measured = now >= t_meas
+                if measured and cpu0 is None and pid is not None:
+                    cpu0 = cpu_seconds(pid)
                 if measured:
                     sent.append(marker)
                 try:
-                    dt, text, dms = await one_request(http, call, marker, stream)
+                    dt, text, headers = await one_request(http, call, marker, stream)
                 except Exception as e:  # every failure is counted, by kind
                     if measured:
                         errors[str(e)[:60] or type(e).__name__] += 1
@@ -264,11 +339,16 @@ async def run_cell(call: dict, conc: int, stream: bool, warmup: float, duration:
                     mismatched += 1
                     continue
                 lat.append(dt)
-                if dms is not None:
-                    dec.append(float(dms))
+                if headers.get("x-router-decision-ms") is not None:
+                    dec.append(float(headers["x-router-decision-ms"]))
+                if headers.get("x-router-encode-ms") is not None:
+                    enc.append(float(headers["x-router-encode-ms"]))
+        finally:
+            await http.aclose()
 
     await asyncio.gather(*(worker(w) for w in range(conc)))
     elapsed = time.perf_counter() - t_meas
+    cpu = (cpu_seconds(pid) - cpu0) if pid is not None and cpu0 is not None else None
     lost = sum(1 for m in sent if echoed[m] == 0)
     a = np.asarray(lat) * 1000
     return {
@@ -282,7 +362,17 @@ async def run_cell(call: dict, conc: int, stream: bool, warmup: float, duration:
         "duplicated": sum(1 for c in echoed.values() if c > 1),
         "mismatched": mismatched,
         "decision_ms_p50": float(np.median(dec)) if dec else None,
+        "encode_ms_p50": float(np.median(enc)) if enc else None,
+        "proxy_cpu_ms_per_req": cpu * 1000 / max(1, len(lat) + sum(errors.values()))
+        if cpu is not None
+        else None,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summarise(cells: dict[str, dict], targets: list[str], concs: list[int]) -> dict[str, Any]:
@@ -294,6 +384,8 @@ def summarise(cells: dict[str, dict], targets: list[str], concs: list[int]) -> d
         if target == "direct" or not base or c["p50_ms"] is None or base["p50_ms"] is None:
             continue
         added[key] = {"p50_ms": c["p50_ms"] - base["p50_ms"], "p99_ms": c["p99_ms"] - base["p99_ms"]}
+        if c.get("encode_ms_p50") is not None:
+            added[key]["p50_minus_encode_ms"] = added[key]["p50_ms"] - c["encode_ms_p50"]
     top = max(concs)
     rps = {t: cells[f"{t}|nonstream|{top}"]["rps"] for t in targets}
     ratios: dict[str, Any] = {}
@@ -310,7 +402,10 @@ def summarise(cells: dict[str, dict], targets: list[str], concs: list[int]) -> d
 
 def print_table(cells: dict[str, dict], summary: dict[str, Any]) -> None:
     head = f"{'target':<11}{'mode':<10}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'+p50':>8}{'+p99':>8}"
-    print("\n" + head + f"{'req/s':>8}{'err':>5}{'lost':>5}{'dup':>5}{'dec p50':>9}")
+    tail = (
+        f"{'req/s':>8}{'err':>5}{'lost':>5}{'dup':>5}{'dec p50':>9}{'enc p50':>9}{'+p50-enc':>9}{'cpu ms':>8}"
+    )
+    print("\n" + head + tail)
     for key, c in cells.items():
         target, mode, conc = key.split("|")
         add = summary["added_over_direct"].get(key, {})
@@ -318,7 +413,8 @@ def print_table(cells: dict[str, dict], summary: dict[str, Any]) -> None:
         print(
             f"{target:<11}{mode:<10}{conc:>5}{fmt(c['p50_ms']):>9}{fmt(c['p99_ms']):>9}"
             f"{fmt(add.get('p50_ms')):>8}{fmt(add.get('p99_ms')):>8}{c['rps']:>8.0f}{c['errors']:>5}"
-            f"{c['lost']:>5}{c['duplicated']:>5}{fmt(c['decision_ms_p50']):>9}"
+            f"{c['lost']:>5}{c['duplicated']:>5}{fmt(c['decision_ms_p50']):>9}{fmt(c.get('encode_ms_p50')):>9}"
+            f"{fmt(add.get('p50_minus_encode_ms')):>9}{fmt(c.get('proxy_cpu_ms_per_req')):>8}"
         )
     print("\nratios of router-ml to LiteLLM (added latency: lower is better; req/s: higher is better):")
     for k, v in summary["ratios_to_litellm"].items() or {"(LiteLLM not measured)": float("nan")}.items():
@@ -334,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument(
+        "--client", choices=["fast", "httpx"], default="fast", help="the load generator's HTTP client"
+    )
+    ap.add_argument(
+        "--uvloop", action=argparse.BooleanOptionalAction, default=True, help="uvloop for the load generator"
+    )
+    ap.add_argument(
+        "--pin", action="store_true", help="load generator + backend on core 0, proxies on core 1"
+    )
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "proxy.json"))
     args = ap.parse_args(argv)
     ckpt = ensure_checkpoint(args.ckpt)
@@ -342,7 +447,15 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         procs: dict[str, Proc] = {}
         try:
-            calls = start_servers(ckpt, tmp, litellm, procs)
+            pin = args.pin and len(os.sched_getaffinity(0)) >= 2
+            calls = start_servers(ckpt, tmp, litellm, procs, pin=pin)
+            if pin:
+                os.sched_setaffinity(0, {0})
+            loop_factory = None
+            if args.uvloop:
+                import uvloop
+
+                loop_factory = uvloop.new_event_loop
             gc.collect()
             gc.freeze()  # the load generator's own start-up objects out of the collector's way
             cells: dict[str, dict] = {}
@@ -350,9 +463,18 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in ("nonstream", "stream"):
                     for target, call in calls.items():
                         tag = f"{TARGETS.index(target)}{mode[0]}{conc}"
-                        cell = asyncio.run(
-                            run_cell(call, conc, mode == "stream", args.warmup, args.duration, tag)
+                        cell_run = run_cell(
+                            call,
+                            conc,
+                            mode == "stream",
+                            args.warmup,
+                            args.duration,
+                            tag,
+                            args.client,
+                            call["pid"],
                         )
+                        with asyncio.Runner(loop_factory=loop_factory) as runner:
+                            cell = runner.run(cell_run)
                         cells[f"{target}|{mode}|{conc}"] = cell
                         print(f"{target:<11}{mode:<10}c={conc:<3} {json.dumps(cell)}", flush=True)
         except BaseException:
@@ -367,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"ckpt": os.path.relpath(ckpt, ROOT), "duration_s": args.duration, "warmup_s": args.warmup,
-            "cpu_count": os.cpu_count(), "litellm": "litellm" in calls}  # fmt: skip
+            "cpu_count": os.cpu_count(), "litellm": "litellm" in calls, "client": args.client,
+            "uvloop": args.uvloop, "pinned": pin}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "cells": cells, **summary}, indent=2))
     print(f"\nwrote {out}")
     return 0

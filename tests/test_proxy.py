@@ -113,7 +113,7 @@ def proxy(router, backends, tmp_path_factory):
         yield url, engine, log_path
 
 
-def test_routes_and_reports_the_decision(proxy):
+def test_routes_and_reports_the_decision(proxy, router):
     url, _, _ = proxy
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     raw = client.chat.completions.with_raw_response.create(
@@ -123,8 +123,10 @@ def test_routes_and_reports_the_decision(proxy):
     reply = raw.parse()
     assert reply.model in ("fast", "big") and reply.choices[0].message.content
     assert raw.headers["x-router-task"] == "classify"
-    assert raw.headers["x-router-model"].startswith("qwen")  # the router's own model name ...
-    assert reply.model == raw.headers["x-router-served-model"] == "fast"  # ... served by its backend
+    chosen = raw.headers["x-router-model"]  # the router's own model name ...
+    assert chosen in router.models
+    served = "fast" if chosen.startswith("qwen") else "big"
+    assert reply.model == raw.headers["x-router-served-model"] == served  # ... served by its backend
     assert float(raw.headers["x-router-expected-cost-usd"]) > 0 and raw.headers["x-router-reason"]
 
 
@@ -220,7 +222,8 @@ def test_fallback_when_the_chosen_backend_fails(proxy, backends):
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
-            model="router", messages=[{"role": "user", "content": "Classify the sentiment: 'I love it'"}]
+            model="router:utility:1e9",  # the cheapest model: a qwen, served by "fast"
+            messages=[{"role": "user", "content": "Classify the sentiment: 'I love it'"}],
         )
         assert raw.headers["x-router-model"].startswith("qwen") and raw.parse().model == "big"
     finally:
@@ -310,7 +313,8 @@ def test_sdk_routes_in_process(router, backends):
 
     with RouterClient(_engine(router, _catalog(*backends))) as client:
         reply = client.chat.completions.create(
-            model="router", messages=[{"role": "user", "content": "Is this spam? 'WIN A FREE PHONE'"}]
+            model="router:utility:1e9",
+            messages=[{"role": "user", "content": "Is this spam? 'WIN A FREE PHONE'"}],
         )
         assert reply.model == "fast" and client.last_decision.task == "classify"
         chunks = list(

@@ -1,8 +1,9 @@
 """The routing engine behind both the proxy and the in-process SDK.
 
 One request: validate -> resolve the ``model`` field (``"router"``, ``"router:<policy>[:<knob>]"``
-or a backend's own name, which bypasses routing) -> decide (LearnedRouter + DecisionLayer, in a
-worker thread so the event loop keeps serving) -> call the chosen backend with the decision's
+or a backend's own name, which bypasses routing) -> decide (LearnedRouter + DecisionLayer, micro-batched
+in a worker thread so the event loop keeps serving, inline when nothing else is in flight:
+:mod:`~router_ml.serving.decider`) -> call the chosen backend with the decision's
 fallback chain (:class:`~router_ml.serving.client.BackendClient`) -> book spend in the shared
 ledger, measured latency in the latency model, one line in the routing log and the metrics.
 
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
@@ -38,31 +36,19 @@ from router_ml.serving.client import (
     ChatResult,
     ChatStream,
 )
+from router_ml.serving.decider import Decider
+from router_ml.serving.engine_support import (
+    AliasedLatency,
+    chunk_sse,  # noqa: F401 - re-exported
+    decision_headers,
+    knob_value,
+    load_policy_configs,  # noqa: F401 - re-exported
+)
 from router_ml.serving.openai_errors import ApiError, prompt_of, validate_chat
 
 log = logging.getLogger(__name__)
 
 ROUTER_MODEL = "router"
-OFFLINE_ONLY = ("oracle",)
-
-
-def load_policy_configs(conf_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every ``conf/policy/*.yaml`` as a plain dict (the evaluation-only keys are dropped)."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    for path in sorted(Path(conf_dir).glob("*.yaml")):
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if isinstance(cfg, dict) and cfg.get("name") not in OFFLINE_ONLY:
-            out[path.stem] = {k: v for k, v in cfg.items() if k not in ("sweep", "heads")}
-    return out
-
-
-def _knob_value(text: str) -> Any:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 @dataclass
@@ -144,13 +130,11 @@ class RoutingEngine:
             )
         self._fit(calibration_prompts)
         # backend latency observations also feed the router-name latency model
-        self.client = BackendClient(catalog, latency_model=_AliasedLatency(self.latency_model, self.aliases))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-ml-decide")
+        self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
         # the last /metrics figures of each vLLM backend (for /health and the next delta)
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
-        self._pending: list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]] = []
-        self._drainer: asyncio.Task | None = None
-        self.max_batch = max_batch
+        self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
+        self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
 
     def _fit(self, n: int) -> None:
         from router_ml.data.labelled import load_labelled
@@ -195,7 +179,7 @@ class RoutingEngine:
 
     async def aclose(self) -> None:
         await self.client.aclose()
-        self._executor.shutdown(wait=False)
+        self.decider.close()
 
     # ---- resolution and decision ---------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -222,63 +206,25 @@ class RoutingEngine:
                     raise ApiError(
                         400, f"policy {name!r} has no knob to set (got {parts[2]!r})", param="model"
                     )
-                constraints[knob] = _knob_value(parts[2])
+                constraints[knob] = knob_value(parts[2])
             return "router", layer, constraints
         raise ApiError(
             404, f"unknown model {model!r}; use 'router', 'router:<policy>[:<knob>]' or one of {self.catalog.names}",
             param="model", code="model_not_found",
         )  # fmt: skip
 
-    def _decide_many(
-        self, prompts: list[str], layer: DecisionLayer, constraints: dict[str, Any]
-    ) -> list[RoutingDecision | BaseException]:
-        """Decisions for prompts that share a policy and constraints: one encoder batch for a
-        stateless policy; one by one for a budgeted one (a refusal stays that request's own)."""
-        if not layer.policy.stateful:
-            try:
-                return list(
-                    self.router.route_batch(prompts, allowed_models=self.served, policy=layer, **constraints)
-                )
-            except Exception as e:
-                return [e] * len(prompts)
-        out: list[RoutingDecision | BaseException] = []
-        for p in prompts:
-            try:
-                out.append(self.router.route(p, allowed_models=self.served, policy=layer, **constraints))
-            except Exception as e:
-                out.append(e)
-        return out
-
-    async def _drain(self) -> None:
-        """Decide everything pending, in batches: requests that arrive while the encoder works on one
-        batch form the next (micro-batching without a waiting window, so an idle proxy adds no delay)."""
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            groups: dict[tuple, list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]]] = {}
-            for item in batch:
-                key = (id(item[1]), tuple(sorted((k, repr(v)) for k, v in item[2].items())))
-                groups.setdefault(key, []).append(item)
-            for items in groups.values():
-                prompts = [i[0] for i in items]
-                results = await loop.run_in_executor(
-                    self._executor, self._decide_many, prompts, items[0][1], items[0][2]
-                )
-                for (_, _, _, fut), res in zip(items, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(res, BaseException):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
-
     async def decide(self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]) -> RoutingDecision:
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt, layer, constraints, fut))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
+        """The decision for one prompt (micro-batched with concurrent ones; see :mod:`.decider`)."""
+        return (await self._decide(prompt, layer, constraints))[0]
+
+    async def _decide(
+        self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]
+    ) -> tuple[RoutingDecision, float]:
+        got, encode_s = await self.decider.decide(prompt, layer, constraints)
         try:
-            return await fut
+            if isinstance(got, BaseException):
+                raise got
+            return got, encode_s
         except BudgetExhausted as e:
             raise ApiError(429, str(e), type="insufficient_quota", code="budget_exhausted") from None
         except PolicyError as e:
@@ -292,9 +238,9 @@ class RoutingEngine:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = bool(body.get("stream", False))
         payload = {k: v for k, v in body.items() if k != "model"}
-        decision, t0 = None, time.perf_counter()
+        decision, encode_s, t0 = None, 0.0, time.perf_counter()
         if route == "router":
-            decision = await self.decide(prompt_of(messages), layer, constraints)
+            decision, encode_s = await self._decide(prompt_of(messages), layer, constraints)
             # several router models may share one backend: each backend once, in the decision's order
             chain = list(dict.fromkeys(self.aliases[m] for m in [decision.model, *decision.fallbacks]))
             if decision.max_tokens and not (
@@ -304,7 +250,10 @@ class RoutingEngine:
         else:
             chain = [model]
         outcome = Outcome(request_id, route, decision, layer, decision_s=time.perf_counter() - t0)
-        outcome.headers = self._headers(decision, outcome.decision_s)
+        outcome.headers = decision_headers(decision, outcome.decision_s)
+        if decision is not None:
+            outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
+        self._inflight += 1  # until _finish
         try:
             got = await self.client.chat_with_fallback(chain, payload, stream=stream)
         except BadRequest as e:
@@ -315,6 +264,9 @@ class RoutingEngine:
             raise ApiError(
                 502, f"no backend answered: {e}", type="api_error", code="backends_failed"
             ) from None
+        except BaseException:  # cancelled (the client went away) or a bug: nothing to book
+            self._inflight -= 1
+            raise
         if isinstance(got, ChatStream):
             outcome.stream = got
         else:
@@ -348,28 +300,9 @@ class RoutingEngine:
             await outcome.stream.aclose()
             self._finish(outcome, prompt, error=error)
 
-    def _headers(self, d: RoutingDecision | None, decision_s: float) -> dict[str, str]:
-        if d is None:
-            return {"x-router-route": "passthrough"}
-
-        def ascii(text: str) -> str:
-            return text.encode("ascii", "replace").decode()[:512]
-
-        return {
-            "x-router-route": "router",
-            "x-router-model": d.model,
-            "x-router-task": d.task,
-            "x-router-task-confidence": f"{d.task_confidence:.3f}",
-            "x-router-predicted-quality": f"{d.predicted_quality.get(d.model, float('nan')):.3f}",
-            "x-router-expected-cost-usd": f"{d.expected_cost_usd or 0.0:.8f}",
-            "x-router-policy": d.policy or "",
-            "x-router-fallbacks": ",".join(d.fallbacks),
-            "x-router-reason": ascii(d.reason),
-            "x-router-decision-ms": f"{decision_s * 1000:.2f}",
-        }
-
     def _finish(self, outcome: Outcome, prompt: str, error: BaseException | None = None) -> None:
         """Book spend, latency, the routing log line and the metrics of a finished request."""
+        self._inflight -= 1
         res, d = outcome.result, outcome.decision
         served = res.backend if res is not None else None
         router_name = next((m for m, b in self.aliases.items() if b == served), served) if served else None
@@ -403,26 +336,3 @@ class RoutingEngine:
                 log.exception("routing log write failed for %s", outcome.request_id)
         if self.on_finish is not None:
             self.on_finish(outcome)
-
-
-class _AliasedLatency:
-    """Latency observations made under backend names, booked under the router's model names."""
-
-    def __init__(self, model: LatencyModel, aliases: Mapping[str, str]):
-        self.model = model
-        self.by_backend: dict[str, list[str]] = {}
-        for m, b in aliases.items():
-            self.by_backend.setdefault(b, []).append(m)
-
-    def observe(self, backend: str, ttft_s: float | None = None, tokens_per_s: float | None = None) -> None:
-        for m in self.by_backend.get(backend, []):
-            if m in self.model.pool:
-                self.model.observe(m, ttft_s=ttft_s, tokens_per_s=tokens_per_s)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-
-def chunk_sse(chunk: Mapping[str, Any]) -> bytes:
-    """One server-sent event carrying a chat.completion.chunk."""
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"

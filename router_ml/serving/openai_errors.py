@@ -9,9 +9,10 @@ JSON object, no or empty ``messages``, a bad role or content, a non-positive or 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -42,8 +43,8 @@ def parse_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")

@@ -8,7 +8,8 @@ default policy, ``model="router:<policy>[:<knob>]"`` picks policy and knob per r
 own name passes through. The response's ``model`` is the backend that answered; ``x-router-*``
 headers carry the decision (task, predicted quality, expected cost, reason, fallbacks).
 
-Malformed requests get an OpenAI-style 4xx before any backend is called (body size limit
+The chat route is a plain ASGI handler (:mod:`~router_ml.serving.asgi_chat`), ahead of FastAPI's
+middleware. Malformed requests get an OpenAI-style 4xx before any backend is called (body size limit
 included); a backend's 4xx is returned as is, never retried elsewhere; when no backend answers the
 client gets a 502. Optional bearer-key auth for the proxy itself (``api_key_env``: the NAME of the
 env var holding the key).
@@ -19,23 +20,25 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from router_ml.serving.engine import Outcome, RoutingEngine, chunk_sse
-from router_ml.serving.openai_errors import ApiError, parse_body, prompt_of
+from router_ml.serving.asgi_chat import ChatRoute
+from router_ml.serving.engine import Outcome, RoutingEngine
+from router_ml.serving.openai_errors import ApiError
 
 log = logging.getLogger(__name__)
 
+CHAT_PATH = "/v1/chat/completions"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -99,6 +102,20 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+class _ProxyApp(FastAPI):
+    """FastAPI, with ``POST /v1/chat/completions`` answered by a plain ASGI handler (the hot path)."""
+
+    def __init__(self, chat: ChatRoute, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.chat_route = chat
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            await self.chat_route(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> FastAPI:
     """The FastAPI app around a :class:`RoutingEngine`."""
     settings = settings or ProxySettings()
@@ -122,18 +139,24 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
             poller.cancel()
         await engine.aclose()
 
-    app = FastAPI(title="router-ml proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine, app.state.metrics = engine, metrics
-
-    def authorize(request: Request) -> None:
+    def authorize(given: str) -> None:
+        """``given``: the request's ``Authorization`` header ("" when absent)."""
         if key is None:
             return
-        given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), key.encode()):
             raise ApiError(
                 401, "invalid or missing proxy API key", type="authentication_error", code="invalid_api_key"
             )
+
+    app = _ProxyApp(
+        ChatRoute(engine, metrics, settings, authorize),
+        title="router-ml proxy",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -144,44 +167,14 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
         log.exception("unexpected error")
         return _error(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        route = "unknown"
-        try:
-            authorize(request)
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > settings.max_body_bytes:
-                raise ApiError(413, f"request body is {length} bytes; the limit is {settings.max_body_bytes}")
-            body = parse_body(await request.body(), settings.max_body_bytes)
-            outcome = await engine.complete(body, settings.max_prompt_chars)
-        except ApiError as e:
-            metrics.requests.labels(route, str(e.status)).inc()
-            return _error(e)
-        route = outcome.route
-        metrics.requests.labels(route, "200").inc()
-        if outcome.stream is None:
-            raw = dict(outcome.result.raw or {})
-            raw["model"] = outcome.result.backend
-            raw["id"] = raw.get("id") or outcome.request_id
-            return JSONResponse(raw, headers=outcome.headers)
-        prompt = prompt_of(body["messages"])
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in engine.iterate(outcome, prompt):
-                    yield chunk_sse(chunk)
-            except Exception as e:  # every backend failed mid-stream: tell the client in-band
-                err = ApiError(502, f"stream failed: {e}", type="api_error", code="backends_failed")
-                yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
-
-        headers = {**outcome.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    @app.post(CHAT_PATH)
+    async def chat_completions() -> None:  # pragma: no cover - listed for 405s; served by ChatRoute
+        raise AssertionError("POST /v1/chat/completions is answered by ChatRoute before FastAPI")
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         try:
-            authorize(request)
+            authorize(request.headers.get("authorization", ""))
         except ApiError as e:
             return _error(e)
         now = int(time.time())
