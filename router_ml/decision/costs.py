@@ -73,8 +73,10 @@ class TiktokenCounter:
         self._enc, self.name = encoding, name
 
     def count(self, texts: Sequence[str]) -> np.ndarray:
-        ids = self._enc.encode_ordinary_batch(list(texts))  # special-token text counts as text
-        return np.fromiter((len(x) for x in ids), dtype="int64", count=len(ids))
+        # special-token text counts as text; a plain loop, since encode_ordinary_batch starts a
+        # thread pool on every call (~0.7 ms: most of a one-prompt decision after the embedding)
+        enc = self._enc.encode_ordinary
+        return np.fromiter((len(enc(t)) for t in texts), dtype="int64", count=len(texts))
 
 
 class HFCounter:
