@@ -142,8 +142,12 @@ class RawResponse:
 
     async def aread(self) -> bytes:
         conn = self._conn
-        while not conn.complete:
-            await conn.wait(self.read_timeout)
+        try:
+            while not conn.complete:
+                await conn.wait(self.read_timeout)
+        except BaseException:
+            await self.aclose()  # frees the slot; an unfinished connection is dropped, not pooled
+            raise
         self.content = b"".join(conn.body)
         conn.body.clear()
         await self.aclose()
@@ -168,7 +172,11 @@ class RawResponse:
                         yield line.rstrip(b"\r").decode("utf-8", "replace")
             if conn.complete:
                 break
-            await conn.wait(self.read_timeout)
+            try:
+                await conn.wait(self.read_timeout)
+            except BaseException:
+                await self.aclose()
+                raise
         if buf:
             yield buf.rstrip(b"\r").decode("utf-8", "replace")
         await self.aclose()
@@ -203,7 +211,8 @@ class FastHTTP:
         on a new one (nothing was received, so nothing was processed)."""
         key = (url.host, url.port or 80)
         target = url.raw_path.decode("ascii")
-        head = [f"POST {target} HTTP/1.1\r\nHost: {key[0]}:{key[1]}\r\nContent-Length: {len(body)}\r\n"]
+        host = f"[{key[0]}]" if ":" in key[0] else key[0]  # an IPv6 literal is bracketed
+        head = [f"POST {target} HTTP/1.1\r\nHost: {host}:{key[1]}\r\nContent-Length: {len(body)}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in headers.items()]
         data = "".join(head).encode("latin-1") + b"\r\n" + body
         slots = self._slots.get(key)
