@@ -24,6 +24,7 @@ from router_ml.embeddings import (
     encode_cached,
 )
 from router_ml.embeddings.cache import DB_NAME, text_key
+from router_ml.embeddings.fast_encode import encode_fast, pad_features, plan_batches
 from router_ml.embeddings.sentence import packaged_minilm_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,11 +77,50 @@ def test_fast_path_equals_sentence_transformers(
     prompts = _llmrouter_prompts(shared_data, 24)
     long_prompt = " ".join(["the router reads a very long prompt"] * 80)  # > 256 tokens: truncated
     texts = [*SIMILAR, UNRELATED, long_prompt, *prompts]
+    pooled = SentenceTransformerEncoder(num_threads=3)  # 3 workers sharing the batches, any CPU
     for batch in ([texts[0]], [long_prompt], texts):  # one prompt (1 thread), padded batches
-        fast = minilm.encode(batch, batch_size=8)
         ref = minilm.encode_sentence_transformers(batch, batch_size=8)
-        np.testing.assert_allclose(fast, ref, atol=1e-5)
+        np.testing.assert_allclose(minilm.encode(batch, batch_size=8), ref, atol=1e-5)
+        np.testing.assert_allclose(pooled.encode(batch, batch_size=4), ref, atol=1e-5)
     assert minilm._fast is not None, "MiniLM must take the fast path"
+    assert minilm._fast[1].__name__ == "fast", "MiniLM on the CPU must run the fused BERT forward"
+
+
+def test_fast_path_batches_by_token_length(minilm: SentenceTransformerEncoder, shared_data: Path) -> None:
+    """Batches hold rows of similar token counts, within the row and token caps, each row once."""
+    minilm._load()
+    assert minilm._fast is not None
+    tok = minilm._fast[0]
+    prompts = _llmrouter_prompts(shared_data, 60)
+    lengths = np.array([len(ids) for ids in tok(prompts, truncation=True, max_length=256)["input_ids"]])
+    batches = plan_batches(lengths, max_rows=8, max_tokens=600)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(prompts)))
+    longest = [int(lengths[b].max()) for b in batches]
+    assert longest == sorted(longest, reverse=True), "longest batches first"
+    for b in batches:
+        assert 1 <= len(b) <= 8 and (len(b) == 1 or len(b) * lengths[b].max() <= 600)
+    # padding a batch by hand gives exactly what the tokenizer's own padding gives
+    rows = [prompts[i] for i in batches[-1]] + [prompts[int(batches[0][0])]]
+    enc = tok(rows, truncation=True, max_length=256)
+    mine = pad_features(tok, {k: enc[k] for k in ("input_ids", "token_type_ids")})
+    ref = tok(rows, truncation=True, max_length=256, padding=True, return_tensors="pt")
+    assert set(mine) == set(ref) and all(bool((mine[k] == ref[k]).all()) for k in ref)
+
+
+def test_fast_path_restores_threads_and_reports_worker_errors(minilm: SentenceTransformerEncoder) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    minilm.encode([f"prompt number {i} about routing" for i in range(40)], batch_size=4)
+    assert torch.get_num_threads() == before
+    assert minilm._fast is not None
+    tok = minilm._fast[0]
+
+    def broken(feats):  # type: ignore[no-untyped-def]
+        raise RuntimeError(f"bad batch of {len(feats['input_ids'])}")
+
+    with pytest.raises(RuntimeError, match="bad batch of"):
+        encode_fast([f"text {i}" for i in range(20)], tok, broken, dim=384, max_length=32, workers=3)
 
 
 def test_sentence_encode_is_fast_enough(minilm: SentenceTransformerEncoder) -> None:

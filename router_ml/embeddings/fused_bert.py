@@ -1,0 +1,119 @@
+"""A fused inference forward for plain BERT encoders (MiniLM) on the CPU, checked against Hugging Face.
+
+One QKV matmul per layer instead of three, weights pre-packed for oneDNN, GELU fused into the up
+projection. ``fast_forward(net, tokenizer)`` returns it only when it reproduces ``net``'s own
+forward on a probe batch (to 1e-4); otherwise ``net``'s forward is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+#: Row count oneDNN packs the weights for; any value >= 8 picks the layout that is ~25% faster
+#: than the 1-row layout on the ~20-row GEMMs of one short prompt, and ~5% on batches.
+PACK_ROWS = 64
+
+
+def _linear(weight: Any, bias: Any) -> Any:
+    """``x (m, k) -> (m, n)`` linear, on weights pre-packed for oneDNN when this torch allows it."""
+    import torch
+    import torch.nn.functional as F
+
+    w, b = weight.detach().contiguous(), bias.detach().contiguous()
+    try:  # pre-packed oneDNN GEMM: faster than MKL, above all on the small matrices of one prompt
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        op = torch.ops.mkldnn._linear_pointwise
+
+        def run(x: Any, gelu: bool = False) -> Any:
+            return op(x, packed, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+        run(torch.zeros(2, w.shape[1]), gelu=True)  # probe the private op once
+        return run
+    except (AttributeError, RuntimeError, TypeError):
+        return lambda x, gelu=False: F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b)
+
+
+def fused_bert(net: Any) -> Any:
+    """Inference forward of a CPU ``BertModel`` with fused QKV and pre-packed weights.
+
+    Returns ``forward(input_ids (b, t), attention_mask (b, t), token_type_ids) -> (b, t, d)``, or
+    None when ``net`` is not a plain absolute-position BERT encoder on the CPU.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cfg = net.config
+    plain = (
+        cfg.model_type == "bert"
+        and cfg.hidden_act == "gelu"
+        and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+        and not getattr(cfg, "is_decoder", False)
+        and net.device.type == "cpu"
+        and net.dtype == torch.float32
+    )
+    if not plain:
+        return None
+    emb, n_heads, eps = net.embeddings, cfg.num_attention_heads, cfg.layer_norm_eps
+    layers = []
+    for layer in net.encoder.layer:
+        att = layer.attention
+        q, k, v = att.self.query, att.self.key, att.self.value
+        qkv = _linear(torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
+        out, ln1 = _linear(att.output.dense.weight, att.output.dense.bias), att.output.LayerNorm
+        up = _linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias)
+        down, ln2 = _linear(layer.output.dense.weight, layer.output.dense.bias), layer.output.LayerNorm
+        layers.append((qkv, out, ln1, up, down, ln2))
+
+    def forward(input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+        b, t = input_ids.shape
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = (
+            emb.word_embeddings(input_ids)
+            + emb.position_embeddings.weight[:t]
+            + emb.token_type_embeddings(types)
+        )
+        x = emb.LayerNorm(x)  # (b, t, d)
+        d = x.shape[-1]
+        mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        for qkv, out, ln1, up, down, ln2 in layers:
+            h = qkv(x.view(b * t, d)).view(b, t, 3, n_heads, d // n_heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(h[0], h[1], h[2], attn_mask=mask)  # (b, heads, t, hd)
+            a = out(a.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
+            x = F.layer_norm(a + x, (d,), ln1.weight, ln1.bias, eps)
+            y = down(up(x.view(b * t, d), gelu=True)).view(b, t, d)
+            x = F.layer_norm(y + x, (d,), ln2.weight, ln2.bias, eps)
+        return x
+
+    return forward
+
+
+def fast_forward(net: Any, tokenizer: Any) -> Any:
+    """``features -> (b, t, d)`` hidden states: fused BERT when it matches ``net``, else ``net``.
+
+    ``features`` is a dict of ``(b, t)`` int64 tensors (``input_ids``, ``attention_mask`` and,
+    where the tokenizer gives them, ``token_type_ids``). The fused forward carries
+    ``thread_safe = True``: several threads may run it at once (a Hugging Face forward may keep
+    lazily filled caches, so it is run by one thread at a time).
+    """
+    import torch
+
+    params = frozenset(inspect.signature(net.forward).parameters)
+
+    def plain(feats: dict[str, Any]) -> Any:
+        return net(**{k: v.to(net.device) for k, v in feats.items() if k in params}).last_hidden_state
+
+    fused = fused_bert(net)
+    if fused is None:
+        return plain
+
+    def fast(feats: dict[str, Any]) -> Any:
+        return fused(feats["input_ids"], feats["attention_mask"], feats.get("token_type_ids"))
+
+    fast.thread_safe = True  # type: ignore[attr-defined]  # pure tensor ops on read-only weights
+    probe = tokenizer(
+        ["a short probe", "a somewhat longer probe sentence, padded"], padding=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        ok = torch.allclose(fast(probe), plain(probe), atol=1e-4)
+    return fast if ok else plain  # self-check: never trade exactness for speed
