@@ -2,6 +2,8 @@
 
     python -m experiments.bench_core                      # llmrouter_ulab, split seed 0
     python -m experiments.bench_core --seeds 0 1 2 --cold # several splits; re-measure cold embedding
+    python -m experiments.bench_core --speed-only         # decision latency + batched throughput only
+    python -m experiments.bench_core --outer-folds 5      # nested CV: every prompt tested once
 
 For each quality head (knn, linear, mlp, mf), hyper-parameters are tuned by k-fold CV INSIDE the
 training part; the head is then fitted on the training part and scored on held-out prompts it
@@ -10,6 +12,18 @@ single model (chosen on the training part), random and the oracle. The best head
 the tuned kNN by a paired bootstrap over test prompts. Also: task-type macro-F1 on held-out
 labelled prompts, ECE of calibrated quality, embedding/training times, decision latency and
 batched throughput.
+
+With ``--outer-folds K`` (nested cross-validation, quality figures only) every llmrouter_ulab
+prompt is tested exactly once: the prompts are cut into K outer folds of prompt groups (identical
+normalised text stays in one fold; stratified by task; ``--seeds`` gives the fold seed). For each
+outer fold, the K-1 other folds are its ONLY training data: the best single model is chosen
+there, each head is tuned there by ``--folds``-fold inner CV, fitted there, and routes the
+held-out fold, whose prompts, scores and benchmark labels none of it has seen. The per-prompt
+routed scores of the K folds are concatenated (one score per prompt) and compared over all
+prompts: each head against the best single model (as chosen per outer fold), against the tuned
+kNN (paired bootstrap over prompts), and the share of the best-single-to-oracle gap it closes.
+Routing by the TRUE benchmark label (per-benchmark means of the outer-training part) is printed
+as a reference ceiling; it is not a router.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from router_ml.evaluation.metrics import (
     random_scores,
     routed_scores,
 )
-from router_ml.evaluation.tuning import tune_quality_head
+from router_ml.evaluation.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
 from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
 from router_ml.predictors.calibration import expected_calibration_error
 from router_ml.training import split_data, task_ids_of, task_training_data
@@ -46,7 +60,9 @@ GRIDS = {
     "linear": {"alpha": [1.0, 10.0, 30.0, 100.0]},
     "mlp": {"hidden": [[256], [512]]},
     "mf": {"dim": [8, 16, 32]},
-    "taskmix": {"prior_count": [1.0, 5.0, 20.0]},
+    # prior_count 1 vs 5 routed identically on a held-out fold (hundreds of rows per benchmark);
+    # text features raise the benchmark classifier's accuracy, not routed quality, at 3-4x fit time
+    "taskmix": {"text_features": [0, 32768]},
 }
 TASK_KEY = {"taskmix": "source_task"}  # which labels a head learns from (as in conf/predictor/*.yaml)
 TASK_HEAD = {
@@ -73,6 +89,26 @@ def pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q))
 
 
+def source_label_scores(p_tr, Y_tr: np.ndarray, p_te, Y_te: np.ndarray) -> np.ndarray:
+    """(n_test,) scores of routing each test prompt by its TRUE ``source_task`` label to the model
+    with the best mean training score on that source (unseen sources: the overall best model).
+
+    Not a router (it reads the benchmark label): the reference ceiling of any head whose signal is
+    "which benchmark is this". On llmrouter_ulab, CV inside the training part finds no per-prompt
+    signal beyond it (kNN or ridge residuals within the true source do not beat the source mean).
+    """
+    labels = sorted(set(p_tr["source_task"]))
+    src = p_tr["source_task"].to_numpy()
+    overall = np.nanmean(Y_tr, axis=0)
+    means = {}
+    for s in labels:
+        with np.errstate(all="ignore"):
+            mu = np.nanmean(Y_tr[src == s], axis=0) if np.any(src == s) else overall
+        means[s] = np.where(np.isnan(mu), overall, mu)
+    pred = np.stack([means.get(s, overall) for s in p_te["source_task"]])
+    return routed_scores(pred, Y_te)
+
+
 def run_seed(seed: int, table, emb, heads, folds) -> dict:
     splits = split_data(table, {"test_size": 0.2, "val_size": 0.1}, seed)
     models = sorted(table["model"].unique())
@@ -94,19 +130,25 @@ def run_seed(seed: int, table, emb, heads, folds) -> dict:
         "oracle": float(oracle_scores(Y_te).mean()),
         "heads": {},
     }
+    by_source = source_label_scores(p_tr, Y_tr, p_te, Y_te)
+    res["source_label"] = float(by_source.mean())
+    res["source_label_gap_closed"] = gap_closed(res["source_label"], res["best_single"], res["oracle"])
     per_prompt = {}
+    texts = {s: list(p["prompt"]) for s, p in (("train", p_tr), ("val", p_va), ("test", p_te))}
     for name in heads:
         tid = task_ids_of(p_tr[TASK_KEY.get(name, "task")])
         t0 = time.perf_counter()
-        params, cv = tune_quality_head(name, {}, GRIDS[name], X["train"], Y_tr, tid, folds=folds, seed=seed)
+        params, cv = tune_quality_head(
+            name, {}, GRIDS[name], X["train"], Y_tr, tid, folds=folds, seed=seed, texts=texts["train"]
+        )
         tune_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        head = build_quality_predictor(name, **params).fit(X["train"], Y_tr, tid)
+        head = fit_head(name, params, X["train"], Y_tr, tid, texts["train"])
         fit_s = time.perf_counter() - t0
-        raw = head.predict(X["test"])
+        raw = predict_head(head, X["test"], texts["test"])
         routed = routed_scores(raw, Y_te)
         per_prompt[name] = routed
-        cal = build_calibrator("isotonic").fit(head.predict(X["val"]), Y_va)
+        cal = build_calibrator("isotonic").fit(predict_head(head, X["val"], texts["val"]), Y_va)
         res["heads"][name] = {
             "params": params,
             "cv_quality": cv,
@@ -124,11 +166,82 @@ def run_seed(seed: int, table, emb, heads, folds) -> dict:
     if "knn" in per_prompt and top != "knn":
         res["chosen_vs_knn"] = paired_bootstrap(per_prompt[top], per_prompt["knn"], seed=seed)
     res["chosen_vs_best_single"] = paired_bootstrap(per_prompt[top], Y_te[:, best], seed=seed)
+    if "knn" in per_prompt:
+        res["source_label_vs_knn"] = paired_bootstrap(by_source, per_prompt["knn"], seed=seed)
     res["splits"] = splits
     return res
 
 
-def latency(router, n: int = 200) -> dict:
+def nested_figures(table, emb, heads, outer: int, inner: int, seed: int) -> dict:
+    """Nested CV over all prompts (see the module docstring): per-head figures, printed; returns
+    them (per-prompt arrays left out)."""
+    t0 = time.perf_counter()
+    r = nested_cv_scores(
+        table,
+        emb,
+        heads,
+        GRIDS,
+        TASK_KEY,
+        outer_folds=outer,
+        inner_folds=inner,
+        seed=seed,
+        references={"source_label": source_label_scores},
+    )
+    single, oracle = float(np.nanmean(r["best_single"])), float(r["oracle"].mean())
+    ok = ~np.isnan(r["best_single"])  # prompts where the best single model has an outcome
+    out = {
+        "outer_folds": outer,
+        "inner_folds": inner,
+        "seed": seed,
+        "n_prompts": len(r["prompt_id"]),
+        "best_single_model_per_fold": r["best_single_model"],
+        "best_single": single,
+        "random": float(r["random"].mean()),
+        "oracle": oracle,
+        "rows": {},
+        "wall_s": 0.0,
+    }
+    rows = {**{h: r["heads"][h] for h in heads}, "true label (ref.)": r["references"]["source_label"]}
+    for name, sc in rows.items():
+        q = float(sc.mean())
+        row = {"quality": q, "vs_best_single": q - single, "gap_closed": gap_closed(q, single, oracle)}
+        row["vs_best_single_ci"] = paired_bootstrap(sc[ok], r["best_single"][ok], seed=seed)
+        if "knn" in r["heads"] and name != "knn":
+            row["vs_knn_ci"] = paired_bootstrap(sc, r["heads"]["knn"], seed=seed)
+        if name in r["params"]:
+            row.update(params=r["params"][name], cv=r["cv"][name], tune_s=sum(r["tune_s"][name]))
+            row["fit_s"] = r["fit_s"][name]
+        out["rows"][name] = row
+    out["wall_s"] = time.perf_counter() - t0
+    print(
+        f"\n== llmrouter_ulab nested CV: {out['n_prompts']} prompts, each tested once; {outer} outer folds "
+        f"(seed {seed}), heads tuned by {inner}-fold CV inside each outer-training part"
+    )
+    print(
+        f"best single (chosen per outer fold: {', '.join(sorted(set(r['best_single_model'])))}): {single:.4f}   "
+        f"random: {out['random']:.4f}   oracle: {oracle:.4f}"
+    )
+    print(
+        f"{'router':17s} {'quality':>8s} {'vs best':>8s} {'gap':>6s}  {'vs best single, 95% CI':24s}  vs tuned kNN, 95% CI"
+    )
+    ci = lambda t: "{:+.2f} [{:+.2f}, {:+.2f}]".format(*(100 * v for v in t))  # noqa: E731
+    for name, row in out["rows"].items():
+        knn = ci(row["vs_knn_ci"]) if "vs_knn_ci" in row else "-"
+        print(
+            f"{name:17s} {row['quality']:8.4f} {100 * row['vs_best_single']:+7.2f}p {row['gap_closed']:6.1%}  "
+            f"{ci(row['vs_best_single_ci']):24s}  {knn}"
+        )
+    for name in heads:
+        row = out["rows"][name]
+        print(f"  {name}: tune {row['tune_s']:.0f} s; params per fold {row['params']}")
+    print(f"nested CV wall time {out['wall_s']:.0f} s (figures in points = 100 x mean score)")
+    return out
+
+
+def latency(router, n: int = 200, batch: int = 1000, batch_reps: int = 3) -> dict:
+    """Decision latency of ``router.route`` on one short prompt (p50/p99 over ``n`` calls, and the
+    part after the embedding) and batched throughput of ``router.route_batch`` on ``batch`` short
+    prompts (median of ``batch_reps`` runs after a warm-up run)."""
     for p in SHORT * 3:  # warm-up
         router.route(p)
     total, after = [], []
@@ -138,23 +251,27 @@ def latency(router, n: int = 200) -> dict:
         X = router.encoder.encode([p])
         t1 = time.perf_counter()
         router.task_head.predict_proba(X, texts=[p])
-        router._quality_from_embeddings(X)
+        router._quality_from_embeddings(X, texts=[p])
         t2 = time.perf_counter()
         router.route(p)
         t3 = time.perf_counter()
         total.append(t3 - t2)
         after.append(t2 - t1)
-    batch = [SHORT[i % len(SHORT)] + f" (#{i})" for i in range(1000)]
-    t0 = time.perf_counter()
-    router.route_batch(batch)
-    tput = len(batch) / (time.perf_counter() - t0)
+    prompts = [SHORT[i % len(SHORT)] + f" (#{i})" for i in range(batch)]
+    router.route_batch(prompts[: max(1, batch // 4)])  # warm-up: worker threads, GEMM shapes
+    rates = []
+    for _ in range(batch_reps):
+        t0 = time.perf_counter()
+        router.route_batch(prompts)
+        rates.append(len(prompts) / (time.perf_counter() - t0))
     ms = lambda a, q: pct(np.array(a) * 1e3, q)  # noqa: E731
     return {
         "route_p50_ms": ms(total, 50),
         "route_p99_ms": ms(total, 99),
         "after_embed_p50_ms": ms(after, 50),
         "after_embed_p99_ms": ms(after, 99),
-        "batched_prompts_per_s": tput,
+        "batched_prompts_per_s": float(np.median(rates)),
+        "batched_prompts_per_s_runs": rates,
     }
 
 
@@ -183,16 +300,53 @@ def task_figures(res: dict, emb: dict, cached, out: dict):
     out.setdefault("task_macro_f1_heldout_by_seed", []).append(f1)
     out["task_heldout_n"] = len(task_test)
     ood = []
-    for name in ("wizardlm", "mt_bench"):
+    for name in ("wizardlm", "mt_bench", "fresh"):  # fresh: written blind after tuning; test only
         lab = load_labelled(name)
         p = task_head.predict(cached.encode(list(lab["prompt"])), texts=list(lab["prompt"]))
         ood.append(float(f1_score(lab["task"], p, average="macro")))
         out.setdefault(f"task_macro_f1_{name}_by_seed", []).append(ood[-1])
     print(
         f"\ntask head, split seed {res['seed']}: cue_scale={params['cue_scale']} (CV macro-F1 {cv_f1:.3f}); macro-F1 {f1:.3f} "
-        f"on {len(task_test)} held-out labelled prompts; WizardLM {ood[0]:.3f}, MT-Bench {ood[1]:.3f} (OOD)"
+        f"on {len(task_test)} held-out labelled prompts; fresh blind set {ood[2]:.3f}; "
+        f"WizardLM {ood[0]:.3f}, MT-Bench {ood[1]:.3f} (OOD)"
     )
     return task_head
+
+
+def print_speed(out: dict, head: str) -> None:
+    print(
+        f"decision latency ({head}): p50 {out['route_p50_ms']:.2f} ms, p99 {out['route_p99_ms']:.2f} ms; "
+        f"after the embedding p50 {out['after_embed_p50_ms']:.3f} ms, p99 {out['after_embed_p99_ms']:.3f} ms; "
+        f"batched {out['batched_prompts_per_s']:.0f} prompts/s (median of "
+        + ", ".join(f"{r:.0f}" for r in out["batched_prompts_per_s_runs"])
+        + ")"
+    )
+
+
+def speed_only(head: str) -> dict:
+    """Speed figures only: a router with the ``head`` quality head at default parameters (no
+    tuning) and the bench's task head, fitted on llmrouter_ulab's training split (seed 0)."""
+    from router_ml.router import LearnedRouter
+
+    table = load_source("llmrouter")
+    splits = split_data(table, {"test_size": 0.2, "val_size": 0.1}, 0)
+    models = sorted(table["model"].unique())
+    (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(splits[s], models) for s in ("train", "val"))
+    task_train, _ = task_training_data(splits, TASK_DATA, 0)
+    encoder = build_encoder("minilm")
+    cached = CachedEncoder(encoder)
+    t0 = time.perf_counter()
+    X_tr, X_va, X_task = (
+        cached.encode(list(p)) for p in (p_tr["prompt"], p_va["prompt"], task_train["prompt"])
+    )
+    out: dict = {"embed_s": time.perf_counter() - t0}
+    task_head = TaskClassifier(labels=list(TASK_TYPES), **TASK_HEAD)
+    task_head.fit(X_task, list(task_train["task"]), texts=list(task_train["prompt"]))
+    quality = build_quality_predictor(head).fit(X_tr, Y_tr, task_ids_of(p_tr[TASK_KEY.get(head, "task")]))
+    cal = build_calibrator("isotonic").fit(quality.predict(X_va), Y_va)
+    out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal)))
+    print_speed(out, head)
+    return out
 
 
 def main() -> None:
@@ -204,7 +358,27 @@ def main() -> None:
         "--cold", action="store_true", help="also time a cold (uncached) embedding of all prompts"
     )
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument(
+        "--outer-folds",
+        type=int,
+        default=0,
+        help="K >= 2: nested CV instead of held-out splits, every prompt tested once (quality "
+        "figures only; --folds inner folds, --seeds fold seeds, --heads which heads)",
+    )
+    ap.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the decision latency and batched throughput, from a quickly fitted router "
+        "(the first of --heads if given, else taskmix; ~1 min with the embedding cache filled)",
+    )
     args = ap.parse_args()
+    if args.speed_only:
+        head = args.heads[0] if args.heads != ap.get_default("heads") else "taskmix"
+        out = speed_only(head)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=2)
+        return
 
     from router_ml.router import LearnedRouter
 
@@ -222,6 +396,12 @@ def main() -> None:
     vecs = cached.encode(texts)
     out["embed_cached_s"] = time.perf_counter() - t0
     emb = dict(zip(texts, vecs, strict=True))
+    if args.outer_folds:
+        nested = [nested_figures(table, emb, args.heads, args.outer_folds, args.folds, s) for s in args.seeds]
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**out, "nested": nested}, f, indent=2, default=str)
+        return
 
     results = []
     for seed in args.seeds:
@@ -249,15 +429,23 @@ def main() -> None:
         if "chosen_vs_knn" in res:
             d, lo, hi = res["chosen_vs_knn"]
             print(f"chosen head vs tuned kNN: {d:+.4f} [95% paired-bootstrap CI {lo:+.4f}, {hi:+.4f}]")
+        line = (
+            f"reference, routing by the TRUE source-task label (not a router): {res['source_label']:.4f} "
+            f"({res['source_label'] - res['best_single']:+.4f} vs best single, {res['source_label_gap_closed']:.1%} of the gap)"
+        )
+        if "source_label_vs_knn" in res:
+            d, lo, hi = res["source_label_vs_knn"]
+            line += f"; vs tuned kNN {d:+.4f} [CI {lo:+.4f}, {hi:+.4f}]"
+        print(line)
 
     # task head on every seed's split (tuned by CV inside its training part); latency on the first
     task_heads = [task_figures(r, emb, cached, out) for r in results]
     task_head = task_heads[0]
-    for key in ("heldout", "wizardlm", "mt_bench"):
+    for key in ("heldout", "fresh", "wizardlm", "mt_bench"):
         out[f"task_macro_f1_{key}"] = float(np.mean(out[f"task_macro_f1_{key}_by_seed"]))
     print(
         f"task head: macro-F1 {out['task_macro_f1_heldout']:.3f} on {out['task_heldout_n']} held-out labelled "
-        f"prompts (mean of {len(results)} split seed(s)); WizardLM {out['task_macro_f1_wizardlm']:.3f}, "
+        f"prompts (mean of {len(results)} split seed(s)); fresh blind set {out['task_macro_f1_fresh']:.3f}; WizardLM {out['task_macro_f1_wizardlm']:.3f}, "
         f"MT-Bench {out['task_macro_f1_mt_bench']:.3f} (OOD)"
     )
 
@@ -276,11 +464,7 @@ def main() -> None:
         "training on cached embeddings (s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in out["train_s_on_cached_embeddings"].items())
     )
-    print(
-        f"decision latency ({res['chosen']}): p50 {out['route_p50_ms']:.2f} ms, p99 {out['route_p99_ms']:.2f} ms; "
-        f"after the embedding p50 {out['after_embed_p50_ms']:.3f} ms, p99 {out['after_embed_p99_ms']:.3f} ms; "
-        f"batched {out['batched_prompts_per_s']:.0f} prompts/s"
-    )
+    print_speed(out, res["chosen"])
     if args.out:
         slim = [{k: v for k, v in r.items() if k != "splits"} for r in results]
         for r in slim:

@@ -70,8 +70,13 @@ class LearnedRouter:
         """(n, dim) float32 embeddings of the prompts."""
         return self.encoder.encode(_check_prompts(prompts), show_progress=False)
 
-    def _quality_from_embeddings(self, X: np.ndarray) -> np.ndarray:
-        q = self.quality_head.predict(X)
+    def _quality_from_embeddings(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """(n, m) quality from embeddings ``X (n, d)``; ``texts`` (the n prompts) go to a quality
+        head that reads the text (``uses_text``), which then needs them."""
+        if getattr(self.quality_head, "uses_text", False):
+            q = self.quality_head.predict(X, texts=texts)
+        else:
+            q = self.quality_head.predict(X)
         if self.calibrator is not None:
             q = self.calibrator.transform(q)
         return np.clip(q, 0.0, 1.0)
@@ -89,7 +94,10 @@ class LearnedRouter:
 
     def predict_quality(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is set)."""
-        return pd.DataFrame(self._quality_from_embeddings(self.embed(prompts)), columns=self.models)
+        items = _check_prompts(prompts)
+        return pd.DataFrame(
+            self._quality_from_embeddings(self.embed(items), texts=items), columns=self.models
+        )
 
     # ---- decisions -------------------------------------------------------------------------
     def _candidates(
@@ -141,7 +149,7 @@ class LearnedRouter:
         cand = self._candidates(allowed_models, exclude_models)
         X = self.encoder.encode(items, show_progress=False)
         task_p = self.task_head.predict_proba(X, texts=items)
-        quality = self._quality_from_embeddings(X)
+        quality = self._quality_from_embeddings(X, texts=items)
         labels = self.task_labels
         if policy is not None:  # the decision layer (router_ml.decision.DecisionLayer)
             return policy.decide_batch(
@@ -151,25 +159,31 @@ class LearnedRouter:
             raise RoutingError(
                 f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
             )
+        return self._decisions(task_p, quality, cand)
+
+    def _decisions(self, task_p: np.ndarray, quality: np.ndarray, cand: list[int]) -> list[RoutingDecision]:
+        """Highest-predicted-quality decisions from ``task_p`` (n, n_tasks) and ``quality``
+        (n, n_models) over the ``cand`` columns; ties go to the earlier model in ``self.models``."""
+        labels, names = self.task_labels, [self.models[j] for j in cand]
+        by_rank = sorted(range(len(cand)), key=lambda k: cand[k])  # candidates in the router's order
+        q = np.ascontiguousarray(quality[:, cand], dtype=np.float64)  # (n, c)
+        ranks = np.asarray(by_rank)[np.argsort(-q[:, by_rank], axis=1, kind="stable")]  # (n, c)
+        t = task_p.argmax(axis=1)
+        t_conf = task_p[np.arange(len(t)), t].tolist()
         out = []
-        for i in range(len(items)):
-            t = int(np.argmax(task_p[i]))
-            q = {self.models[j]: float(quality[i, j]) for j in cand}
-            order = sorted(q, key=lambda m: (-q[m], self.models.index(m)))
-            best = order[0]
-            runner = f"; next {order[1]} at {q[order[1]]:.2f}" if len(order) > 1 else ""
-            reason = (
-                f"task {labels[t]} (p={task_p[i, t]:.2f}); highest predicted quality: {best} at {q[best]:.2f}"
-                f"{runner}"
-            )
+        for qi, order, ti, conf in zip(q.tolist(), ranks.tolist(), t.tolist(), t_conf, strict=True):
+            ranked = [names[k] for k in order]
+            best = ranked[0]
+            runner = f"; next {ranked[1]} at {qi[order[1]]:.2f}" if len(ranked) > 1 else ""
             out.append(
                 RoutingDecision(
                     model=best,
-                    task=labels[t],
-                    task_confidence=float(task_p[i, t]),
-                    predicted_quality=q,
-                    reason=reason,
-                    fallbacks=order[1:],
+                    task=labels[ti],
+                    task_confidence=conf,
+                    predicted_quality=dict(zip(names, qi, strict=True)),
+                    reason=f"task {labels[ti]} (p={conf:.2f}); highest predicted quality: {best} at "
+                    f"{qi[order[0]]:.2f}{runner}",
+                    fallbacks=ranked[1:],
                 )
             )
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,17 +148,18 @@ class FittedRouter:
     def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
         """Another quality head on the same training split (for comparisons such as kNN); returns a
         ``predict(X) -> (n, m)`` object, calibrated on the validation split when asked."""
-        from router_ml.predictors import build_calibrator, build_quality_predictor
+        from router_ml.evaluation.tuning import fit_head, predict_head
+        from router_ml.predictors import build_calibrator
 
         prompts_tr, Y_tr, _ = self.wide["train"]
         X_tr = self.X_of(prompts_tr["prompt"])
         tid = task_ids_of(prompts_tr[predictor_cfg.get("task_key", "task")])
-        head = build_quality_predictor(predictor_cfg["name"], **dict(predictor_cfg.get("params") or {}))
-        head.fit(X_tr, Y_tr, tid)
+        params = dict(predictor_cfg.get("params") or {})
+        head = fit_head(predictor_cfg["name"], params, X_tr, Y_tr, tid, texts=list(prompts_tr["prompt"]))
         if calibrator_name != "none" and "val" in self.wide and len(self.wide["val"][0]):
             prompts_va, Y_va, _ = self.wide["val"]
-            cal = build_calibrator(calibrator_name).fit(head.predict(self.X_of(prompts_va["prompt"])), Y_va)
-            return _Calibrated(head, cal)
+            raw = predict_head(head, self.X_of(prompts_va["prompt"]), list(prompts_va["prompt"]))
+            return _Calibrated(head, build_calibrator(calibrator_name).fit(raw, Y_va))
         return head
 
 
@@ -167,8 +168,14 @@ class _Calibrated:
     head: Any
     calibrator: Any
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.calibrator.transform(self.head.predict(X))
+    @property
+    def uses_text(self) -> bool:
+        return bool(getattr(self.head, "uses_text", False))
+
+    def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        from router_ml.evaluation.tuning import predict_head
+
+        return self.calibrator.transform(predict_head(self.head, X, texts))
 
 
 def fit_router(
@@ -181,8 +188,8 @@ def fit_router(
 ) -> FittedRouter:
     """Embed, fit the task head (unless given), tune and fit the quality head, calibrate, score."""
     from router_ml.embeddings import CachedEncoder, build_encoder
-    from router_ml.evaluation.tuning import tune_quality_head
-    from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
+    from router_ml.evaluation.tuning import fit_head, predict_head, tune_quality_head
+    from router_ml.predictors import TaskClassifier, build_calibrator
     from router_ml.predictors.calibration import expected_calibration_error
     from router_ml.router import LearnedRouter
 
@@ -238,18 +245,20 @@ def fit_router(
             tid_tr,
             folds=int(tune_cfg.get("folds", 3)),
             seed=seed,
+            texts=list(prompts_tr["prompt"]),
         )
         metrics["cv/best_quality"] = cv
         metrics["time/tune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    head = build_quality_predictor(pcfg["name"], **params).fit(X_tr, Y_tr, tid_tr)
+    head = fit_head(pcfg["name"], params, X_tr, Y_tr, tid_tr, texts=list(prompts_tr["prompt"]))
     metrics["time/quality_head_train_s"] = time.perf_counter() - t0
 
     calibrator = None
     cal_name = (cfg.get("calibrator") or {}).get("name", "none")
     if cal_name != "none" and "val" in wide and len(wide["val"][0]):
         prompts_va, Y_va, _ = wide["val"]
-        calibrator = build_calibrator(cal_name).fit(head.predict(X_of(prompts_va["prompt"])), Y_va)
+        raw_va = predict_head(head, X_of(prompts_va["prompt"]), list(prompts_va["prompt"]))
+        calibrator = build_calibrator(cal_name).fit(raw_va, Y_va)
 
     best = best_single_model(Y_tr)
     metrics["train/best_single_model_index"] = float(best)
@@ -257,7 +266,7 @@ def fit_router(
         if name not in wide or not len(wide[name][0]):
             continue
         prompts_s, Y_s, _ = wide[name]
-        raw = head.predict(X_of(prompts_s["prompt"]))
+        raw = predict_head(head, X_of(prompts_s["prompt"]), list(prompts_s["prompt"]))
         metrics.update(routing_metrics(name, raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:

@@ -478,3 +478,100 @@ def test_tune_task_head_scores_only_eval_rows_and_picks_by_cv():
     assert table[0][1] < 0.8  # embeddings are noise: without the cues the head guesses
     with pytest.raises(ValueError, match="rows in X"):
         cv_task_macro_f1({"cue_scale": 1.0}, X[:10], y, texts)
+
+
+# ---- taskmix reading the prompt text; tuning and nested CV with texts -----------------------
+
+
+def _text_problem(n_per: int = 40, seed: int = 0):
+    """Embeddings are noise; only the words say the task, and each task has its own best model."""
+    rng = np.random.default_rng(seed)
+    verbs = ["summarise this report", "label this ticket", "write a poem about"]
+    texts = [f"{v} number {i}" for v in verbs for i in range(n_per)]
+    task = np.repeat(np.arange(3), n_per)
+    X = rng.normal(size=(len(texts), 8)).astype(np.float32)
+    best = np.eye(3)[task]  # task t: model t scores 1, the others 0
+    Y = np.clip(0.1 + 0.8 * best + rng.normal(scale=0.05, size=best.shape), 0.0, 1.0)
+    return X, Y, task, texts
+
+
+def test_taskmix_text_features_route_by_words_and_round_trip(tmp_path):
+    X, Y, task, texts = _text_problem()
+    plain = build_quality_predictor("taskmix", C=1.0).fit(X, Y, task)
+    assert not plain.uses_text
+    head = build_quality_predictor("taskmix", C=10.0, text_features=1024, cue_scale=0.25)
+    assert head.uses_text
+    with pytest.raises(ValueError, match="pass texts"):
+        head.fit(X, Y, task)
+    head.fit(X, Y, task, texts=texts)
+    Xte, _, task_te, texts_te = _text_problem(seed=1)
+    assert (head.predict(Xte, texts=texts_te).argmax(axis=1) == task_te).mean() == 1.0
+    assert (plain.predict(Xte).argmax(axis=1) == task_te).mean() < 0.7  # noise embeddings alone
+    with pytest.raises(ValueError, match="pass texts"):
+        head.predict(Xte)
+    with pytest.raises(ValueError, match="texts"):
+        head.predict(Xte, texts=texts_te[:-1])
+    loaded = roundtrip(head, tmp_path)
+    assert loaded.uses_text
+    np.testing.assert_array_equal(loaded.predict(Xte, texts=texts_te), head.predict(Xte, texts=texts_te))
+    assert {"task.text_coef", "task.cue_coef", "task.cue_lexicon_crc"} <= set(head.state_dict())
+    with pytest.raises(ValueError, match=r"task\.text_coef"):  # a text head's state on a plain head
+        build_quality_predictor("taskmix").load_state_dict(head.state_dict())
+    with pytest.raises(ValueError, match=r"task\.text_coef"):
+        build_quality_predictor("taskmix", text_features=512, cue_scale=0.25).load_state_dict(
+            head.state_dict()
+        )
+
+
+def test_tune_quality_head_passes_texts_and_picks_text_features():
+    from router_ml.evaluation.tuning import cv_quality, tune_quality_head
+
+    X, Y, task, texts = _text_problem()
+    params, cv = tune_quality_head(
+        "taskmix", {"C": 10.0}, {"text_features": [0, 1024]}, X, Y, task, folds=3, progress=False, texts=texts
+    )
+    assert params == {"C": 10.0, "text_features": 1024} and cv > 0.85
+    assert cv_quality("taskmix", {"C": 10.0}, X, Y, task, folds=3) < cv - 0.2
+    with pytest.raises(ValueError, match="pass texts"):
+        cv_quality("taskmix", {"text_features": 1024}, X, Y, task, folds=3)
+
+
+def test_nested_cv_tests_every_prompt_once_with_heads_fitted_elsewhere():
+    import pandas as pd
+
+    from router_ml.evaluation.tuning import nested_cv_scores
+
+    X, Y, task, texts = _text_problem(n_per=30)
+    names = ["summarize", "classify", "creative"]
+    models = ["m0", "m1", "m2"]
+    rows = [
+        {"prompt_id": f"p{i}", "prompt": texts[i], "task": names[task[i]], "source_task": f"s{task[i]}",
+         "model": m, "score": Y[i, j]}
+        for i in range(len(texts)) for j, m in enumerate(models)
+    ]  # fmt: skip
+    table = pd.DataFrame(rows)
+    emb = dict(zip(texts, X, strict=True))
+    seen_train: list[set] = []
+
+    def ref(p_tr, Y_tr, p_te, Y_te):  # records what each outer fold trained on
+        seen_train.append(set(p_tr["prompt_id"]))
+        return np.nanmax(Y_te, axis=1)
+
+    r = nested_cv_scores(
+        table,
+        emb,
+        ["knn", "taskmix"],
+        {"knn": {"k": [5, 10]}, "taskmix": {"text_features": [0, 1024]}},
+        {"taskmix": "source_task"},
+        outer_folds=3,
+        inner_folds=2,
+        references={"oracle_ref": ref},
+    )
+    assert sorted(r["prompt_id"]) == sorted(table["prompt_id"].unique())  # each prompt once
+    assert r["Y"].shape == (90, 3) and set(r["fold"]) == {0, 1, 2}
+    for k, train_ids in enumerate(seen_train):  # no outer-test prompt among its training prompts
+        assert not train_ids & set(r["prompt_id"][r["fold"] == k])
+    np.testing.assert_array_equal(r["references"]["oracle_ref"], r["oracle"])
+    assert [p["text_features"] for p in r["params"]["taskmix"]] == [1024] * 3  # chosen by inner CV
+    assert r["heads"]["taskmix"].mean() > r["best_single"].mean() + 0.5
+    assert len(r["best_single_model"]) == 3 and len(r["cv"]["knn"]) == 3

@@ -89,6 +89,32 @@ def test_route_batch_matches_route(router):
     assert [d.model for d in batch] == [router.route(p).model for p in PROMPTS]
 
 
+def test_route_batch_decisions_match_the_estimates(router):
+    allowed = list(reversed(router.models[:4]))  # not in the router's order
+    decisions = router.route_batch(PROMPTS, allowed_models=allowed)
+    quality = router.predict_quality(PROMPTS)[allowed]
+    task_p = router.predict_task_proba(PROMPTS)
+    for d, (_, q), (_, p) in zip(decisions, quality.iterrows(), task_p.iterrows(), strict=True):
+        ranked = sorted(allowed, key=lambda m: (-q[m], router.models.index(m)))
+        assert [d.model, *d.fallbacks] == ranked
+        assert list(d.predicted_quality) == allowed
+        assert d.predicted_quality == pytest.approx(q.to_dict())
+        assert (d.task, d.task_confidence) == (p.idxmax(), pytest.approx(p.max()))
+        assert f"{d.model} at {q[d.model]:.2f}" in d.reason
+
+
+def test_route_batch_breaks_ties_by_router_model_order(router):
+    m = len(router.models)
+    quality = np.full((2, m), 0.5)
+    quality[1, m - 1] = 0.9
+    task_p = np.eye(len(router.task_labels))[:2]
+    cand = list(range(m))[::-1]
+    first, second = router._decisions(task_p, quality, cand)
+    assert [first.model, *first.fallbacks] == router.models  # all tied: the router's order
+    assert [second.model, *second.fallbacks] == [router.models[-1], *router.models[:-1]]
+    assert (first.task, second.task) == (router.task_labels[0], router.task_labels[1])
+
+
 def test_cli_route_and_info(trained_run, capsys):
     import json
 
@@ -102,3 +128,29 @@ def test_cli_route_and_info(trained_run, capsys):
     assert json.loads(capsys.readouterr().out)["quality_head"]["type"] == "knn"
     assert main(["route", "--ckpt", ckpt, " "]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
+
+
+def test_text_reading_quality_head_gets_the_prompts_and_round_trips(router, tmp_path):
+    from router_ml.predictors import build_quality_predictor
+
+    verbs = ["summarise this report", "label this ticket", "write a poem about"]
+    texts = [f"{v} number {i}" for v in verbs for i in range(12)]
+    tid = np.repeat(np.arange(3), 12)
+    Y = np.full((len(texts), len(router.models)), 0.2)
+    Y[np.arange(len(texts)), tid % len(router.models)] = 0.9
+    head = build_quality_predictor("taskmix", text_features=1024).fit(
+        router.embed(texts), Y, tid, texts=texts
+    )
+    r = LearnedRouter(router.encoder, router.task_head, head, router.models)
+    q = r.predict_quality(PROMPTS).to_numpy()
+    np.testing.assert_array_equal(q, head.predict(router.embed(PROMPTS), texts=PROMPTS))
+    expect = [router.models[j] for j in q.argmax(axis=1)]
+    assert [d.model for d in r.route_batch(PROMPTS)] == expect
+    assert r.route(PROMPTS[2]).model == expect[2]
+    with pytest.raises(ValueError, match="pass texts"):  # the head cannot run on embeddings alone
+        r._quality_from_embeddings(router.embed(PROMPTS))
+    r.save_pretrained(tmp_path / "text")
+    again = LearnedRouter.from_pretrained(tmp_path / "text")
+    assert again.quality_head.uses_text and again.quality_head.get_params() == head.get_params()
+    np.testing.assert_array_equal(again.predict_quality(PROMPTS).to_numpy(), q)
+    assert [d.model for d in again.route_batch(PROMPTS)] == expect

@@ -42,6 +42,7 @@ from router_ml.evaluation.comparison import _per_task, frontier_metrics, pair_me
 from router_ml.evaluation.estimates import build_layer, build_pool, split_estimates
 from router_ml.evaluation.pacing import pacing_replay
 from router_ml.evaluation.sweeps import _point, knob_values, sweep_policy
+from router_ml.evaluation.tuning import predict_head
 from router_ml.training import _as_dict, fit_router, split_data
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,11 @@ def evaluate_seed(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
         tasks = fitted.router.task_head.predict(X, texts=list(prompts))
         preds = {}
         for hname, head in heads.items():
-            preds[hname] = fitted.router._quality_from_embeddings(X) if head is None else head.predict(X)
+            preds[hname] = (
+                fitted.router._quality_from_embeddings(X, texts=list(prompts))
+                if head is None
+                else predict_head(head, X, list(prompts))
+            )
         return preds, list(tasks)
 
     slo = SLO_PRESETS[cfg.get("slo", "interactive")][:2]

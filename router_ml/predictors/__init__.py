@@ -6,7 +6,8 @@ Registries keyed by the conf YAML stem (``conf/predictor/<name>.yaml``)::
     head.fit(X, Y, task_ids).predict(X_new)          # (n, m) expected quality in [0, 1]
 
 Heads: ``knn``, ``linear``, ``mlp``, ``mf`` and ``taskmix`` (needs ``task_ids``; best with
-fine-grained source-task ids). Calibrators: ``isotonic``, ``temperature``.
+fine-grained source-task ids; a head whose ``uses_text`` is true also takes ``texts=`` in ``fit``
+and ``predict``). Calibrators: ``isotonic``, ``temperature``.
 
 Importing this package is light: torch and scikit-learn are imported inside ``fit``.
 """
@@ -26,7 +27,8 @@ from router_ml.predictors.knn import KnnQualityPredictor
 from router_ml.predictors.linear import LinearQualityPredictor
 from router_ml.predictors.mf import MfQualityPredictor
 from router_ml.predictors.mlp import MlpQualityPredictor
-from router_ml.predictors.task import TaskClassifier, TaskMixtureQualityPredictor
+from router_ml.predictors.task import TaskClassifier
+from router_ml.predictors.taskmix import TaskMixtureQualityPredictor
 
 QUALITY_PREDICTORS: dict[str, type[QualityPredictor]] = {
     cls.name: cls

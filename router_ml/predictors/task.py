@@ -1,5 +1,5 @@
-"""Task-type classifier (multinomial logistic regression + temperature scaling) and the task-mixture
-quality head built on it.
+"""Task-type classifier: multinomial logistic regression + temperature scaling (the task-mixture
+quality head built on it lives in :mod:`router_ml.predictors.taskmix`).
 
 Fitting uses scikit-learn. With ``calibrate=True`` it cross-fits: one model per stratified fold,
 a temperature fitted on the out-of-fold logits (every row scored by a model that never saw it; Guo
@@ -16,13 +16,7 @@ from typing import Any
 import numpy as np
 
 from router_ml.data.taxonomy import TASK_TYPES
-from router_ml.predictors.base import (
-    BasePredictor,
-    QualityPredictor,
-    as_float_matrix,
-    check_state,
-    state_size,
-)
+from router_ml.predictors.base import BasePredictor, as_float_matrix, check_state
 from router_ml.predictors.task_text import (
     CUE_LEXICON_CRC,
     CUE_TASKS,
@@ -298,95 +292,4 @@ class TaskClassifier(BasePredictor):
         text_W = s.get("text_coef", np.zeros((L, 0)))
         cue_W = s.get("cue_coef", np.zeros((L, 0)))
         self._set_state(s["coef"], s["intercept"], s["temperature"], text_W, cue_W)
-        return self
-
-
-class TaskMixtureQualityPredictor(QualityPredictor):
-    """Quality as a task mixture: ``predict(x) = sum_t p(t | x) * mu_t``, ``(n, d) -> (n, m)``.
-
-    ``p(t | x)`` is a calibrated :class:`TaskClassifier` over the integer ``task_ids`` given to
-    ``fit`` (required); ``mu_t (T, m)`` is each task's NaN-aware mean score, shrunk towards the
-    overall column mean with ``prior_count`` pseudo-rows. Its strength depends on the ids: with
-    fine-grained source tasks (benchmarks) it is the strongest head on ``llmrouter_ulab``; with
-    the six coarse task types it is weaker than kNN.
-    """
-
-    name = "taskmix"
-
-    def __init__(
-        self, C: float = 10.0, calibrate: bool = True, prior_count: float = 5.0, seed: int = 0
-    ) -> None:
-        self.C = C
-        self.calibrate = calibrate
-        self.prior_count = prior_count
-        self.seed = seed
-
-    def _classifier(self, n_tasks: int) -> TaskClassifier:
-        labels = tuple(str(t) for t in range(n_tasks))
-        return TaskClassifier(
-            labels=labels,
-            C=self.C,
-            calibrate=self.calibrate,
-            seed=self.seed,
-            class_weight=None,
-            text_features=0,
-        )
-
-    def fit(
-        self, X: np.ndarray, Y: np.ndarray, task_ids: np.ndarray | None = None
-    ) -> TaskMixtureQualityPredictor:
-        """Fit on ``X (n, d)``, ``Y (n, m)`` (NaN = no outcome) and ``task_ids (n,)`` (required)."""
-        if task_ids is None:
-            raise ValueError("TaskMixtureQualityPredictor: fit needs task_ids (one integer task id per row)")
-        X, Y, task_ids = self._check_fit_inputs(X, Y, task_ids)
-        if task_ids.min() < 0:
-            raise ValueError("TaskMixtureQualityPredictor: task_ids must be >= 0")
-        n_tasks = int(task_ids.max()) + 1
-        clf = self._classifier(n_tasks).fit(X, [str(t) for t in task_ids])
-        seen = ~np.isnan(Y)
-        prior = np.nanmean(Y, axis=0)
-        onehot = np.eye(n_tasks)[task_ids]  # (n, T)
-        sums = onehot.T @ np.where(seen, Y, 0.0)  # (T, m)
-        counts = onehot.T @ seen  # (T, m)
-        k = float(self.prior_count)
-        with np.errstate(invalid="ignore"):
-            mu = (sums + k * prior) / (counts + k)
-        mu = np.where(counts + k > 0, mu, prior)
-        self._set_state(clf, mu)
-        return self
-
-    def _set_state(self, clf: TaskClassifier, mu: np.ndarray) -> None:
-        self.classifier_ = clf
-        self.task_means_ = np.ascontiguousarray(mu, dtype=np.float64)
-        self.n_models_ = int(mu.shape[1])
-        self.dim_ = clf.dim_
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Expected score per model, ``(n, d) -> (n, m)`` float64 in [0, 1]."""
-        self._check_fitted("task_means_")
-        return np.clip(self.classifier_.predict_proba(X) @ self.task_means_, 0.0, 1.0)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        self._check_fitted("task_means_")
-        return {
-            **{f"task.{k}": v for k, v in self.classifier_.state_dict().items()},
-            "task_means": self.task_means_,
-        }
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> TaskMixtureQualityPredictor:
-        owner = "TaskMixtureQualityPredictor"
-        T = state_size(state, "task_means", 0)
-        s = check_state(
-            state,
-            {
-                "task.coef": (T, None),
-                "task.intercept": (T,),
-                "task.temperature": (1,),
-                "task_means": (T, None),
-            },
-            owner,
-        )
-        clf = self._classifier(int(s["task_means"].shape[0]))
-        clf.load_state_dict({k[len("task.") :]: v for k, v in s.items() if k.startswith("task.")})
-        self._set_state(clf, s["task_means"])
         return self
