@@ -43,3 +43,19 @@ def test_a_failed_trial_reopens_for_a_full_cooldown():
     assert br.state("a") == "half_open"
     br.record("a", ok=True)
     assert br.state("a") == "closed" and br.allow("a")
+
+
+def test_a_retry_after_sets_the_rest_instead_of_the_cooldown():
+    clock = Clock()
+    br = CircuitBreaker(fail_threshold=1, cooldown_s=5.0, clock=clock)
+    br.record("a", ok=False, rest_s=1.0)  # a 429 with Retry-After: 1
+    clock.t = 0.9
+    assert br.state("a") == "open"
+    clock.t = 1.01
+    assert br.allow("a")  # the trial goes after 1 s, not 5
+    br.record("a", ok=False, rest_s=1.0)  # still limited: rest another second
+    clock.t = 2.05
+    assert br.state("a") == "half_open"
+    br.record("a", ok=False)  # a plain failure of the next trial rests the full cooldown
+    clock.t = 6.0
+    assert br.state("a") == "open"

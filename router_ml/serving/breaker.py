@@ -62,8 +62,11 @@ class CircuitBreaker:
             st[2] = now
             return True
 
-    def record(self, name: str, ok: bool) -> None:
-        """Report a finished request: success closes the circuit, a failure counts toward opening it."""
+    def record(self, name: str, ok: bool, rest_s: float | None = None) -> None:
+        """Report a finished request: success closes the circuit, a failure counts toward opening it.
+
+        ``rest_s``: how long the backend asked to be left alone (its Retry-After); when this failure
+        opens the circuit, it rests that long instead of ``cooldown_s``."""
         with self._lock:
             st = self._get(name)
             if ok:
@@ -74,10 +77,9 @@ class CircuitBreaker:
             if st[1] is not None and now < st[1]:
                 return  # a straggler sent before the circuit opened: it must not extend the rest
             if st[1] is not None or st[0] >= self.fail_threshold:  # a failed trial re-opens at once
-                log.warning(
-                    "circuit for backend %r open for %.1f s after %d failure(s)", name, self.cooldown_s, st[0]
-                )
-                st[1], st[2] = now + self.cooldown_s, None
+                rest = self.cooldown_s if rest_s is None else max(0.0, float(rest_s))
+                log.warning("circuit for backend %r open for %.1f s after %d failure(s)", name, rest, st[0])
+                st[1], st[2] = now + rest, None
 
     def trip(self, name: str, seconds: float) -> None:
         """Open ``name`` for ``seconds`` (a Retry-After), whatever the failure count."""

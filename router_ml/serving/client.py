@@ -144,7 +144,7 @@ class BackendClient(HttpCalls):
                 self.breaker.record(name, True)  # it answered: the backend is healthy, the request is not
                 raise
             except BackendError as err:
-                self.breaker.record(name, False)
+                self.breaker.record(name, False, rest_s=err.retry_after)
                 delay = self._retry_delay(err, attempt, retries, can_fall_back)
                 if delay is None or not self.breaker.allow(name):
                     if err.retry_after:
