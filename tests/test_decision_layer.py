@@ -230,3 +230,69 @@ def test_cost_aware_layer_refuses_once_the_cap_is_spent(router, make_layer, tmp_
     # a larger budget for this request only lifts the cap
     assert router.route(CLASSIFY, policy=layer, budget_usd=1.0).model in router.models
     assert layer.spent() == pytest.approx(0.01)
+
+
+def _output_tokens_reference(model, models, tasks):
+    """OutputLengthModel.predict as it was written before its per-task rows were cached."""
+    import numpy as np
+
+    uniq, inv = np.unique(np.asarray(tasks, dtype=str), return_inverse=True)
+    ok = model.table_[model.table_["n"] >= model.min_count]
+    pairs = dict(zip(zip(ok["model"], ok["task"], strict=True), ok["output_tokens"], strict=True))
+    values = np.empty((len(uniq), len(models)))
+    for i, task in enumerate(uniq):
+        fallback = model._task_value(str(task))
+        for j, m in enumerate(models):
+            values[i, j] = pairs.get((m, task), fallback)
+    return values[inv.reshape(-1)]
+
+
+def test_output_length_rows_are_cached_without_changing_a_value():
+    import numpy as np
+    import pandas as pd
+
+    from router_ml.decision.costs import OUTPUT_TOKEN_PRIOR, OutputLengthModel
+
+    rng = np.random.default_rng(3)
+    tasks_known = sorted(OUTPUT_TOKEN_PRIOR)
+    table = pd.DataFrame(
+        {
+            "model": rng.choice(["a", "b", "c"], 600),
+            "task": rng.choice(tasks_known[:3], 600),
+            "output_tokens": rng.integers(1, 900, 600).astype(float),
+        }
+    )
+    model = OutputLengthModel(min_count=40).fit(table)
+    for _ in range(5):
+        tasks = list(rng.choice(tasks_known, int(rng.integers(1, 9))))
+        got = model.predict(["a", "c", "zz"], tasks)
+        np.testing.assert_array_equal(got, _output_tokens_reference(model, ["a", "c", "zz"], tasks))
+    model.min_count = 1000  # a new threshold: the cached rows are not reused
+    np.testing.assert_array_equal(
+        model.predict(["a"], tasks_known), _output_tokens_reference(model, ["a"], tasks_known)
+    )
+    model.fit(table.assign(output_tokens=table["output_tokens"] * 2))  # refitted: new rows
+    model.min_count = 40
+    np.testing.assert_array_equal(
+        model.predict(["b"], tasks_known), _output_tokens_reference(model, ["b"], tasks_known)
+    )
+    assert model.predict(["a"], []).shape == (0, 1)
+
+
+def test_one_prompt_decisions_equal_the_batch_decisions(router, make_layer):
+    import numpy as np
+
+    layer = make_layer({"name": "utility", "lam": 300.0})
+    rng = np.random.default_rng(5)
+    n, m = 6, len(layer.models_)
+    quality = rng.uniform(size=(n, m))
+    task_p = rng.dirichlet(np.ones(len(router.task_labels)), size=n)
+    prompts = [f"prompt {i} " * int(rng.integers(1, 40)) for i in range(n)]
+    batch = layer.decide_batch(prompts, quality, layer.models_, task_p, router.task_labels)
+    for i in range(n):
+        (one,) = layer.decide_batch(
+            prompts[i : i + 1], quality[i : i + 1], layer.models_, task_p[i : i + 1], router.task_labels
+        )
+        assert one == batch[i]
+    again = layer.decide_batch(prompts, quality, layer.models_, task_p, router.task_labels)
+    assert again == batch  # cached pool parts and output-length rows give the same answers

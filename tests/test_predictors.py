@@ -575,3 +575,57 @@ def test_nested_cv_tests_every_prompt_once_with_heads_fitted_elsewhere():
     assert [p["text_features"] for p in r["params"]["taskmix"]] == [1024] * 3  # chosen by inner CV
     assert r["heads"]["taskmix"].mean() > r["best_single"].mean() + 0.5
     assert len(r["best_single_model"]) == 3 and len(r["cv"]["knn"]) == 3
+
+
+def test_knn_one_row_fast_path_matches_the_general_computation():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(300, 24)).astype(np.float32)
+    Y = rng.uniform(size=(300, 5))
+    Y[rng.uniform(size=Y.shape) < 0.2] = np.nan
+    knn = KnnQualityPredictor(k=12).fit(X, Y)
+    for q in rng.normal(size=(20, 24)).astype(np.float32):
+        Xq = q[None, :]
+        idx, sims = knn.neighbours(Xq)
+        norm = (Xq / np.maximum(np.linalg.norm(Xq, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        ref = norm @ knn.X_train_.T
+        want = np.argpartition(ref, ref.shape[1] - 12, axis=1)[:, ref.shape[1] - 12 :]
+        np.testing.assert_array_equal(idx, want)
+        np.testing.assert_array_equal(sims, np.take_along_axis(ref, want, axis=1))
+    # a batch of rows takes the general path: same neighbours as each row alone
+    idx_b, _ = knn.neighbours(X[:8])
+    for i in range(8):
+        assert set(knn.neighbours(X[i : i + 1])[0][0]) == set(idx_b[i])
+
+
+def test_few_rows_blas_runs_one_thread_inside_and_restores_the_count():
+    from threadpoolctl import threadpool_info
+
+    from router_ml.predictors.base import few_rows_blas
+
+    def counts() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = counts()
+    with few_rows_blas(1):
+        inside = counts()
+    assert counts() == before
+    assert all(n == 1 for n in inside) or not before
+    with few_rows_blas(1000):  # a big batch keeps every thread
+        assert counts() == before
+
+
+def test_hashed_view_indices_are_the_sorted_unique_hashes():
+    import itertools
+    import zlib
+
+    from router_ml.predictors.task_text import _TOKEN, hashed_view, instruction_view
+
+    texts = ["Summarise this email, please: the the the meeting moved", "x", "", "code code def f(): pass"]
+    rows, weights = hashed_view(texts, 64, 4, 2.0)
+    for t, idx, w in zip(texts, rows, weights, strict=True):
+        toks = _TOKEN.findall(instruction_view(t, 4).lower())
+        feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
+        want = np.unique(np.fromiter((zlib.crc32(f.encode()) % 64 for f in feats), dtype=np.int64))
+        np.testing.assert_array_equal(idx, want)
+        assert idx.dtype == np.int64
+        assert w == (2.0 / np.sqrt(len(want)) if len(want) else 0.0)

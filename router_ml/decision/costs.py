@@ -192,27 +192,48 @@ class OutputLengthModel:
                 return float(row["output_tokens"].iloc[0])
         return float(OUTPUT_TOKEN_PRIOR[task]) if task in OUTPUT_TOKEN_PRIOR else None
 
-    def predict(self, models: Sequence[str], tasks: Sequence[str]) -> np.ndarray:
-        """Expected output tokens, shape (n, m) float64, for ``tasks`` (n,) x ``models`` (m,)."""
-        models = list(models)
-        uniq, inv = np.unique(np.asarray(tasks, dtype=str), return_inverse=True)
+    def _rows(self, models: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Per-task ``(m,)`` rows already worked out for ``models`` (emptied when the fitted tables
+        or ``min_count`` change: ``fit`` and ``from_dict`` set new tables)."""
+        key = (id(getattr(self, "table_", None)), id(getattr(self, "task_table_", None)), self.min_count)
+        cache = getattr(self, "_row_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, {})
+            self._row_cache = cache
+        return cache[1].setdefault(models, {})
+
+    def _task_row(self, models: tuple[str, ...], task: str) -> np.ndarray:
+        """``(m,)`` expected output tokens of ``task`` on each of ``models``."""
         pairs = {}
         if getattr(self, "table_", None) is not None:
             ok = self.table_[self.table_["n"] >= self.min_count]
             pairs = dict(zip(zip(ok["model"], ok["task"], strict=True), ok["output_tokens"], strict=True))
-        values = np.empty((len(uniq), len(models)), dtype="float64")  # (distinct tasks, m)
-        for i, task in enumerate(uniq):
-            fallback = self._task_value(str(task))
-            for j, model in enumerate(models):
-                v = pairs.get((model, task), fallback)
-                if v is None:
-                    tt = getattr(self, "task_table_", None)
-                    known = sorted(set(OUTPUT_TOKEN_PRIOR) | (set(tt["task"]) if tt is not None else set()))
-                    raise UnknownTaskError(
-                        f"task {task!r} has no output-length data or prior; known: {known}"
-                    )
-                values[i, j] = v
-        return values[inv.reshape(-1)] if len(uniq) else np.zeros((0, len(models)))
+        fallback = self._task_value(task)
+        row = np.empty(len(models), dtype="float64")
+        for j, model in enumerate(models):
+            v = pairs.get((model, task), fallback)
+            if v is None:
+                tt = getattr(self, "task_table_", None)
+                known = sorted(set(OUTPUT_TOKEN_PRIOR) | (set(tt["task"]) if tt is not None else set()))
+                raise UnknownTaskError(f"task {task!r} has no output-length data or prior; known: {known}")
+            row[j] = v
+        return row
+
+    def predict(self, models: Sequence[str], tasks: Sequence[str]) -> np.ndarray:
+        """Expected output tokens, shape (n, m) float64, for ``tasks`` (n,) x ``models`` (m,).
+
+        Each (models, task) row is looked up in the tables once and kept (a live decision then
+        costs a dict look-up, not a pandas filter)."""
+        key = tuple(models)
+        rows = self._rows(key)
+        out = np.empty((len(tasks), len(key)), dtype="float64")
+        for i, task in enumerate(tasks):
+            task = str(task)
+            row = rows.get(task)
+            if row is None:
+                row = rows[task] = self._task_row(key, task)
+            out[i] = row
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (params plus the learned medians, if fitted)."""
@@ -273,17 +294,28 @@ class CostModel:
             in_tok = np.repeat(given[:, None], m, axis=1)
         else:
             in_tok = np.empty((n, m), dtype="float64")
+            for counter, cols in self._pool_parts()[0]:
+                in_tok[:, cols] = counter.count(list(prompts)).astype("float64")[:, None]
+        out_tok = self.output_model.predict(self.pool.names, tasks)
+        out_tok = np.minimum(out_tok, self._pool_parts()[1])
+        cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
+        return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+
+    def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray]:
+        """(token counter and its pool columns per distinct tokenizer, ``(m,)`` max_tokens caps with
+        inf for none), worked out once per pool."""
+        parts = getattr(self, "_parts", None)
+        if parts is None or parts[0] is not self.pool:
             groups: dict[str, list[int]] = {}
             for j, spec in enumerate(self.pool):
                 groups.setdefault(spec.tokenizer or DEFAULT_TOKENIZER, []).append(j)
-            for tok, cols in groups.items():
-                counter = build_token_counter(tok, self.pool.specs[cols[0]].kind)
-                in_tok[:, cols] = counter.count(list(prompts)).astype("float64")[:, None]
-        out_tok = self.output_model.predict(self.pool.names, tasks)
-        cap = np.array([s.max_tokens if s.max_tokens is not None else math.inf for s in self.pool])
-        out_tok = np.minimum(out_tok, cap)
-        cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
-        return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+            counters = [
+                (build_token_counter(tok, self.pool.specs[cols[0]].kind), cols)
+                for tok, cols in groups.items()
+            ]
+            cap = np.array([s.max_tokens if s.max_tokens is not None else math.inf for s in self.pool])
+            parts = self._parts = (self.pool, counters, cap)
+        return parts[1], parts[2]
 
     def cost(self, model: str, input_tokens: float, output_tokens: float) -> float:
         """The bill of a finished call, USD."""

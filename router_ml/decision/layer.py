@@ -87,14 +87,10 @@ class DecisionLayer:
         observed: np.ndarray | None = None,
     ) -> Estimates:
         """Estimates for ``prompts`` over ``models`` (a subset of the pool, in this order)."""
-        for name in models:
-            if name not in self.pool:
-                raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
-        cols = np.array([self.pool.index(m) for m in models], dtype=np.int64)
+        cols, max_tokens, params_b = self._model_parts(models)
         ce = self.cost_model.estimate(list(prompts), list(tasks), input_tokens=input_tokens)
         ttft, latency = self.latency_model.expected(ce.output_tokens)
         # a hard bound on the bill where the model's max_tokens caps the output; NaN elsewhere
-        max_tokens = np.array([self.pool.get(m).max_tokens or np.nan for m in models], dtype="float64")
         pin, pout = self.pool.input_price[cols], self.pool.output_price[cols]
         upper = (ce.input_tokens[:, cols] * pin + max_tokens[None, :] * pout) / 1e6
         return Estimates(
@@ -105,11 +101,31 @@ class DecisionLayer:
             ttft=ttft[:, cols],
             latency=latency[:, cols],
             is_local=self.pool.is_local[cols],
-            params_b=np.array([self.pool.get(m).params_b or np.nan for m in models], dtype="float64"),
+            params_b=params_b.copy(),
             task_proba=task_proba,
             cost_upper=upper,
             observed=observed,
         )
+
+    def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pool columns, max_tokens (NaN: none) and params_b (NaN: unknown) of ``models``, each
+        ``(m,)``; worked out once per (pool, models)."""
+        key = tuple(models)
+        cache = getattr(self, "_parts", None)
+        if cache is None or cache[0] is not self.pool:
+            cache = self._parts = (self.pool, {})
+        got = cache[1].get(key)
+        if got is None:
+            for name in key:
+                if name not in self.pool:
+                    raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
+            specs = [self.pool.get(m) for m in key]
+            got = cache[1][key] = (
+                np.array([self.pool.index(m) for m in key], dtype=np.int64),
+                np.array([s.max_tokens or np.nan for s in specs], dtype="float64"),
+                np.array([s.params_b or np.nan for s in specs], dtype="float64"),
+            )
+        return got
 
     def fit(self, est: Estimates) -> DecisionLayer:
         """Fit the policy; its tables (capability rules, tiers, strong/weak pair) index ``est.models``,
@@ -177,7 +193,8 @@ class DecisionLayer:
         full = np.zeros((len(prompts), len(fitted)))
         full[:, cols] = quality
         est = self.estimates(prompts, full, fitted, tasks, task_proba=task_proba)
-        candidate = np.isin(fitted, models)
+        wanted = set(models)
+        candidate = np.array([m in wanted for m in fitted], dtype=bool)  # = np.isin(fitted, models)
         if not candidate.all():
             est.feasible = np.repeat(candidate[None, :], len(est), axis=0)
         if policy.stateful:
@@ -192,7 +209,7 @@ class DecisionLayer:
         out = []
         usable, allowed = policy.usable(est), est.allowed
         for i, j in enumerate(int(c) for c in choice):
-            row = est.take(slice(i, i + 1))
+            row = est if len(est) == 1 else est.take(slice(i, i + 1))
             reason = policy.explain(row, j)
             rule_tokens = getattr(policy, "max_tokens_", {}).get(tasks[i])
             if not allowed[i, j]:  # a rule/tier policy named a model this request excludes

@@ -101,7 +101,45 @@ def state_size(state: dict[str, np.ndarray], key: str, axis: int) -> int | None:
     return int(shape[axis]) if -len(shape) <= axis < len(shape) else None
 
 
-_BLAS: list[Any] = []  # lazily created threadpoolctl controller (no work at import time)
+_BLAS: list[Any] = []  # lazily found BLAS thread-count controllers (no work at import time)
+
+
+class _OneThreadBlas:
+    """BLAS on one thread inside the block, the previous thread counts restored after.
+
+    What ``threadpoolctl``'s ``limit(limits=1, user_api="blas")`` does, through the controllers it
+    found once: entering ``limit`` re-reads every library's info (~10 us, ~60 us right after an
+    encoder call has evicted the caches), a get/set of the thread count costs ~1 us.
+    """
+
+    __slots__ = ("_libs", "_saved")
+
+    def __init__(self, libs: list[Any]) -> None:
+        self._libs, self._saved = libs, []
+
+    def __enter__(self) -> _OneThreadBlas:
+        for lib in self._libs:
+            n = lib.get_num_threads()
+            if n is not None and n > 1:
+                lib.set_num_threads(1)
+                self._saved.append((lib, n))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lib, n in self._saved:
+            lib.set_num_threads(n)
+        self._saved = []
+
+
+def _blas_libs() -> list[Any]:
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(list(ThreadpoolController().select(user_api="blas").lib_controllers))
+        except ImportError:  # threadpoolctl ships with scikit-learn; degrade gracefully without it
+            _BLAS.append([])
+    return _BLAS[0]
 
 
 def few_rows_blas(n_rows: int, limit: int = 64) -> contextlib.AbstractContextManager:
@@ -112,14 +150,8 @@ def few_rows_blas(n_rows: int, limit: int = 64) -> contextlib.AbstractContextMan
     """
     if n_rows > limit:
         return contextlib.nullcontext()
-    if not _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS.append(ThreadpoolController())
-        except ImportError:  # threadpoolctl ships with scikit-learn; degrade gracefully without it
-            _BLAS.append(None)
-    return contextlib.nullcontext() if _BLAS[0] is None else _BLAS[0].limit(limits=1, user_api="blas")
+    libs = _blas_libs()
+    return _OneThreadBlas(libs) if libs else contextlib.nullcontext()
 
 
 def as_float_matrix(X: Any, owner: str, dim: int | None = None, dtype: Any = np.float32) -> np.ndarray:

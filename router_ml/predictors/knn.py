@@ -16,7 +16,8 @@ _WEIGHTS = ("uniform", "distance", "softmax")
 
 def _normalise(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero); ``(n, d)`` float32."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    # what np.linalg.norm(X, axis=1, keepdims=True) computes for real rows, without its checks
+    norms = np.sqrt(np.add.reduce(X * X, axis=1, keepdims=True))
     return (X / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
@@ -68,6 +69,8 @@ class KnnQualityPredictor(QualityPredictor):
             idx = np.argpartition(sims, N - k, axis=1)[:, N - k :]
         else:
             idx = np.broadcast_to(np.arange(k), (sims.shape[0], k))
+        if sims.shape[0] == 1:  # = take_along_axis(sims, idx, axis=1), without its index building
+            return idx, sims[0][idx]
         return idx, np.take_along_axis(sims, idx, axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:

@@ -118,7 +118,8 @@ def hashed_view(
     for i, t in enumerate(texts):
         toks = _TOKEN.findall(instruction_view(t, view_words).lower())
         feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
-        idx = np.unique(np.fromiter((zlib.crc32(f.encode()) % nf for f in feats), dtype=np.int64))
+        hashed = sorted({zlib.crc32(f.encode()) % nf for f in feats})  # = np.unique of the hashes
+        idx = np.array(hashed, dtype=np.int64)
         rows.append(idx)
         weights[i] = float(scale) / np.sqrt(len(idx)) if len(idx) else 0.0
     return rows, weights

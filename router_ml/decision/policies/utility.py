@@ -62,7 +62,8 @@ class UtilityPolicy(Policy):
                 raise PolicyError(
                     f"utility: allowed_per_task[{task!r}] names unknown model(s) {sorted(unknown)}"
                 )
-            cols = np.isin(est.models, names)
+            wanted = set(names)
+            cols = np.array([m in wanted for m in est.models], dtype=bool)  # = np.isin(est.models, names)
             ok[est.tasks == task] &= cols[None, :]
         return ok
 
