@@ -220,8 +220,12 @@ def test_cost_aware_layer_refuses_once_the_cap_is_spent(router, make_layer, tmp_
     layer = make_layer({"name": "cost_aware", "budget_usd": 0.01, "horizon": 100})
     d = router.route(CODE, policy=layer)
     assert d.policy == "cost_aware" and d.expected_cost_usd <= 0.01
-    layer.record(d, cost_usd=0.0099, request_id="big")
+    layer.record(d, cost_usd=d.expected_cost_usd, request_id="big")  # billed as estimated
     assert layer.policy._seen == 1
+    # spend booked elsewhere (another replica) brings the total to $0.0099; recording it through the
+    # layer would teach the policy a bill/estimate ratio, and its cost bounds would grow with it
+    layer.ledger.record(max(0.0, 0.0099 - d.expected_cost_usd), d.model, request_id="elsewhere")
+    assert layer.spent() == pytest.approx(0.0099)
     d = router.route(CREATIVE, policy=layer)  # only a cheap model still fits under the cap
     assert d.expected_cost_usd <= 0.0001
     layer.record(d, cost_usd=0.0001, request_id="last")
