@@ -62,6 +62,7 @@ from experiments.bench_proxy import (
     ensure_litellm,
     free_port,
     litellm_proc,
+    stopping,
     wait_ready,
 )
 from router_ml.serving.loopback import answer_text, fault_window_figures
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmpdir:
         tmp = Path(tmpdir)
         procs: dict[str, Proc] = {}
-        try:
+        with stopping(procs):
             ports = {"A": free_port(), "B": free_port()}
             for name, port in ports.items():
                 procs[name] = start_loopback(name, port, tmp)
@@ -424,13 +425,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{mode:<11}{proxy:<10} {json.dumps(brief)}", flush=True)
                     httpx.post(f"http://127.0.0.1:{ports['A']}/fault", json={"mode": "ok"}, timeout=5)
                     time.sleep(args.settle)
-        except BaseException:
-            for p in procs.values():
-                print(f"--- {p.name} log tail ---\n{p.log.read_text()[-2000:]}", file=sys.stderr)
-            raise
-        finally:
-            for p in reversed(list(procs.values())):
-                p.stop()
     print_table(cells, list(calls))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,20 @@ class Proc:
                 self.proc.kill()
                 self.proc.wait()
         self._fh.close()
+
+
+@contextlib.contextmanager
+def stopping(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
+    """Stop every process in ``procs`` on the way out, newest first; on a failure print their log tails."""
+    try:
+        yield procs
+    except BaseException:
+        for p in procs.values():
+            print(f"--- {p.name} log tail ---\n{p.log.read_text()[-2000:]}", file=sys.stderr)
+        raise
+    finally:
+        for p in reversed(list(procs.values())):
+            p.stop()
 
 
 def litellm_proc(litellm: Path, model_list: str, router_settings: str, port: int, tmp: Path) -> Proc:
@@ -446,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpdir:
         tmp = Path(tmpdir)
         procs: dict[str, Proc] = {}
-        try:
+        with stopping(procs):
             pin = args.pin and len(os.sched_getaffinity(0)) >= 2
             calls = start_servers(ckpt, tmp, litellm, procs, pin=pin)
             if pin:
@@ -477,13 +493,6 @@ def main(argv: list[str] | None = None) -> int:
                             cell = runner.run(cell_run)
                         cells[f"{target}|{mode}|{conc}"] = cell
                         print(f"{target:<11}{mode:<10}c={conc:<3} {json.dumps(cell)}", flush=True)
-        except BaseException:
-            for p in procs.values():
-                print(f"--- {p.name} log tail ---\n{p.log.read_text()[-2000:]}", file=sys.stderr)
-            raise
-        finally:
-            for p in reversed(list(procs.values())):
-                p.stop()
     summary = summarise(cells, list(calls), args.concurrency)
     print_table(cells, summary)
     out = Path(args.out)
