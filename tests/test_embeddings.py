@@ -289,3 +289,27 @@ def test_cache_two_concurrent_writers(static: StaticEncoder, tmp_path: Path) -> 
     assert cached.count() == 1500, "same texts from two writers are stored once"
     texts = _texts(1500)
     np.testing.assert_allclose(cached.encode(texts), static.encode(texts), atol=1e-6)
+
+
+def _open_at(static: StaticEncoder, folder: str, start: float) -> None:
+    while time.time() < start:  # all openers hit the new file in the same instant
+        pass
+    CachedEncoder(static, cache_dir=folder, timeout_s=10).lookup([text_key("x")])
+
+
+def test_cache_many_processes_open_a_new_file_at_once(static: StaticEncoder, tmp_path: Path) -> None:
+    """A new file's switch to WAL answers "locked" at once to the others; they must wait, not fail."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    failed = 0
+    for round_ in range(25):
+        folder = str(tmp_path / f"r{round_}")
+        start = time.time() + 0.2
+        procs = [ctx.Process(target=_open_at, args=(static, folder, start)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+        failed += sum(proc.exitcode != 0 for proc in procs)
+    assert failed == 0, f"{failed} of 100 concurrent opens failed"

@@ -22,6 +22,7 @@ import numpy as np
 
 from router_ml.embeddings.base import Encoder, check_texts, empty_embeddings, want_progress
 from router_ml.paths import cache_dir as default_cache_root
+from router_ml.sqlite_retry import retry_locked
 
 DB_NAME = "embeddings.sqlite"
 #: Texts encoded and committed per transaction (what a kill can lose at most).
@@ -84,11 +85,14 @@ class CachedEncoder:
         # isolation_level=None: no implicit transactions; each write batch is BEGIN IMMEDIATE..COMMIT
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # a new file's switch to WAL can answer "locked" at once while another process does it
+            mode = retry_locked(
+                lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0], self.timeout_s
+            )
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, expected 'wal'")
             conn.execute("PRAGMA synchronous = NORMAL")  # durable across process kills in WAL mode
-            conn.execute(_SCHEMA)
+            retry_locked(lambda: conn.execute(_SCHEMA), self.timeout_s)
         except sqlite3.DatabaseError as err:
             conn.close()
             raise RuntimeError(f"embedding cache {str(self.path)!r} cannot be opened: {err}") from err

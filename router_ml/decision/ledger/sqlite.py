@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from router_ml.decision.ledger.records import COLUMNS, LedgerError, _check_record, _entries_frame
+from router_ml.sqlite_retry import retry_locked
 
 #: Schema version stored in ``PRAGMA user_version``; a newer file is refused, not guessed at.
 SCHEMA_VERSION = 1
@@ -101,18 +101,7 @@ class BudgetLedger:
         return conn
 
     def _retry_locked(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn``, retrying for up to ``timeout_s`` while SQLite answers "locked"/"busy" at once
-        (it skips the busy handler where waiting could deadlock, e.g. during a journal-mode switch)."""
-        deadline, delay = time.monotonic() + self.timeout_s, 0.002
-        while True:
-            try:
-                return fn()
-            except sqlite3.OperationalError as err:
-                text = str(err).lower()
-                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(2 * delay, 0.1)
+        return retry_locked(fn, self.timeout_s)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         """Create the schema in a new file, or check that an existing file is a ledger we can read."""
