@@ -67,9 +67,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
     from router_ml.serving.proxy import ProxySettings, build_engine, create_app
 
+    # Every BLAS product the proxy makes is one prompt or a micro-batch of a few: one thread, as
+    # few_rows_blas would set per call anyway (set once here, those calls have nothing to switch)
+    threadpool_limits(1, user_api="blas")
     aliases = dict(a.split("=", 1) for a in args.alias)
     engine = build_engine(
         args.ckpt,
@@ -102,6 +106,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv is None and sys.argv[1:2] == ["serve"]:  # a real process: huge pages for the encoder
+        from router_ml.serving.huge_pages import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
