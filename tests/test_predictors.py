@@ -330,6 +330,30 @@ def test_calibrator_keeps_identity_for_columns_without_outcomes():
         np.testing.assert_allclose(out[:, 1], p[:, 1] ** 2, atol=1e-5)
 
 
+def test_isotonic_one_interp_call_matches_one_map_per_column():
+    """transform() runs every column's map in one np.interp; it must equal np.interp per column,
+    also outside the fitted range, for NaN inputs and for identity columns."""
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n, m = int(rng.integers(20, 300)), int(rng.integers(1, 12))
+        p = rng.random((n, m))
+        y = (rng.random((n, m)) < p).astype(float)
+        y[rng.random((n, m)) < 0.3] = np.nan
+        if trial % 3 == 0:
+            y[:, int(rng.integers(m))] = np.nan  # a column without outcomes
+        cal = IsotonicCalibrator().fit(p, y)
+        q = rng.normal(0.5, 0.6, (40, m))  # well beyond [0, 1] too
+        q[0, 0] = np.nan
+        want = q.copy()
+        for j, c in enumerate(cal.counts_):
+            if c:
+                want[:, j] = np.interp(q[:, j], cal.x_thresholds_[j, :c], cal.y_thresholds_[j, :c])
+        want = np.clip(want, 0.0, 1.0)
+        got = cal.transform(q)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
 # ---- registry and speed --------------------------------------------------------------------
 
 
@@ -595,6 +619,33 @@ def test_knn_one_row_fast_path_matches_the_general_computation():
     idx_b, _ = knn.neighbours(X[:8])
     for i in range(8):
         assert set(knn.neighbours(X[i : i + 1])[0][0]) == set(idx_b[i])
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance", "softmax"])
+def test_knn_is_the_weighted_mean_of_the_neighbours_with_and_without_missing_outcomes(weights):
+    """Complete outcomes take a shorter path than NaN-masked ones; both are the weighted mean."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(200, 16)).astype(np.float32)
+    Y = rng.uniform(size=(200, 4))
+    Yn = Y.copy()
+    Yn[rng.uniform(size=Y.shape) < 0.3] = np.nan
+    Xq = rng.normal(size=(9, 16)).astype(np.float32)
+    for table in (Y, Yn):
+        knn = KnnQualityPredictor(k=15, weights=weights, temperature=0.1).fit(X, table)
+        assert knn._complete == (table is Y)
+        idx, sims = knn.neighbours(Xq)
+        s = sims.astype(np.float64)
+        w = {
+            "uniform": np.ones_like(s),
+            "distance": 1.0 / np.maximum(1.0 - s, 1e-6),
+            "softmax": np.exp((s - s.max(axis=1, keepdims=True)) / 0.1),
+        }[weights]
+        got = knn.predict(Xq)
+        for i in range(len(Xq)):
+            for j in range(table.shape[1]):
+                vals, ok = table[idx[i], j], ~np.isnan(table[idx[i], j])
+                want = (w[i][ok] * vals[ok]).sum() / w[i][ok].sum() if ok.any() else knn.col_mean_[j]
+                assert got[i, j] == pytest.approx(want, abs=1e-12)
 
 
 def test_few_rows_blas_runs_one_thread_inside_and_restores_the_count():

@@ -77,6 +77,20 @@ class IsotonicCalibrator(BasePredictor):
         self.y_thresholds_ = np.ascontiguousarray(y, dtype=np.float64)
         self.counts_ = np.ascontiguousarray(counts, dtype=np.int64)
         self.n_models_ = int(self.counts_.shape[0])
+        # every column's map in one np.interp call: column j's knots shifted by j * span, so the
+        # columns' ranges never overlap; inputs are first clipped to their column's knot range
+        # (np.interp's own clamping). One call instead of m keeps a one-prompt decision cheap.
+        fitted = self.counts_ > 0
+        first = self.x_thresholds_[:, 0].copy()
+        last = self.x_thresholds_[np.arange(self.n_models_), np.maximum(self.counts_ - 1, 0)]
+        span = float(np.ptp(np.r_[first[fitted], last[fitted]])) + 1.0 if fitted.any() else 1.0
+        self._shift = np.arange(self.n_models_) * span
+        self._lo, self._hi = np.where(fitted, first, -np.inf), np.where(fitted, last, np.inf)
+        self._identity = None if fitted.all() else ~fitted
+        self._knots_x = np.concatenate(
+            [self.x_thresholds_[j, :c] + self._shift[j] for j, c in enumerate(self.counts_)]
+        )
+        self._knots_y = np.concatenate([self.y_thresholds_[j, :c] for j, c in enumerate(self.counts_)])
 
     def transform(self, pred: np.ndarray) -> np.ndarray:
         """Calibrated predictions, ``(n, m) -> (n, m)`` float64 in [0, 1]."""
@@ -84,11 +98,12 @@ class IsotonicCalibrator(BasePredictor):
         pred = np.asarray(pred, dtype=np.float64)
         if pred.ndim != 2 or pred.shape[1] != self.n_models_:
             raise ValueError(f"IsotonicCalibrator: expected shape (n, {self.n_models_}), got {pred.shape}")
-        out = pred.copy()
-        for j, c in enumerate(self.counts_):
-            if c > 0:
-                out[:, j] = np.interp(pred[:, j], self.x_thresholds_[j, :c], self.y_thresholds_[j, :c])
-        return np.clip(out, 0.0, 1.0)
+        if not len(self._knots_x):
+            return np.clip(pred, 0.0, 1.0)
+        out = np.interp(np.clip(pred, self._lo, self._hi) + self._shift, self._knots_x, self._knots_y)
+        if self._identity is not None:  # columns without outcomes keep their predictions
+            out[:, self._identity] = pred[:, self._identity]
+        return np.clip(out, 0.0, 1.0, out=out)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("counts_")

@@ -57,6 +57,7 @@ class KnnQualityPredictor(QualityPredictor):
         self.col_mean_ = np.ascontiguousarray(col_mean, dtype=np.float64)
         self.n_models_ = int(Y.shape[1])
         self.dim_ = int(X.shape[1])
+        self._complete = not np.isnan(self.Y_train_).any()  # every outcome known: plain weighted means
 
     def neighbours(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Indices ``(n, k)`` of the nearest training rows and their cosine similarities ``(n, k)``."""
@@ -84,6 +85,9 @@ class KnnQualityPredictor(QualityPredictor):
         else:
             w = np.exp((sims - sims.max(axis=1, keepdims=True)) / float(self.temperature))
         Yn = self.Y_train_[idx]  # (n, k, m)
+        if self._complete:  # no NaN to mask (weights are > 0, so the denominator is too)
+            out = np.einsum("nk,nkm->nm", w, Yn) / w.sum(axis=1, keepdims=True)
+            return np.clip(out, 0.0, 1.0, out=out)
         seen = ~np.isnan(Yn)
         wk = w[:, :, None] * seen
         num = np.einsum("nkm,nkm->nm", wk, np.where(seen, Yn, 0.0))

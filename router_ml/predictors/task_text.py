@@ -131,10 +131,12 @@ def cue_features(texts: Sequence[str], view_words: int) -> np.ndarray:
     for i, t in enumerate(texts):
         low = str(t).lower()
         view = instruction_view(low, view_words)
+        cjk_free = low.isascii()  # no CJK cue can occur: skip their counts (most prompts)
         for j, task in enumerate(CUE_TASKS):
             rx, cjk = _CUE_RX[task], _CUES[task][1]
             for k, s in enumerate((view, low)):
-                out[i, 2 * j + k] = len(rx.findall(s)) + sum(s.count(c) for c in cjk)
+                n = len(rx.findall(s))
+                out[i, 2 * j + k] = n if cjk_free else n + sum(s.count(c) for c in cjk)
     return np.log1p(out)
 
 
