@@ -2,6 +2,7 @@
 
     python -m experiments.bench_proxy                       # trains a small router if needed
     python -m experiments.bench_proxy --ckpt CHECKPOINT --duration 3 --warmup 1 --no-litellm
+    python -m experiments.bench_proxy --head taskmix --concurrency 1 --no-litellm
 
 One run starts, as subprocesses stopped by PID: the project's loopback backend (the same fast
 backend behind every path), ``router-ml serve`` (catalog: one backend ``loop``; every router model
@@ -73,16 +74,36 @@ SMALL_ROUTER = {
 }
 
 
-def ensure_checkpoint(ckpt: str | None) -> Path:
-    """The given checkpoint, or a small router trained once into outputs/bench/ckpt."""
+def small_router(head: str) -> dict:
+    """The benchmark's router config: ``knn`` (k=10, the field's baseline; a scan of every training
+    prompt per decision) or ``taskmix`` (the head bench_core's evaluation picks), with the task
+    head of ``conf/task_head/logistic.yaml`` for taskmix."""
+    if head == "knn":
+        return SMALL_ROUTER
+    if head != "taskmix":
+        raise ValueError(f"unknown bench head {head!r}; use knn or taskmix")
+    from omegaconf import OmegaConf
+
+    task_head = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task_head" / "logistic.yaml"))
+    return {
+        **SMALL_ROUTER,
+        "name": "bench-simulated-taskmix",
+        "predictor": {"name": "taskmix", "task_key": "task", "params": {}},
+        "task_head": {"params": task_head["params"]},
+    }
+
+
+def ensure_checkpoint(ckpt: str | None, head: str = "knn") -> Path:
+    """The given checkpoint, or a small router trained once into outputs/bench/ckpt (knn) or
+    outputs/bench/ckpt-<head>."""
     if ckpt:
         return Path(ckpt)
-    run = ROOT / "outputs" / "bench" / "ckpt"
+    run = ROOT / "outputs" / "bench" / ("ckpt" if head == "knn" else f"ckpt-{head}")
     if not (run / "checkpoint" / "router.json").is_file():
         from router_ml.training import train
 
-        print(f"training a small router into {run} ...", flush=True)
-        train(SMALL_ROUTER, run_dir=run)
+        print(f"training a small {head} router into {run} ...", flush=True)
+        train(small_router(head), run_dir=run)
     return run / "checkpoint"
 
 
@@ -445,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    ap.add_argument(
+        "--head", choices=["knn", "taskmix"], default="knn", help="quality head of the trained router"
+    )
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument(
         "--client", choices=["fast", "httpx"], default="fast", help="the load generator's HTTP client"
@@ -457,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "proxy.json"))
     args = ap.parse_args(argv)
-    ckpt = ensure_checkpoint(args.ckpt)
+    ckpt = ensure_checkpoint(args.ckpt, args.head)
     litellm = None if args.no_litellm else ensure_litellm()
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpdir:
         tmp = Path(tmpdir)

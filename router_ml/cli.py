@@ -67,13 +67,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from threadpoolctl import threadpool_limits
 
+    from router_ml.predictors.base import one_blas_thread_for_good
     from router_ml.serving.proxy import ProxySettings, build_engine, create_app
 
     # Every BLAS product the proxy makes is one prompt or a micro-batch of a few: one thread, as
     # few_rows_blas would set per call anyway (set once here, those calls have nothing to switch)
-    threadpool_limits(1, user_api="blas")
+    one_blas_thread_for_good()
     aliases = dict(a.split("=", 1) for a in args.alias)
     engine = build_engine(
         args.ckpt,

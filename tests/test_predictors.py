@@ -665,6 +665,25 @@ def test_few_rows_blas_runs_one_thread_inside_and_restores_the_count():
         assert counts() == before
 
 
+def test_one_blas_thread_for_good_pins_blas_and_makes_few_rows_blas_free():
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from router_ml.predictors.base import few_rows_blas, one_blas_thread_for_good\n"
+        "assert not isinstance(few_rows_blas(1), contextlib.nullcontext) or not any(\n"
+        "    i['user_api'] == 'blas' for i in threadpool_info())\n"
+        "one_blas_thread_for_good()\n"
+        "assert all(i['num_threads'] == 1 for i in threadpool_info() if i['user_api'] == 'blas')\n"
+        "assert isinstance(few_rows_blas(1), contextlib.nullcontext)\n"
+        "print('ok')\n"
+    )  # its own process: the setting is process-wide
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_hashed_view_indices_are_the_sorted_unique_hashes():
     import itertools
     import zlib

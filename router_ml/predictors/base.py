@@ -142,13 +142,25 @@ def _blas_libs() -> list[Any]:
     return _BLAS[0]
 
 
+_ONE_THREAD_FOR_GOOD: list[bool] = []  # set by one_blas_thread_for_good(): nothing to switch
+
+
+def one_blas_thread_for_good() -> None:
+    """Run BLAS on one thread from now on, for the whole process (a server whose products are all
+    few-row ones: :func:`few_rows_blas` then has nothing to switch and costs nothing)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+    _ONE_THREAD_FOR_GOOD[:] = [True]
+
+
 def few_rows_blas(n_rows: int, limit: int = 64) -> contextlib.AbstractContextManager:
     """Single-threaded BLAS for small batches (``n_rows <= limit``), a no-op otherwise.
 
     Waking BLAS worker threads costs more than a one-row product saves, and on a loaded machine
     a threaded one-row ``(1, d) @ (d, N)`` product takes milliseconds instead of ~0.1 ms.
     """
-    if n_rows > limit:
+    if n_rows > limit or _ONE_THREAD_FOR_GOOD:
         return contextlib.nullcontext()
     libs = _blas_libs()
     return _OneThreadBlas(libs) if libs else contextlib.nullcontext()
