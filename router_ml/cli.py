@@ -106,10 +106,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv is None and sys.argv[1:2] == ["serve"]:  # a real process: huge pages for the encoder
-        from router_ml.serving.huge_pages import reexec_with_huge_pages
-
-        reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
