@@ -54,17 +54,17 @@ from typing import Any
 import httpx
 import numpy as np
 
-from experiments.bench_proxy import (
+from experiments.bench_servers import (
     MASTER_KEY,
     ROOT,
     Proc,
     ensure_checkpoint,
     ensure_litellm,
-    free_port,
     litellm_proc,
     stopping,
     wait_ready,
 )
+from router_ml.serving.launcher import free_port
 from router_ml.serving.loopback import answer_text, fault_window_figures
 
 MODES = ("error500", "error503", "error429", "killed", "hang", "slow", "cut_stream")

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.bench_proxy import ROOT, ensure_checkpoint, one_request, start_servers, stopping
+from experiments.bench_proxy import one_request, start_servers
+from experiments.bench_servers import ROOT, ensure_checkpoint, stopping
 from router_ml.serving.http11 import FastHTTP
 
 ORDER = ("direct", "rml_pass", "rml_routed")
