@@ -81,6 +81,15 @@ class LearnedRouter:
             q = self.calibrator.transform(q)
         return np.clip(q, 0.0, 1.0)
 
+    def _one(self, x: np.ndarray, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(task probabilities (L,), calibrated quality (m,)) of one prompt's embedding ``x (d,)``:
+        what the batch path computes, through the heads' one-row methods."""
+        task_p = self.task_head.proba_one(x, text)
+        q = self.quality_head.predict_one(x, text)
+        if self.calibrator is not None:
+            q = self.calibrator.transform_one(q)
+        return task_p, np.clip(q, 0.0, 1.0)
+
     def predict_task_proba(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per task label; rows sum to 1."""
         items = _check_prompts(prompts)
@@ -148,9 +157,19 @@ class LearnedRouter:
         items = _check_prompts(prompts)
         cand = self._candidates(allowed_models, exclude_models)
         X = self.encoder.encode(items, show_progress=False)
-        task_p = self.task_head.predict_proba(X, texts=items)
-        quality = self._quality_from_embeddings(X, texts=items)
         labels = self.task_labels
+        if len(items) == 1 and hasattr(self.task_head, "proba_one"):  # the live path: one prompt
+            task_p, quality = self._one(X[0], items[0])
+            if policy is not None and hasattr(policy, "decide_one"):
+                return [
+                    policy.decide_one(
+                        items[0], quality[cand], [self.models[j] for j in cand], task_p, labels, **constraints
+                    )
+                ]
+            task_p, quality = task_p[None, :], quality[None, :]
+        else:
+            task_p = self.task_head.predict_proba(X, texts=items)
+            quality = self._quality_from_embeddings(X, texts=items)
         if policy is not None:  # the decision layer (router_ml.decision.DecisionLayer)
             return policy.decide_batch(
                 items, quality[:, cand], [self.models[j] for j in cand], task_p, labels, **constraints

@@ -83,6 +83,15 @@ class Estimates:
         if self.params_b is None:
             self.params_b = np.full(m, np.nan)
 
+    @classmethod
+    def unchecked(cls, **fields: Any) -> Estimates:
+        """Estimates from fields already of the right types and shapes, without the checks (the
+        live one-prompt path builds them from its own validated rows)."""
+        est = cls.__new__(cls)
+        est.__dict__.update(dict.fromkeys(("params_b", "task_proba", "cost_upper", "feasible", "observed")))
+        est.__dict__.update(fields)
+        return est
+
     def __len__(self) -> int:
         return len(self.quality)
 

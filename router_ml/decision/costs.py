@@ -301,6 +301,16 @@ class CostModel:
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 
+    def estimate_one(self, prompt: str, task: str) -> CostEstimate:
+        """``estimate`` of one prompt, as ``(m,)`` rows (the live one-prompt path)."""
+        counters, cap = self._pool_parts()
+        in_tok = np.empty(len(self.pool), dtype="float64")
+        for counter, cols in counters:
+            in_tok[cols] = float(counter.count([prompt])[0])
+        out_tok = np.minimum(self.output_model.predict(self.pool.names, [task])[0], cap)
+        cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
+        return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+
     def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray]:
         """(token counter and its pool columns per distinct tokenizer, ``(m,)`` max_tokens caps with
         inf for none), worked out once per pool."""

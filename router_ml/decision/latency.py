@@ -199,6 +199,12 @@ class LatencyModel:
         first = np.broadcast_to(ttft, out.shape).copy()
         return first, first + out * spt
 
+    def expected_one(self, output_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``expected`` of one request: ``output_tokens (m,)`` -> (ttft (m,), completion (m,))."""
+        with self._lock:
+            first, spt = self._ttft.copy(), self._spt.copy()
+        return first, first + output_tokens * spt
+
     def snapshot(self) -> pd.DataFrame:
         """One row per model: model, ttft_s, tokens_per_s, n_observed, source ("prior" | "live")."""
         with self._lock:

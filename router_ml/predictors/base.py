@@ -188,6 +188,13 @@ class QualityPredictor(BasePredictor):
     def predict(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def predict_one(self, x: np.ndarray, text: str | None = None) -> np.ndarray:
+        """``predict`` of one embedding ``x (d,)`` -> ``(m,)``; ``text`` goes to a head that reads
+        it (``uses_text``). Heads on the live path override this with a leaner version."""
+        if getattr(self, "uses_text", False):
+            return self.predict(x[None, :], texts=[text])[0]  # type: ignore[call-arg]
+        return self.predict(x[None, :])[0]
+
     def _check_fit_inputs(
         self, X: Any, Y: Any, task_ids: Any = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

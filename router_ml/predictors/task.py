@@ -255,6 +255,24 @@ class TaskClassifier(BasePredictor):
         """Calibrated class probabilities ``(n, d) -> (n, len(labels))``, columns in ``labels`` order."""
         return _softmax(self.decision_function(X, texts))
 
+    def proba_one(self, x: np.ndarray, text: str | None = None) -> np.ndarray:
+        """``predict_proba`` of one embedding ``x (d,)`` (float64) -> ``(L,)``, with a tenth of the
+        numpy calls: a live decision runs right after the encoder has flushed the CPU caches, where
+        each call costs several microseconds."""
+        self._check_fitted("coef_")
+        if x.shape != (self.dim_,):
+            raise ValueError(f"TaskClassifier: expected one embedding of shape ({self.dim_},), got {x.shape}")
+        z = np.asarray(x, dtype=np.float64) @ self._coef_t + self.intercept_
+        if self.text_features:
+            (idx,), (w,) = self._hashed(None if text is None else [text], 1)
+            if len(idx):
+                z = z + self._text_coef_t[idx].sum(axis=0) * w
+        if self.cue_scale:
+            z = z + self._cues(None if text is None else [text], 1)[0] @ self._cue_coef_t
+        z = z / self.temperature_[0]
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
     def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> list[str]:
         """Most probable label per row: ``(n, d) -> list of n strings``."""
         return [self.labels[i] for i in self.decision_function(X, texts).argmax(axis=1)]

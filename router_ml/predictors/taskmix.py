@@ -131,6 +131,14 @@ class TaskMixtureQualityPredictor(QualityPredictor):
         texts = self._check_texts(texts, X.shape[0])
         return np.clip(self.classifier_.predict_proba(X, texts=texts) @ self.task_means_, 0.0, 1.0)
 
+    def predict_one(self, x: np.ndarray, text: str | None = None) -> np.ndarray:
+        """``predict`` of one embedding ``x (d,)`` (float64) -> ``(m,)``."""
+        self._check_fitted("task_means_")
+        if self.uses_text and text is None:
+            self._check_texts(None, 1)
+        p = self.classifier_.proba_one(x, text if self.uses_text else None)
+        return np.clip(p @ self.task_means_, 0.0, 1.0)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("task_means_")
         return {

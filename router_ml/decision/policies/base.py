@@ -80,6 +80,11 @@ class Policy:
     def choose(self, est: Estimates) -> np.ndarray:
         raise NotImplementedError
 
+    def choose_one(self, est: Estimates) -> int:
+        """``choose`` for estimates of one request (stateless policies); override with a leaner
+        version where the live path calls it."""
+        return int(self.choose(est)[0])
+
     def step(self, est: Estimates, spent: float) -> int:
         """Decide one request (``est`` has one row) given the spend so far."""
         return int(self.choose(est)[0])

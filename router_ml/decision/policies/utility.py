@@ -3,6 +3,7 @@ cap and per-task allowed models (the hybrid)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -86,6 +87,16 @@ class UtilityPolicy(Policy):
             return np.where(reach.any(axis=1), cheapest, best)
         score = np.where(ok, est.quality - self.lam * est.cost, -np.inf)
         return argmax_cheapest(score, est.cost)
+
+    def choose_one(self, est: Estimates) -> int:
+        """``choose`` for one request in plain Python over its ``m`` models (the live path)."""
+        if self.target_quality is not None:
+            return super().choose_one(est)
+        ok = self._fallback_when_empty(est, self.usable(est))[0].tolist()
+        q, c, lam = est.quality[0].tolist(), est.cost[0].tolist(), self.lam
+        score = [q[j] - lam * c[j] if ok[j] else -math.inf for j in range(len(q))]
+        best = max(score)  # argmax_cheapest: the cheapest of the (near-)tied best, then the first
+        return min((j for j in range(len(q)) if score[j] >= best - 1e-12), key=lambda j: (c[j], j))
 
     def explain(self, est: Estimates, j: int) -> str:
         q, c = est.quality[0, j], est.cost[0, j]
