@@ -81,14 +81,36 @@ class LearnedRouter:
             q = self.calibrator.transform(q)
         return np.clip(q, 0.0, 1.0)
 
-    def _one(self, x: np.ndarray, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """(task probabilities (L,), calibrated quality (m,)) of one prompt's embedding ``x (d,)``:
-        what the batch path computes, through the heads' one-row methods."""
-        task_p = self.task_head.proba_one(x, text)
-        q = self.quality_head.predict_one(x, text)
+    def _route_one(
+        self, prompt: str, cand: list[int], policy: Any | None, constraints: dict[str, Any]
+    ) -> RoutingDecision:
+        """``route_batch`` of one prompt, through the heads' one-row methods. What needs only the
+        text (word features, token counts) runs before the encoder, while the CPU caches still
+        hold what it reads; the encoder's weights flush them."""
+        task_text = self.task_head.text_part_one(prompt)
+        quality_text = self.quality_head.text_part_one(prompt)
+        one = policy is not None and hasattr(policy, "decide_one")
+        prepared = policy.prepare_one(prompt) if one else None
+        x = self.encoder.encode([prompt], show_progress=False)[0]
+        task_p = self.task_head.proba_one(x, text_part=task_text)
+        q = self.quality_head.predict_one(x, prompt, text_part=quality_text)
         if self.calibrator is not None:
             q = self.calibrator.transform_one(q)
-        return task_p, np.clip(q, 0.0, 1.0)
+        q = np.clip(q, 0.0, 1.0)
+        names = [self.models[j] for j in cand]
+        if one:
+            return policy.decide_one(
+                prompt, q[cand], names, task_p, self.task_labels, prepared, **constraints
+            )
+        if policy is not None:
+            return policy.decide_batch(
+                [prompt], q[None, cand], names, task_p[None, :], self.task_labels, **constraints
+            )[0]
+        if constraints:
+            raise RoutingError(
+                f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
+            )
+        return self._decisions(task_p[None, :], q[None, :], cand)[0]
 
     def predict_task_proba(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per task label; rows sum to 1."""
@@ -156,20 +178,12 @@ class LearnedRouter:
     ) -> list[RoutingDecision]:
         items = _check_prompts(prompts)
         cand = self._candidates(allowed_models, exclude_models)
-        X = self.encoder.encode(items, show_progress=False)
         labels = self.task_labels
         if len(items) == 1 and hasattr(self.task_head, "proba_one"):  # the live path: one prompt
-            task_p, quality = self._one(X[0], items[0])
-            if policy is not None and hasattr(policy, "decide_one"):
-                return [
-                    policy.decide_one(
-                        items[0], quality[cand], [self.models[j] for j in cand], task_p, labels, **constraints
-                    )
-                ]
-            task_p, quality = task_p[None, :], quality[None, :]
-        else:
-            task_p = self.task_head.predict_proba(X, texts=items)
-            quality = self._quality_from_embeddings(X, texts=items)
+            return [self._route_one(items[0], cand, policy, constraints)]
+        X = self.encoder.encode(items, show_progress=False)
+        task_p = self.task_head.predict_proba(X, texts=items)
+        quality = self._quality_from_embeddings(X, texts=items)
         if policy is not None:  # the decision layer (router_ml.decision.DecisionLayer)
             return policy.decide_batch(
                 items, quality[:, cand], [self.models[j] for j in cand], task_p, labels, **constraints

@@ -301,13 +301,19 @@ class CostModel:
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 
-    def estimate_one(self, prompt: str, task: str) -> CostEstimate:
-        """``estimate`` of one prompt, as ``(m,)`` rows (the live one-prompt path)."""
-        counters, cap = self._pool_parts()
+    def input_tokens_one(self, prompt: str) -> np.ndarray:
+        """``(m,)`` input tokens of one prompt per pool model (each distinct tokenizer counts once)."""
+        counters, _ = self._pool_parts()
         in_tok = np.empty(len(self.pool), dtype="float64")
         for counter, cols in counters:
             in_tok[cols] = float(counter.count([prompt])[0])
-        out_tok = np.minimum(self.output_model.predict(self.pool.names, [task])[0], cap)
+        return in_tok
+
+    def estimate_one(self, prompt: str, task: str, input_tokens: np.ndarray | None = None) -> CostEstimate:
+        """``estimate`` of one prompt, as ``(m,)`` rows (the live one-prompt path);
+        ``input_tokens``: :meth:`input_tokens_one` of the prompt, if already counted."""
+        in_tok = self.input_tokens_one(prompt) if input_tokens is None else input_tokens
+        out_tok = np.minimum(self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1])
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 

@@ -221,6 +221,11 @@ class DecisionLayer:
             for i, j in enumerate(choice)
         ]
 
+    def prepare_one(self, prompt: str) -> np.ndarray:
+        """What ``decide_one`` needs of the prompt alone (its input tokens per pool model), to
+        compute before the encoder runs."""
+        return self.cost_model.input_tokens_one(prompt)
+
     def decide_one(
         self,
         prompt: str,
@@ -228,11 +233,13 @@ class DecisionLayer:
         models: Sequence[str],
         task_proba: np.ndarray,
         task_labels: Sequence[str],
+        prepared: np.ndarray | None = None,
         **constraints: Any,
     ) -> RoutingDecision:
         """``decide_batch`` for one prompt from ``(m,)`` quality and ``(L,)`` task rows: the same
         decision, built with a third of the numpy calls when the policy is stateless and every
-        fitted model is a candidate (otherwise it is ``decide_batch``)."""
+        fitted model is a candidate (otherwise it is ``decide_batch``). ``prepared``:
+        :meth:`prepare_one` of the prompt, if already computed."""
         policy = self._policy_for(constraints) if self.models_ is not None else None
         if policy is None or policy.stateful or list(models) != self.models_:
             return self.decide_batch(
@@ -241,7 +248,7 @@ class DecisionLayer:
         t = int(np.argmax(task_proba))
         task = task_labels[t]
         cols, max_tokens, params_b = self._model_parts(models)
-        ce = self.cost_model.estimate_one(prompt, task)
+        ce = self.cost_model.estimate_one(prompt, task, input_tokens=prepared)
         ttft, latency = self.latency_model.expected_one(ce.output_tokens)
         in_tok, pin, pout = ce.input_tokens[cols], self.pool.input_price[cols], self.pool.output_price[cols]
         est = Estimates.unchecked(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from typing import Any, ClassVar
 
 import numpy as np
@@ -101,7 +102,9 @@ def state_size(state: dict[str, np.ndarray], key: str, axis: int) -> int | None:
     return int(shape[axis]) if -len(shape) <= axis < len(shape) else None
 
 
-_BLAS: list[Any] = []  # lazily found BLAS thread-count controllers (no work at import time)
+# lazily found BLAS thread-count controllers (no work at import time), with the number of modules
+# imported when they were found: a later import may load another BLAS (scipy's own OpenBLAS)
+_BLAS: list[Any] = []
 
 
 class _OneThreadBlas:
@@ -132,13 +135,14 @@ class _OneThreadBlas:
 
 
 def _blas_libs() -> list[Any]:
-    if not _BLAS:
+    if not _BLAS or _BLAS[1] != len(sys.modules):
         try:
             from threadpoolctl import ThreadpoolController
 
-            _BLAS.append(list(ThreadpoolController().select(user_api="blas").lib_controllers))
+            libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
         except ImportError:  # threadpoolctl ships with scikit-learn; degrade gracefully without it
-            _BLAS.append([])
+            libs = []
+        _BLAS[:] = [libs, len(sys.modules)]
     return _BLAS[0]
 
 
@@ -188,7 +192,11 @@ class QualityPredictor(BasePredictor):
     def predict(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def predict_one(self, x: np.ndarray, text: str | None = None) -> np.ndarray:
+    def text_part_one(self, text: str | None) -> Any:
+        """What one prompt's text contributes, computed before the encoder runs (None: nothing)."""
+        return None
+
+    def predict_one(self, x: np.ndarray, text: str | None = None, text_part: Any = None) -> np.ndarray:
         """``predict`` of one embedding ``x (d,)`` -> ``(m,)``; ``text`` goes to a head that reads
         it (``uses_text``). Heads on the live path override this with a leaner version."""
         if getattr(self, "uses_text", False):

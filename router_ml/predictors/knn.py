@@ -7,6 +7,8 @@ training prompts. Inference is numpy only: one ``(n, N)`` matrix product plus a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from router_ml.predictors.base import QualityPredictor, as_float_matrix, check_state, few_rows_blas
@@ -95,7 +97,7 @@ class KnnQualityPredictor(QualityPredictor):
         out = np.where(den > 0, num / np.where(den > 0, den, 1.0), self.col_mean_[None, :])
         return np.clip(out, 0.0, 1.0)
 
-    def predict_one(self, x: np.ndarray, text: str | None = None) -> np.ndarray:
+    def predict_one(self, x: np.ndarray, text: str | None = None, text_part: Any = None) -> np.ndarray:
         """``predict`` of one embedding ``x (d,)`` -> ``(m,)``, the same products with fewer numpy calls."""
         self._check_fitted("dim_")
         if x.shape != (self.dim_,):

@@ -131,12 +131,21 @@ class TaskMixtureQualityPredictor(QualityPredictor):
         texts = self._check_texts(texts, X.shape[0])
         return np.clip(self.classifier_.predict_proba(X, texts=texts) @ self.task_means_, 0.0, 1.0)
 
-    def predict_one(self, x: np.ndarray, text: str | None = None) -> np.ndarray:
-        """``predict`` of one embedding ``x (d,)`` (float64) -> ``(m,)``."""
+    def text_part_one(self, text: str | None) -> list[np.ndarray]:
+        """The text terms of the task classifier's logits (see ``TaskClassifier.text_part_one``)."""
         self._check_fitted("task_means_")
-        if self.uses_text and text is None:
+        if not self.uses_text:
+            return []
+        if text is None:
             self._check_texts(None, 1)
-        p = self.classifier_.proba_one(x, text if self.uses_text else None)
+        return self.classifier_.text_part_one(text)
+
+    def predict_one(
+        self, x: np.ndarray, text: str | None = None, text_part: list[np.ndarray] | None = None
+    ) -> np.ndarray:
+        """``predict`` of one embedding ``x (d,)`` -> ``(m,)``; ``text_part``: :meth:`text_part_one`."""
+        part = self.text_part_one(text) if text_part is None else text_part
+        p = self.classifier_.proba_one(x, text_part=part)
         return np.clip(p @ self.task_means_, 0.0, 1.0)
 
     def state_dict(self) -> dict[str, np.ndarray]:
