@@ -14,7 +14,9 @@ reports medians of per-round differences:
 - ``pass +p50``: pass-through latency minus the direct call of the same round;
 - ``routed +p50``: routed latency minus the same round's direct call;
 - ``routed - enc``: that minus the encoder time the proxy reported for this very request
-  (``x-router-encode-ms``), i.e. what routing adds besides the encoder (the target is <= 1 ms).
+  (``x-router-encode-ms``), i.e. what routing adds besides the encoder (the target is <= 1 ms);
+- ``of it deciding``: the proxy's own decision time beyond the encoder (``x-router-decision-ms``
+  minus ``x-router-encode-ms``); the rest is the HTTP path and waking the idle backend and client.
 
 Prints one line per round and mode and the median over rounds; writes
 ``outputs/bench/paired.json``.
@@ -43,7 +45,7 @@ ORDER = ("direct", "rml_pass", "rml_routed")
 async def paired_round(calls: dict, stream: bool, warmup: float, duration: float, tag: str) -> dict:
     """One loop of direct / pass-through / routed requests in turn; per-round paired differences."""
     clients = {name: FastHTTP() for name in ORDER}
-    rows: list[tuple[float, float, float, float]] = []  # direct, pass, routed, routed's encoder (s)
+    rows: list[tuple[float, ...]] = []  # direct, pass, routed, routed's encoder, its decision (s)
     errors = 0
     t_meas = time.perf_counter() + warmup
     t_end = t_meas + duration
@@ -61,10 +63,11 @@ async def paired_round(calls: dict, stream: bool, warmup: float, duration: float
                 if marker not in text:
                     errors += 1
                     break
-                got.append((dt, headers.get("x-router-encode-ms")))
+                got.append((dt, headers.get("x-router-encode-ms"), headers.get("x-router-decision-ms")))
             i += 1
             if len(got) == 3 and now >= t_meas and got[2][1] is not None:
-                rows.append((got[0][0], got[1][0], got[2][0], float(got[2][1]) / 1000))
+                enc_s, decide_s = float(got[2][1]) / 1000, float(got[2][2]) / 1000
+                rows.append((got[0][0], got[1][0], got[2][0], enc_s, decide_s))
     finally:
         for client in clients.values():
             await client.aclose()
@@ -78,6 +81,8 @@ async def paired_round(calls: dict, stream: bool, warmup: float, duration: float
         "encode_p50_ms": float(np.median(a[:, 3])),
         "routed_added_minus_encode_p50_ms": float(np.median(a[:, 2] - a[:, 0] - a[:, 3])),
         "routed_added_minus_encode_p90_ms": float(np.percentile(a[:, 2] - a[:, 0] - a[:, 3], 90)),
+        # the proxy's own deciding beyond the encoder (x-router-decision-ms - x-router-encode-ms)
+        "decide_minus_encode_p50_ms": float(np.median(a[:, 4] - a[:, 3])),
     }
 
 
@@ -111,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode, rows in results.items()
     }
     print(f"\nmedians over {args.rounds} rounds (ms; differences paired within each round):")
-    print(f"{'mode':<10}{'direct':>8}{'pass +p50':>11}{'routed +p50':>13}{'encoder':>9}{'routed-enc':>12}")
+    print(
+        f"{'mode':<10}{'direct':>8}{'pass +p50':>11}{'routed +p50':>13}{'encoder':>9}{'routed-enc':>12}"
+        f"{'of it deciding':>16}"
+    )
     for mode, s in summary.items():
         print(
             f"{mode:<10}{s['direct_p50_ms']:>8.2f}{s['pass_added_p50_ms']:>11.2f}{s['routed_added_p50_ms']:>13.2f}"
             f"{s['encode_p50_ms']:>9.2f}{s['routed_added_minus_encode_p50_ms']:>12.2f}"
+            f"{s['decide_minus_encode_p50_ms']:>16.2f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,19 @@ class LearnedRouter:
         """(n, dim) float32 embeddings of the prompts."""
         return self.encoder.encode(_check_prompts(prompts), show_progress=False)
 
+    @property
+    def task_layers(self) -> tuple[int, ...]:
+        """Encoder layers whose pooled states the task head reads beside the embedding (may be none)."""
+        return tuple(getattr(self.task_head, "layers", None) or ())
+
+    def _encode(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (n, dim) for the quality head, the task head's features): one forward pass."""
+        if not self.task_layers:
+            X = self.encoder.encode(items, show_progress=False)
+            return X, X
+        wide = self.encoder.encode_layers(items, self.task_layers, show_progress=False)
+        return np.ascontiguousarray(wide[:, : self.encoder.dim]), wide
+
     def _quality_from_embeddings(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """(n, m) quality from embeddings ``X (n, d)``; ``texts`` (the n prompts) go to a quality
         head that reads the text (``uses_text``), which then needs them."""
@@ -91,8 +104,9 @@ class LearnedRouter:
         quality_text = self.quality_head.text_part_one(prompt)
         one = policy is not None and hasattr(policy, "decide_one")
         prepared = policy.prepare_one(prompt) if one else None
-        x = self.encoder.encode([prompt], show_progress=False)[0]
-        task_p = self.task_head.proba_one(x, text_part=task_text)
+        X, X_task = self._encode([prompt])
+        x = X[0]
+        task_p = self.task_head.proba_one(X_task[0], text_part=task_text)
         q = self.quality_head.predict_one(x, prompt, text_part=quality_text)
         if self.calibrator is not None:
             q = self.calibrator.transform_one(q)
@@ -116,12 +130,12 @@ class LearnedRouter:
         """A row per prompt, a column per task label; rows sum to 1."""
         items = _check_prompts(prompts)
         return pd.DataFrame(
-            self.task_head.predict_proba(self.embed(items), texts=items), columns=self.task_labels
+            self.task_head.predict_proba(self._encode(items)[1], texts=items), columns=self.task_labels
         )
 
     def predict_task(self, prompts: str | Sequence[str]) -> list[str]:
         items = _check_prompts(prompts)
-        return list(self.task_head.predict(self.embed(items), texts=items))
+        return list(self.task_head.predict(self._encode(items)[1], texts=items))
 
     def predict_quality(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is set)."""
@@ -181,8 +195,8 @@ class LearnedRouter:
         labels = self.task_labels
         if len(items) == 1 and hasattr(self.task_head, "proba_one"):  # the live path: one prompt
             return [self._route_one(items[0], cand, policy, constraints)]
-        X = self.encoder.encode(items, show_progress=False)
-        task_p = self.task_head.predict_proba(X, texts=items)
+        X, X_task = self._encode(items)
+        task_p = self.task_head.predict_proba(X_task, texts=items)
         quality = self._quality_from_embeddings(X, texts=items)
         if policy is not None:  # the decision layer (router_ml.decision.DecisionLayer)
             return policy.decide_batch(
@@ -295,6 +309,17 @@ class LearnedRouter:
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: quality head predicts {quality_head.n_models_} models, "
                 f"router.json lists {len(config['models'])}"
+            )
+        layers = tuple(getattr(task_head, "layers", None) or ())
+        if layers and not hasattr(enc, "encode_layers"):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: the task head reads encoder layers {list(layers)}, "
+                f"which encoder {enc.id!r} cannot give"
+            )
+        if task_head.dim_ != int(enc.dim) * (1 + len(layers)):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: the task head takes {task_head.dim_} features; encoder "
+                f"{enc.id!r} with layers {list(layers)} gives {int(enc.dim) * (1 + len(layers))}"
             )
         meta = {k: v for k, v in config.items() if k not in ("package_versions",)}
         return cls(enc, task_head, quality_head, config["models"], calibrator=calibrator, metadata=meta)

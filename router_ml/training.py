@@ -141,9 +141,15 @@ class FittedRouter:
     embeddings: dict[str, np.ndarray]
     best: int
     metrics: dict[str, float] = field(default_factory=dict)
+    encoder: Any = None  # the cached encoder (task features with layers come from it)
 
     def X_of(self, prompts: pd.Series | list[str]) -> np.ndarray:
         return np.stack([self.embeddings[p] for p in prompts]).astype("float32")
+
+    def task_X_of(self, prompts: pd.Series | list[str]) -> np.ndarray:
+        """The task head's features: the embeddings, or with ``layers`` the wide encoder output."""
+        layers = tuple(getattr(self.router.task_head, "layers", None) or ())
+        return self.encoder.encode_layers(list(prompts), layers) if layers else self.X_of(prompts)
 
     def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
         """Another quality head on the same training split (for comparisons such as kNN); returns a
@@ -216,14 +222,27 @@ def fit_router(
         return np.stack([emb[p] for p in prompts]).astype("float32")
 
     if task_head is None:
-        t0 = time.perf_counter()
         task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
-        task_head.fit(X_of(task_train["prompt"]), list(task_train["task"]), texts=list(task_train["prompt"]))
+    layers = tuple(getattr(task_head, "layers", None) or ())
+    if layers and not hasattr(encoder, "encode_layers"):
+        raise ValueError(
+            f"task_head.params.layers={list(layers)} needs an encoder that gives its layer states "
+            f"(a sentence-transformers model); encoder {encoder.id!r} does not: set task_head.params.layers=[]"
+        )
+
+    def X_task(prompts: pd.Series) -> np.ndarray:  # with layers: the embedding and layer states
+        return cached.encode_layers(list(prompts), layers) if layers else X_of(prompts)
+
+    if not hasattr(task_head, "coef_"):
+        t0 = time.perf_counter()
+        task_head.fit(
+            X_task(task_train["prompt"]), list(task_train["task"]), texts=list(task_train["prompt"])
+        )
         metrics["time/task_head_train_s"] = time.perf_counter() - t0
     if len(task_test):
         from sklearn.metrics import accuracy_score, f1_score
 
-        pred_t = task_head.predict(X_of(task_test["prompt"]), texts=list(task_test["prompt"]))
+        pred_t = task_head.predict(X_task(task_test["prompt"]), texts=list(task_test["prompt"]))
         metrics["test/task_macro_f1"] = float(f1_score(task_test["task"], pred_t, average="macro"))
         metrics["test/task_accuracy"] = float(accuracy_score(task_test["task"], pred_t))
         metrics["test/task_n_prompts"] = float(len(task_test))
@@ -292,7 +311,7 @@ def fit_router(
             },
         },
     )
-    return FittedRouter(router, models, wide, emb, best, metrics)
+    return FittedRouter(router, models, wide, emb, best, metrics, encoder=cached)
 
 
 def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:

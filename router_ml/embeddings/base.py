@@ -50,6 +50,45 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     return out
 
 
+def check_layers(layers: Sequence[int]) -> tuple[int, ...]:
+    """Encoder layer numbers as a sorted tuple of distinct ints >= 0 (0 = the token embeddings)."""
+    try:
+        out = tuple(int(k) for k in layers)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must be a list of layer numbers, got {layers!r}") from None
+    if any(k < 0 for k in out) or list(out) != sorted(set(out)) or any(isinstance(k, bool) for k in layers):
+        raise ValueError(
+            f"layers must be distinct layer numbers >= 0 in increasing order, got {list(layers)}"
+        )
+    return out
+
+
+class LayeredEncoder:
+    """An encoder's vectors followed by the mean-pooled, unit-norm hidden states after ``layers``
+    (one forward pass; ``inner.encode_layers``): ``dim = inner.dim * (1 + len(layers))``. Its own
+    ``id`` names the layers, so an embedding cache keeps these vectors apart from the plain ones."""
+
+    def __init__(self, inner: Any, layers: Sequence[int]) -> None:
+        if not hasattr(inner, "encode_layers"):
+            raise ValueError(f"encoder {getattr(inner, 'id', inner)!r} cannot give its layer states")
+        self.inner, self.layers = inner, check_layers(layers)
+        self.id = f"{inner.id}+layers:{','.join(map(str, self.layers))}"
+
+    @property
+    def dim(self) -> int:
+        return int(self.inner.dim) * (1 + len(self.layers))
+
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool | None = None
+    ) -> np.ndarray:
+        return self.inner.encode_layers(
+            texts, self.layers, batch_size=batch_size, show_progress=show_progress
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {**self.inner.get_config(), "layers": list(self.layers)}
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation of ``(n, d)`` -> ``(n, d)`` float32 (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)

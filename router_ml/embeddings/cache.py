@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from router_ml.embeddings.base import Encoder, check_texts, empty_embeddings, want_progress
+from router_ml.embeddings.base import (
+    Encoder,
+    LayeredEncoder,
+    check_layers,
+    check_texts,
+    empty_embeddings,
+    want_progress,
+)
 from router_ml.paths import cache_dir as default_cache_root
 from router_ml.sqlite_retry import retry_locked
 
@@ -62,6 +69,7 @@ class CachedEncoder:
         self.path = folder / DB_NAME
         self.timeout_s = float(timeout_s)
         self._local = threading.local()  # one connection per thread (and per process, see _conn)
+        self._layered: dict[tuple[int, ...], CachedEncoder] = {}
 
     @property
     def id(self) -> str:
@@ -155,6 +163,21 @@ class CachedEncoder:
         )
 
     # ------------------------------------------------------------------ encoding
+    def encode_layers(
+        self,
+        texts: Sequence[str],
+        layers: Sequence[int],
+        batch_size: int = 64,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """The inner encoder's ``encode_layers``, cached in the same file under its own id."""
+        key = check_layers(layers)
+        sibling = self._layered.get(key)
+        if sibling is None:
+            sibling = CachedEncoder(LayeredEncoder(self.encoder, key), self.path.parent, self.timeout_s)
+            self._layered[key] = sibling
+        return sibling.encode(texts, batch_size=batch_size, show_progress=show_progress)
+
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool | None = None
     ) -> np.ndarray:

@@ -142,6 +142,7 @@ def encode_fast(
     max_batch_tokens: int | None = CPU_BATCH_TOKENS,
     progress: str | None = None,
     chunk: int = CHUNK_TEXTS,
+    layers: tuple[int, ...] = (),
 ) -> np.ndarray:
     """``texts`` (n,) -> ``(n, dim)`` float32 mean-pooled (unit-norm if ``normalize``) vectors.
 
@@ -149,12 +150,14 @@ def encode_fast(
     (1: run inline, leaving the caller's torch thread settings alone); ``max_batch_tokens``: the
     padded-token cap of a batch (None: ``batch_size`` rows whatever their length); ``progress``:
     a tqdm description to show a progress bar with, or None. A call with fewer batches than
-    workers is cut into smaller batches, so that every worker gets one.
+    workers is cut into smaller batches, so that every worker gets one. ``layers``: also the
+    mean-pooled, unit-norm hidden states after these layers (``forward(features, layers)``
+    gives them), each appended as ``dim`` more columns: ``(n, dim * (1 + len(layers)))``.
     """
     import torch
 
     n = len(texts)
-    out = np.empty((n, dim), dtype=np.float32)
+    out = np.empty((n, dim * (1 + len(layers))), dtype=np.float32)
     if n == 0:
         return out
     workers = max(1, min(int(workers), n))
@@ -168,12 +171,13 @@ def encode_fast(
     def work(job: Job) -> None:
         idx, token_rows = job
         feats = pad_features(tok, token_rows)
-        hidden = forward(feats)  # (b, t, d)
+        hidden, kept = forward(feats, layers) if layers else (forward(feats), [])  # (b, t, d) each
         mask = feats["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, d)
-        if normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        out[idx] = pooled.float().cpu().numpy()
+        for i, h in enumerate([hidden, *kept]):
+            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, d)
+            if normalize or i > 0:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[idx, i * dim : (i + 1) * dim] = pooled.float().cpu().numpy()
         if bar is not None:
             bar.update(len(idx))
 

@@ -38,7 +38,9 @@ def fused_bert(net: Any) -> Any:
     """Inference forward of a CPU ``BertModel`` with fused QKV and pre-packed weights.
 
     Returns ``forward(input_ids (b, t), attention_mask (b, t), token_type_ids) -> (b, t, d)``, or
-    None when ``net`` is not a plain absolute-position BERT encoder on the CPU.
+    None when ``net`` is not a plain absolute-position BERT encoder on the CPU. With ``keep``
+    (sorted layer numbers, 0 = the embeddings, as Hugging Face's ``hidden_states``) it returns
+    ``(last, [hidden state after each kept layer])``.
     """
     import torch
     import torch.nn.functional as F
@@ -65,7 +67,9 @@ def fused_bert(net: Any) -> Any:
         down, ln2 = _linear(layer.output.dense.weight, layer.output.dense.bias), layer.output.LayerNorm
         layers.append((qkv, out, ln1, up, down, ln2))
 
-    def forward(input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+    def forward(
+        input_ids: Any, attention_mask: Any, token_type_ids: Any = None, keep: tuple[int, ...] = ()
+    ) -> Any:
         b, t = input_ids.shape
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = (
@@ -76,20 +80,24 @@ def fused_bert(net: Any) -> Any:
         x = emb.LayerNorm(x)  # (b, t, d)
         d = x.shape[-1]
         mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
-        for qkv, out, ln1, up, down, ln2 in layers:
+        kept = [x] if 0 in keep else []
+        for i, (qkv, out, ln1, up, down, ln2) in enumerate(layers, start=1):
             h = qkv(x.view(b * t, d)).view(b, t, 3, n_heads, d // n_heads).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(h[0], h[1], h[2], attn_mask=mask)  # (b, heads, t, hd)
             a = out(a.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
             x = F.layer_norm(a + x, (d,), ln1.weight, ln1.bias, eps)
             y = down(up(x.view(b * t, d), gelu=True)).view(b, t, d)
             x = F.layer_norm(y + x, (d,), ln2.weight, ln2.bias, eps)
-        return x
+            if i in keep:
+                kept.append(x)
+        return (x, kept) if keep else x
 
     return forward
 
 
 def fast_forward(net: Any, tokenizer: Any) -> Any:
     """``features -> (b, t, d)`` hidden states: fused BERT when it matches ``net``, else ``net``.
+    ``forward(features, keep)`` also returns the hidden states after the layers ``keep``.
 
     ``features`` is a dict of ``(b, t)`` int64 tensors (``input_ids``, ``attention_mask`` and,
     where the tokenizer gives them, ``token_type_ids``). The fused forward carries
@@ -100,20 +108,26 @@ def fast_forward(net: Any, tokenizer: Any) -> Any:
 
     params = frozenset(inspect.signature(net.forward).parameters)
 
-    def plain(feats: dict[str, Any]) -> Any:
-        return net(**{k: v.to(net.device) for k, v in feats.items() if k in params}).last_hidden_state
+    def plain(feats: dict[str, Any], keep: tuple[int, ...] = ()) -> Any:
+        args = {k: v.to(net.device) for k, v in feats.items() if k in params}
+        out = net(**args, output_hidden_states=bool(keep))
+        return (
+            (out.last_hidden_state, [out.hidden_states[k] for k in keep]) if keep else out.last_hidden_state
+        )
 
     fused = fused_bert(net)
     if fused is None:
         return plain
 
-    def fast(feats: dict[str, Any]) -> Any:
-        return fused(feats["input_ids"], feats["attention_mask"], feats.get("token_type_ids"))
+    def fast(feats: dict[str, Any], keep: tuple[int, ...] = ()) -> Any:
+        return fused(feats["input_ids"], feats["attention_mask"], feats.get("token_type_ids"), keep)
 
     fast.thread_safe = True  # type: ignore[attr-defined]  # pure tensor ops on read-only weights
     probe = tokenizer(
         ["a short probe", "a somewhat longer probe sentence, padded"], padding=True, return_tensors="pt"
     )
     with torch.inference_mode():
-        ok = torch.allclose(fast(probe), plain(probe), atol=1e-4)
+        last, kept = fast(probe, (1,))
+        ref_last, ref_kept = plain(probe, (1,))
+        ok = torch.allclose(last, ref_last, atol=1e-4) and torch.allclose(kept[0], ref_kept[0], atol=1e-4)
     return fast if ok else plain  # self-check: never trade exactness for speed

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from router_ml.embeddings.base import (
+    check_layers,
     check_texts,
     empty_embeddings,
     folder_fingerprint,
@@ -179,6 +180,12 @@ class SentenceTransformerEncoder:
             return empty_embeddings(self.dim)
         if self._fast is None:
             return self.encode_sentence_transformers(texts, batch_size, show_progress)
+        return self._encode_fast(texts, batch_size, show_progress, ())
+
+    def _encode_fast(
+        self, texts: list[str], batch_size: int, show_progress: bool | None, layers: tuple[int, ...]
+    ) -> np.ndarray:
+        assert self._fast is not None
         tok, forward, pipeline_normalizes = self._fast
         threads = self._threads_for(len(texts))
         # the fused CPU forward: one single-threaded worker per thread; else one caller's threads
@@ -195,7 +202,33 @@ class SentenceTransformerEncoder:
                 workers=workers,
                 max_batch_tokens=CPU_BATCH_TOKENS if self.device == "cpu" else None,
                 progress=f"encode {self.id}" if want_progress(show_progress, len(texts)) else None,
+                layers=layers,
             )
+
+    def encode_layers(
+        self,
+        texts: Sequence[str],
+        layers: Sequence[int],
+        batch_size: int = 64,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """``(n, dim * (1 + len(layers)))`` float32: ``encode``'s vectors, then the mean-pooled,
+        unit-norm hidden states after each of ``layers`` (0 = the token embeddings, as Hugging
+        Face's ``hidden_states``), all from the one forward pass."""
+        layers = check_layers(layers)
+        texts = check_texts(texts)
+        self._load()
+        if self._fast is None:
+            raise ValueError(
+                f"encoder {self.id!r}: layer states need a Transformer -> mean pooling pipeline; "
+                "this model has another one"
+            )
+        n_layers = int(getattr(self._st[0].auto_model.config, "num_hidden_layers", 0))
+        if layers and layers[-1] > n_layers:
+            raise ValueError(f"encoder {self.id!r} has {n_layers} layers; asked for layer {layers[-1]}")
+        if not texts:
+            return np.zeros((0, self.dim * (1 + len(layers))), dtype=np.float32)
+        return self._encode_fast(texts, batch_size, show_progress, layers)
 
     def encode_sentence_transformers(
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool | None = None

@@ -129,7 +129,7 @@ def evaluate_seed(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
     def predict(split: str) -> tuple[dict[str, np.ndarray], list[str]]:
         prompts = fitted.wide[split][0]["prompt"]
         X = fitted.X_of(prompts)
-        tasks = fitted.router.task_head.predict(X, texts=list(prompts))
+        tasks = fitted.router.task_head.predict(fitted.task_X_of(prompts), texts=list(prompts))
         preds = {}
         for hname, head in heads.items():
             preds[hname] = (

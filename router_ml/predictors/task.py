@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from router_ml.data.taxonomy import TASK_TYPES
+from router_ml.embeddings.base import check_layers
 from router_ml.predictors.base import BasePredictor, as_float_matrix, check_state
 from router_ml.predictors.task_text import (
     CUE_LEXICON_CRC,
@@ -76,6 +77,12 @@ class TaskClassifier(BasePredictor):
     ``(L, text_features)`` array. ``cue_scale > 0`` adds the hand-written instruction cues of
     :mod:`router_ml.predictors.task_text` (per task type, in the view and in the whole prompt), times
     ``cue_scale``; weights ``(L, n_cues)``. Such a head needs the prompt texts at predict time too.
+
+    ``layers``: encoder layers (0 = token embeddings, as Hugging Face's ``hidden_states``) whose
+    mean-pooled, unit-norm states the head reads beside the sentence embedding; ``X`` is then the
+    encoder's ``encode_layers`` output, ``(n, dim * (1 + len(layers)))``, and ``LearnedRouter``
+    asks its encoder for it. The middle layers keep more of the request's form (an instruction vs
+    a question about code) than the last one, which sentence-similarity training shaped.
     """
 
     name = "task"
@@ -92,6 +99,7 @@ class TaskClassifier(BasePredictor):
         text_scale: float = 2.0,
         view_words: int = 16,
         cue_scale: float = 0.0,
+        layers: Sequence[int] = (),
     ) -> None:
         self.labels = labels
         self.C = C
@@ -103,6 +111,7 @@ class TaskClassifier(BasePredictor):
         self.text_scale = text_scale
         self.view_words = view_words
         self.cue_scale = cue_scale
+        self.layers = list(check_layers(layers))
 
     def _hashed(self, texts: Sequence[str] | None, n: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Hashed instruction-view features per text (see :func:`task_text.hashed_view`)."""

@@ -34,6 +34,13 @@ class TimedEncoder:
         finally:
             self.last_s = time.perf_counter() - t
 
+    def encode_layers(self, *args: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.inner.encode_layers(*args, **kw)
+        finally:
+            self.last_s = time.perf_counter() - t
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 

@@ -1,0 +1,129 @@
+"""A task head that reads MiniLM's intermediate layer states: the encoder gives them from its one
+forward pass (checked against Hugging Face's ``hidden_states``), the cache keeps them apart, and a
+router with such a head trains, routes, saves and loads; mismatches are refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from router_ml import LearnedRouter
+from router_ml.checkpoint import CheckpointError
+from router_ml.data.labelled import load_labelled
+from router_ml.data.taxonomy import TASK_TYPES
+from router_ml.embeddings import CachedEncoder, SentenceTransformerEncoder, StaticEncoder
+from router_ml.embeddings.base import LayeredEncoder, check_layers
+from router_ml.predictors import TaskClassifier
+
+TEXTS = [
+    "Summarize this email in two sentences: the launch moved to Friday; send slides by Wednesday.",
+    "Is this review positive or negative? 'The battery died after two days.'",
+    "Write a Python function that merges two sorted lists.",
+    " ".join(["the router reads a very long prompt"] * 80),  # > 256 tokens: truncated
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> SentenceTransformerEncoder:
+    return SentenceTransformerEncoder()
+
+
+def test_layer_states_are_hugging_face_hidden_states_pooled(minilm):
+    import torch
+
+    wide = minilm.encode_layers(TEXTS, [3, 4])
+    assert wide.shape == (len(TEXTS), 3 * 384) and wide.dtype == np.float32
+    np.testing.assert_allclose(wide[:, :384], minilm.encode(TEXTS), atol=1e-6)  # the embedding first
+    st = minilm._load()
+    tok, net = st[0].tokenizer, st[0].auto_model
+    with torch.inference_mode():
+        for i, text in enumerate(TEXTS):
+            hidden = net(
+                **tok([text], truncation=True, max_length=256, return_tensors="pt"), output_hidden_states=True
+            )
+            for j, k in enumerate((3, 4), start=1):
+                ref = hidden.hidden_states[k][0].mean(0)
+                ref = (ref / ref.norm()).numpy()
+                np.testing.assert_allclose(wide[i, j * 384 : (j + 1) * 384], ref, atol=1e-4)
+    # one prompt alone (the live path) gives the same row
+    np.testing.assert_allclose(minilm.encode_layers(TEXTS[:1], [3, 4])[0], wide[0], atol=1e-5)
+
+
+def test_layer_requests_are_checked(minilm):
+    assert check_layers([3, 4]) == (3, 4)
+    for bad in ([4, 3], [3, 3], [-1], ["x"]):
+        with pytest.raises(ValueError, match="layers"):
+            check_layers(bad)
+    with pytest.raises(ValueError, match="has 6 layers"):
+        minilm.encode_layers(TEXTS[:1], [7])
+    with pytest.raises(ValueError, match="cannot give its layer states"):
+        LayeredEncoder(StaticEncoder(), [3])
+    with pytest.raises(ValueError, match="layers"):
+        TaskClassifier(layers=[5, 2])
+
+
+def test_cache_keeps_layer_states_apart_and_reuses_them(minilm, tmp_path, monkeypatch):
+    cached = CachedEncoder(minilm, cache_dir=tmp_path)
+    wide = cached.encode_layers(TEXTS, [3])
+    np.testing.assert_allclose(wide, minilm.encode_layers(TEXTS, [3]), atol=1e-6)
+    assert cached.encode(TEXTS).shape == (len(TEXTS), 384)  # the plain vectors under their own id
+    assert LayeredEncoder(minilm, [3]).id == "st:all-MiniLM-L6-v2+layers:3"
+
+    def no_forward(*a, **k):
+        raise AssertionError("a cached text was encoded again")
+
+    monkeypatch.setattr(minilm, "encode_layers", no_forward)
+    np.testing.assert_array_equal(CachedEncoder(minilm, cache_dir=tmp_path).encode_layers(TEXTS, [3]), wide)
+
+
+@pytest.fixture(scope="module")
+def layered_router(trained_run, embedding_cache, tmp_path_factory):
+    """The trained router with its task head refitted on the embedding plus layer-3 states."""
+    router = LearnedRouter.from_pretrained(trained_run / "checkpoint")
+    cached = CachedEncoder(router.encoder)
+    lab = load_labelled("project")
+    head = TaskClassifier(labels=list(TASK_TYPES), class_weight="balanced", text_features=4096, layers=[3])
+    head.fit(cached.encode_layers(list(lab["prompt"]), [3]), list(lab["task"]), texts=list(lab["prompt"]))
+    router.task_head = head
+    path = tmp_path_factory.mktemp("layered") / "checkpoint"
+    router.save_pretrained(path)
+    return router, path
+
+
+def test_router_with_layer_states_routes_saves_and_loads(layered_router):
+    router, path = layered_router
+    prompts = load_labelled("fresh")["prompt"].tolist()[:20]
+    assert json.loads((path / "router.json").read_text())["task_head"]["params"]["layers"] == [3]
+    loaded = LearnedRouter.from_pretrained(path)
+    assert loaded.task_layers == (3,)
+    probs = router.predict_task_proba(prompts)
+    np.testing.assert_allclose(loaded.predict_task_proba(prompts).to_numpy(), probs.to_numpy(), atol=1e-9)
+    batch = loaded.route_batch(prompts)
+    for p, d in zip(prompts, batch, strict=True):  # one prompt (the live path) as in the batch
+        one = loaded.route(p)
+        assert (one.model, one.task) == (d.model, d.task)
+        assert one.task_confidence == pytest.approx(d.task_confidence, abs=1e-5)
+    fresh = load_labelled("fresh")
+    acc = np.mean(np.array(loaded.predict_task(fresh["prompt"].tolist())) == fresh["task"].to_numpy())
+    assert acc > 0.8  # trained on the project prompts, tested on the blind set
+
+
+def test_layer_mismatches_are_refused_by_name(layered_router, tmp_path):
+    router, path = layered_router
+
+    class SentenceVectorsOnly:  # the real MiniLM, without access to its layers
+        id, dim = router.encoder.id, router.encoder.dim
+        encode = router.encoder.encode
+
+    with pytest.raises(CheckpointError, match="cannot give"):
+        LearnedRouter.from_pretrained(path, encoder=SentenceVectorsOnly())
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "router.json").read_text())
+    cfg["task_head"]["params"]["layers"] = [3, 4]
+    (bad / "router.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="takes 768 features"):
+        LearnedRouter.from_pretrained(bad)
