@@ -8,6 +8,7 @@ fallback list and a readable reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -131,7 +132,7 @@ def argmax_cheapest(score: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 
 def fallback_order(
-    quality: np.ndarray, is_local: np.ndarray, chosen: int, usable: np.ndarray, max_len: int = 3
+    quality: Sequence[float], is_local: Sequence[bool], chosen: int, usable: Sequence[bool], max_len: int = 3
 ) -> list[int]:
     """The fallback chain after ``chosen`` for one request, as in the seed article's FallbackRouter.
 

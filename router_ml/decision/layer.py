@@ -247,19 +247,21 @@ class DecisionLayer:
             )[0]
         t = int(np.argmax(task_proba))
         task = task_labels[t]
-        cols, max_tokens, params_b = self._model_parts(models)
+        sel, pin, pout, is_local, params_b, max_tokens = self._one_parts(models)
         ce = self.cost_model.estimate_one(prompt, task, input_tokens=prepared)
         ttft, latency = self.latency_model.expected_one(ce.output_tokens)
-        in_tok, pin, pout = ce.input_tokens[cols], self.pool.input_price[cols], self.pool.output_price[cols]
+        cost, in_tok = ce.cost_usd, ce.input_tokens
+        if sel is not None:  # the pool holds more models than these, or in another order
+            cost, ttft, latency, in_tok = cost[sel], ttft[sel], latency[sel], in_tok[sel]
         est = Estimates.unchecked(
             models=self.models_,
             quality=np.asarray(quality, dtype="float64")[None, :],
             tasks=np.array([task], dtype=object),
-            cost=ce.cost_usd[cols][None, :],
-            ttft=ttft[cols][None, :],
-            latency=latency[cols][None, :],
-            is_local=self.pool.is_local[cols],
-            params_b=params_b.copy(),
+            cost=cost[None, :],
+            ttft=ttft[None, :],
+            latency=latency[None, :],
+            is_local=is_local,
+            params_b=params_b,
             task_proba=task_proba[None, :],
             cost_upper=((in_tok * pin + max_tokens * pout) / 1e6)[None, :],
         )
@@ -275,6 +277,25 @@ class DecisionLayer:
             models,
             range(len(models)),
         )
+
+    def _one_parts(self, models: Sequence[str]) -> tuple[Any, ...]:
+        """(pool columns of ``models`` or None when they are the whole pool in order, and their
+        input and output prices, is_local, params_b and max_tokens rows), kept per (pool, models)
+        and read-only: what ``decide_one`` would otherwise cut from the pool on every call."""
+        key = tuple(models)
+        cache = getattr(self, "_one", None)
+        if cache is None or cache[0] is not self.pool:
+            cache = self._one = (self.pool, {})
+        got = cache[1].get(key)
+        if got is None:
+            cols, max_tokens, params_b = self._model_parts(models)
+            rows = [a[cols] for a in (self.pool.input_price, self.pool.output_price, self.pool.is_local)]
+            rows += [params_b.copy(), max_tokens.copy()]
+            for a in rows:
+                a.flags.writeable = False
+            whole = len(cols) == len(self.pool) and bool((cols == np.arange(len(cols))).all())
+            got = cache[1][key] = (None if whole else cols, *rows)
+        return got
 
     def _decision(
         self,
@@ -297,13 +318,14 @@ class DecisionLayer:
             reason += f"; {fitted[j]} is not allowed here: best predicted allowed model {fitted[k]}"
             j, rule_tokens = k, None
         # the last resort may be a local model outside the policy's constraints, never a non-candidate
-        chain = fallback_order(row.quality[0], row.is_local & allowed, j, usable, self.max_fallbacks)
+        q = row.quality[0].tolist()  # plain floats: the chain and the dict index them one by one
+        chain = fallback_order(q, (row.is_local & allowed).tolist(), j, usable.tolist(), self.max_fallbacks)
         max_tokens = rule_tokens or self.pool.get(fitted[j]).max_tokens
         return RoutingDecision(
             model=fitted[j],
             task=task,
             task_confidence=task_confidence,
-            predicted_quality={m: float(row.quality[0, k]) for m, k in zip(models, cols, strict=True)},
+            predicted_quality={m: q[k] for m, k in zip(models, cols, strict=True)},
             reason=f"task {task} (p={task_confidence:.2f}); {reason}",
             fallbacks=[fitted[k] for k in chain],
             policy=policy.name,
