@@ -101,16 +101,21 @@ class LearnedRouter:
         text (word features, token counts) runs before the encoder, while the CPU caches still
         hold what it reads; the encoder's weights flush them."""
         task_text = self.task_head.text_part_one(prompt)
-        quality_text = self.quality_head.text_part_one(prompt)
+        rows = hasattr(self.quality_head, "predict_one") and (
+            self.calibrator is None or hasattr(self.calibrator, "transform_one")
+        )  # heads and calibrators of this package have one-row methods; others take the batch path
+        quality_text = self.quality_head.text_part_one(prompt) if rows else None
         one = policy is not None and hasattr(policy, "decide_one")
         prepared = policy.prepare_one(prompt) if one else None
         X, X_task = self._encode([prompt])
-        x = X[0]
         task_p = self.task_head.proba_one(X_task[0], text_part=task_text)
-        q = self.quality_head.predict_one(x, prompt, text_part=quality_text)
-        if self.calibrator is not None:
-            q = self.calibrator.transform_one(q)
-        q = np.clip(q, 0.0, 1.0)
+        if rows:
+            q = self.quality_head.predict_one(X[0], prompt, text_part=quality_text)
+            if self.calibrator is not None:
+                q = self.calibrator.transform_one(q)
+            q = np.clip(q, 0.0, 1.0)
+        else:
+            q = self._quality_from_embeddings(X, texts=[prompt])[0]
         names = [self.models[j] for j in cand]
         if one:
             return policy.decide_one(
