@@ -344,12 +344,10 @@ def speed_only(head: str) -> dict:
     encoder = build_encoder("minilm")
     cached = CachedEncoder(encoder)
     t0 = time.perf_counter()
-    X_tr, X_va, X_task = (
-        cached.encode(list(p)) for p in (p_tr["prompt"], p_va["prompt"], task_train["prompt"])
-    )
+    X_tr, X_va = (cached.encode(list(p)) for p in (p_tr["prompt"], p_va["prompt"]))
+    layers, task_texts = TASK_HEAD.get("layers"), list(task_train["prompt"])
+    X_task = cached.encode_layers(task_texts, layers) if layers else cached.encode(task_texts)
     out: dict = {"embed_s": time.perf_counter() - t0}
-    if TASK_HEAD.get("layers"):
-        X_task = cached.encode_layers(list(task_train["prompt"]), TASK_HEAD["layers"])
     task_head = TaskClassifier(labels=list(TASK_TYPES), **TASK_HEAD)
     task_head.fit(X_task, list(task_train["task"]), texts=list(task_train["prompt"]))
     quality = build_quality_predictor(head).fit(X_tr, Y_tr, task_ids_of(p_tr[TASK_KEY.get(head, "task")]))

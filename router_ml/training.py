@@ -213,14 +213,6 @@ def fit_router(
     encoder = encoder or build_encoder(cfg["encoder"])
     cached = CachedEncoder(encoder, cache_dir=cfg.get("cache_dir"))
     task_train, task_test = task_training_data(splits, cfg.get("task_data", {}), seed)
-    texts = sorted(set(table["prompt"]) | set(task_train["prompt"]) | set(task_test["prompt"]))
-    t0 = time.perf_counter()
-    emb = dict(zip(texts, cached.encode(texts), strict=True))
-    metrics["time/embed_s"] = time.perf_counter() - t0
-
-    def X_of(prompts: pd.Series) -> np.ndarray:
-        return np.stack([emb[p] for p in prompts]).astype("float32")
-
     if task_head is None:
         task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
     layers = tuple(getattr(task_head, "layers", None) or ())
@@ -229,9 +221,20 @@ def fit_router(
             f"task_head.params.layers={list(layers)} needs an encoder that gives its layer states "
             f"(a sentence-transformers model); encoder {encoder.id!r} does not: set task_head.params.layers=[]"
         )
+    t0 = time.perf_counter()
+    # the task head's prompts in one forward pass: with layers, their embedding is the first block
+    task_texts = sorted(set(task_train["prompt"]) | set(task_test["prompt"]))
+    task_X = dict(zip(task_texts, cached.encode_layers(task_texts, layers), strict=True)) if layers else {}
+    emb = {t: v[: encoder.dim] for t, v in task_X.items()}
+    rest = sorted((set(table["prompt"]) | set(task_texts)) - set(emb))
+    emb.update(zip(rest, cached.encode(rest), strict=True))
+    metrics["time/embed_s"] = time.perf_counter() - t0
+
+    def X_of(prompts: pd.Series) -> np.ndarray:
+        return np.stack([emb[p] for p in prompts]).astype("float32")
 
     def X_task(prompts: pd.Series) -> np.ndarray:  # with layers: the embedding and layer states
-        return cached.encode_layers(list(prompts), layers) if layers else X_of(prompts)
+        return np.stack([task_X[p] for p in prompts]) if layers else X_of(prompts)
 
     if not hasattr(task_head, "coef_"):
         t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,16 +39,8 @@ def trained_run(tmp_path_factory, embedding_cache) -> Path:
     from router_ml.training import train
 
     run = tmp_path_factory.mktemp("run")
-    cfg = {
-        "name": "test-simulated-knn",
-        "seed": 0,
-        "data": {"name": "simulated", "adapter": "simulated", "sources": ["project"], "options": {"seed": 0}},
-        "encoder": {"type": "sentence_transformer", "model": "minilm"},
-        "predictor": {"name": "knn", "params": {"k": 10}},
-        "calibrator": {"name": "isotonic"},
-        "task_head": {"params": {"class_weight": "balanced", "text_features": 4096, "view_words": 16}},
-        "split": {"test_size": 0.2, "val_size": 0.1},
-        "task_data": {},
-    }
+    from experiments.bench_servers import SMALL_ROUTER  # the small router the proxy benchmarks serve
+
+    cfg = {**copy.deepcopy(SMALL_ROUTER), "name": "test-simulated-knn"}
     train(cfg, run_dir=run)
     return run
