@@ -124,6 +124,42 @@ class Estimates:
         )
 
 
+class Row:
+    """The estimates of one request over its ``m`` models as plain Python lists: what a policy's
+    row methods (``usable_row``, ``choose_row``, ``explain_row``) read on the live one-prompt path,
+    where numpy's per-call cost on a few models, paid on CPU caches the encoder has just flushed,
+    outweighs the arithmetic. Every request may use every model (no ``feasible`` mask)."""
+
+    __slots__ = ("cost", "is_local", "latency", "models", "quality", "task", "ttft")
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        task: str,
+        quality: list[float],
+        cost: list[float],
+        ttft: list[float],
+        latency: list[float],
+        is_local: list[bool],
+    ) -> None:
+        self.models, self.task, self.quality, self.cost = models, task, quality, cost
+        self.ttft, self.latency, self.is_local = ttft, latency, is_local
+
+
+def argmax_cheapest_row(score: Sequence[float], cost: Sequence[float]) -> int:
+    """:func:`argmax_cheapest` of one row of plain floats."""
+    best = max(score)
+    return min((j for j in range(len(score)) if score[j] >= best - 1e-12), key=lambda j: (cost[j], j))
+
+
+def argmin_row(values: Sequence[float]) -> int:
+    """``np.argmin`` of one row of plain floats: the first minimum, or the first NaN if any."""
+    for j, v in enumerate(values):
+        if v != v:
+            return j
+    return min(range(len(values)), key=lambda j: (values[j], j))
+
+
 def argmax_cheapest(score: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """(n,) argmax of ``score`` per row, ties broken by the lower ``cost`` (then the lower index)."""
     best = np.max(score, axis=1, keepdims=True)

@@ -317,6 +317,13 @@ class CostModel:
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 
+    def output_tokens_one(self, task: str) -> list[float]:
+        """Expected output tokens of a ``task`` request per pool model, capped by each model's
+        ``max_tokens``, as plain floats (what :meth:`estimate_one` computes as an array)."""
+        return np.minimum(
+            self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1]
+        ).tolist()
+
     def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray]:
         """(token counter and its pool columns per distinct tokenizer, ``(m,)`` max_tokens caps with
         inf for none), worked out once per pool."""

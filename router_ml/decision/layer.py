@@ -24,6 +24,7 @@ from router_ml.decision.base import (
     Estimates,
     PolicyError,
     RoutingDecision,
+    Row,
     argmax_cheapest,
     fallback_order,
 )
@@ -247,6 +248,8 @@ class DecisionLayer:
             )[0]
         t = int(np.argmax(task_proba))
         task = task_labels[t]
+        if hasattr(policy, "choose_row"):
+            return self._decide_row(policy, prompt, quality, models, task, float(task_proba[t]), prepared)
         sel, pin, pout, is_local, params_b, max_tokens = self._one_parts(models)
         ce = self.cost_model.estimate_one(prompt, task, input_tokens=prepared)
         ttft, latency = self.latency_model.expected_one(ce.output_tokens)
@@ -277,6 +280,66 @@ class DecisionLayer:
             models,
             range(len(models)),
         )
+
+    def _decide_row(
+        self,
+        policy: Policy,
+        prompt: str,
+        quality: np.ndarray,
+        models: Sequence[str],
+        task: str,
+        task_confidence: float,
+        prepared: np.ndarray | None,
+    ) -> RoutingDecision:
+        """``decide_one`` for a policy with row methods: the estimates of the request as plain
+        floats (:class:`~router_ml.decision.base.Row`), the same arithmetic in the same order."""
+        sel, is_local, pin, pout = self._row_parts(models)
+        in_tok = (self.cost_model.input_tokens_one(prompt) if prepared is None else prepared).tolist()
+        out_tok = self.cost_model.output_tokens_one(task)
+        cost = [(i * a + o * b) / 1e6 for i, a, o, b in zip(in_tok, pin, out_tok, pout, strict=True)]
+        ttft, latency = self.latency_model.expected_row(out_tok)
+        if sel is not None:  # the pool holds more models than these, or in another order
+            cost, ttft, latency = [cost[k] for k in sel], [ttft[k] for k in sel], [latency[k] for k in sel]
+        q = np.asarray(quality, dtype="float64").tolist()
+        row = Row(self.models_, task, q, cost, ttft, latency, is_local)
+        usable = policy.usable_row(row)
+        j = policy.choose_row(row, usable)
+        reason = policy.explain_row(row, j, usable)
+        chain = fallback_order(q, is_local, j, usable, self.max_fallbacks)
+        fitted = self.models_
+        max_tokens = getattr(policy, "max_tokens_", {}).get(task) or self.pool.get(fitted[j]).max_tokens
+        return RoutingDecision(
+            model=fitted[j],
+            task=task,
+            task_confidence=task_confidence,
+            predicted_quality=dict(zip(models, q, strict=True)),
+            reason=f"task {task} (p={task_confidence:.2f}); {reason}",
+            fallbacks=[fitted[k] for k in chain],
+            policy=policy.name,
+            expected_cost_usd=cost[j],
+            expected_ttft_s=ttft[j],
+            expected_latency_s=latency[j],
+            max_tokens=None if max_tokens is None else int(max_tokens),
+        )
+
+    def _row_parts(self, models: Sequence[str]) -> tuple[Any, ...]:
+        """:meth:`_one_parts` as plain Python, kept per (pool, models): (pool columns of ``models``
+        as a list, or None when they are the whole pool in order; their is_local flags; the pool's
+        input and output prices per million tokens, in pool order)."""
+        key = tuple(models)
+        cache = getattr(self, "_rows", None)
+        if cache is None or cache[0] is not self.pool:
+            cache = self._rows = (self.pool, {})
+        got = cache[1].get(key)
+        if got is None:
+            sel, _, _, is_local, _, _ = self._one_parts(models)
+            got = cache[1][key] = (
+                None if sel is None else sel.tolist(),
+                is_local.tolist(),
+                self.pool.input_price.tolist(),
+                self.pool.output_price.tolist(),
+            )
+        return got
 
     def _one_parts(self, models: Sequence[str]) -> tuple[Any, ...]:
         """(pool columns of ``models`` or None when they are the whole pool in order, and their
