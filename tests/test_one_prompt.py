@@ -9,6 +9,7 @@ import pytest
 from router_ml import LearnedRouter
 from router_ml.data.labelled import load_labelled
 from router_ml.decision import DecisionLayer, ModelPool, build_policy
+from router_ml.decision.base import PolicyError
 from router_ml.embeddings import CachedEncoder
 from router_ml.predictors import (
     QUALITY_PREDICTORS,
@@ -133,6 +134,9 @@ CASES = [
     ("utility", {}, {"slo": "realtime"}),
     ("utility", {}, {"latency_slo_s": 2.0, "lam": 50.0}),
     ("utility", {}, {"target_quality": 0.7}),
+    ("utility", {}, {"target_quality": 0.999}),  # nothing reaches it: the best predicted
+    ("utility", {}, {"max_cost_usd": 1e-12}),  # nothing is usable: the cheapest, and the reason says so
+    ("utility", {}, {"latency_slo_s": 1e-6}),  # nothing is usable: the fastest
     ("capability", {}, {}),
     ("latency_aware", {}, {}),
     ("threshold", {}, {}),
@@ -156,6 +160,28 @@ def test_one_prompt_decisions_equal_the_batch_path(router, policy, params, const
         assert len(chosen) > 1  # the prompts do tell the models apart
 
 
+def test_one_prompt_with_models_allowed_per_task_equals_the_batch_path(router):
+    allowed = {"code": router.models[:2], "qa": router.models[-1:]}
+    layer = DecisionLayer(
+        build_policy({"name": "utility", "lam": 10.0, "allowed_per_task": allowed}), ModelPool.simulated()
+    )
+    layer.fit_router(router)
+    tasks = set()
+    for prompt in load_labelled("project").groupby("task").head(6)["prompt"].tolist():
+        got = router.route(prompt, policy=layer)
+        _same(got, _batch_reference(router, layer, prompt))
+        tasks.add(got.task)
+        if got.task in allowed:
+            assert got.model in allowed[got.task]
+    assert {"code", "qa"} <= tasks
+    bad = DecisionLayer(
+        build_policy({"name": "utility", "allowed_per_task": {"qa": ["no-such-model"]}}),
+        ModelPool.simulated(),
+    )
+    with pytest.raises(PolicyError, match="no-such-model"):
+        router.route("What is the capital of France?", policy=bad.fit_router(router))
+
+
 def test_one_prompt_with_some_candidates_equals_the_batch_path(router):
     layer = DecisionLayer(build_policy({"name": "utility", "lam": 100.0}), ModelPool.simulated())
     layer.fit_router(router)
@@ -165,3 +191,24 @@ def test_one_prompt_with_some_candidates_equals_the_batch_path(router):
             router.route(prompt, policy=layer, allowed_models=allowed),
             _batch_reference(router, layer, prompt, allowed),
         )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Summarize this: the cat sat on the mat.",
+        "请总结这篇文章，并分类。 Then classify it: spam or not?",
+        "İSTANBUL'da HAVA nasıl? What is the weather like in İstanbul today?",
+        "def f(x):\n    return x  # Traceback: fix this bug " + "word " * 200 + "Write a poem about it.",
+        "ok",
+        "",
+    ],
+)
+def test_fused_text_terms_are_the_batch_features(text):
+    from router_ml.predictors.task_text import cue_features, hashed_view, text_terms_one
+
+    (idx,), (w,) = hashed_view([text], 2**15, 16, 1.5)
+    got_idx, got_w, got_cues = text_terms_one(text, 2**15, 16, 1.5, cues=True)
+    assert got_idx == idx.tolist() and got_w == w
+    assert got_cues == cue_features([text], 16)[0].tolist()
+    assert text_terms_one(text, 0, 16, 1.5, cues=False) == ([], 0.0, None)

@@ -10,6 +10,7 @@ change the confidence the temperature was fitted for. Inference is numpy:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from router_ml.predictors.task_text import (
     cue_features,
     hashed_view,
     sparse_rows,
+    text_terms_one,
 )
 
 
@@ -247,6 +249,7 @@ class TaskClassifier(BasePredictor):
         self.intercept_ = np.ascontiguousarray(b, dtype=np.float64)
         self.temperature_ = np.ascontiguousarray(temperature, dtype=np.float64)
         self._coef_t = np.ascontiguousarray(self.coef_.T)
+        self._intercept_list, self._temperature = self.intercept_.tolist(), float(self.temperature_[0])
         self.dim_ = int(self.coef_.shape[1])
 
     def decision_function(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
@@ -269,13 +272,17 @@ class TaskClassifier(BasePredictor):
         need no embedding, so the live path computes them before the encoder runs, while the CPU
         caches still hold what they read (the encoder's weights flush them)."""
         self._check_fitted("coef_")
+        if not self.text_features and not self.cue_scale:
+            return []
+        (text,) = self._texts(None if text is None else [text], 1)
+        idx, w, cues = text_terms_one(
+            text, int(self.text_features), int(self.view_words), float(self.text_scale), bool(self.cue_scale)
+        )
         parts = []
-        if self.text_features:
-            (idx,), (w,) = self._hashed(None if text is None else [text], 1)
-            if len(idx):
-                parts.append(self._text_coef_t[idx].sum(axis=0) * w)
-        if self.cue_scale:
-            parts.append(self._cues(None if text is None else [text], 1)[0] @ self._cue_coef_t)
+        if self.text_features and idx:
+            parts.append(self._text_coef_t[idx].sum(axis=0) * w)
+        if cues is not None:
+            parts.append(np.array(cues) * float(self.cue_scale) @ self._cue_coef_t)
         return parts
 
     def proba_one(
@@ -287,12 +294,17 @@ class TaskClassifier(BasePredictor):
         self._check_fitted("coef_")
         if x.shape != (self.dim_,):
             raise ValueError(f"TaskClassifier: expected one embedding of shape ({self.dim_},), got {x.shape}")
-        z = np.asarray(x, dtype=np.float64) @ self._coef_t + self.intercept_
+        # the product in numpy, the L-wide rest in plain floats (same operations, same order)
+        z = (np.asarray(x, dtype=np.float64) @ self._coef_t).tolist()
+        z = [a + b for a, b in zip(z, self._intercept_list, strict=True)]
         for term in self.text_part_one(text) if text_part is None else text_part:
-            z = z + term
-        z = z / self.temperature_[0]
-        e = np.exp(z - z.max())
-        return e / e.sum()
+            z = [a + b for a, b in zip(z, term.tolist(), strict=True)]
+        t = self._temperature
+        z = [a / t for a in z]
+        top = max(z)
+        e = [math.exp(a - top) for a in z]
+        total = sum(e)
+        return np.array([a / total for a in e])
 
     def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> list[str]:
         """Most probable label per row: ``(n, d) -> list of n strings``."""

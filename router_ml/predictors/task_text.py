@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import zlib
 from collections.abc import Sequence
@@ -138,6 +139,32 @@ def cue_features(texts: Sequence[str], view_words: int) -> np.ndarray:
                 n = len(rx.findall(s))
                 out[i, 2 * j + k] = n if cjk_free else n + sum(s.count(c) for c in cjk)
     return np.log1p(out)
+
+
+def text_terms_one(
+    text: str, n_features: int, view_words: int, scale: float, cues: bool
+) -> tuple[list[int], float, list[float] | None]:
+    """One prompt's :func:`hashed_view` (its indices and weight; none for ``n_features`` 0) and,
+    with ``cues``, its :func:`cue_features` row, from one lower-cased instruction view: the same
+    values, in plain Python (the live one-prompt path)."""
+    low = str(text).lower()
+    view = instruction_view(low, view_words)  # = instruction_view(text).lower(): lower() keeps whitespace
+    idx: list[int] = []
+    if n_features > 0:
+        toks = _TOKEN.findall(view)
+        feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
+        idx = sorted({zlib.crc32(f.encode()) % int(n_features) for f in feats})
+    weight = float(scale) / math.sqrt(len(idx)) if idx else 0.0
+    if not cues:
+        return idx, weight, None
+    cjk_free = low.isascii()
+    row = []
+    for task in CUE_TASKS:
+        rx, cjk = _CUE_RX[task], _CUES[task][1]
+        for s in (view, low):
+            n = len(rx.findall(s))
+            row.append(math.log1p(n if cjk_free else n + sum(s.count(c) for c in cjk)))
+    return idx, weight, row
 
 
 def sparse_rows(rows: list[np.ndarray], weights: np.ndarray, n_features: int) -> Any:
