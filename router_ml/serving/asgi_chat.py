@@ -86,7 +86,7 @@ class ChatRoute:
             if length and length.isdigit() and int(length) > settings.max_body_bytes:
                 raise ApiError(413, f"request body is {length} bytes; the limit is {settings.max_body_bytes}")
             body = parse_body(await read_body(receive, settings.max_body_bytes), settings.max_body_bytes)
-            outcome = await self.engine.complete(body, settings.max_prompt_chars)
+            outcome = await self.engine.complete(body, settings.max_prompt_chars, book_later=True)
         except ApiError as e:
             self.metrics.requests.labels(route, str(e.status)).inc()
             await send_json(send, e.status, e.body())
@@ -98,11 +98,14 @@ class ChatRoute:
             return
         self.metrics.requests.labels(outcome.route, "200").inc()
         if outcome.stream is None:
-            raw = outcome.result.raw
-            raw = dict(raw) if isinstance(raw, dict) else {}
-            raw["model"] = outcome.result.backend
-            raw["id"] = raw.get("id") or outcome.request_id
-            await send_json(send, 200, raw, outcome.headers)
+            try:
+                raw = outcome.result.raw
+                raw = dict(raw) if isinstance(raw, dict) else {}
+                raw["model"] = outcome.result.backend
+                raw["id"] = raw.get("id") or outcome.request_id
+                await send_json(send, 200, raw, outcome.headers)
+            finally:  # booked once the answer is written out (or the client has gone)
+                self.engine.book(outcome)
             return
         await self._stream(outcome, prompt_of(body["messages"]), receive, send)
 

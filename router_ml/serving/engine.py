@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ class Outcome:
     stream: ChatStream | None = None
     headers: dict[str, str] = field(default_factory=dict)
     decision_s: float = 0.0
+    prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
 
 
 class RoutingEngine:
@@ -110,6 +112,9 @@ class RoutingEngine:
         self.ledger = ledger if ledger is not None else MemoryLedger()
         self.routing_log = routing_log
         self.on_finish = on_finish
+        # request ids: a random prefix per process start and a counter (unique across restarts and
+        # replicas without an os.urandom call per request, which costs ~10 us right after the encoder)
+        self._id_prefix, self._ids = secrets.token_hex(8), itertools.count()
         # the decision layer prices and times the ROUTER's model names with their backends' specs
         pool = catalog.pool()
         from router_ml.decision.spec import ModelPool
@@ -231,11 +236,17 @@ class RoutingEngine:
             raise ApiError(400, str(e), param="model") from None
 
     # ---- one request ---------------------------------------------------------------------------
-    async def complete(self, body: Mapping[str, Any], max_prompt_chars: int = 200_000) -> Outcome:
-        """Validate, route and call; a stream is returned open (iterate ``outcome.stream``)."""
+    async def complete(
+        self, body: Mapping[str, Any], max_prompt_chars: int = 200_000, book_later: bool = False
+    ) -> Outcome:
+        """Validate, route and call; a stream is returned open (iterate ``outcome.stream``).
+
+        A finished answer is booked (spend, latency, routing log, metrics) before this returns;
+        with ``book_later`` the caller books it with :meth:`book` once the answer is on its way
+        to the client (the proxy: booking is then off the response's critical path)."""
         model, messages = validate_chat(dict(body), max_prompt_chars)
         route, layer, constraints = self.resolve(model)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):016x}"
         stream = bool(body.get("stream", False))
         payload = {k: v for k, v in body.items() if k != "model"}
         decision, encode_s, t0 = None, 0.0, time.perf_counter()
@@ -271,7 +282,10 @@ class RoutingEngine:
             outcome.stream = got
         else:
             outcome.result = got
-            self._finish(outcome, prompt_of(messages))
+            if book_later:
+                outcome.prompt = prompt_of(messages)
+            else:
+                self._finish(outcome, prompt_of(messages))
         outcome.headers["x-router-served-model"] = self._served_name(got)
         if isinstance(got, ChatResult) and len(got.tried) > 1:  # why the earlier backends were left
             outcome.headers["x-router-tried"] = ",".join(got.tried)
@@ -279,6 +293,12 @@ class RoutingEngine:
                 " | ".join(got.errors)[:512].encode("ascii", "replace").decode()
             )
         return outcome
+
+    def book(self, outcome: Outcome) -> None:
+        """Book a finished answer that :meth:`complete` returned unbooked (``book_later``)."""
+        if outcome.prompt is not None:
+            prompt, outcome.prompt = outcome.prompt, None
+            self._finish(outcome, prompt)
 
     def _served_name(self, got: ChatResult | ChatStream) -> str:
         if isinstance(got, ChatResult):
