@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.bench_proxy import one_request, start_servers
-from experiments.bench_servers import ROOT, ensure_checkpoint, stopping
+from experiments.bench_servers import BENCH_HEADS, ROOT, ensure_checkpoint, stopping
 from router_ml.serving.http11 import FastHTTP
 
 ORDER = ("direct", "rml_pass", "rml_routed")
@@ -89,7 +89,7 @@ async def paired_round(calls: dict, stream: bool, warmup: float, duration: float
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", default=None, help="router checkpoint (default: bench_proxy's small router)")
-    ap.add_argument("--head", choices=["knn", "taskmix"], default="knn", help="quality head of that router")
+    ap.add_argument("--head", choices=BENCH_HEADS, default="knn", help="quality head of that router")
     ap.add_argument("--rounds", type=int, default=3, help="measurement rounds per mode (a median is taken)")
     ap.add_argument("--duration", type=float, default=6.0, help="measured seconds per round")
     ap.add_argument("--warmup", type=float, default=1.0)

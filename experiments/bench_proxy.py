@@ -53,6 +53,7 @@ import numpy as np
 import orjson
 
 from experiments.bench_servers import (
+    BENCH_HEADS,
     MASTER_KEY,
     ROOT,
     Proc,
@@ -338,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
-    ap.add_argument(
-        "--head", choices=["knn", "taskmix"], default="knn", help="quality head of the trained router"
-    )
+    ap.add_argument("--head", choices=BENCH_HEADS, default="knn", help="quality head of the trained router")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument(
         "--client", choices=["fast", "httpx"], default="fast", help="the load generator's HTTP client"

@@ -31,22 +31,25 @@ SMALL_ROUTER = {
     "task_data": {},
 }
 
+#: quality heads the benchmarks can serve (``--head``)
+BENCH_HEADS = ("knn", "taskmix", "mlp")
+
 
 def small_router(head: str) -> dict:
     """The benchmark's router config: ``knn`` (k=10, the field's baseline; a scan of every training
-    prompt per decision) or ``taskmix`` (the head bench_core's evaluation picks), with the task
-    head of ``conf/task_head/logistic.yaml`` for taskmix."""
+    prompt per decision), ``taskmix`` (the head bench_core's evaluation picks) or ``mlp`` (the main
+    job's default head), with the task head of ``conf/task_head/logistic.yaml`` for the last two."""
     if head == "knn":
         return SMALL_ROUTER
-    if head != "taskmix":
-        raise ValueError(f"unknown bench head {head!r}; use knn or taskmix")
+    if head not in BENCH_HEADS:
+        raise ValueError(f"unknown bench head {head!r}; use one of {list(BENCH_HEADS)}")
     from omegaconf import OmegaConf
 
     task_head = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task_head" / "logistic.yaml"))
     return {
         **SMALL_ROUTER,
-        "name": "bench-simulated-taskmix",
-        "predictor": {"name": "taskmix", "task_key": "task", "params": {}},
+        "name": f"bench-simulated-{head}",
+        "predictor": {"name": head, "task_key": "task", "params": {}},
         "task_head": {"params": task_head["params"]},
     }
 
