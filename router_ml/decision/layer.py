@@ -108,20 +108,26 @@ class DecisionLayer:
             observed=observed,
         )
 
+    def _pool_cache(self, attr: str) -> dict[tuple[str, ...], Any]:
+        """The dict kept in ``attr`` for the current pool (a new one when the pool was replaced)."""
+        cache = getattr(self, attr, None)
+        if cache is None or cache[0] is not self.pool:
+            cache = (self.pool, {})
+            setattr(self, attr, cache)
+        return cache[1]
+
     def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pool columns, max_tokens (NaN: none) and params_b (NaN: unknown) of ``models``, each
         ``(m,)``; worked out once per (pool, models)."""
         key = tuple(models)
-        cache = getattr(self, "_parts", None)
-        if cache is None or cache[0] is not self.pool:
-            cache = self._parts = (self.pool, {})
-        got = cache[1].get(key)
+        cache = self._pool_cache("_parts")
+        got = cache.get(key)
         if got is None:
             for name in key:
                 if name not in self.pool:
                     raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
             specs = [self.pool.get(m) for m in key]
-            got = cache[1][key] = (
+            got = cache[key] = (
                 np.array([self.pool.index(m) for m in key], dtype=np.int64),
                 np.array([s.max_tokens or np.nan for s in specs], dtype="float64"),
                 np.array([s.params_b or np.nan for s in specs], dtype="float64"),
@@ -327,13 +333,11 @@ class DecisionLayer:
         as a list, or None when they are the whole pool in order; their is_local flags; the pool's
         input and output prices per million tokens, in pool order)."""
         key = tuple(models)
-        cache = getattr(self, "_rows", None)
-        if cache is None or cache[0] is not self.pool:
-            cache = self._rows = (self.pool, {})
-        got = cache[1].get(key)
+        cache = self._pool_cache("_rows")
+        got = cache.get(key)
         if got is None:
             sel, _, _, is_local, _, _ = self._one_parts(models)
-            got = cache[1][key] = (
+            got = cache[key] = (
                 None if sel is None else sel.tolist(),
                 is_local.tolist(),
                 self.pool.input_price.tolist(),
@@ -346,10 +350,8 @@ class DecisionLayer:
         input and output prices, is_local, params_b and max_tokens rows), kept per (pool, models)
         and read-only: what ``decide_one`` would otherwise cut from the pool on every call."""
         key = tuple(models)
-        cache = getattr(self, "_one", None)
-        if cache is None or cache[0] is not self.pool:
-            cache = self._one = (self.pool, {})
-        got = cache[1].get(key)
+        cache = self._pool_cache("_one")
+        got = cache.get(key)
         if got is None:
             cols, max_tokens, params_b = self._model_parts(models)
             rows = [a[cols] for a in (self.pool.input_price, self.pool.output_price, self.pool.is_local)]
@@ -357,7 +359,7 @@ class DecisionLayer:
             for a in rows:
                 a.flags.writeable = False
             whole = len(cols) == len(self.pool) and bool((cols == np.arange(len(cols))).all())
-            got = cache[1][key] = (None if whole else cols, *rows)
+            got = cache[key] = (None if whole else cols, *rows)
         return got
 
     def _decision(
