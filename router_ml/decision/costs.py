@@ -313,16 +313,17 @@ class CostModel:
         """``estimate`` of one prompt, as ``(m,)`` rows (the live one-prompt path);
         ``input_tokens``: :meth:`input_tokens_one` of the prompt, if already counted."""
         in_tok = self.input_tokens_one(prompt) if input_tokens is None else input_tokens
-        out_tok = np.minimum(self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1])
+        out_tok = self._output_tokens_one(task)
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 
     def output_tokens_one(self, task: str) -> list[float]:
         """Expected output tokens of a ``task`` request per pool model, capped by each model's
         ``max_tokens``, as plain floats (what :meth:`estimate_one` computes as an array)."""
-        return np.minimum(
-            self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1]
-        ).tolist()
+        return self._output_tokens_one(task).tolist()
+
+    def _output_tokens_one(self, task: str) -> np.ndarray:
+        return np.minimum(self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1])
 
     def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray]:
         """(token counter and its pool columns per distinct tokenizer, ``(m,)`` max_tokens caps with

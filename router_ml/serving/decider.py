@@ -28,16 +28,15 @@ class TimedEncoder:
         self.inner, self.last_s = encoder, 0.0
 
     def encode(self, *args: Any, **kw: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return self.inner.encode(*args, **kw)
-        finally:
-            self.last_s = time.perf_counter() - t
+        return self._timed(self.inner.encode, args, kw)
 
     def encode_layers(self, *args: Any, **kw: Any) -> Any:
+        return self._timed(self.inner.encode_layers, args, kw)
+
+    def _timed(self, fn: Callable[..., Any], args: tuple, kw: dict[str, Any]) -> Any:
         t = time.perf_counter()
         try:
-            return self.inner.encode_layers(*args, **kw)
+            return fn(*args, **kw)
         finally:
             self.last_s = time.perf_counter() - t
 
