@@ -219,6 +219,22 @@ def test_numpy_inference_matches_torch_forward(name, fitted, problem):
     np.testing.assert_allclose(head.predict(Xte), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hidden", [[], [16, 8]])
+def test_mlp_numpy_inference_matches_torch_at_any_depth(hidden, problem):
+    """The first layer runs as one product over the members' weights side by side; deeper layers
+    stack per member: both agree with the torch modules, and one row with the batch."""
+    import torch
+
+    X, Y, task, Xte, *_ = problem
+    head = MlpQualityPredictor(hidden=hidden, epochs=3, n_members=3).fit(X, Y, task)
+    Xs = torch.as_tensor((Xte - head.x_mean_) / head.x_scale_)
+    with torch.no_grad():
+        ref = np.mean([torch.sigmoid(m(Xs)[0]).double().numpy() for m in head.module_], axis=0)
+    np.testing.assert_allclose(head.predict(Xte), ref, rtol=1e-5, atol=1e-6)
+    for x in Xte[:10]:
+        np.testing.assert_allclose(head.predict_one(x), head.predict(x[None, :])[0], rtol=0, atol=1e-12)
+
+
 def test_mlp_early_stopping_restores_best_epoch(problem):
     X, Y, task, *_ = problem
     head = MlpQualityPredictor(hidden=[64], epochs=200, patience=3, n_tasks=3, n_members=1).fit(X, Y, task)
