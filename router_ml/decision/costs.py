@@ -301,18 +301,25 @@ class CostModel:
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 
-    def input_tokens_one(self, prompt: str) -> np.ndarray:
-        """``(m,)`` input tokens of one prompt per pool model (each distinct tokenizer counts once)."""
+    def input_tokens_one(self, prompt: str) -> list[float]:
+        """Input tokens of one prompt per pool model, as plain floats (each distinct tokenizer
+        counts once)."""
         counters, _ = self._pool_parts()
-        in_tok = np.empty(len(self.pool), dtype="float64")
+        in_tok = [0.0] * len(self.pool)
         for counter, cols in counters:
-            in_tok[cols] = float(counter.count([prompt])[0])
+            n = float(counter.count([prompt])[0])
+            for j in cols:
+                in_tok[j] = n
         return in_tok
 
-    def estimate_one(self, prompt: str, task: str, input_tokens: np.ndarray | None = None) -> CostEstimate:
+    def estimate_one(
+        self, prompt: str, task: str, input_tokens: Sequence[float] | None = None
+    ) -> CostEstimate:
         """``estimate`` of one prompt, as ``(m,)`` rows (the live one-prompt path);
         ``input_tokens``: :meth:`input_tokens_one` of the prompt, if already counted."""
-        in_tok = self.input_tokens_one(prompt) if input_tokens is None else input_tokens
+        in_tok = np.asarray(
+            self.input_tokens_one(prompt) if input_tokens is None else input_tokens, dtype="float64"
+        )
         out_tok = self._output_tokens_one(task)
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)

@@ -228,7 +228,7 @@ class DecisionLayer:
             for i, j in enumerate(choice)
         ]
 
-    def prepare_one(self, prompt: str) -> np.ndarray:
+    def prepare_one(self, prompt: str) -> list[float]:
         """What ``decide_one`` needs of the prompt alone (its input tokens per pool model), to
         compute before the encoder runs."""
         return self.cost_model.input_tokens_one(prompt)
@@ -240,7 +240,7 @@ class DecisionLayer:
         models: Sequence[str],
         task_proba: np.ndarray,
         task_labels: Sequence[str],
-        prepared: np.ndarray | None = None,
+        prepared: list[float] | None = None,
         **constraints: Any,
     ) -> RoutingDecision:
         """``decide_batch`` for one prompt from ``(m,)`` quality and ``(L,)`` task rows: the same
@@ -295,12 +295,12 @@ class DecisionLayer:
         models: Sequence[str],
         task: str,
         task_confidence: float,
-        prepared: np.ndarray | None,
+        prepared: list[float] | None,
     ) -> RoutingDecision:
         """``decide_one`` for a policy with row methods: the estimates of the request as plain
         floats (:class:`~router_ml.decision.base.Row`), the same arithmetic in the same order."""
         sel, is_local, pin, pout = self._row_parts(models)
-        in_tok = (self.cost_model.input_tokens_one(prompt) if prepared is None else prepared).tolist()
+        in_tok = self.cost_model.input_tokens_one(prompt) if prepared is None else prepared
         out_tok = self.cost_model.output_tokens_one(task)
         cost = [(i * a + o * b) / 1e6 for i, a, o, b in zip(in_tok, pin, out_tok, pout, strict=True)]
         ttft, latency = self.latency_model.expected_row(out_tok)
