@@ -1,0 +1,101 @@
+"""The routing data set shipped inside the package: a compact copy of llmrouter_ulab's training table.
+
+``llmrouter_ulab.parquet`` holds one row per prompt (5,478) with ``prompt_id``, ``task_name``,
+``prompt``, ``metric`` and one float column ``score/<model>`` per model (9), zstd-compressed;
+``llm_candidates.json`` is the source's price table, verbatim. The llmrouter adapter reads this copy
+when ``$ROUTER_ML_DATA_DIR/llmrouter_ulab`` is absent, and gets the same table row for row
+(``tests/test_data.py`` checks it). Provenance and licence (MIT): ``PROVENANCE.md`` and ``LICENSE``
+in this folder. Regenerate it from the source folder with::
+
+    python -m router_ml.data.default --rebuild                 # from $ROUTER_ML_DATA_DIR/llmrouter_ulab
+    python -m router_ml.data.default --check                   # the shipped copy still matches the source
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_FILE = HERE / "llmrouter_ulab.parquet"
+CANDIDATES_FILE = HERE / "llm_candidates.json"
+SOURCE_FOLDER = "llmrouter_ulab"
+SCORE_PREFIX = "score/"  # one column per model: score/<model>
+TEXT_COLUMNS: tuple[str, ...] = ("prompt_id", "task_name", "prompt", "metric")
+ZSTD_LEVEL = 19
+
+
+def compact_frame(source: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The compact table built from the source folder's ``train.jsonl`` (every line checked).
+
+    Returns one row per prompt, in file order: :data:`TEXT_COLUMNS` then ``score/<model>``
+    (float64, NaN where the record has no score), models in the order the adapter meets them.
+    ``source`` is the ``llmrouter_ulab`` folder (default: ``$ROUTER_ML_DATA_DIR/llmrouter_ulab``).
+    """
+    from router_ml.data.adapters.llmrouter import read_jsonl
+    from router_ml.paths import source_dir
+
+    folder = source_dir(SOURCE_FOLDER) if source is None else Path(source).expanduser()
+    file = folder / "train.jsonl"
+    if not file.is_file():
+        raise FileNotFoundError(f"llmrouter_ulab: {str(file)!r} not found (expected train.jsonl in it)")
+    records = read_jsonl(file)
+    missing = sorted({c for r in records for c in ("prompt_id", "metric") if c not in r})
+    if missing:
+        raise ValueError(f"{file}: every record needs {missing} for the compact copy")
+    text = pd.DataFrame({c: [str(r[c]) for r in records] for c in TEXT_COLUMNS})
+    scores = pd.DataFrame([r["scores"] for r in records], dtype="float64")
+    scores.columns = [SCORE_PREFIX + m for m in scores.columns]
+    return pd.concat([text, scores], axis=1)
+
+
+def write_default(source: str | os.PathLike | None = None, dest: str | os.PathLike = HERE) -> Path:
+    """Write ``llmrouter_ulab.parquet`` (zstd) and copy ``llm_candidates.json`` into ``dest``.
+
+    Returns the parquet path. ``source`` as in :func:`compact_frame`.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from router_ml.paths import source_dir
+
+    folder = source_dir(SOURCE_FOLDER) if source is None else Path(source).expanduser()
+    frame = compact_frame(folder)
+    cand = folder / "llm_candidates.json"
+    if not cand.is_file():
+        raise FileNotFoundError(f"llmrouter_ulab: price table {str(cand)!r} not found")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / DEFAULT_FILE.name
+    table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    pq.write_table(table, out, compression="zstd", compression_level=ZSTD_LEVEL)
+    shutil.copyfile(cand, dest / CANDIDATES_FILE.name)
+    return out
+
+
+def check_default(source: str | os.PathLike | None = None) -> list[str]:
+    """Differences between the shipped copy and what :func:`compact_frame` builds from ``source``
+    (an empty list when they agree)."""
+    from router_ml.paths import source_dir
+
+    folder = source_dir(SOURCE_FOLDER) if source is None else Path(source).expanduser()
+    problems = []
+    built, shipped = compact_frame(folder), pd.read_parquet(DEFAULT_FILE)
+    if not built.equals(shipped):
+        problems.append(f"{DEFAULT_FILE.name} differs from the table built from {str(folder)!r}")
+    if (folder / "llm_candidates.json").read_bytes() != CANDIDATES_FILE.read_bytes():
+        problems.append(f"{CANDIDATES_FILE.name} differs from {str(folder / 'llm_candidates.json')!r}")
+    return problems
+
+
+__all__ = [
+    "CANDIDATES_FILE",
+    "DEFAULT_FILE",
+    "SCORE_PREFIX",
+    "check_default",
+    "compact_frame",
+    "write_default",
+]
