@@ -17,6 +17,7 @@ from router_ml.data.adapters import (
     load_llmrouter,
     load_source,
 )
+from router_ml.data.default import CANDIDATES_FILE, DEFAULT_FILE, check_default, write_default
 from router_ml.data.labelled import LabelledDataError, load_benchmark_task_labels, load_labelled
 from router_ml.data.prices import (
     MODEL_PRICE_KEYS,
@@ -26,7 +27,7 @@ from router_ml.data.prices import (
     load_price_table,
     model_prices,
 )
-from router_ml.data.schema import RoutingTableError, read_table, validate_table, write_table
+from router_ml.data.schema import RoutingTableError, read_table, table_hash, validate_table, write_table
 from router_ml.data.splits import kfold_prompts, normalize_series, normalize_text, split_prompts, split_tasks
 from router_ml.data.taxonomy import TASK_TYPES
 
@@ -207,6 +208,67 @@ def test_llmrouter_reads_any_jsonl_and_names_bad_lines(tmp_path: Path, shared_da
     no_scores = {"prompt": "x", "task_name": "mbpp"}
     with pytest.raises(MalformedRecordError, match=r"missing\.jsonl:1: missing field 'scores'"):
         load_llmrouter(_write_jsonl(tmp_path / "missing.jsonl", [json.dumps(no_scores)]))
+
+
+# --- the default data shipped in the package -------------------------------------------------
+
+
+def test_shipped_default_equals_the_source_table(shared_data: Path, tmp_path: Path) -> None:
+    """The compact copy gives the adapter the same long table as the full folder, row for row, and
+    the rebuild reproduces it."""
+    folder = shared_data / SOURCE_FOLDERS["llmrouter"]
+    if not folder.is_dir():
+        pytest.skip(f"{str(folder)!r} not found")
+    full, shipped = load_llmrouter(folder), load_llmrouter(DEFAULT_FILE)
+    pd.testing.assert_frame_equal(shipped, full)
+    assert table_hash(shipped) == table_hash(full)
+    assert check_default(folder) == []
+    rebuilt = write_default(folder, dest=tmp_path)
+    pd.testing.assert_frame_equal(pd.read_parquet(rebuilt), pd.read_parquet(DEFAULT_FILE))
+    assert (tmp_path / CANDIDATES_FILE.name).read_bytes() == CANDIDATES_FILE.read_bytes()
+
+
+def test_without_data_dir_llmrouter_and_its_prices_come_from_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ROUTER_ML_DATA_DIR", str(tmp_path / "nonexistent"))
+    with caplog.at_level("INFO"):
+        df = load_source("llmrouter")
+    assert "reading the copy shipped in the package" in caplog.text
+    n_prompts, n_models, n_rows = EXPECTED["llmrouter"]
+    assert (df["prompt_id"].nunique(), df["model"].nunique(), len(df)) == (n_prompts, n_models, n_rows)
+    assert (df["source"] == "llmrouter_ulab").all() and df["cost_usd"].gt(0).all()
+    assert df.drop_duplicates("prompt_id")["source_task"].value_counts()["human_eval"] == 113
+    # the pool's prices too: the llmrouter models from the shipped llm_candidates.json, others NaN
+    with caplog.at_level("WARNING"), pytest.warns(UserWarning, match=r"\['gpt-4o'\]: set ROUTER_ML_DATA_DIR"):
+        prices = model_prices(["gemma-2-9b-it", "gpt-4o"]).set_index("model")
+    assert "no price tables" in caplog.text
+    assert prices.loc["gemma-2-9b-it", "input_per_mtok"] == pytest.approx(0.10)
+    assert np.isnan(prices.loc["gpt-4o", "input_per_mtok"])
+
+
+def test_llmrouter_parquet_names_bad_rows_and_columns(tmp_path: Path) -> None:
+    good = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b"],
+            "task_name": ["gsm8k", "mbpp"],
+            "prompt": ["What is 2+2?", "Write a function."],
+            "score/qwen2.5-7b-instruct": [1.0, 0.5],
+            "score/gemma-2-9b-it": [0.0, np.nan],  # NaN = no score for that model
+        }
+    )
+    good.to_parquet(tmp_path / "ok.parquet")
+    df = load_llmrouter(tmp_path / "ok.parquet")
+    assert len(df) == 3 and set(df["prompt_id"]) == {"llmrouter_ulab/a", "llmrouter_ulab/b"}
+    good.assign(**{"score/gemma-2-9b-it": [0.0, 1.5]}).to_parquet(tmp_path / "range.parquet")
+    with pytest.raises(MalformedRecordError, match=r"range\.parquet: row 2: score for model 'gemma-2-9b-it'"):
+        load_llmrouter(tmp_path / "range.parquet")
+    good.drop(columns=["task_name"]).to_parquet(tmp_path / "cols.parquet")
+    with pytest.raises(MalformedRecordError, match=r"missing column\(s\) \['task_name'\]"):
+        load_llmrouter(tmp_path / "cols.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(MalformedRecordError, match=r"junk\.parquet: not a readable parquet file"):
+        load_llmrouter(tmp_path / "junk.parquet")
 
 
 # --- schema rejections and parquet round trip --------------------------------------------------

@@ -11,11 +11,16 @@ Open models without a list price of their own are priced at Together AI's size t
 (``together-ai-<lo>b-<hi>b``) by their nominal parameter count. Models with no defensible price
 (retired closed APIs that LiteLLM never listed) are left out: they get NaN cost and a warning.
 The mapping and its rules are documented in ``router_ml/data/README.md``.
+
+Without the price tables (no ``llm_prices`` under ``$ROUTER_ML_DATA_DIR``), :func:`model_prices`
+still prices the llmrouter_ulab pool from the ``llm_candidates.json`` shipped in
+:mod:`router_ml.data.default`, logs a warning once, and leaves every other model unpriced (NaN).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -26,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from router_ml.paths import source_dir
+from router_ml import paths
+from router_ml.paths import DATA_DIR_ENV, source_dir
 
+log = logging.getLogger(__name__)
 PRICES_FOLDER = "llm_prices"
 LITELLM_FILES: tuple[str, ...] = ("litellm_model_prices_v1.110.2.json", "litellm_model_prices_v1.55.10.json")
 CHARS_PER_TOKEN = 4
@@ -184,9 +191,33 @@ def _raw_tables(root: str) -> dict[str, dict]:
     old.pop("sample_spec", None)
     new.pop("sample_spec", None)
     arena = json.loads((prices / "routerarena_model_cost.json").read_text())
-    cand_path = Path(root) / "llmrouter_ulab" / "llm_candidates.json"
-    cands = json.loads(cand_path.read_text()) if cand_path.is_file() else {}
-    return {"litellm": new, "litellm-2024": old, "routerarena": arena, "llmrouter": cands}
+    return {"litellm": new, "litellm-2024": old, "routerarena": arena, "llmrouter": _candidates(root)}
+
+
+@lru_cache(maxsize=4)
+def _candidates(root: str) -> dict[str, dict]:
+    """llmrouter_ulab's ``llm_candidates.json`` under the data root, else the copy shipped in the
+    package (the same file)."""
+    from router_ml.data.default import CANDIDATES_FILE
+
+    path = Path(root) / "llmrouter_ulab" / "llm_candidates.json"
+    return json.loads((path if path.is_file() else CANDIDATES_FILE).read_text())
+
+
+@lru_cache(maxsize=4)
+def _shipped_price_table(root: str) -> pd.DataFrame:
+    """The llmrouter pool's prices alone, for a data root without ``llm_prices`` (warned once)."""
+    log.warning(
+        "no price tables: %r not found under %s=%r; pricing only the llmrouter_ulab models (from the "
+        "llm_candidates.json shipped in the package); every other model stays unpriced",
+        PRICES_FOLDER,
+        DATA_DIR_ENV,
+        root,
+    )
+    tables = {"llmrouter": _candidates(root)}
+    hits = {m: _lookup(tables, key) for m, key in MODEL_PRICE_KEYS.items() if key.startswith("llmrouter:")}
+    rows = [(m, *hit) for m, hit in hits.items() if hit is not None]
+    return pd.DataFrame(rows, columns=list(PRICE_COLUMNS))
 
 
 def _lookup(tables: dict[str, dict], key: str) -> tuple[float, float, float, str] | None:
@@ -257,14 +288,19 @@ def load_price_table(data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
 def model_prices(models: Iterable[str], data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """Prices of ``models`` (one row each, same order); NaN prices and a warning for unknown ones."""
     models = list(dict.fromkeys(models))
-    table = load_price_table(data_dir).set_index("model")
+    root = paths.data_dir(data_dir)
+    have_tables = (root / PRICES_FOLDER).is_dir()
+    table = (load_price_table(data_dir) if have_tables else _shipped_price_table(str(root))).set_index(
+        "model"
+    )
     unknown = [m for m in models if m not in table.index]
     if unknown:
-        warnings.warn(
-            f"no price for model(s) {unknown}: add them to router_ml.data.prices.MODEL_PRICE_KEYS; "
-            "their cost stays NaN",
-            stacklevel=2,
+        fix = (
+            "add them to router_ml.data.prices.MODEL_PRICE_KEYS"
+            if have_tables
+            else f"set {DATA_DIR_ENV} to a folder holding {PRICES_FOLDER!r}"
         )
+        warnings.warn(f"no price for model(s) {unknown}: {fix}; their cost stays NaN", stacklevel=2)
     out = table.reindex(models)
     out.index.name = "model"
     return out.reset_index()

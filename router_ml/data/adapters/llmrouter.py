@@ -3,11 +3,16 @@
 Scores are already in [0, 1]. Costs: list prices per 1M tokens from ``llm_candidates.json`` (next
 to the JSONL, else the shared one via :mod:`router_ml.data.prices`) x estimated tokens (prompt
 chars / 4 in, the task's output-token prior out).
+
+The same records may come as a parquet file with columns ``prompt``, ``task_name``, optional
+``prompt_id`` and one ``score/<model>`` column per model (NaN = no score): the compact copy shipped
+in :mod:`router_ml.data.default`, read when ``$ROUTER_ML_DATA_DIR/llmrouter_ulab`` is absent.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,11 +21,13 @@ from typing import Any
 import pandas as pd
 
 from router_ml.data.adapters._common import finish_table
+from router_ml.data.default import DEFAULT_FILE, SCORE_PREFIX
 from router_ml.data.jsonl import iter_jsonl
 from router_ml.data.prices import model_prices
-from router_ml.paths import source_dir
+from router_ml.paths import DATA_DIR_ENV, data_dir
 
 FOLDER = "llmrouter_ulab"
+log = logging.getLogger(__name__)
 
 
 class MalformedRecordError(ValueError):
@@ -62,6 +69,57 @@ def read_jsonl(file: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_parquet(file: Path) -> list[dict[str, Any]]:
+    """The records of an llmrouter parquet (see the module docstring), each checked like a JSONL
+    line; errors name ``file: row N`` (1-based)."""
+    try:
+        frame = pd.read_parquet(file)
+    except Exception as err:  # pyarrow raises several types for a file that is not parquet
+        raise MalformedRecordError(f"{file}: not a readable parquet file ({err})") from None
+    score_cols = [c for c in frame.columns if str(c).startswith(SCORE_PREFIX)]
+    missing = [c for c in ("prompt", "task_name") if c not in frame.columns]
+    if missing or not score_cols:
+        raise MalformedRecordError(
+            f"{file}: missing column(s) {missing + ([] if score_cols else [SCORE_PREFIX + '<model>'])}; "
+            f"an llmrouter parquet needs prompt, task_name and one {SCORE_PREFIX}<model> column per model"
+        )
+    models = [c[len(SCORE_PREFIX) :] for c in score_cols]
+    scores = frame[score_cols].to_numpy(dtype="float64")
+    ids = frame["prompt_id"].tolist() if "prompt_id" in frame.columns else None
+    records = []
+    for i, (prompt, task) in enumerate(zip(frame["prompt"], frame["task_name"], strict=True)):
+        row = scores[i]
+        rec: dict[str, Any] = {
+            "prompt": prompt,
+            "task_name": task,
+            "scores": {m: float(v) for m, v in zip(models, row, strict=True) if not math.isnan(v)},
+        }
+        if ids is not None:
+            rec["prompt_id"] = ids[i]
+        _check_record(rec, f"{file}: row {i + 1}")
+        rec["_line"] = i + 1
+        records.append(rec)
+    if not records:
+        raise MalformedRecordError(f"{file}: no records")
+    return records
+
+
+def default_file() -> Path:
+    """``$ROUTER_ML_DATA_DIR/llmrouter_ulab/train.jsonl`` when that folder exists, else the copy
+    shipped in the package (the same table; :mod:`router_ml.data.default`)."""
+    folder = data_dir() / FOLDER
+    if folder.is_dir():
+        return folder / "train.jsonl"
+    log.info(
+        "llmrouter: no %r folder under %s=%r; reading the copy shipped in the package (%s)",
+        FOLDER,
+        DATA_DIR_ENV,
+        str(data_dir()),
+        DEFAULT_FILE.name,
+    )
+    return DEFAULT_FILE
+
+
 def _candidate_prices(file: Path, models: list[str]) -> pd.DataFrame:
     """Prices for ``models``: the ``llm_candidates.json`` beside ``file`` if any, else the shared table."""
     cand = file.parent / "llm_candidates.json"
@@ -83,17 +141,18 @@ def _candidate_prices(file: Path, models: list[str]) -> pd.DataFrame:
 def load_llmrouter(
     path: str | os.PathLike | None = None, *, costs: bool = True, source: str = FOLDER
 ) -> pd.DataFrame:
-    """Long routing table from an llmrouter-format JSONL (a file, or a folder holding train.jsonl).
+    """Long routing table from an llmrouter-format JSONL or parquet file (or a folder holding
+    train.jsonl); ``path=None`` reads :func:`default_file`.
 
     Returns one row per (prompt, model): n_prompts x n_models rows. prompt_id is
-    ``"<source>/<prompt_id>"`` (or ``"<source>/<file stem>-<line>"`` when the record has none).
+    ``"<source>/<prompt_id>"`` (or ``"<source>/<file stem>-<line or row>"`` when the record has none).
     """
-    file = source_dir(FOLDER) / "train.jsonl" if path is None else Path(path).expanduser()
+    file = default_file() if path is None else Path(path).expanduser()
     if file.is_dir():
         file = file / "train.jsonl"
     if not file.is_file():
-        raise FileNotFoundError(f"llmrouter: JSONL file {str(file)!r} not found")
-    records = read_jsonl(file)
+        raise FileNotFoundError(f"llmrouter: data file {str(file)!r} not found")
+    records = read_parquet(file) if file.suffix == ".parquet" else read_jsonl(file)
     ids = [
         f"{source}/{rec['prompt_id']}" if "prompt_id" in rec else f"{source}/{file.stem}-{rec['_line']}"
         for rec in records
