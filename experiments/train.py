@@ -1,7 +1,7 @@
 """Train a router and export its checkpoint into the run folder.
 
-    python -m experiments.train                                  # project prompts, simulated outcomes
-    python -m experiments.train data=llmrouter predictor=mlp     # real data
+    python -m experiments.train                                  # llmrouter_ulab (shipped copy if no data dir)
+    python -m experiments.train data=simulated                   # project prompts, simulated outcomes
     python -m experiments.train +experiment=llmrouter_mlp        # tuned headline run
     python -m experiments.train -m predictor=knn,linear,mlp,mf data=llmrouter   # sweep
 

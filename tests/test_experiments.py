@@ -40,8 +40,10 @@ def test_every_group_option_composes(group):
         assert _compose([f"{group}={option}"])[group] is not None
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def _run(
+    args: list[str], cwd: Path, timeout: int = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
         [sys.executable, *args],
@@ -100,11 +102,30 @@ def test_multirun_sweep_over_predictors(tmp_path, shared_data, embedding_cache):
         LearnedRouter.from_pretrained(r / "checkpoint")
 
 
+def test_default_data_is_llmrouter_shipped_in_the_package(tmp_path, monkeypatch):
+    """With no data folder, the main job's default data config loads the copy in the package."""
+    from router_ml.data.loading import load_routing_data
+
+    cfg = _compose([])
+    assert cfg.data.name == "llmrouter" and cfg.name == "llmrouter-mlp"
+    monkeypatch.setenv("ROUTER_ML_DATA_DIR", str(tmp_path / "nonexistent"))
+    table = load_routing_data(cfg.data)
+    assert table["prompt_id"].nunique() == 5478 and table["model"].nunique() == 9
+    assert table["cost_usd"].notna().all()
+
+
 def test_main_job_default_then_export(tmp_path, embedding_cache):
+    """The main job as on a fresh machine: no data folder, run from outside the repository."""
     run = tmp_path / "main"
-    _run(["-m", "experiments.train", f"hydra.run.dir={run}"], cwd=ROOT)
+    no_data = {"ROUTER_ML_DATA_DIR": str(tmp_path / "nonexistent")}
+    proc = _run(
+        ["-m", "experiments.train", "data.max_prompts=300", f"hydra.run.dir={run}"], cwd=tmp_path, env=no_data
+    )
+    assert "reading the copy shipped in the package" in proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test/task_macro_f1"] > 0.5
+    assert metrics["test/task_macro_f1"] > 0.5 and 0 < metrics["test/quality"] <= 1
+    router = LearnedRouter.from_pretrained(run / "checkpoint")
+    assert len(router.models) == 9 and router.metadata["training"]["data"] == "llmrouter"
     dest = tmp_path / "exported"
     _run(["-m", "experiments.export", f"run={run}", f"to={dest}"], cwd=ROOT)
     assert LearnedRouter.from_pretrained(dest).models
