@@ -6,6 +6,9 @@ router-ml train data=llmrouter predictor=knn                   # = python -m exp
 router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml   # the OpenAI-compatible proxy
 router-ml models up --backends conf/backends/local.yaml       # start the local vLLM / llama.cpp pool
 router-ml models down                                         # stop it (by the recorded PIDs)
+router-ml data list                                           # each public data set: source, size, present?
+router-ml data fetch llmrouter                                # download its raw files, build into the cache
+router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from upstream raw files
 """
 
 from __future__ import annotations
@@ -104,6 +107,44 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from router_ml.data import build, fetch
+
+    if args.action == "list":
+        print(
+            f"{'name':<12} {'folder':<29} {'upstream (repo@revision)':<52} {'size':>8}  sha256 known  present"
+        )
+        for s in build.sources().values():
+            known = sum(r.sha256 is not None for r in s.raw)
+            print(
+                f"{s.name:<12} {s.folder:<29} {s.repo + '@' + s.revision[:10]:<52} {_size(s.size_bytes):>8}  "
+                f"{f'{known}/{len(s.raw)} raw':<12}  {fetch.where_present(s)}"
+            )
+        return 0
+    if not args.name:
+        raise ValueError(f"router-ml data {args.action}: name a data set ({', '.join(build.sources())})")
+    try:
+        src = build.get_source(args.name)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    if args.action == "fetch":
+        res = fetch.fetch(src.name, force=args.force)
+        print(json.dumps({"source": res.source, "path": str(res.path), "downloaded": res.downloaded,
+                          "rows": res.rows, "identical_to_reference": res.identical_to_reference}, indent=2))  # fmt: skip
+        return 0
+    raw = Path(args.raw) if args.raw else fetch.raw_dir(src)
+    out = Path(args.out) if args.out else fetch.built_dir(src)
+    exclude = build.read_exclude(args.exclude) if args.exclude else frozenset()
+    report = build.build_source(src.name, raw, out, exclude=exclude)
+    print(json.dumps({"source": src.name, "path": str(out), "rows": report.rows, "dropped": report.dropped,
+                      "identical_to_reference": build.matches_reference(src, out)}, indent=2))  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -141,11 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     p_models.add_argument("names", nargs="*", help="backend names (default: every local backend)")
     p_models.add_argument("--backends", default="conf/backends/local.yaml")
     p_models.add_argument("--timeout", type=float, default=None, help="seconds to wait for each server")
+    p_data = sub.add_parser("data", help="list, fetch or rebuild the public data sets")
+    p_data.add_argument("action", choices=["list", "fetch", "build"])
+    p_data.add_argument("name", nargs="?", help="data set: llmrouter, routerbench, ... (see `data list`)")
+    p_data.add_argument("--force", action="store_true", help="fetch: download and build again")
+    p_data.add_argument(
+        "--raw", default=None, help="build: folder of upstream raw files (default: the cache's)"
+    )
+    p_data.add_argument("--out", default=None, help="build: output folder (default: the cache's)")
+    p_data.add_argument("--exclude", default=None, help="build: JSONL of prompt texts to leave out")
     args = parser.parse_args(argv)
+    commands = {
+        "route": cmd_route,
+        "info": cmd_info,
+        "serve": cmd_serve,
+        "models": cmd_models,
+        "data": cmd_data,
+    }
     try:
-        return {"route": cmd_route, "info": cmd_info, "serve": cmd_serve, "models": cmd_models}[args.cmd](
-            args
-        )
+        return commands[args.cmd](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, servers down
         print(f"router-ml: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Both are configuration, never hard-coded: ``ROUTER_ML_DATA_DIR`` points at the routing data sets
 (default ``../shared/data`` relative to the working directory) and ``ROUTER_ML_CACHE_DIR`` at the
-embedding cache (default ``~/.cache/router_ml``).
+embedding cache and fetched data sets (default ``~/.cache/router_ml``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,16 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def source_dir(name: str, override: str | os.PathLike | None = None) -> Path:
-    """Folder of one data set; a clear error when it is missing."""
+    """Folder of one data set; a clear error when it is missing.
+
+    Not in the data dir (and no ``override``): a public source is taken from the cache, fetched
+    and built there on first use (:func:`router_ml.data.fetch.ensure_source`).
+    """
     path = data_dir(override) / name
+    if not path.is_dir() and override is None:
+        from router_ml.data.fetch import ensure_source  # fetch on first use; heavy, so imported late
+
+        path = ensure_source(name) or path
     if not path.is_dir():
         raise FileNotFoundError(
             f"data set folder {str(path)!r} not found; set {DATA_DIR_ENV} to the folder that holds "
