@@ -208,11 +208,12 @@ def _candidates(root: str) -> dict[str, dict]:
 def _shipped_price_table(root: str) -> pd.DataFrame:
     """The llmrouter pool's prices alone, for a data root without ``llm_prices`` (warned once)."""
     log.warning(
-        "no price tables: %r not found under %s=%r; pricing only the llmrouter_ulab models (from the "
-        "llm_candidates.json shipped in the package); every other model stays unpriced",
+        "no price tables: no %r folder in the data folder %r (set %s to change it); pricing only the "
+        "llmrouter_ulab models (from the llm_candidates.json shipped in the package); every other model "
+        "stays unpriced",
         PRICES_FOLDER,
-        DATA_DIR_ENV,
         root,
+        DATA_DIR_ENV,
     )
     tables = {"llmrouter": _candidates(root)}
     hits = {m: _lookup(tables, key) for m, key in MODEL_PRICE_KEYS.items() if key.startswith("llmrouter:")}

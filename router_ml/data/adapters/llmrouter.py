@@ -111,10 +111,11 @@ def default_file() -> Path:
     if folder.is_dir():
         return folder / "train.jsonl"
     log.info(
-        "llmrouter: no %r folder under %s=%r; reading the copy shipped in the package (%s)",
+        "llmrouter: no %r folder in the data folder %r (set %s to change it); reading the copy "
+        "shipped in the package (%s)",
         FOLDER,
-        DATA_DIR_ENV,
         str(data_dir()),
+        DATA_DIR_ENV,
         DEFAULT_FILE.name,
     )
     return DEFAULT_FILE
