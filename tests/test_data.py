@@ -247,6 +247,24 @@ def test_without_data_dir_llmrouter_and_its_prices_come_from_the_package(
     assert np.isnan(prices.loc["gpt-4o", "input_per_mtok"])
 
 
+def test_without_data_dir_a_fetched_llmrouter_in_the_cache_comes_before_the_shipped_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROUTER_ML_DATA_DIR", str(tmp_path / "nonexistent"))
+    monkeypatch.setenv("ROUTER_ML_CACHE_DIR", str(tmp_path / "cache"))
+    built = tmp_path / "cache" / "data" / "llmrouter_ulab"
+    built.mkdir(parents=True)
+    record = {
+        "prompt_id": "x",
+        "prompt": "What is 2+2?",
+        "task_name": "gsm8k",
+        "scores": {"gemma-2-9b-it": 1.0},
+    }
+    _write_jsonl(built / "train.jsonl", [json.dumps(record)])
+    (built / "llm_candidates.json").write_bytes(CANDIDATES_FILE.read_bytes())
+    assert load_source("llmrouter")["prompt_id"].tolist() == ["llmrouter_ulab/x"]
+
+
 def test_llmrouter_parquet_names_bad_rows_and_columns(tmp_path: Path) -> None:
     good = pd.DataFrame(
         {

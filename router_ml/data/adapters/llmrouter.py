@@ -6,7 +6,8 @@ chars / 4 in, the task's output-token prior out).
 
 The same records may come as a parquet file with columns ``prompt``, ``task_name``, optional
 ``prompt_id`` and one ``score/<model>`` column per model (NaN = no score): the compact copy shipped
-in :mod:`router_ml.data.default`, read when ``$ROUTER_ML_DATA_DIR/llmrouter_ulab`` is absent.
+in :mod:`router_ml.data.default`, read when neither ``$ROUTER_ML_DATA_DIR/llmrouter_ulab`` nor a
+fetched build in the cache exists (:func:`default_file`).
 """
 
 from __future__ import annotations
@@ -105,14 +106,20 @@ def read_parquet(file: Path) -> list[dict[str, Any]]:
 
 
 def default_file() -> Path:
-    """``$ROUTER_ML_DATA_DIR/llmrouter_ulab/train.jsonl`` when that folder exists, else the copy
-    shipped in the package (the same table; :mod:`router_ml.data.default`)."""
-    folder = data_dir() / FOLDER
-    if folder.is_dir():
-        return folder / "train.jsonl"
+    """Where ``llmrouter`` is read from, the first that exists: ``$ROUTER_ML_DATA_DIR/llmrouter_ulab``,
+    the build ``router-ml data fetch llmrouter`` left in the cache, else the copy shipped in the
+    package (the same table; :mod:`router_ml.data.default`). Never downloads: the shipped copy
+    makes that unnecessary."""
+    from router_ml.data.fetch import built_dir, get_source, is_built  # imported late: httpx and co
+
+    if (data_dir() / FOLDER).is_dir():
+        return data_dir() / FOLDER / "train.jsonl"
+    src = get_source("llmrouter")
+    if is_built(built_dir(src), src):
+        return built_dir(src) / "train.jsonl"
     log.info(
-        "llmrouter: no %r folder in the data folder %r (set %s to change it); reading the copy "
-        "shipped in the package (%s)",
+        "llmrouter: no %r folder in the data folder %r (set %s to change it) nor in the cache; "
+        "reading the copy shipped in the package (%s)",
         FOLDER,
         str(data_dir()),
         DATA_DIR_ENV,
