@@ -4,8 +4,11 @@
     python -m experiments.evaluate data=routerbench                  # RouterBench's measured $
     python -m experiments.evaluate checkpoint=<run>/checkpoint       # a trained, exported router
     python -m experiments.evaluate -m data=llmrouter,routerbench hydra/launcher=joblib2
+    python -m experiments.evaluate shift=leave_one_family_out data=mmlu_pro   # under shift
+    python -m experiments.evaluate shift=format                      # prompts rendered otherwise
 
-Writes <run folder>/metrics.json, frontier.parquet, per_task.parquet, PNG plots and .hydra/.
+Writes <run folder>/metrics.json, frontier.parquet, per_task.parquet, PNG plots and .hydra/;
+with a shift (conf/shift/): shift.json, shift.md and shift_prompts.parquet.
 """
 
 from __future__ import annotations
@@ -36,10 +39,29 @@ HEADLINE = (
 )
 
 
+def log_shift(summary: dict, run_dir: str) -> float:
+    """Log a shift run's pooled figures; returns the learned head's pooled gain over the best single."""
+    for rendering, g in summary["renderings"].items():
+        p = g["pooled"]
+        for head, row in p["heads"].items():
+            a, w = p["utility_aiq"][head], g["worst_family"][head]
+            log.info(
+                "%s %-20s %-8s q %.4f vs best single %.4f: %+.2f pts [%+.2f, %+.2f]; worst family %s %+.2f; "
+                "utility AIQ %.4f vs Zero %.4f",
+                summary["mode"], rendering, head, row["quality"], p["best_single"], 100 * row["delta"],
+                100 * row["ci_lo"], 100 * row["ci_hi"], w["family"], 100 * w["delta"], a["aiq"], a["zero_aiq"],
+            )  # fmt: skip
+    log.info("run folder: %s (%.1f s)", run_dir, summary["time"]["total_s"])
+    first = next(iter(summary["renderings"].values()))["pooled"]["heads"]
+    return next(iter(first.values()))["delta"]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
     summary = evaluate(cfg, run_dir=run_dir)
+    if "renderings" in summary:
+        return log_shift(summary, run_dir)
     for split, metrics in summary["splits"].items():
         for key in HEADLINE:
             if key in metrics:

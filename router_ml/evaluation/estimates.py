@@ -66,12 +66,27 @@ def split_estimates(
 ) -> tuple[Estimates, np.ndarray, np.ndarray]:
     """(estimates, actual cost (n, m), actual latency (n, m)) for one split's prompts."""
     prompts, Y, models = fitted.wide[split]
+    return prompt_estimates(layer, prompts, Y, models, quality, tasks, table_split)
+
+
+def prompt_estimates(
+    layer: Any,
+    prompts: pd.DataFrame,
+    Y: np.ndarray,
+    models: list[str],
+    quality: np.ndarray,
+    tasks: list[str],
+    table_split: pd.DataFrame,
+) -> tuple[Estimates, np.ndarray, np.ndarray]:
+    """(estimates, actual cost (n, m), actual latency (n, m)) for the ``prompts`` of
+    :func:`~router_ml.data.schema.to_wide` (``Y`` (n, m) their observed scores) drawn from the long
+    ``table_split``; ``quality`` (n, m) is what the policy sees, ``tasks`` (n,) the predicted types."""
     est = layer.estimates(prompts["prompt"].tolist(), quality, models, tasks, observed=Y)
     est.feasible = ~np.isnan(Y)
     cost = wide_column(table_split, prompts, models, "cost_usd")
     if np.isnan(cost[est.feasible]).any():
         raise ValueError(
-            f"split {split}: {int(np.isnan(cost[est.feasible]).sum())} observed calls have no cost "
+            f"{int(np.isnan(cost[est.feasible]).sum())} observed calls have no cost "
             "(a model without a price); give the pool prices or drop the model"
         )
     out_tokens = wide_column(table_split, prompts, models, "output_tokens")

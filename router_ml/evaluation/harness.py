@@ -239,12 +239,19 @@ def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def evaluate(cfg: Any, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the evaluation for every seed in ``cfg.seeds``; write and return the summary."""
+    """Run the evaluation for every seed in ``cfg.seeds``; write and return the summary.
+
+    With ``cfg.shift.name`` other than ``none`` it runs the shift evaluation instead
+    (:func:`router_ml.evaluation.shift.evaluate_shift`) and returns that summary."""
     from router_ml.evaluation.plots import plot_run
 
     cfg = _as_dict(cfg)
     run_dir = Path(run_dir or cfg.get("run_dir") or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if (cfg.get("shift") or {}).get("name", "none") != "none":
+        from router_ml.evaluation.shift import evaluate_shift
+
+        return evaluate_shift(cfg, run_dir)  # routing under shift (conf/shift/): its own outputs
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg.get("seed", 0)])]
     if cfg.get("checkpoint"):
         seeds = seeds[:1]  # a checkpoint is one trained router: one split, one seed

@@ -1,0 +1,350 @@
+"""Routing under distribution shift: ``evaluate_shift(cfg, run_dir)``, run by
+``python -m experiments.evaluate shift=<mode>`` (conf/shift/).
+
+Modes (``cfg.shift.name``):
+
+- ``leave_one_family_out``: one fold per task family (``shift.family_by``, default the data's
+  ``source_task``: llmrouter_ulab's 14 benchmarks, routerdc_7models' benchmark files, MMLU-Pro's 14
+  subjects, ZeroEval's 3 tasks). The fold's test set is every prompt of that family; everything is
+  fitted on the OTHER families only: the quality heads, their calibration (a ``val_size`` part of
+  the training families), the utility policy and the best single model. Training prompts whose
+  normalised text also occurs in the held-out family are dropped (:func:`split_tasks`).
+- ``in_distribution``: the same pipeline over ``folds`` folds of prompt groups (stratified by task),
+  so every prompt is tested once by a router that saw its family: the like-for-like reference.
+- ``format``: the ``in_distribution`` folds, trained on the ``train_rendering`` of the training
+  items and tested on each of ``renderings`` of the held-out items
+  (:mod:`router_ml.evaluation.renderings`; outcomes and costs are the original item's).
+
+Per test prompt it keeps: the observed scores of every model, the score of the best single model
+(chosen on the fold's training part), the score of each head's argmax of predicted quality (raw
+head output, as the README's routing-quality table), and the score and $ of the utility policy at
+every knob value of its sweep (calibrated predictions, as ``experiments.evaluate``). The per-prompt
+rows of all folds are pooled and summarised by :mod:`router_ml.evaluation.shift_report`.
+
+Heads: ``learned`` = the run's ``predictor`` (evaluate's default: taskmix), then ``compare_heads``
+(kNN) and ``shift.heads`` (the main job's MLP), each named by its predictor name. The task head
+(predicted task types feed the cost model's output-length expectation) is fitted once on the
+project's own labelled prompts only, so it never sees a held-out family.
+
+Models: only models with an outcome for at least ``min_model_coverage`` of every family's prompts
+and a price are kept, then only prompts with an outcome for every kept model (so the best single
+model can be scored on every held-out prompt). One seed (``seeds[0]``) fixes the folds and the
+calibration part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from router_ml.data.schema import to_wide, wide_column
+from router_ml.evaluation.metrics import best_single_model, routed_scores
+
+log = logging.getLogger(__name__)
+
+MODES = ("leave_one_family_out", "in_distribution", "format")
+
+__all__ = [
+    "MODES",
+    "FoldScores",
+    "evaluate_shift",
+    "fold_scores",
+    "kfold_folds",
+    "lofo_folds",
+    "shift_heads",
+    "shift_table",
+]
+
+
+@dataclass
+class FoldScores:
+    """Per-prompt results of one fold's test set (``n`` prompts, ``m`` models, ``L`` knob values)."""
+
+    fold: str
+    rendering: str
+    prompt_id: np.ndarray  # (n,)
+    family: np.ndarray  # (n,)
+    Y: np.ndarray  # (n, m) observed scores
+    cost: np.ndarray  # (n, m) the data's $ of each call
+    best: int  # best single model, chosen on the fold's training part
+    routed: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n,) argmax scores
+    util_score: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
+    util_cost: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
+
+
+# ---- data and folds --------------------------------------------------------------------------
+def shift_table(
+    table: pd.DataFrame, family_by: str = "source_task", min_coverage: float = 0.98
+) -> tuple[pd.DataFrame, list[str]]:
+    """(table, dropped models): models with outcomes on ``min_coverage`` of EVERY family's prompts
+    and a cost on every row are kept, then prompts with an outcome for every kept model."""
+    if family_by not in table.columns:
+        raise KeyError(f"shift: the table has no family column {family_by!r}")
+    n_fam = table.groupby(family_by)["prompt_id"].nunique()
+    cover = table.groupby([family_by, "model"])["prompt_id"].nunique().unstack(0).reindex(columns=n_fam.index)
+    share = (cover / n_fam).fillna(0.0)
+    priced = table.groupby("model")["cost_usd"].apply(lambda c: bool(c.notna().all()))
+    keep = [m for m in share.index if (share.loc[m] >= min_coverage).all() and priced.get(m, False)]
+    if not keep:
+        raise ValueError(f"shift: no model covers {min_coverage:.0%} of every {family_by} family")
+    dropped = sorted(set(table["model"]) - set(keep))
+    table = table[table["model"].isin(keep)]
+    counts = table.groupby("prompt_id")["model"].nunique()
+    table = table[table["prompt_id"].isin(counts.index[counts == len(keep)])]
+    return table.reset_index(drop=True), dropped
+
+
+def lofo_folds(
+    table: pd.DataFrame, family_by: str = "source_task", families: list[str] | None = None
+) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """``[(family, train, test)]``: each fold holds out exactly one family (all of its prompts);
+    ``families`` picks which families get a fold (default every one); training keeps all others."""
+    from router_ml.data.splits import split_tasks
+
+    present = sorted(table[family_by].astype(str).unique())
+    out = []
+    for fam in families or present:
+        parts = split_tasks(table, [fam], by=family_by)
+        out.append((str(fam), parts["train"], parts["test"]))
+    return out
+
+
+def kfold_folds(
+    table: pd.DataFrame, k: int = 5, seed: int = 0
+) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """``[(name, train, test)]`` over ``k`` folds of prompt groups (stratified by task, seeded)."""
+    from router_ml.data.splits import kfold_prompts
+
+    return [(f"fold{i}", tr, te) for i, (tr, te) in enumerate(kfold_prompts(table, k, seed=seed))]
+
+
+def shift_heads(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Quality heads of a shift run, by name: the run's predictor, ``compare_heads``, ``shift.heads``."""
+    heads: dict[str, dict[str, Any]] = {}
+    for hcfg in [cfg["predictor"], *(cfg.get("compare_heads") or {}).values()]:
+        heads.setdefault(hcfg["name"], dict(hcfg))
+    for hname, hcfg in ((cfg.get("shift") or {}).get("heads") or {}).items():
+        heads.setdefault(hname, dict(hcfg))
+    return heads
+
+
+# ---- one fold --------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    """What every fold shares: models, embeddings and predicted task types per text, the decision
+    layer, the heads, the utility policy's config."""
+
+    models: list[str]
+    emb: dict[str, np.ndarray]
+    tasks: dict[str, str]
+    layer: Any
+    heads: dict[str, dict[str, Any]]
+    calibrator: str
+    utility: dict[str, Any]
+    family_by: str
+    val_size: float
+    seed: int
+
+    def X(self, prompts: pd.DataFrame) -> np.ndarray:
+        return np.stack([self.emb[t] for t in prompts["prompt"]]).astype("float32")
+
+    def estimates(self, prompts: pd.DataFrame, Y: np.ndarray, df: pd.DataFrame) -> tuple[Any, np.ndarray]:
+        from router_ml.evaluation.estimates import prompt_estimates
+
+        tasks = [self.tasks[t] for t in prompts["prompt"]]
+        q0 = np.zeros_like(Y)  # the predicted quality is filled per head (the rest does not depend on it)
+        est, cost, _ = prompt_estimates(self.layer, prompts, Y, self.models, q0, tasks, df)
+        return est, cost
+
+
+def fold_scores(
+    ctx: _Context, fold: str, train: pd.DataFrame, tests: Mapping[str, pd.DataFrame]
+) -> list[FoldScores]:
+    """Fit every head on ``train`` (less a calibration part) and score each test set of ``tests``
+    (rendering name -> long table of the held-out prompts)."""
+    from router_ml.data.splits import split_prompts
+    from router_ml.decision.policies import build_policy
+    from router_ml.evaluation.sweeps import knob_values
+    from router_ml.evaluation.tuning import fit_head, predict_head
+    from router_ml.predictors import build_calibrator
+    from router_ml.training import task_ids_of
+
+    parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
+    (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
+    best = best_single_model(Y_tr)
+    ref_cost = float(np.nanmean(wide_column(parts["train"], p_tr, ctx.models, "cost_usd")[:, best]))
+    X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)
+    t_tr, t_va = list(p_tr["prompt"]), list(p_va["prompt"])
+    est_va = ctx.estimates(p_va, Y_va, parts["val"])[0] if len(p_va) else None
+    util_params = {k: v for k, v in ctx.utility.items() if k not in ("heads", "sweep")}
+    fitted = {}
+    for hname, hcfg in ctx.heads.items():
+        tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
+        head = fit_head(hcfg["name"], dict(hcfg.get("params") or {}), X_tr, Y_tr, tid, t_tr)
+        cal, policy = None, build_policy(dict(util_params))
+        if est_va is not None:
+            raw_va = predict_head(head, X_va, t_va)
+            if ctx.calibrator != "none":
+                cal = build_calibrator(ctx.calibrator).fit(raw_va, Y_va)
+            q_va = cal.transform(raw_va) if cal is not None else raw_va
+            policy = policy.fit(dataclasses.replace(est_va, quality=q_va))
+        fitted[hname] = (head, cal, policy)
+
+    out = []
+    for rendering, test in tests.items():
+        p_te, Y_te, _ = to_wide(test, ctx.models)
+        est, cost = ctx.estimates(p_te, Y_te, test)
+        X_te, t_te, rows = ctx.X(p_te), list(p_te["prompt"]), np.arange(len(p_te))
+        fs = FoldScores(
+            fold=fold,
+            rendering=rendering,
+            prompt_id=p_te["prompt_id"].to_numpy(),
+            family=p_te[ctx.family_by].astype(str).to_numpy(),
+            Y=Y_te,
+            cost=cost,
+            best=best,
+        )
+        for hname, (head, cal, policy) in fitted.items():
+            raw = predict_head(head, X_te, t_te)
+            fs.routed[hname] = routed_scores(raw, Y_te)
+            e = dataclasses.replace(est, quality=cal.transform(raw) if cal is not None else raw)
+            knobs = knob_values(ctx.utility, policy, e, ref_cost)
+            S = np.empty((len(rows), len(knobs)))
+            C = np.empty_like(S)
+            for i, value in enumerate(knobs):
+                choice = policy.with_knob(value).choose(e)
+                S[:, i], C[:, i] = Y_te[rows, choice], cost[rows, choice]
+            fs.util_score[hname], fs.util_cost[hname] = S, C
+        out.append(fs)
+    return out
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def _embed_and_tasks(
+    cfg: Mapping[str, Any], texts: list[str], seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Embeddings of ``texts`` (on-disk cache) and their task types predicted by a task head fitted
+    on the project's labelled prompts only (none of them is a routing-table prompt)."""
+    from router_ml.data.taxonomy import TASK_TYPES
+    from router_ml.embeddings import CachedEncoder, build_encoder
+    from router_ml.predictors import TaskClassifier
+    from router_ml.training import task_training_data
+
+    encoder = build_encoder(cfg["encoder"])
+    cached = CachedEncoder(encoder, cache_dir=cfg.get("cache_dir"))
+    params = dict((cfg.get("task_head") or {}).get("params") or {})
+    layers = tuple(params.get("layers") or ())
+    if layers and not hasattr(encoder, "encode_layers"):
+        params["layers"], layers = [], ()  # a static encoder has no layer states
+    feats = cached.encode_layers(texts, layers, show_progress=True) if layers else cached.encode(texts)
+    emb = dict(zip(texts, feats[:, : encoder.dim], strict=True))
+    held = pd.DataFrame({"prompt": texts})
+    tcfg = {**(cfg.get("task_data") or {}), "routing_table": False}
+    task_train, _ = task_training_data({"train": held.iloc[:0], "test": held}, tcfg, seed)
+    tt = list(task_train["prompt"])
+    X_task = cached.encode_layers(tt, layers) if layers else cached.encode(tt)
+    head = TaskClassifier(labels=list(TASK_TYPES), **params).fit(X_task, list(task_train["task"]), texts=tt)
+    pred = head.predict(feats, texts=texts)
+    return emb, dict(zip(texts, (str(p) for p in pred), strict=True))
+
+
+def _folds(
+    cfg: Mapping[str, Any], table: pd.DataFrame, seed: int
+) -> list[tuple[str, pd.DataFrame, dict[str, pd.DataFrame]]]:
+    """``[(fold, train table, {rendering: test table})]`` for the run's shift mode."""
+    from router_ml.evaluation.renderings import llmrouter_choices, render_table
+
+    s = cfg["shift"]
+    mode = s["name"]
+    family_by = s.get("family_by", "source_task")
+    if mode == "leave_one_family_out":
+        fams = s.get("families")
+        return [(f, tr, {"original": te}) for f, tr, te in lofo_folds(table, family_by, fams)]
+    folds = kfold_folds(table, int(s.get("folds", 5)), seed)
+    if mode == "in_distribution":
+        return [(f, tr, {"original": te}) for f, tr, te in folds]
+    if mode == "format":
+        choices = llmrouter_choices(table)
+        train_r = s.get("train_rendering", "original")
+        renders = list(s.get("renderings") or ["original"])
+        return [
+            (f, render_table(tr, train_r, choices), {r: render_table(te, r, choices) for r in renders})
+            for f, tr, te in folds
+        ]
+    raise ValueError(f"shift: unknown mode {mode!r}; known: none, {', '.join(MODES)}")
+
+
+def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Run the shift evaluation of ``cfg.shift`` and write ``shift.json``, ``shift.md`` and
+    ``shift_prompts.parquet`` (per prompt: fold, rendering, family, best single and routed scores)
+    into ``run_dir``; returns the summary (see :func:`router_ml.evaluation.shift_report.summarise`)."""
+    from tqdm.auto import tqdm
+
+    from router_ml.data.loading import load_routing_data
+    from router_ml.evaluation.estimates import build_layer
+    from router_ml.evaluation.harness import json_safe
+    from router_ml.evaluation.shift_report import markdown, prompt_frame, summarise
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s = dict(cfg["shift"])
+    seed = int((cfg.get("seeds") or [cfg.get("seed", 0)])[0])
+    family_by = s.get("family_by", "source_task")
+    table = load_routing_data(cfg["data"], seed=seed)
+    table, dropped = shift_table(table, family_by, float(s.get("min_model_coverage", 0.98)))
+    models = sorted(table["model"].unique())
+    folds = _folds(cfg, table, seed)
+    texts = sorted(
+        {t for _, tr, tests in folds for df in (tr, *tests.values()) for t in df["prompt"].unique()}
+    )
+    t1 = time.perf_counter()
+    emb, tasks = _embed_and_tasks(cfg, texts, seed)
+    embed_s = time.perf_counter() - t1
+    ctx = _Context(
+        models=models,
+        emb=emb,
+        tasks=tasks,
+        layer=build_layer(cfg, models),
+        heads=shift_heads(cfg),
+        calibrator=(cfg.get("calibrator") or {}).get("name", "none"),
+        utility=dict(
+            (cfg.get("policies") or {}).get("utility") or {"name": "utility", "sweep": {"kind": "lam"}}
+        ),
+        family_by=family_by,
+        val_size=float(s.get("val_size", 0.1)),
+        seed=seed,
+    )
+    parts: list[FoldScores] = []
+    for fold, train, tests in tqdm(folds, desc=f"shift {s['name']} {cfg['data'].get('name')}"):
+        parts.extend(fold_scores(ctx, fold, train, tests))
+    summary = summarise(parts, models, int(s.get("n_boot", 2000)), seed)
+    summary.update(
+        mode=s["name"],
+        data=cfg["data"].get("name"),
+        family_by=family_by,
+        models=models,
+        dropped_models=dropped,
+        n_prompts=int(table["prompt_id"].nunique()),
+        seed=seed,
+        folds=[f for f, _, _ in folds],
+        heads={h: {"name": c["name"], "params": c.get("params") or {}} for h, c in ctx.heads.items()},
+        targets=dict(s.get("targets") or {}),
+        time={"total_s": time.perf_counter() - t0, "embed_s": embed_s},
+    )
+    from router_ml.evaluation.shift_report import check_targets
+
+    check_targets(summary)
+    (run_dir / "shift.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    (run_dir / "shift.md").write_text(markdown(summary))
+    prompt_frame(parts, models).to_parquet(run_dir / "shift_prompts.parquet", index=False)
+    return summary
