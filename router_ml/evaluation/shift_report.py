@@ -14,7 +14,8 @@ For each rendering (``original`` only, outside format shift) the rows of every f
   lam = x / the training part's best-single cost), its AIQ and the Zero router's AIQ (the single
   models' hull; RouterBench's definitions in :mod:`router_ml.evaluation.frontier`) over one cost
   range, that of the utility sweeps and the single models; the AIQ difference with a bootstrap 95%
-  CI over prompts (the whole frontier recomputed per resample).
+  CI over prompts (the whole frontier recomputed per resample). Where every single model costs the
+  same on a set (no cost range), AIQ is undefined and reported as NaN.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def _aiq_ci(
                 diffs[h].append(a[h] - a["zero"])
     out = {}
     for h in S:
-        lo, hi = np.quantile(diffs[h], [0.025, 0.975]) if diffs[h] else (np.nan, np.nan)
+        d = np.asarray(diffs[h], dtype="float64")
+        d = d[np.isfinite(d)]  # a resample whose models all cost the same has no cost range: no AIQ
+        lo, hi = np.quantile(d, [0.025, 0.975]) if d.size else (np.nan, np.nan)
         out[h] = {
             "aiq": point[h],
             "zero_aiq": point["zero"],
