@@ -253,10 +253,8 @@ def latency(router, n: int = 200, batch: int = 1000, batch_reps: int = 3) -> dic
         t0 = time.perf_counter()
         X, X_task = router._encode([p])  # the embedding (and the task head's layer states)
         t1 = time.perf_counter()
-        router.task_head.proba_one(X_task[0], p)
-        q = router.quality_head.predict_one(X[0], p)
-        if router.calibrator is not None:
-            router.calibrator.transform_one(q)
+        router.task_head.predict_proba(X_task, texts=[p])
+        router._quality_from_embeddings(X, texts=[p])
         t2 = time.perf_counter()
         router.route(p)
         t3 = time.perf_counter()

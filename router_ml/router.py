@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from router_ml.checkpoint import SCHEMA_VERSION, CheckpointError, read_arrays, read_config, write_checkpoint
 from router_ml.decision.base import RoutingDecision
+from router_ml.embeddings.base import Encoder
+from router_ml.predictors.base import Calibrator, QualityHead, TaskHead
+
+if TYPE_CHECKING:
+    from router_ml.decision.layer import DecisionLayer
 
 
 class RoutingError(ValueError):
@@ -45,11 +50,11 @@ class LearnedRouter:
 
     def __init__(
         self,
-        encoder: Any,
-        task_head: Any,
-        quality_head: Any,
+        encoder: Encoder,
+        task_head: TaskHead,
+        quality_head: QualityHead,
         models: Sequence[str],
-        calibrator: Any | None = None,
+        calibrator: Calibrator | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.encoder = encoder
@@ -73,7 +78,7 @@ class LearnedRouter:
     @property
     def task_layers(self) -> tuple[int, ...]:
         """Encoder layers whose pooled states the task head reads beside the embedding (may be none)."""
-        return tuple(getattr(self.task_head, "layers", None) or ())
+        return tuple(self.task_head.layers)
 
     def _encode(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings (n, dim) for the quality head, the task head's features): one forward pass."""
@@ -83,53 +88,16 @@ class LearnedRouter:
         wide = self.encoder.encode_layers(items, self.task_layers, show_progress=False)
         return np.ascontiguousarray(wide[:, : self.encoder.dim]), wide
 
-    def _quality_from_embeddings(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        """(n, m) quality from embeddings ``X (n, d)``; ``texts`` (the n prompts) go to a quality
-        head that reads the text (``uses_text``), which then needs them."""
-        if getattr(self.quality_head, "uses_text", False):
-            q = self.quality_head.predict(X, texts=texts)
-        else:
-            q = self.quality_head.predict(X)
+    def _quality_from_embeddings(
+        self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: Any = None
+    ) -> np.ndarray:
+        """(n, m) quality from embeddings ``X (n, d)``; a quality head that reads the text
+        (``uses_text``) gets the n prompt ``texts`` or their ``text_part``."""
+        head = self.quality_head
+        q = head.predict(X, texts=texts, text_part=text_part) if head.uses_text else head.predict(X)
         if self.calibrator is not None:
             q = self.calibrator.transform(q)
         return np.clip(q, 0.0, 1.0)
-
-    def _route_one(
-        self, prompt: str, cand: list[int], policy: Any | None, constraints: dict[str, Any]
-    ) -> RoutingDecision:
-        """``route_batch`` of one prompt, through the heads' one-row methods. What needs only the
-        text (word features, token counts) runs before the encoder, while the CPU caches still
-        hold what it reads; the encoder's weights flush them."""
-        task_text = self.task_head.text_part_one(prompt)
-        rows = hasattr(self.quality_head, "predict_one") and (
-            self.calibrator is None or hasattr(self.calibrator, "transform_one")
-        )  # heads and calibrators of this package have one-row methods; others take the batch path
-        quality_text = self.quality_head.text_part_one(prompt) if rows else None
-        one = policy is not None and hasattr(policy, "decide_one")
-        prepared = policy.prepare_one(prompt) if one else None
-        X, X_task = self._encode([prompt])
-        task_p = self.task_head.proba_one(X_task[0], text_part=task_text)
-        if rows:
-            q = self.quality_head.predict_one(X[0], prompt, text_part=quality_text)
-            if self.calibrator is not None:
-                q = self.calibrator.transform_one(q)
-            q = np.clip(q, 0.0, 1.0)
-        else:
-            q = self._quality_from_embeddings(X, texts=[prompt])[0]
-        names = [self.models[j] for j in cand]
-        if one:
-            return policy.decide_one(
-                prompt, q[cand], names, task_p, self.task_labels, prepared, **constraints
-            )
-        if policy is not None:
-            return policy.decide_batch(
-                [prompt], q[None, cand], names, task_p[None, :], self.task_labels, **constraints
-            )[0]
-        if constraints:
-            raise RoutingError(
-                f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
-            )
-        return self._decisions(task_p[None, :], q[None, :], cand)[0]
 
     def predict_task_proba(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per task label; rows sum to 1."""
@@ -168,7 +136,7 @@ class LearnedRouter:
         *,
         allowed_models: Sequence[str] | None = None,
         exclude_models: Sequence[str] | None = None,
-        policy: Any | None = None,
+        policy: DecisionLayer | None = None,
         **constraints: Any,
     ) -> RoutingDecision:
         """Pick a model for one prompt.
@@ -192,26 +160,30 @@ class LearnedRouter:
         *,
         allowed_models: Sequence[str] | None = None,
         exclude_models: Sequence[str] | None = None,
-        policy: Any | None = None,
+        policy: DecisionLayer | None = None,
         **constraints: Any,
     ) -> list[RoutingDecision]:
+        """One decision per prompt (see :meth:`route`): one path for one prompt and for many."""
         items = _check_prompts(prompts)
         cand = self._candidates(allowed_models, exclude_models)
-        labels = self.task_labels
-        if len(items) == 1 and hasattr(self.task_head, "proba_one"):  # the live path: one prompt
-            return [self._route_one(items[0], cand, policy, constraints)]
-        X, X_task = self._encode(items)
-        task_p = self.task_head.predict_proba(X_task, texts=items)
-        quality = self._quality_from_embeddings(X, texts=items)
-        if policy is not None:  # the decision layer (router_ml.decision.DecisionLayer)
-            return policy.decide_batch(
-                items, quality[:, cand], [self.models[j] for j in cand], task_p, labels, **constraints
-            )
-        if constraints:
+        if policy is None and constraints:
             raise RoutingError(
                 f"constraint(s) {sorted(constraints)} need a policy (the decision layer); none was given"
             )
-        return self._decisions(task_p, quality, cand)
+        # what reads only the text runs first, while the CPU caches still hold what it reads: the
+        # encoder's weights flush them
+        task_text = self.task_head.text_part(items)
+        quality_text = self.quality_head.text_part(items)
+        tokens = policy.count_input_tokens(items) if policy is not None else None
+        X, X_task = self._encode(items)
+        task_p = self.task_head.predict_proba(X_task, texts=items, text_part=task_text)
+        quality = self._quality_from_embeddings(X, texts=items, text_part=quality_text)
+        if policy is None:
+            return self._decisions(task_p, quality, cand)
+        names = [self.models[j] for j in cand]
+        return policy.decide(
+            items, quality[:, cand], names, task_p, self.task_labels, input_tokens=tokens, **constraints
+        )
 
     def _decisions(self, task_p: np.ndarray, quality: np.ndarray, cand: list[int]) -> list[RoutingDecision]:
         """Highest-predicted-quality decisions from ``task_p`` (n, n_tasks) and ``quality``

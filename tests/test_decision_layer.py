@@ -292,11 +292,47 @@ def test_one_prompt_decisions_equal_the_batch_decisions(router, make_layer):
     quality = rng.uniform(size=(n, m))
     task_p = rng.dirichlet(np.ones(len(router.task_labels)), size=n)
     prompts = [f"prompt {i} " * int(rng.integers(1, 40)) for i in range(n)]
-    batch = layer.decide_batch(prompts, quality, layer.models_, task_p, router.task_labels)
+    batch = layer.decide(prompts, quality, layer.models_, task_p, router.task_labels)
     for i in range(n):
-        (one,) = layer.decide_batch(
+        (one,) = layer.decide(
             prompts[i : i + 1], quality[i : i + 1], layer.models_, task_p[i : i + 1], router.task_labels
         )
         assert one == batch[i]
-    again = layer.decide_batch(prompts, quality, layer.models_, task_p, router.task_labels)
+    again = layer.decide(prompts, quality, layer.models_, task_p, router.task_labels)
     assert again == batch  # cached pool parts and output-length rows give the same answers
+
+
+def test_when_nothing_meets_the_constraints_the_least_bad_model_is_taken_and_said(router, make_layer):
+    layer = make_layer({"name": "utility"})
+    cheap = router.route(CODE, policy=layer, max_cost_usd=1e-12)  # no model is that cheap
+    costs = {m: router.route(CODE, policy=layer, allowed_models=[m]).expected_cost_usd for m in router.models}
+    assert cheap.model == min(costs, key=costs.get)
+    assert "no model meets the constraints" in cheap.reason
+    fast = router.route(CODE, policy=layer, latency_slo_s=1e-6)  # nor that fast
+    latency = {
+        m: router.route(CODE, policy=layer, allowed_models=[m]).expected_latency_s for m in router.models
+    }
+    assert fast.model == min(latency, key=latency.get) and "least bad" in fast.reason
+    top = max(cheap.predicted_quality.values())
+    out_of_reach = router.route(CODE, policy=layer, target_quality=top + 0.01)  # beyond every model
+    assert out_of_reach.model == max(out_of_reach.predicted_quality, key=out_of_reach.predicted_quality.get)
+    assert "no usable model is predicted to reach quality" in out_of_reach.reason
+    reachable = router.route(CODE, policy=layer, target_quality=0.0)  # every model reaches it: the cheapest
+    assert reachable.model == min(costs, key=costs.get)
+
+
+def test_models_allowed_per_task_bind_only_their_task(router, make_layer):
+    allowed = {"code": router.models[:2], "reason": router.models[-1:]}
+    layer = make_layer({"name": "utility", "lam": 10.0, "allowed_per_task": allowed})
+    decisions = router.route_batch(list(PROMPTS.values()), policy=layer)
+    assert [d.task for d in decisions] == list(PROMPTS)
+    for d in decisions:
+        if d.task in allowed:
+            assert d.model in allowed[d.task]
+            local = {m for m in router.models if layer.pool.is_local[layer.pool.index(m)]}
+            assert set(d.fallbacks) - set(allowed[d.task]) <= local  # the last resort may be local
+    free = make_layer({"name": "utility", "lam": 10.0})
+    assert router.route(CREATIVE, policy=layer).model == router.route(CREATIVE, policy=free).model
+    bad = make_layer({"name": "utility", "allowed_per_task": {"qa": ["no-such-model"]}})
+    with pytest.raises(PolicyError, match="no-such-model"):
+        router.route(CODE, policy=bad)

@@ -8,9 +8,10 @@ fallback list and a readable reason.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -84,15 +85,6 @@ class Estimates:
         if self.params_b is None:
             self.params_b = np.full(m, np.nan)
 
-    @classmethod
-    def unchecked(cls, **fields: Any) -> Estimates:
-        """Estimates from fields already of the right types and shapes, without the checks (the
-        live one-prompt path builds them from its own validated rows)."""
-        est = cls.__new__(cls)
-        est.__dict__.update(dict.fromkeys(("params_b", "task_proba", "cost_upper", "feasible", "observed")))
-        est.__dict__.update(fields)
-        return est
-
     def __len__(self) -> int:
         return len(self.quality)
 
@@ -104,60 +96,27 @@ class Estimates:
     def allowed(self) -> np.ndarray:
         return np.ones(self.quality.shape, dtype=bool) if self.feasible is None else self.feasible
 
+    _PER_REQUEST: ClassVar[tuple[str, ...]] = (
+        "quality",
+        "tasks",
+        "cost",
+        "ttft",
+        "latency",
+        "task_proba",
+        "cost_upper",
+        "feasible",
+        "observed",
+    )
+
     def take(self, idx: Any) -> Estimates:
-        """The estimates of the requests ``idx`` (an index array or slice)."""
-
-        def cut(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[idx]
-
-        return replace(
-            self,
-            quality=self.quality[idx],
-            tasks=self.tasks[idx],
-            cost=self.cost[idx],
-            ttft=self.ttft[idx],
-            latency=self.latency[idx],
-            task_proba=cut(self.task_proba),
-            cost_upper=cut(self.cost_upper),
-            feasible=cut(self.feasible),
-            observed=cut(self.observed),
-        )
-
-
-class Row:
-    """The estimates of one request over its ``m`` models as plain Python lists: what a policy's
-    row methods (``usable_row``, ``choose_row``, ``explain_row``) read on the live one-prompt path,
-    where numpy's per-call cost on a few models, paid on CPU caches the encoder has just flushed,
-    outweighs the arithmetic. Every request may use every model (no ``feasible`` mask)."""
-
-    __slots__ = ("cost", "is_local", "latency", "models", "quality", "task", "ttft")
-
-    def __init__(
-        self,
-        models: Sequence[str],
-        task: str,
-        quality: list[float],
-        cost: list[float],
-        ttft: list[float],
-        latency: list[float],
-        is_local: list[bool],
-    ) -> None:
-        self.models, self.task, self.quality, self.cost = models, task, quality, cost
-        self.ttft, self.latency, self.is_local = ttft, latency, is_local
-
-
-def argmax_cheapest_row(score: Sequence[float], cost: Sequence[float]) -> int:
-    """:func:`argmax_cheapest` of one row of plain floats."""
-    best = max(score)
-    return min((j for j in range(len(score)) if score[j] >= best - 1e-12), key=lambda j: (cost[j], j))
-
-
-def argmin_row(values: Sequence[float]) -> int:
-    """``np.argmin`` of one row of plain floats: the first minimum, or the first NaN if any."""
-    for j, v in enumerate(values):
-        if v != v:
-            return j
-    return min(range(len(values)), key=lambda j: (values[j], j))
+        """The estimates of the requests ``idx`` (an index array or slice): the per-request arrays
+        cut, nothing checked again (cutting checked estimates keeps them consistent)."""
+        view = copy.copy(self)
+        for name in self._PER_REQUEST:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(view, name, value[idx])
+        return view
 
 
 def argmax_cheapest(score: np.ndarray, cost: np.ndarray) -> np.ndarray:

@@ -281,56 +281,35 @@ class CostModel:
     ) -> CostEstimate:
         """Estimates for ``prompts`` (n,) with task types ``tasks`` (n,).
 
-        ``input_tokens`` (n,), when given (data with measured counts), is used for every model;
-        otherwise each distinct tokenizer in the pool counts the prompts once.
+        ``input_tokens``: measured counts (n,) used for every model (data that carries them), or
+        :meth:`count_input_tokens` of the prompts (n, m) when already counted; None counts here.
         """
         n, m = len(prompts), len(self.pool)
         if len(tasks) != n:
             raise ValueError(f"CostModel.estimate: {n} prompts but {len(tasks)} tasks")
-        if input_tokens is not None:
-            given = np.asarray(input_tokens, dtype="float64")
-            if given.shape != (n,):
-                raise ValueError(f"CostModel.estimate: input_tokens has shape {given.shape}; expected ({n},)")
-            in_tok = np.repeat(given[:, None], m, axis=1)
+        if input_tokens is None:
+            in_tok = self.count_input_tokens(prompts)
         else:
-            in_tok = np.empty((n, m), dtype="float64")
-            for counter, cols in self._pool_parts()[0]:
-                in_tok[:, cols] = counter.count(list(prompts)).astype("float64")[:, None]
-        out_tok = self.output_model.predict(self.pool.names, tasks)
-        out_tok = np.minimum(out_tok, self._pool_parts()[1])
+            in_tok = np.asarray(input_tokens, dtype="float64")
+            if in_tok.shape == (n,):
+                in_tok = np.repeat(in_tok[:, None], m, axis=1)
+            elif in_tok.shape != (n, m):
+                raise ValueError(
+                    f"CostModel.estimate: input_tokens has shape {in_tok.shape}; expected ({n},) or ({n}, {m})"
+                )
+        out_tok = np.minimum(self.output_model.predict(self.pool.names, tasks), self._pool_parts()[1])
         cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
 
-    def input_tokens_one(self, prompt: str) -> list[float]:
-        """Input tokens of one prompt per pool model, as plain floats (each distinct tokenizer
-        counts once)."""
-        counters, _ = self._pool_parts()
-        in_tok = [0.0] * len(self.pool)
+    def count_input_tokens(self, prompts: Sequence[str]) -> np.ndarray:
+        """``(n, m)`` input tokens of each prompt on each pool model: each distinct tokenizer of the
+        pool counts the prompts once. It reads only the text, so a router counts before the
+        encoder runs and hands the counts to :meth:`estimate`."""
+        counters = self._pool_parts()[0]
+        in_tok = np.empty((len(prompts), len(self.pool)), dtype="float64")
         for counter, cols in counters:
-            n = float(counter.count([prompt])[0])
-            for j in cols:
-                in_tok[j] = n
+            in_tok[:, cols] = counter.count(list(prompts)).astype("float64")[:, None]
         return in_tok
-
-    def estimate_one(
-        self, prompt: str, task: str, input_tokens: Sequence[float] | None = None
-    ) -> CostEstimate:
-        """``estimate`` of one prompt, as ``(m,)`` rows (the live one-prompt path);
-        ``input_tokens``: :meth:`input_tokens_one` of the prompt, if already counted."""
-        in_tok = np.asarray(
-            self.input_tokens_one(prompt) if input_tokens is None else input_tokens, dtype="float64"
-        )
-        out_tok = self._output_tokens_one(task)
-        cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
-        return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
-
-    def output_tokens_one(self, task: str) -> list[float]:
-        """Expected output tokens of a ``task`` request per pool model, capped by each model's
-        ``max_tokens``, as plain floats (what :meth:`estimate_one` computes as an array)."""
-        return self._output_tokens_one(task).tolist()
-
-    def _output_tokens_one(self, task: str) -> np.ndarray:
-        return np.minimum(self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1])
 
     def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray]:
         """(token counter and its pool columns per distinct tokenizer, ``(m,)`` max_tokens caps with

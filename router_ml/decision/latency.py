@@ -199,18 +199,6 @@ class LatencyModel:
         first = np.broadcast_to(ttft, out.shape).copy()
         return first, first + out * spt
 
-    def expected_one(self, output_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``expected`` of one request: ``output_tokens (m,)`` -> (ttft (m,), completion (m,))."""
-        with self._lock:
-            first, spt = self._ttft.copy(), self._spt.copy()
-        return first, first + output_tokens * spt
-
-    def expected_row(self, output_tokens: list[float]) -> tuple[list[float], list[float]]:
-        """``expected_one`` as plain floats: ``output_tokens`` (m,) -> (ttft, completion)."""
-        with self._lock:
-            first, spt = self._ttft.tolist(), self._spt.tolist()
-        return first, [f + o * s for f, o, s in zip(first, output_tokens, spt, strict=True)]
-
     def snapshot(self) -> pd.DataFrame:
         """One row per model: model, ttft_s, tokens_per_s, n_observed, source ("prior" | "live")."""
         with self._lock:

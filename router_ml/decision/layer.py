@@ -24,7 +24,6 @@ from router_ml.decision.base import (
     Estimates,
     PolicyError,
     RoutingDecision,
-    Row,
     argmax_cheapest,
     fallback_order,
 )
@@ -108,26 +107,20 @@ class DecisionLayer:
             observed=observed,
         )
 
-    def _pool_cache(self, attr: str) -> dict[tuple[str, ...], Any]:
-        """The dict kept in ``attr`` for the current pool (a new one when the pool was replaced)."""
-        cache = getattr(self, attr, None)
-        if cache is None or cache[0] is not self.pool:
-            cache = (self.pool, {})
-            setattr(self, attr, cache)
-        return cache[1]
-
     def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pool columns, max_tokens (NaN: none) and params_b (NaN: unknown) of ``models``, each
-        ``(m,)``; worked out once per (pool, models)."""
+        ``(m,)``; worked out once per (pool, models) and kept (a new pool starts a new cache)."""
         key = tuple(models)
-        cache = self._pool_cache("_parts")
-        got = cache.get(key)
+        cache = getattr(self, "_parts", None)
+        if cache is None or cache[0] is not self.pool:
+            cache = self._parts = (self.pool, {})
+        got = cache[1].get(key)
         if got is None:
             for name in key:
                 if name not in self.pool:
                     raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
             specs = [self.pool.get(m) for m in key]
-            got = cache[key] = (
+            got = cache[1][key] = (
                 np.array([self.pool.index(m) for m in key], dtype=np.int64),
                 np.array([s.max_tokens or np.nan for s in specs], dtype="float64"),
                 np.array([s.params_b or np.nan for s in specs], dtype="float64"),
@@ -172,38 +165,53 @@ class DecisionLayer:
     def spent(self) -> float:
         return float(self.ledger.spent(since=period_start(self.period), session=self.session))
 
-    def decide_batch(
+    def count_input_tokens(self, prompts: Sequence[str]) -> np.ndarray:
+        """``(n, m)`` input tokens of the prompts on each pool model: what :meth:`decide` needs of
+        the text alone, for a router to count before its encoder runs (``input_tokens=``)."""
+        return self.cost_model.count_input_tokens(prompts)
+
+    def decide(
         self,
         prompts: Sequence[str],
         quality: np.ndarray,
         models: Sequence[str],
         task_proba: np.ndarray,
         task_labels: Sequence[str],
+        input_tokens: np.ndarray | None = None,
         **constraints: Any,
     ) -> list[RoutingDecision]:
-        """The router's hook: one decision per prompt (in order, so budgets see earlier ones)."""
+        """One decision per prompt, in order (so budgets see earlier ones): the router's hook.
+
+        ``quality`` (n, c) over the candidate ``models`` (a subset of the fitted ones), ``task_proba``
+        (n, L) over ``task_labels``; ``input_tokens``: :meth:`count_input_tokens` of the prompts
+        when already counted. One path for one prompt and for a batch."""
         if self.models_ is None:
             raise PolicyError(
                 f"policy {self.policy.name!r} is not fitted: call DecisionLayer.fit_router(router) first"
             )
         fitted, models = self.models_, list(models)
-        unknown = [m for m in models if m not in fitted]
-        if unknown:
-            raise PolicyError(
-                f"model(s) {unknown} were not among the models the policy was fitted on {fitted}; refit it"
-            )
+        if models == fitted:
+            cols: Sequence[int] = range(len(fitted))
+            full = np.asarray(quality, dtype="float64")
+        else:
+            unknown = [m for m in models if m not in fitted]
+            if unknown:
+                raise PolicyError(
+                    f"model(s) {unknown} were not among the models the policy was fitted on {fitted}; refit it"
+                )
+            # decide over the fitted columns (the policy's tables index them); non-candidates are infeasible
+            cols = [fitted.index(m) for m in models]
+            full = np.zeros((len(prompts), len(fitted)))
+            full[:, cols] = quality
         policy = self._policy_for(constraints)
-        tidx = np.argmax(task_proba, axis=1)
+        tidx = np.argmax(task_proba, axis=1).tolist()
         tasks = [task_labels[t] for t in tidx]
-        # decide over the fitted columns (the policy's tables index them); non-candidates are infeasible
-        cols = [fitted.index(m) for m in models]
-        full = np.zeros((len(prompts), len(fitted)))
-        full[:, cols] = quality
-        est = self.estimates(prompts, full, fitted, tasks, task_proba=task_proba)
-        wanted = set(models)
-        candidate = np.array([m in wanted for m in fitted], dtype=bool)  # = np.isin(fitted, models)
-        if not candidate.all():
+        est = self.estimates(prompts, full, fitted, tasks, task_proba=task_proba, input_tokens=input_tokens)
+        if len(cols) != len(fitted):
+            wanted = set(models)
+            candidate = np.array([m in wanted for m in fitted], dtype=bool)
             est.feasible = np.repeat(candidate[None, :], len(est), axis=0)
+        usable = policy.usable(est)
         if policy.stateful:
             # spend so far = the ledger plus the expected bills of this batch's earlier picks
             choice, pending, spent = [], 0.0, self.spent()
@@ -212,155 +220,15 @@ class DecisionLayer:
                 choice.append(j)
                 pending += float(est.cost[i, j])
         else:
-            choice = list(policy.choose(est))
-        usable, allowed = policy.usable(est), est.allowed
+            choice = policy.choose(est, usable).tolist()
+        allowed = est.allowed
+        confidence = np.asarray(task_proba)[np.arange(len(tidx)), tidx].tolist()
         return [
             self._decision(
-                policy,
-                est if len(est) == 1 else est.take(slice(i, i + 1)),
-                int(j),
-                usable[i],
-                allowed[i],
-                float(task_proba[i, tidx[i]]),
-                models,
-                cols,
+                policy, est.take(slice(i, i + 1)), j, usable[i], allowed[i], confidence[i], models, cols
             )
             for i, j in enumerate(choice)
         ]
-
-    def prepare_one(self, prompt: str) -> list[float]:
-        """What ``decide_one`` needs of the prompt alone (its input tokens per pool model), to
-        compute before the encoder runs."""
-        return self.cost_model.input_tokens_one(prompt)
-
-    def decide_one(
-        self,
-        prompt: str,
-        quality: np.ndarray,
-        models: Sequence[str],
-        task_proba: np.ndarray,
-        task_labels: Sequence[str],
-        prepared: list[float] | None = None,
-        **constraints: Any,
-    ) -> RoutingDecision:
-        """``decide_batch`` for one prompt from ``(m,)`` quality and ``(L,)`` task rows: the same
-        decision, built with a third of the numpy calls when the policy is stateless and every
-        fitted model is a candidate (otherwise it is ``decide_batch``). ``prepared``:
-        :meth:`prepare_one` of the prompt, if already computed."""
-        policy = self._policy_for(constraints) if self.models_ is not None else None
-        if policy is None or policy.stateful or list(models) != self.models_:
-            return self.decide_batch(
-                [prompt], quality[None, :], models, task_proba[None, :], task_labels, **constraints
-            )[0]
-        t = int(np.argmax(task_proba))
-        task = task_labels[t]
-        if hasattr(policy, "choose_row"):
-            return self._decide_row(policy, prompt, quality, models, task, float(task_proba[t]), prepared)
-        sel, pin, pout, is_local, params_b, max_tokens = self._one_parts(models)
-        ce = self.cost_model.estimate_one(prompt, task, input_tokens=prepared)
-        ttft, latency = self.latency_model.expected_one(ce.output_tokens)
-        cost, in_tok = ce.cost_usd, ce.input_tokens
-        if sel is not None:  # the pool holds more models than these, or in another order
-            cost, ttft, latency, in_tok = cost[sel], ttft[sel], latency[sel], in_tok[sel]
-        est = Estimates.unchecked(
-            models=self.models_,
-            quality=np.asarray(quality, dtype="float64")[None, :],
-            tasks=np.array([task], dtype=object),
-            cost=cost[None, :],
-            ttft=ttft[None, :],
-            latency=latency[None, :],
-            is_local=is_local,
-            params_b=params_b,
-            task_proba=task_proba[None, :],
-            cost_upper=((in_tok * pin + max_tokens * pout) / 1e6)[None, :],
-        )
-        j = policy.choose_one(est)
-        usable = policy.usable(est)[0]
-        return self._decision(
-            policy,
-            est,
-            j,
-            usable,
-            np.ones(len(usable), dtype=bool),
-            float(task_proba[t]),
-            models,
-            range(len(models)),
-        )
-
-    def _decide_row(
-        self,
-        policy: Policy,
-        prompt: str,
-        quality: np.ndarray,
-        models: Sequence[str],
-        task: str,
-        task_confidence: float,
-        prepared: list[float] | None,
-    ) -> RoutingDecision:
-        """``decide_one`` for a policy with row methods: the estimates of the request as plain
-        floats (:class:`~router_ml.decision.base.Row`), the same arithmetic in the same order."""
-        sel, is_local, pin, pout = self._row_parts(models)
-        in_tok = self.cost_model.input_tokens_one(prompt) if prepared is None else prepared
-        out_tok = self.cost_model.output_tokens_one(task)
-        cost = [(i * a + o * b) / 1e6 for i, a, o, b in zip(in_tok, pin, out_tok, pout, strict=True)]
-        ttft, latency = self.latency_model.expected_row(out_tok)
-        if sel is not None:  # the pool holds more models than these, or in another order
-            cost, ttft, latency = [cost[k] for k in sel], [ttft[k] for k in sel], [latency[k] for k in sel]
-        q = np.asarray(quality, dtype="float64").tolist()
-        row = Row(self.models_, task, q, cost, ttft, latency, is_local)
-        usable = policy.usable_row(row)
-        j = policy.choose_row(row, usable)
-        reason = policy.explain_row(row, j, usable)
-        chain = fallback_order(q, is_local, j, usable, self.max_fallbacks)
-        fitted = self.models_
-        max_tokens = getattr(policy, "max_tokens_", {}).get(task) or self.pool.get(fitted[j]).max_tokens
-        return RoutingDecision(
-            model=fitted[j],
-            task=task,
-            task_confidence=task_confidence,
-            predicted_quality=dict(zip(models, q, strict=True)),
-            reason=f"task {task} (p={task_confidence:.2f}); {reason}",
-            fallbacks=[fitted[k] for k in chain],
-            policy=policy.name,
-            expected_cost_usd=cost[j],
-            expected_ttft_s=ttft[j],
-            expected_latency_s=latency[j],
-            max_tokens=None if max_tokens is None else int(max_tokens),
-        )
-
-    def _row_parts(self, models: Sequence[str]) -> tuple[Any, ...]:
-        """:meth:`_one_parts` as plain Python, kept per (pool, models): (pool columns of ``models``
-        as a list, or None when they are the whole pool in order; their is_local flags; the pool's
-        input and output prices per million tokens, in pool order)."""
-        key = tuple(models)
-        cache = self._pool_cache("_rows")
-        got = cache.get(key)
-        if got is None:
-            sel, _, _, is_local, _, _ = self._one_parts(models)
-            got = cache[key] = (
-                None if sel is None else sel.tolist(),
-                is_local.tolist(),
-                self.pool.input_price.tolist(),
-                self.pool.output_price.tolist(),
-            )
-        return got
-
-    def _one_parts(self, models: Sequence[str]) -> tuple[Any, ...]:
-        """(pool columns of ``models`` or None when they are the whole pool in order, and their
-        input and output prices, is_local, params_b and max_tokens rows), kept per (pool, models)
-        and read-only: what ``decide_one`` would otherwise cut from the pool on every call."""
-        key = tuple(models)
-        cache = self._pool_cache("_one")
-        got = cache.get(key)
-        if got is None:
-            cols, max_tokens, params_b = self._model_parts(models)
-            rows = [a[cols] for a in (self.pool.input_price, self.pool.output_price, self.pool.is_local)]
-            rows += [params_b.copy(), max_tokens.copy()]
-            for a in rows:
-                a.flags.writeable = False
-            whole = len(cols) == len(self.pool) and bool((cols == np.arange(len(cols))).all())
-            got = cache[key] = (None if whole else cols, *rows)
-        return got
 
     def _decision(
         self,
@@ -376,8 +244,8 @@ class DecisionLayer:
         """The decision for the one request of ``row`` when the policy picked column ``j``:
         the fallback chain, the reason and the expected bill; ``usable``/``allowed`` are its rows."""
         fitted, task = self.models_, str(row.tasks[0])
-        reason = policy.explain(row, j)
-        rule_tokens = getattr(policy, "max_tokens_", {}).get(task)
+        reason = policy.explain(row, j, usable)
+        rule_tokens = policy.max_tokens_for(task)
         if not allowed[j]:  # a rule/tier policy named a model this request excludes
             k = int(argmax_cheapest(np.where(allowed, row.quality[0], -np.inf)[None], row.cost[0][None])[0])
             reason += f"; {fitted[j]} is not allowed here: best predicted allowed model {fitted[k]}"

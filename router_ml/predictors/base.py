@@ -14,9 +14,54 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+
+
+class TaskHead(Protocol):
+    """What a router needs of its task head (:class:`~router_ml.predictors.task.TaskClassifier`)."""
+
+    labels: Sequence[str]
+    layers: list[int]
+    dim_: int
+
+    def text_part(self, texts: Sequence[str]) -> np.ndarray | None:
+        """``(n, L)`` what the texts add to the logits (None: the head reads no text)."""
+        ...
+
+    def predict_proba(
+        self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(n, d) -> (n, L)`` task probabilities."""
+        ...
+
+    def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> list[str]: ...
+    def get_params(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, np.ndarray]: ...
+
+
+class QualityHead(Protocol):
+    """What a router needs of its quality head (every :class:`QualityPredictor`): ``predict(X)``,
+    and, when ``uses_text``, ``predict(X, texts=..., text_part=...)``."""
+
+    uses_text: bool
+    n_models_: int
+    dim_: int
+
+    def text_part(self, texts: Sequence[str]) -> Any: ...
+    def predict(self, X: np.ndarray) -> np.ndarray: ...
+    def get_params(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, np.ndarray]: ...
+
+
+class Calibrator(Protocol):
+    """A fitted map of predicted quality ``(n, m) -> (n, m)`` (isotonic, temperature)."""
+
+    def transform(self, pred: np.ndarray) -> np.ndarray: ...
+    def get_params(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, np.ndarray]: ...
 
 
 class NotFittedError(RuntimeError):
@@ -184,7 +229,8 @@ def as_float_matrix(X: Any, owner: str, dim: int | None = None, dtype: Any = np.
 
 class QualityPredictor(BasePredictor):
     """Per-model quality head: ``fit(X (n, d), Y (n, m) in [0, 1], NaN = no outcome, task_ids (n,))``
-    then ``predict(X (n, d)) -> (n, m)`` float64 in [0, 1]. Sets ``n_models_`` and ``dim_``."""
+    then ``predict(X (n, d)) -> (n, m)`` float64 in [0, 1], one path for one row and for a batch.
+    Sets ``n_models_`` and ``dim_``."""
 
     def fit(self, X: np.ndarray, Y: np.ndarray, task_ids: np.ndarray | None = None) -> QualityPredictor:
         raise NotImplementedError
@@ -192,16 +238,13 @@ class QualityPredictor(BasePredictor):
     def predict(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def text_part_one(self, text: str | None) -> Any:
-        """What one prompt's text contributes, computed before the encoder runs (None: nothing)."""
-        return None
+    #: True for a head whose ``fit`` and ``predict`` also take the prompt ``texts`` (and a
+    #: precomputed ``text_part``); the others read only the embedding
+    uses_text: bool = False
 
-    def predict_one(self, x: np.ndarray, text: str | None = None, text_part: Any = None) -> np.ndarray:
-        """``predict`` of one embedding ``x (d,)`` -> ``(m,)``; ``text`` goes to a head that reads
-        it (``uses_text``). Heads on the live path override this with a leaner version."""
-        if getattr(self, "uses_text", False):
-            return self.predict(x[None, :], texts=[text])[0]  # type: ignore[call-arg]
-        return self.predict(x[None, :])[0]
+    def text_part(self, texts: Sequence[str]) -> Any:
+        """What the texts contribute, computable before the encoder runs (None: nothing)."""
+        return None
 
     def _check_fit_inputs(
         self, X: Any, Y: Any, task_ids: Any = None

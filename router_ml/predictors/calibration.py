@@ -105,18 +105,6 @@ class IsotonicCalibrator(BasePredictor):
             out[:, self._identity] = pred[:, self._identity]
         return np.clip(out, 0.0, 1.0, out=out)
 
-    def transform_one(self, pred: np.ndarray) -> np.ndarray:
-        """``transform`` of one row ``(m,) -> (m,)`` (the live one-prompt path), the same operations."""
-        self._check_fitted("counts_")
-        if pred.shape != (self.n_models_,):
-            raise ValueError(f"IsotonicCalibrator: expected shape ({self.n_models_},), got {pred.shape}")
-        if not len(self._knots_x):
-            return np.clip(pred, 0.0, 1.0)
-        out = np.interp(np.clip(pred, self._lo, self._hi) + self._shift, self._knots_x, self._knots_y)
-        if self._identity is not None:
-            out[self._identity] = pred[self._identity]
-        return np.clip(out, 0.0, 1.0, out=out)
-
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("counts_")
         return {
@@ -194,10 +182,6 @@ class TemperatureCalibrator(BasePredictor):
         if pred.ndim != 2 or pred.shape[1] != self.n_models_:
             raise ValueError(f"TemperatureCalibrator: expected shape (n, {self.n_models_}), got {pred.shape}")
         return sigmoid(self.a_ * _logit(pred) + self.b_)
-
-    def transform_one(self, pred: np.ndarray) -> np.ndarray:
-        """``transform`` of one row ``(m,) -> (m,)``."""
-        return self.transform(pred[None, :])[0]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("a_")

@@ -7,8 +7,6 @@ training prompts. Inference is numpy only: one ``(n, N)`` matrix product plus a 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from router_ml.predictors.base import QualityPredictor, as_float_matrix, check_state, few_rows_blas
@@ -96,29 +94,6 @@ class KnnQualityPredictor(QualityPredictor):
         den = wk.sum(axis=1)
         out = np.where(den > 0, num / np.where(den > 0, den, 1.0), self.col_mean_[None, :])
         return np.clip(out, 0.0, 1.0)
-
-    def predict_one(self, x: np.ndarray, text: str | None = None, text_part: Any = None) -> np.ndarray:
-        """``predict`` of one embedding ``x (d,)`` -> ``(m,)``, the same products with fewer numpy calls."""
-        self._check_fitted("dim_")
-        if x.shape != (self.dim_,):
-            raise ValueError(
-                f"KnnQualityPredictor: expected one embedding of shape ({self.dim_},), got {x.shape}"
-            )
-        if not self._complete:
-            return self.predict(x[None, :])[0]
-        sims = (_normalise(x[None, :]) @ self.X_train_.T)[0]  # the batch path's float32 numbers
-        N = sims.shape[0]
-        k = min(int(self.k), N)
-        idx = np.argpartition(sims, N - k)[N - k :] if k < N else np.arange(N)
-        s = sims[idx].astype(np.float64)
-        if self.weights == "uniform":
-            w = np.ones_like(s)
-        elif self.weights == "distance":
-            w = 1.0 / np.maximum(1.0 - s, 1e-6)
-        else:
-            w = np.exp((s - s.max()) / float(self.temperature))
-        out = (w @ self.Y_train_[idx]) / w.sum()
-        return np.clip(out, 0.0, 1.0, out=out)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("X_train_")

@@ -271,16 +271,6 @@ class MlpQualityPredictor(QualityPredictor):
         """Expected score per model (mean over members), ``(n, d) -> (n, m)`` float64 in [0, 1]."""
         return self.predict_members(X).mean(axis=0)
 
-    def predict_one(self, x: np.ndarray, text: str | None = None, text_part: Any = None) -> np.ndarray:
-        """``predict`` of one embedding ``x (d,)`` -> ``(m,)``: the same products, without the
-        batch input checks (the live path's embedding comes from the encoder)."""
-        self._check_fitted("dim_")
-        if x.shape != (self.dim_,):
-            raise ValueError(
-                f"MlpQualityPredictor: expected one embedding of shape ({self.dim_},), got {x.shape}"
-            )
-        return self._members(np.asarray(x, dtype=np.float32)[None, :]).mean(axis=0)[0]
-
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("weights_")
         state = {"x_mean": self.x_mean_, "x_scale": self.x_scale_}

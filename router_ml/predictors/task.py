@@ -10,7 +10,6 @@ change the confidence the temperature was fitted for. Inference is numpy:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,10 +21,8 @@ from router_ml.predictors.base import BasePredictor, as_float_matrix, check_stat
 from router_ml.predictors.task_text import (
     CUE_LEXICON_CRC,
     CUE_TASKS,
-    cue_features,
-    hashed_view,
     sparse_rows,
-    text_terms_one,
+    text_terms,
 )
 
 
@@ -115,11 +112,6 @@ class TaskClassifier(BasePredictor):
         self.cue_scale = cue_scale
         self.layers = list(check_layers(layers))
 
-    def _hashed(self, texts: Sequence[str] | None, n: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Hashed instruction-view features per text (see :func:`task_text.hashed_view`)."""
-        texts = self._texts(texts, n)
-        return hashed_view(texts, int(self.text_features), int(self.view_words), float(self.text_scale))
-
     def _texts(self, texts: Sequence[str] | None, n: int) -> list[str]:
         if texts is None:
             raise ValueError(
@@ -131,35 +123,50 @@ class TaskClassifier(BasePredictor):
             raise ValueError(f"TaskClassifier: {n} embedding rows but {len(texts)} texts")
         return texts
 
-    def _cues(self, texts: Sequence[str] | None, n: int) -> np.ndarray:
-        """``(n, n_cues)`` instruction-cue counts times ``cue_scale`` (see :func:`task_text.cue_features`)."""
-        return cue_features(self._texts(texts, n), int(self.view_words)) * float(self.cue_scale)
+    @property
+    def uses_text(self) -> bool:
+        """True when the head reads the prompt texts (hashed words or cues)."""
+        return bool(self.text_features) or bool(self.cue_scale)
 
-    def _text_matrix(self, texts: Sequence[str] | None, n: int) -> Any:
-        """Sparse ``(n, text_features)`` matrix of the hashed features (for fitting)."""
-        return sparse_rows(*self._hashed(texts, n), int(self.text_features))
-
-    def _text_logits(self, texts: Sequence[str] | None, n: int) -> np.ndarray:
-        """``(n, L)`` text contribution to the logits, numpy only (fast for one row)."""
-        rows, weights = self._hashed(texts, n)
-        out = np.zeros((n, len(self.labels)))
-        for i, idx in enumerate(rows):
-            if len(idx):
-                out[i] = self._text_coef_t[idx].sum(axis=0) * weights[i]
-        return out
+    def _text_terms(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+        """Hashed instruction-view indices and weights, and cue counts (see :func:`task_text.text_terms`)."""
+        return text_terms(
+            texts, int(self.text_features), int(self.view_words), float(self.text_scale), bool(self.cue_scale)
+        )
 
     def _features(self, X: np.ndarray, texts: Sequence[str] | None) -> Any:
-        """Design matrix ``[X, hashed view, cues]`` (sparse when there are text features)."""
-        if not self.text_features and not self.cue_scale:
+        """Design matrix ``[X, hashed view, cues x cue_scale]`` (sparse when there are text features)."""
+        if not self.uses_text:
             return X
         import scipy.sparse as sp
 
+        rows, weights, cues = self._text_terms(self._texts(texts, X.shape[0]))
         parts = [sp.csr_matrix(X)]
         if self.text_features:
-            parts.append(self._text_matrix(texts, X.shape[0]))
-        if self.cue_scale:
-            parts.append(sp.csr_matrix(self._cues(texts, X.shape[0])))
+            parts.append(sparse_rows(rows, weights, int(self.text_features)))
+        if cues is not None:
+            parts.append(sp.csr_matrix(cues * float(self.cue_scale)))
         return sp.hstack(parts).tocsr()
+
+    def text_part(self, texts: Sequence[str]) -> np.ndarray | None:
+        """``(n, L)``: what the texts add to the logits (None for a head without text features).
+
+        It needs no embedding, so a router computes it before the encoder runs, while the CPU
+        caches still hold what it reads (the encoder's weights flush them), and passes it to
+        :meth:`predict_proba` as ``text_part``."""
+        self._check_fitted("coef_")
+        if not self.uses_text:
+            return None
+        texts = list(texts)
+        rows, weights, cues = self._text_terms(texts)
+        out = np.zeros((len(texts), len(self.labels)))
+        if self.text_features:
+            for i, idx in enumerate(rows):
+                if len(idx):
+                    out[i] = self._text_coef_t[idx].sum(axis=0) * weights[i]
+        if cues is not None:
+            out += (cues * float(self.cue_scale)) @ self._cue_coef_t
+        return out
 
     def _encode(self, y: Sequence[str]) -> np.ndarray:
         index = {lab: i for i, lab in enumerate(self.labels)}
@@ -249,62 +256,31 @@ class TaskClassifier(BasePredictor):
         self.intercept_ = np.ascontiguousarray(b, dtype=np.float64)
         self.temperature_ = np.ascontiguousarray(temperature, dtype=np.float64)
         self._coef_t = np.ascontiguousarray(self.coef_.T)
-        self._intercept_list, self._temperature = self.intercept_.tolist(), float(self.temperature_[0])
+        self._temperature = float(self.temperature_[0])
         self.dim_ = int(self.coef_.shape[1])
 
-    def decision_function(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        """Temperature-scaled logits ``(n, d) -> (n, L)`` (-inf for labels never seen in training)."""
+    def decision_function(
+        self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Temperature-scaled logits ``(n, d) -> (n, L)`` (-inf for labels never seen in training).
+
+        A head with text features needs the ``texts`` or their :meth:`text_part`."""
         self._check_fitted("coef_")
         X = as_float_matrix(X, "TaskClassifier", self.dim_, dtype=np.float64)
         z = X @ self._coef_t + self.intercept_
-        if self.text_features:
-            z = z + self._text_logits(texts, X.shape[0])
-        if self.cue_scale:
-            z = z + self._cues(texts, X.shape[0]) @ self._cue_coef_t
-        return z / self.temperature_[0]
+        if self.uses_text:
+            if text_part is None:
+                text_part = self.text_part(self._texts(texts, X.shape[0]))
+            elif text_part.shape != z.shape:
+                raise ValueError(f"TaskClassifier: text_part has shape {text_part.shape}, expected {z.shape}")
+            z += text_part
+        return z / self._temperature
 
-    def predict_proba(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        """Calibrated class probabilities ``(n, d) -> (n, len(labels))``, columns in ``labels`` order."""
-        return _softmax(self.decision_function(X, texts))
-
-    def text_part_one(self, text: str | None) -> list[np.ndarray]:
-        """One prompt's text terms of the logits, each ``(L,)`` (none without text features). They
-        need no embedding, so the live path computes them before the encoder runs, while the CPU
-        caches still hold what they read (the encoder's weights flush them)."""
-        self._check_fitted("coef_")
-        if not self.text_features and not self.cue_scale:
-            return []
-        (text,) = self._texts(None if text is None else [text], 1)
-        idx, w, cues = text_terms_one(
-            text, int(self.text_features), int(self.view_words), float(self.text_scale), bool(self.cue_scale)
-        )
-        parts = []
-        if self.text_features and idx:
-            parts.append(self._text_coef_t[idx].sum(axis=0) * w)
-        if cues is not None:
-            parts.append(np.array(cues) * float(self.cue_scale) @ self._cue_coef_t)
-        return parts
-
-    def proba_one(
-        self, x: np.ndarray, text: str | None = None, text_part: list[np.ndarray] | None = None
+    def predict_proba(
+        self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: np.ndarray | None = None
     ) -> np.ndarray:
-        """``predict_proba`` of one embedding ``x (d,)`` -> ``(L,)`` with a tenth of the numpy calls
-        (a live decision runs right after the encoder, on cold CPU caches, where each call costs
-        microseconds). ``text_part``: :meth:`text_part_one` of the prompt, if already computed."""
-        self._check_fitted("coef_")
-        if x.shape != (self.dim_,):
-            raise ValueError(f"TaskClassifier: expected one embedding of shape ({self.dim_},), got {x.shape}")
-        # the product in numpy, the L-wide rest in plain floats (same operations, same order)
-        z = (np.asarray(x, dtype=np.float64) @ self._coef_t).tolist()
-        z = [a + b for a, b in zip(z, self._intercept_list, strict=True)]
-        for term in self.text_part_one(text) if text_part is None else text_part:
-            z = [a + b for a, b in zip(z, term.tolist(), strict=True)]
-        t = self._temperature
-        z = [a / t for a in z]
-        top = max(z)
-        e = [math.exp(a - top) for a in z]
-        total = sum(e)
-        return np.array([a / total for a in e])
+        """Calibrated class probabilities ``(n, d) -> (n, len(labels))``, columns in ``labels`` order."""
+        return _softmax(self.decision_function(X, texts, text_part))
 
     def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> list[str]:
         """Most probable label per row: ``(n, d) -> list of n strings``."""

@@ -1,5 +1,7 @@
 """Text features of the task-type head, computed from the prompt string (numpy only, no vocabulary).
 
+One pass over each text (:func:`text_terms`) gives both kinds:
+
 - :func:`hashed_view`: lower-cased word uni- and bigrams of the prompt's *instruction view* (its
   first and last ``view_words`` words), hashed with crc32 into ``n_features`` buckets. When a long
   pasted text dominates the embedding, the words that say what to DO with it still count.
@@ -105,66 +107,55 @@ def instruction_view(text: str, view_words: int) -> str:
     return " ".join(w) if len(w) <= 2 * k else " ".join(w[:k] + w[-k:])
 
 
-def hashed_view(
-    texts: Sequence[str], n_features: int, view_words: int, scale: float
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per text: unique hashed indices of its instruction view's word uni-/bigrams, and one weight each.
+def text_terms(
+    texts: Sequence[str], n_features: int, view_words: int, scale: float, cues: bool
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """The text features of ``texts``, from one lower-cased instruction view per text.
 
-    Tokens are lower-cased words of 2+ characters; index = crc32(token) mod ``n_features`` (stable
-    across versions and platforms); binary values, l2-normalised, times ``scale``. Returns a list
-    of ``n`` index arrays and an ``(n,)`` weight array.
+    - hashed word uni- and bigrams of the view: per text, its unique indices (crc32 of the token mod
+      ``n_features``, stable across versions and platforms; tokens are lower-cased words of 2+
+      characters) and one weight, ``scale / sqrt(count)`` (binary values, l2-normalised, scaled);
+      none for ``n_features`` 0;
+    - with ``cues``: the ``(n, 2 * len(CUE_TASKS))`` cue counts per task type, in the view and in
+      the whole text, as ``log1p``; otherwise None.
+
+    Returns ``(n index arrays, (n,) weights, cue matrix or None)``.
     """
     nf = int(n_features)
     rows, weights = [], np.zeros(len(texts))
+    out = np.zeros((len(texts), 2 * len(CUE_TASKS))) if cues else None
     for i, t in enumerate(texts):
-        toks = _TOKEN.findall(instruction_view(t, view_words).lower())
-        feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
-        hashed = sorted({zlib.crc32(f.encode()) % nf for f in feats})  # = np.unique of the hashes
-        idx = np.array(hashed, dtype=np.int64)
-        rows.append(idx)
-        weights[i] = float(scale) / np.sqrt(len(idx)) if len(idx) else 0.0
+        low = str(t).lower()
+        view = instruction_view(low, view_words)  # = instruction_view(t).lower(): lower() keeps spaces
+        idx: list[int] = []
+        if nf > 0:
+            toks = _TOKEN.findall(view)
+            feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
+            idx = sorted({zlib.crc32(f.encode()) % nf for f in feats})  # = np.unique of the hashes
+        rows.append(np.array(idx, dtype=np.int64))
+        weights[i] = float(scale) / math.sqrt(len(idx)) if idx else 0.0
+        if out is not None:
+            cjk_free = low.isascii()  # no CJK cue can occur: skip their counts (most prompts)
+            for j, task in enumerate(CUE_TASKS):
+                rx, cjk = _CUE_RX[task], _CUES[task][1]
+                for k, s in enumerate((view, low)):
+                    n = len(rx.findall(s))
+                    out[i, 2 * j + k] = n if cjk_free else n + sum(s.count(c) for c in cjk)
+    return rows, weights, None if out is None else np.log1p(out)
+
+
+def hashed_view(
+    texts: Sequence[str], n_features: int, view_words: int, scale: float
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The hashed instruction-view part of :func:`text_terms`: ``n`` index arrays, ``(n,)`` weights."""
+    rows, weights, _ = text_terms(texts, n_features, view_words, scale, cues=False)
     return rows, weights
 
 
 def cue_features(texts: Sequence[str], view_words: int) -> np.ndarray:
-    """``(n, 2 * len(CUE_TASKS))`` cue counts, ``log1p``: per task, [in the view, in the whole text]."""
-    out = np.zeros((len(texts), 2 * len(CUE_TASKS)))
-    for i, t in enumerate(texts):
-        low = str(t).lower()
-        view = instruction_view(low, view_words)
-        cjk_free = low.isascii()  # no CJK cue can occur: skip their counts (most prompts)
-        for j, task in enumerate(CUE_TASKS):
-            rx, cjk = _CUE_RX[task], _CUES[task][1]
-            for k, s in enumerate((view, low)):
-                n = len(rx.findall(s))
-                out[i, 2 * j + k] = n if cjk_free else n + sum(s.count(c) for c in cjk)
-    return np.log1p(out)
-
-
-def text_terms_one(
-    text: str, n_features: int, view_words: int, scale: float, cues: bool
-) -> tuple[list[int], float, list[float] | None]:
-    """One prompt's :func:`hashed_view` (its indices and weight; none for ``n_features`` 0) and,
-    with ``cues``, its :func:`cue_features` row, from one lower-cased instruction view: the same
-    values, in plain Python (the live one-prompt path)."""
-    low = str(text).lower()
-    view = instruction_view(low, view_words)  # = instruction_view(text).lower(): lower() keeps whitespace
-    idx: list[int] = []
-    if n_features > 0:
-        toks = _TOKEN.findall(view)
-        feats = set(toks) | {f"{a} {b}" for a, b in itertools.pairwise(toks)}
-        idx = sorted({zlib.crc32(f.encode()) % int(n_features) for f in feats})
-    weight = float(scale) / math.sqrt(len(idx)) if idx else 0.0
-    if not cues:
-        return idx, weight, None
-    cjk_free = low.isascii()
-    row = []
-    for task in CUE_TASKS:
-        rx, cjk = _CUE_RX[task], _CUES[task][1]
-        for s in (view, low):
-            n = len(rx.findall(s))
-            row.append(math.log1p(n if cjk_free else n + sum(s.count(c) for c in cjk)))
-    return idx, weight, row
+    """The cue part of :func:`text_terms`: ``(n, 2 * len(CUE_TASKS))`` counts, ``log1p``; per task,
+    [in the view, in the whole text]."""
+    return text_terms(texts, 0, view_words, 0.0, cues=True)[2]
 
 
 def sparse_rows(rows: list[np.ndarray], weights: np.ndarray, n_features: int) -> Any:

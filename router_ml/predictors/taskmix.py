@@ -123,29 +123,22 @@ class TaskMixtureQualityPredictor(QualityPredictor):
         self.n_models_ = int(mu.shape[1])
         self.dim_ = clf.dim_
 
-    def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        """Expected score per model, ``(n, d) -> (n, m)`` float64 in [0, 1]; ``texts`` (n prompts)
-        when :attr:`uses_text`, ignored otherwise."""
+    def text_part(self, texts: Sequence[str]) -> np.ndarray | None:
+        """What the texts add to the task classifier's logits (see ``TaskClassifier.text_part``);
+        None for an embedding-only head."""
+        self._check_fitted("task_means_")
+        return self.classifier_.text_part(texts)
+
+    def predict(
+        self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Expected score per model, ``(n, d) -> (n, m)`` float64 in [0, 1]; when :attr:`uses_text`,
+        the ``n`` prompt ``texts`` or their :meth:`text_part`."""
         self._check_fitted("task_means_")
         X = as_float_matrix(X, "TaskMixtureQualityPredictor", self.dim_, dtype=np.float64)
-        texts = self._check_texts(texts, X.shape[0])
-        return np.clip(self.classifier_.predict_proba(X, texts=texts) @ self.task_means_, 0.0, 1.0)
-
-    def text_part_one(self, text: str | None) -> list[np.ndarray]:
-        """The text terms of the task classifier's logits (see ``TaskClassifier.text_part_one``)."""
-        self._check_fitted("task_means_")
-        if not self.uses_text:
-            return []
-        if text is None:
-            self._check_texts(None, 1)
-        return self.classifier_.text_part_one(text)
-
-    def predict_one(
-        self, x: np.ndarray, text: str | None = None, text_part: list[np.ndarray] | None = None
-    ) -> np.ndarray:
-        """``predict`` of one embedding ``x (d,)`` -> ``(m,)``; ``text_part``: :meth:`text_part_one`."""
-        part = self.text_part_one(text) if text_part is None else text_part
-        p = self.classifier_.proba_one(x, text_part=part)
+        if text_part is None:
+            texts = self._check_texts(texts, X.shape[0])
+        p = self.classifier_.predict_proba(X, texts=texts, text_part=text_part)
         return np.clip(p @ self.task_means_, 0.0, 1.0)
 
     def state_dict(self) -> dict[str, np.ndarray]:

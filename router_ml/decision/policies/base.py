@@ -77,13 +77,10 @@ class Policy:
         """(n, m) models this policy may pick (hard constraints); default: the allowed ones."""
         return est.allowed
 
-    def choose(self, est: Estimates) -> np.ndarray:
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
+        """(n,) the model column picked for each request; ``usable``: :meth:`usable` of ``est``
+        when the caller has it already (the decision layer computes it once per batch)."""
         raise NotImplementedError
-
-    def choose_one(self, est: Estimates) -> int:
-        """``choose`` for estimates of one request (stateless policies); override with a leaner
-        version where the live path calls it."""
-        return int(self.choose(est)[0])
 
     def step(self, est: Estimates, spent: float) -> int:
         """Decide one request (``est`` has one row) given the spend so far."""
@@ -98,7 +95,12 @@ class Policy:
     def resume(self, requests_done: int) -> None:
         """After a restart: ``requests_done`` requests of the current period are already booked."""
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def max_tokens_for(self, task: str) -> int | None:
+        """The output cap a rule of this policy sets for ``task`` requests (None: the model's own)."""
+        return None
+
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
+        """Why model ``j`` for the one request of ``est``; ``usable`` (m,): its :meth:`usable` row."""
         return f"{self.name}: {est.models[j]}"
 
     def params(self) -> dict[str, Any]:

@@ -53,11 +53,11 @@ class ThresholdPolicy(_PairMixin, Policy):
         s, w = self.pair_
         return est.quality[:, s] - est.quality[:, w]
 
-    def choose(self, est: Estimates) -> np.ndarray:
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
         s, w = self.pair_ or self.fit(est).pair_
         return np.where(self.advantage(est) >= self.threshold, s, w).astype(np.int64)
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
         return f"threshold: predicted advantage of the strong model {self.advantage(est)[0]:+.3f} vs threshold {self.threshold:g} -> {est.models[j]}"
 
 
@@ -93,14 +93,14 @@ class RandomPolicy(_PairMixin, Policy):
         self._rng = np.random.default_rng(self.seed)
         return self
 
-    def choose(self, est: Estimates) -> np.ndarray:
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
         if self.uniform:
             noise = self._rng.random(est.quality.shape)
             return np.argmax(np.where(est.allowed, noise, -1.0), axis=1)
         s, w = self.pair_ or self.fit(est).pair_
         return np.where(self._rng.random(len(est)) < self.p_strong, s, w).astype(np.int64)
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
         return f"random: {est.models[j]}"
 
 
@@ -131,7 +131,7 @@ class ZeroRouterPolicy(Policy):
         self._rng = np.random.default_rng(self.seed)
         return self
 
-    def choose(self, est: Estimates) -> np.ndarray:
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
         if not self.hull_:
             self.fit(est)
         costs = np.array([c for _, c, _ in self.hull_])
@@ -150,7 +150,7 @@ class OraclePolicy(Policy):
 
     name = "oracle"
 
-    def choose(self, est: Estimates) -> np.ndarray:
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
         if est.observed is None:
             raise PolicyError("oracle: the estimates carry no observed scores (offline evaluation only)")
         score = np.where(np.isnan(est.observed) | ~est.allowed, -np.inf, est.observed)

@@ -116,9 +116,11 @@ class CostAwarePolicy(Policy):
     def usable(self, est: Estimates, spent: float = 0.0) -> np.ndarray:
         return est.allowed & (spent + self.bound(est) <= self.cap + 1e-15)
 
-    def choose(self, est: Estimates) -> np.ndarray:  # a static decision at zero spend, no pacing
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
+        """A static decision at zero spend, no pacing."""
         lam = self.current_lam(0.0)
-        score = np.where(self.usable(est), est.quality - lam * est.cost, -np.inf)
+        ok = self.usable(est) if usable is None else usable
+        score = np.where(ok, est.quality - lam * est.cost, -np.inf)
         return argmax_cheapest(score, est.cost)
 
     def step(self, est: Estimates, spent: float) -> int:
@@ -140,5 +142,5 @@ class CostAwarePolicy(Policy):
             ratio = float(np.clip(actual / expected, 0.1, 10.0))
             self._ratio = (1 - self.eta) * self._ratio + self.eta * ratio
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
         return f"cost_aware: max quality - lambda x cost with lambda paced to the ${self.budget_usd:g} budget: {est.models[j]}"

@@ -113,11 +113,14 @@ class CapabilityPolicy(Policy):
         if self.default_ is None:
             raise PolicyError("capability policy is not fitted: call fit(estimates) first")
 
-    def choose(self, est: Estimates) -> np.ndarray:
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
         self._check_fitted()
         return np.array([self.table_.get(t, self.default_) for t in est.tasks], dtype=np.int64)
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def max_tokens_for(self, task: str) -> int | None:
+        return self.max_tokens_.get(task)
+
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
         task = est.tasks[0]
         if task in self.table_:
             return f"capability: task {task} -> {est.models[j]} (rule)"
@@ -160,13 +163,13 @@ class LatencyAwarePolicy(Policy):
     def usable(self, est: Estimates) -> np.ndarray:
         return latency_mask(est, *self.limits())
 
-    def choose(self, est: Estimates) -> np.ndarray:
-        ok = self.usable(est)
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
+        ok = self.usable(est) if usable is None else usable
         best = argmax_cheapest(np.where(ok, est.quality, -np.inf), est.cost)
         fastest = np.argmin(np.where(est.allowed, est.latency, np.inf), axis=1)
         return np.where(ok.any(axis=1), best, fastest)
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
         t, c, size = self.limits()
         label = self.slo or "custom"
         ttft, lat = est.ttft[0, j], est.latency[0, j]
@@ -174,7 +177,7 @@ class LatencyAwarePolicy(Policy):
         limits += [f"total<={c}s"] if c is not None else []
         limits += [f"size<={size:g}B"] if size is not None and math.isfinite(size) else []
         meets = ", ".join(limits) or "no limit"
-        if not self.usable(est)[0].any():
+        if not (self.usable(est)[0] if usable is None else usable).any():
             return f"latency_aware[{label}]: no model meets {meets}; fastest is {est.models[j]}"
         return (
             f"latency_aware[{label}]: best predicted of the models meeting {meets}: "
@@ -232,7 +235,8 @@ class BudgetRatioPolicy(_TierMixin, Policy):
         ratio = spent / self.budget_usd
         return "expensive" if ratio < self.ratios[0] else "medium" if ratio < self.ratios[1] else "cheap"
 
-    def choose(self, est: Estimates) -> np.ndarray:  # at zero spend
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
+        """The tier at zero spend, for every request."""
         return np.full(len(est), self.step(est.take(slice(0, 1)), 0.0), dtype=np.int64)
 
     def step(self, est: Estimates, spent: float) -> int:
@@ -240,7 +244,7 @@ class BudgetRatioPolicy(_TierMixin, Policy):
             raise PolicyError("budget_ratio policy is not fitted: call fit(estimates) first")
         return self.tiers_[self.tier(spent)]
 
-    def explain(self, est: Estimates, j: int) -> str:
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
         return (
             f"budget_ratio: {est.models[j]} (tier by share of the ${self.budget_usd:g} session budget spent)"
         )

@@ -3,19 +3,11 @@ cap and per-task allowed models (the hybrid)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from router_ml.decision.base import (
-    Estimates,
-    PolicyError,
-    Row,
-    argmax_cheapest,
-    argmax_cheapest_row,
-    argmin_row,
-)
+from router_ml.decision.base import Estimates, PolicyError, argmax_cheapest
 from router_ml.decision.policies.base import SLO_PRESETS, Policy, latency_mask
 
 
@@ -85,8 +77,8 @@ class UtilityPolicy(Policy):
             ok[empty, pick[empty]] = True
         return ok
 
-    def choose(self, est: Estimates) -> np.ndarray:
-        ok = self._fallback_when_empty(est, self.usable(est))
+    def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
+        ok = self._fallback_when_empty(est, self.usable(est) if usable is None else usable)
         if self.target_quality is not None:
             reach = ok & (est.quality >= self.target_quality)
             cheapest = argmax_cheapest(np.where(reach, -est.cost, -np.inf), est.cost)
@@ -95,54 +87,9 @@ class UtilityPolicy(Policy):
         score = np.where(ok, est.quality - self.lam * est.cost, -np.inf)
         return argmax_cheapest(score, est.cost)
 
-    # ---- one request in plain Python (the live path; see decision.base.Row) ----------------
-    def usable_row(self, row: Row) -> list[bool]:
-        """``usable`` of one request."""
-        t_slo, c_slo = self.limits()
-        cap = self.max_cost_usd
-        ok = [
-            (t_slo is None or t <= t_slo) and (c_slo is None or lat <= c_slo) and (cap is None or c <= cap)
-            for t, lat, c in zip(row.ttft, row.latency, row.cost, strict=True)
-        ]
-        for task, names in self.allowed_per_task.items():
-            unknown = set(names) - set(row.models)
-            if unknown:
-                raise PolicyError(
-                    f"utility: allowed_per_task[{task!r}] names unknown model(s) {sorted(unknown)}"
-                )
-            if task == row.task:
-                wanted = set(names)
-                ok = [o and m in wanted for o, m in zip(ok, row.models, strict=True)]
-        return ok
-
-    def choose_row(self, row: Row, usable: list[bool]) -> int:
-        """``choose`` of one request; ``usable``: its :meth:`usable_row`."""
-        ok = usable
-        if not any(ok):  # _fallback_when_empty
-            key = row.latency if any(v is not None for v in self.limits()) else row.cost
-            ok = [False] * len(ok)
-            ok[argmin_row(key)] = True
-        q, c, inf = row.quality, row.cost, -math.inf
-        if self.target_quality is not None:
-            tq = self.target_quality
-            reach = [o and x >= tq for o, x in zip(ok, q, strict=True)]
-            if any(reach):
-                return argmax_cheapest_row([-y if r else inf for r, y in zip(reach, c, strict=True)], c)
-            return argmax_cheapest_row([x if o else inf for o, x in zip(ok, q, strict=True)], c)
-        lam = self.lam
-        return argmax_cheapest_row([x - lam * y if o else inf for o, x, y in zip(ok, q, c, strict=True)], c)
-
-    def explain_row(self, row: Row, j: int, usable: list[bool]) -> str:
-        """``explain`` of one request; ``usable``: its :meth:`usable_row`."""
-        return self._explain(row.models[j], row.quality[j], row.cost[j], any(usable))
-
-    def explain(self, est: Estimates, j: int) -> str:
-        return self._explain(
-            est.models[j], est.quality[0, j], est.cost[0, j], bool(self.usable(est)[0].any())
-        )
-
-    def _explain(self, model: str, q: float, c: float, any_usable: bool) -> str:
-        if not any_usable:
+    def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
+        model, q, c = est.models[j], est.quality[0, j], est.cost[0, j]
+        if not (self.usable(est)[0] if usable is None else usable).any():
             return f"utility: no model meets the constraints; took {model} as the least bad"
         if self.target_quality is not None:
             if q < self.target_quality:
