@@ -303,6 +303,18 @@ def test_llmperf_priors_on_real_data(shared_data):
     assert isinstance(llmperf_priors(shared_data, matched=False), pd.DataFrame)
 
 
+def test_shipped_latency_priors_are_the_llmperf_priors(shared_data, monkeypatch, tmp_path):
+    from pandas.testing import assert_frame_equal
+
+    from router_ml.decision.latency import shipped_priors
+
+    assert_frame_equal(shipped_priors(), llmperf_priors(shared_data), check_dtype=False)
+    # without any data folder a router still gets them (a proxy installed from a wheel)
+    monkeypatch.setenv("ROUTER_ML_DATA_DIR", str(tmp_path / "nowhere"))
+    assert latency_prior(13.0) == pytest.approx(latency_prior(13.0, shared_data))
+    assert latency_prior(None) == pytest.approx(tuple(shipped_priors().iloc[-1][["ttft_s", "tokens_per_s"]]))
+
+
 def test_latency_model_observe_and_expected():
     pool = ModelPool(
         [

@@ -113,13 +113,43 @@ def llmperf_priors(data_dir: str | os.PathLike | None = None, matched: bool = Tr
     return out.reset_index().sort_values("params_b", ignore_index=True)
 
 
+PRIORS_FILE = Path(__file__).with_name("latency_priors.json")
+
+
+def shipped_priors() -> pd.DataFrame:
+    """:func:`llmperf_priors` as shipped with the package (``latency_priors.json``): what a router
+    uses without the llmperf folder, e.g. a proxy installed from a wheel."""
+    try:
+        rows = json.loads(PRIORS_FILE.read_text())["priors"]
+        return pd.DataFrame(rows, columns=["params_b", "ttft_s", "tokens_per_s", "n_providers", "providers"])
+    except (OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"the package's latency priors {str(PRIORS_FILE)!r} cannot be read: {e}") from e
+
+
+def write_priors(data_dir: str | os.PathLike | None = None) -> Path:
+    """Recompute the shipped priors from the llmperf folder (``python -m router_ml.decision.latency``)."""
+    rows = llmperf_priors(data_dir).to_dict(orient="records")
+    doc = {
+        "what": "latency prior per model size: per provider run, the median time to first token and the "
+        "median decode speed of its successful requests; per size, the median over the providers that "
+        "measured every size (router_ml.decision.latency.llmperf_priors)",
+        "source": "LLMPerf leaderboard, Dec 2023: hosted Llama-2 chat 7B / 13B / 70B at 5 concurrent "
+        "requests, ~550 input and ~150 output tokens (the llmperf_latency data set)",
+        "regenerate": "python -m router_ml.decision.latency  (reads llmperf_latency from ROUTER_ML_DATA_DIR)",
+        "priors": rows,
+    }
+    PRIORS_FILE.write_text(json.dumps(doc, indent=2) + "\n")
+    return PRIORS_FILE
+
+
 def latency_prior(params_b: float | None, data_dir: str | os.PathLike | None = None) -> tuple[float, float]:
     """(ttft_s, tokens_per_s) for a model of ``params_b`` billion (active) parameters.
 
     Linear in log(size) between the llmperf sizes, clamped outside them; ``None`` (size unknown,
-    e.g. a closed API) -> the largest measured size's prior (70B), an assumption.
+    e.g. a closed API) -> the largest measured size's prior (70B), an assumption. The priors are
+    the package's (:func:`shipped_priors`), or computed from the llmperf folder ``data_dir``.
     """
-    priors = llmperf_priors(data_dir)
+    priors = shipped_priors() if data_dir is None else llmperf_priors(data_dir)
     if params_b is None:
         last = priors.iloc[-1]
         return float(last["ttft_s"]), float(last["tokens_per_s"])
@@ -212,3 +242,7 @@ class LatencyModel:
                 "source": np.where(n > 0, "live", "prior"),
             }
         )
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_priors()}")
