@@ -89,8 +89,9 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lo, hi = r["ci_pts"]
-        alo, ahi = r["aiq_delta_ci"]
+        r = {k: float("nan") if v is None else v for k, v in r.items()}  # NaN is null in JSON
+        lo, hi = (float("nan") if v is None else v for v in r["ci_pts"])
+        alo, ahi = (float("nan") if v is None else v for v in r["aiq_delta_ci"])
         out.append(
             f"| {r['job']} | {r['rendering']} | {r['head']} | {r['n']} | {r['best_single']:.4f} | "
             f"{r['quality']:.4f} | {r['delta_pts']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {r['gap_closed']:.1%} | "
