@@ -1,11 +1,12 @@
 """Benchmark: routing quality under shift (issue 11), the figures of the README's shift table.
 
-    python -m experiments.bench_shift                      # every job below (~30 min on 2 cores, cached)
+    python -m experiments.bench_shift                      # every job below (~17 min on 2 shared cores)
     python -m experiments.bench_shift --jobs llmrouter:leave_one_family_out llmrouter:format
     python -m experiments.bench_shift --max-prompts 600 --n-boot 200   # a quick look
 
 A job is ``data:mode`` or ``data:mode:max_prompts`` (a seeded, task-stratified subsample of that
-data set; the format job renders every prompt five more ways, so it runs on 2,000 prompts).
+data set; the format job renders every prompt five more ways, so it runs on 2,000 prompts, and
+MMLU-Pro LOFO on 4,000; `mmlu_pro:leave_one_family_out` runs all 12,008).
 
 Each job is ``data:mode`` with mode one of conf/shift/ (leave_one_family_out, in_distribution,
 format) and runs ``experiments.evaluate``'s own config (conf/evaluate.yaml composed with
@@ -35,7 +36,7 @@ JOBS = [
     "llmrouter:leave_one_family_out",
     "llmrouter:format:2000",
     "routerdc:leave_one_family_out",
-    "mmlu_pro:leave_one_family_out",
+    "mmlu_pro:leave_one_family_out:4000",
     "zeroeval:leave_one_family_out",
 ]
 CONF = Path(__file__).resolve().parent.parent / "conf"
