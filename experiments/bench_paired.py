@@ -37,7 +37,7 @@ import numpy as np
 
 from experiments.bench_proxy import one_request, start_servers
 from experiments.bench_servers import BENCH_HEADS, ROOT, ensure_checkpoint, stopping
-from router_ml.serving.http11 import FastHTTP
+from router_ml.backends.http11 import FastHTTP
 
 ORDER = ("direct", "rml_pass", "rml_routed")
 

@@ -21,7 +21,7 @@ times are not), and writes ``outputs/bench/proxy.json``.
 Conditions (the same for every target, so that the comparison stays side by side):
 
 - ``--client fast`` (default): the load generator sends through router-ml's own HTTP/1.1 client
-  (:mod:`router_ml.serving.http11`, about 0.1 ms of CPU per request where ``httpx`` takes ~0.7 ms),
+  (:mod:`router_ml.backends.http11`, about 0.1 ms of CPU per request where ``httpx`` takes ~0.7 ms),
   so that it steals less CPU from the servers it measures; ``--client httpx`` for the old one.
 - ``--uvloop`` (default on): the load generator's event loop is uvloop, like the servers'.
 - ``--pin``: on a machine with at least 2 cores, the load generator and the loopback backend are
@@ -63,8 +63,8 @@ from experiments.bench_servers import (
     stopping,
     wait_ready,
 )
-from router_ml.serving.http11 import FastHTTP
-from router_ml.serving.launcher import free_port
+from router_ml.backends.http11 import FastHTTP
+from router_ml.backends.local.launcher import free_port
 
 TARGETS = ("direct", "rml_pass", "rml_routed", "litellm")
 
@@ -153,7 +153,7 @@ def _stream_text(lines: list[str] | None, line: str, t0: float, ttft: float | No
 async def one_request(http: Any, call: dict, marker: str, stream: bool) -> tuple[float, str, Any]:
     """``(seconds to the answer or first token, echoed text, response headers)``; raises on errors.
 
-    ``http``: an ``httpx.AsyncClient`` or a :class:`~router_ml.serving.http11.FastHTTP`."""
+    ``http``: an ``httpx.AsyncClient`` or a :class:`~router_ml.backends.http11.FastHTTP`."""
     body = _request_body(call, marker, stream)
     parts: list[str] = []
     ttft = None

@@ -94,10 +94,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from router_ml.serving.launcher import models_down, models_up
+    from router_ml.backends.local.launcher import models_down, models_up
 
     if args.action == "up":
-        from router_ml.serving.catalog import Catalog
+        from router_ml.backends.catalog import Catalog
 
         servers = models_up(Catalog.load(args.backends), args.names or None, timeout=args.timeout)
         for s in servers:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router_ml.serving.breaker import CircuitBreaker
+from router_ml.backends.breaker import CircuitBreaker
 
 
 class Clock:

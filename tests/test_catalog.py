@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from router_ml.backends.catalog import Catalog, CatalogError, looks_like_secret
 from router_ml.decision.spec import UnknownModelError
-from router_ml.serving.catalog import Catalog, CatalogError, looks_like_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "backends"

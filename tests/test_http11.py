@@ -1,4 +1,4 @@
-"""FastHTTP (router_ml.serving.http11) over real sockets on 127.0.0.1.
+"""FastHTTP (router_ml.backends.http11) over real sockets on 127.0.0.1.
 
 Small asyncio servers written here send exact bytes (split where they like) and count the
 connections they accept, hold open and see closed; the loopback server gives a realistic
@@ -20,9 +20,9 @@ import httpx
 import orjson
 import pytest
 
-from router_ml.serving.catalog import Catalog
-from router_ml.serving.client import BackendClient
-from router_ml.serving.http11 import FastHTTP, RawResponse
+from router_ml.backends.catalog import Catalog
+from router_ml.backends.client import BackendClient
+from router_ml.backends.http11 import FastHTTP, RawResponse
 from router_ml.serving.loopback import LoopbackThread, answer_text
 
 PATH = "/v1/chat/completions"

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from router_ml.serving import launch_spec, launcher, local_server, loopback
+from router_ml.backends.local import launch_spec, launcher, local_server
+from router_ml.serving import loopback
 from router_ml.serving.loopback import (
     Fault,
     FaultState,

@@ -19,10 +19,9 @@ import time
 import httpx
 import pytest
 
-from router_ml.decision.latency import LatencyModel
-from router_ml.serving.breaker import CircuitBreaker
-from router_ml.serving.catalog import Catalog
-from router_ml.serving.client import (
+from router_ml.backends.breaker import CircuitBreaker
+from router_ml.backends.catalog import Catalog
+from router_ml.backends.client import (
     CONTINUE_PROMPT,
     AllBackendsFailed,
     BackendClient,
@@ -34,8 +33,9 @@ from router_ml.serving.client import (
     overlap_to_strip,
     parse_retry_after,
 )
+from router_ml.backends.vllm_metrics import apply_vllm_metrics, vllm_stats
+from router_ml.decision.latency import LatencyModel
 from router_ml.serving.loopback import LoopbackServer, LoopbackThread, answer_text
-from router_ml.serving.vllm_metrics import apply_vllm_metrics, vllm_stats
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France and why is it famous?"}]
 PAYLOAD = {"messages": MESSAGES, "max_tokens": 64}

@@ -1,1 +1,1 @@
-"""OpenAI-compatible serving: backend catalog and client, local model servers, the routing proxy."""
+"""The OpenAI-compatible routing front: request validation, the routing engine, the proxy, the SDK."""

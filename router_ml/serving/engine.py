@@ -4,7 +4,7 @@ One request: validate -> resolve the ``model`` field (``"router"``, ``"router:<p
 or a backend's own name, which bypasses routing) -> decide (LearnedRouter + DecisionLayer, micro-batched
 in a worker thread so the event loop keeps serving, inline when nothing else is in flight:
 :mod:`~router_ml.serving.decider`) -> call the chosen backend with the decision's
-fallback chain (:class:`~router_ml.serving.client.BackendClient`) -> book spend in the shared
+fallback chain (:class:`~router_ml.backends.client.BackendClient`) -> book spend in the shared
 ledger, measured latency in the latency model, one line in the routing log and the metrics.
 
 ``aliases`` maps the router's model names onto catalog backends (a checkpoint trained on public
@@ -23,13 +23,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
-from router_ml.decision.costs import CostModel, OutputLengthModel
-from router_ml.decision.latency import LatencyModel
-from router_ml.decision.layer import DecisionLayer
-from router_ml.decision.policies import build_policy
-from router_ml.serving.catalog import Catalog
-from router_ml.serving.client import (
+from router_ml.backends.catalog import Catalog
+from router_ml.backends.client import (
     AllBackendsFailed,
     BackendClient,
     BackendError,
@@ -37,6 +32,11 @@ from router_ml.serving.client import (
     ChatResult,
     ChatStream,
 )
+from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
+from router_ml.decision.costs import CostModel, OutputLengthModel
+from router_ml.decision.latency import LatencyModel
+from router_ml.decision.layer import DecisionLayer
+from router_ml.decision.policies import build_policy
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
     AliasedLatency,
@@ -159,7 +159,7 @@ class RoutingEngine:
         each finished since the last pass feed the latency model (so latency-aware policies see the
         live server, queueing included); queue depth and KV-cache use are kept for ``/health``.
         A backend that does not answer is skipped."""
-        from router_ml.serving.vllm_metrics import apply_vllm_metrics
+        from router_ml.backends.vllm_metrics import apply_vllm_metrics
 
         for backend in self.catalog:
             engine = (backend.launch or {}).get("engine", "vllm")

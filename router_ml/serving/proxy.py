@@ -219,9 +219,9 @@ def build_engine(
     """A :class:`RoutingEngine` from files: checkpoint, backend catalog, ``conf/policy``."""
     from pathlib import Path
 
+    from router_ml.backends.catalog import Catalog
     from router_ml.decision.ledger import open_ledger
     from router_ml.router import LearnedRouter
-    from router_ml.serving.catalog import Catalog
     from router_ml.serving.engine import load_policy_configs
 
     conf = Path(policy_dir) if policy_dir else Path(__file__).resolve().parents[2] / "conf" / "policy"

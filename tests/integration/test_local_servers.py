@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from router_ml.serving.launcher import (
+from router_ml.backends.local.launcher import (
     EngineNotInstalledError,
     LaunchConfigError,
     LaunchError,
@@ -282,7 +282,9 @@ def test_models_up_then_down_from_another_process(tmp_path, fake_engine):
         models_up(catalog, ["a"], state=state)
     with pytest.raises(LaunchConfigError, match="'gpt'"):
         models_up(catalog, ["gpt"], state=state)
-    code = f"from router_ml.serving.launcher import models_down; print(models_down(state={str(state)!r}))"
+    code = (
+        f"from router_ml.backends.local.launcher import models_down; print(models_down(state={str(state)!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "['a', 'b']"
     assert not any(s.is_running() for s in servers)
@@ -420,7 +422,7 @@ def test_models_up_and_down_from_the_project_catalog(llamacpp_launch_factory, tm
     """conf/backends/local.yaml's llama.cpp backend (on a free port) through the real Catalog."""
     from omegaconf import OmegaConf
 
-    from router_ml.serving.catalog import Catalog
+    from router_ml.backends.catalog import Catalog
 
     root = Path(__file__).resolve().parents[2]
     entries = OmegaConf.to_container(OmegaConf.load(root / "conf/backends/local.yaml"), resolve=True)
@@ -431,7 +433,7 @@ def test_models_up_and_down_from_the_project_catalog(llamacpp_launch_factory, tm
     catalog = Catalog.from_entries([entry])
     (server,) = models_up(catalog, state=tmp_path, timeout=60)
     assert server.name == entry["name"] and _stream(server, max_tokens=8)["done"]
-    code = f"from router_ml.serving.launcher import models_down; print(models_down(state={str(tmp_path)!r}))"
+    code = f"from router_ml.backends.local.launcher import models_down; print(models_down(state={str(tmp_path)!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == repr([entry["name"]])
     assert not server.is_running() and not server.is_ready()

@@ -10,10 +10,10 @@ import time
 import httpx
 import pytest
 
+from router_ml.backends.catalog import Catalog
+from router_ml.backends.local.launcher import LocalServer
 from router_ml.router import LearnedRouter
-from router_ml.serving.catalog import Catalog
 from router_ml.serving.engine import RoutingEngine, load_policy_configs
-from router_ml.serving.launcher import LocalServer
 from router_ml.serving.proxy import ProxySettings, create_app
 
 pytestmark = pytest.mark.integration

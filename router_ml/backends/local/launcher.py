@@ -1,8 +1,8 @@
 """Start and stop the local model servers of a catalog (``router-ml models up`` / ``models down``).
 
 :func:`models_up` starts every local backend of a catalog (kind ``vllm`` with a ``launch``
-mapping, see :mod:`router_ml.serving.launch_spec`) as a
-:class:`~router_ml.serving.local_server.LocalServer`, records each in ``.router-ml/servers.json``
+mapping, see :mod:`router_ml.backends.local.launch_spec`) as a
+:class:`~router_ml.backends.local.local_server.LocalServer`, records each in ``.router-ml/servers.json``
 (``$ROUTER_ML_STATE_DIR``) and waits until all answer; :func:`models_down` stops them by PID from
 any process. Logs go to ``.router-ml/logs/<name>.log``. This module also re-exports the launch
 errors, :class:`LaunchSpec`, :class:`LocalServer`, :func:`terminate` and the port helpers.
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router_ml.serving.launch_spec import (
+from router_ml.backends.local.launch_spec import (
     ENGINES,
     LAUNCH_KEYS,
     PYTHON_ENV,
@@ -34,10 +34,10 @@ from router_ml.serving.launch_spec import (
     port_is_free,
     state_dir,
 )
-from router_ml.serving.local_server import LocalServer, pid_alive, start_ticks, terminate
+from router_ml.backends.local.local_server import LocalServer, pid_alive, start_ticks, terminate
 
 if TYPE_CHECKING:
-    from router_ml.serving.catalog import Backend, Catalog
+    from router_ml.backends.catalog import Backend, Catalog
 
 __all__ = [
     "ENGINES",

@@ -1,7 +1,7 @@
 """Async client for OpenAI-compatible backends: retries, circuit breaker, fallback chain, stream resume.
 
-Keep-alive HTTP/1.1 connections (:mod:`router_ml.serving.http11` for plain ``http://``, ``httpx``
-otherwise) talk to every backend of a :class:`~router_ml.serving.catalog.Catalog`: vLLM, llama.cpp, OpenAI, Anthropic's OpenAI-compatible
+Keep-alive HTTP/1.1 connections (:mod:`router_ml.backends.http11` for plain ``http://``, ``httpx``
+otherwise) talk to every backend of a :class:`~router_ml.backends.catalog.Catalog`: vLLM, llama.cpp, OpenAI, Anthropic's OpenAI-compatible
 endpoint. Per call it sends ``model = served_model_id`` and the bearer key read from ``api_key_env``
 (never logged), and measures client-side TTFT (first content chunk), tokens/s, usage (the
 upstream's, or counted with the backend's tokenizer when a stream has none) and cost.
@@ -29,9 +29,9 @@ Failure handling, in the spirit of LiteLLM's router (retries, cooldown, fallback
   (:func:`overlap_to_strip`). The caller sees one stream without duplicated text; only choice 0 of
   a stream is tracked.
 
-The code lives in modules of its own, re-exported here: errors and results
-(:mod:`~router_ml.serving.client_base`), stream resumption (:mod:`~router_ml.serving.resume`),
-streams (:mod:`~router_ml.serving.streams`), single HTTP attempts (:mod:`~router_ml.serving.calls`).
+Below it, each in a module of its own (their public names re-exported here): errors and results
+(:mod:`~router_ml.backends.results`), streams and their resumption
+(:mod:`~router_ml.backends.streams`), single HTTP attempts (:mod:`~router_ml.backends.transport`).
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from router_ml.serving.calls import HttpCalls
-from router_ml.serving.catalog import Backend
-from router_ml.serving.client_base import (
+from router_ml.backends.catalog import Backend
+from router_ml.backends.results import (
     RETRYABLE_STATUS,
     AllBackendsFailed,
     BackendError,
@@ -56,16 +55,19 @@ from router_ml.serving.client_base import (
     _CallState,
     parse_retry_after,
 )
-from router_ml.serving.resume import (
+from router_ml.backends.streams import (
     CONTINUE_PROMPT,
     MIN_OVERLAP,
+    ChatStream,
+    Resume,
+    Upstream,
     _uses_prefill,
     continuation_payload,
     overlap_to_strip,
     prompt_text,
 )
-from router_ml.serving.streams import ChatStream, Upstream
-from router_ml.serving.vllm_metrics import scrape_vllm_metrics
+from router_ml.backends.transport import HttpCalls
+from router_ml.backends.vllm_metrics import scrape_vllm_metrics
 
 __all__ = [
     "CONTINUE_PROMPT",
@@ -94,11 +96,11 @@ T = TypeVar("T")
 class BackendClient(HttpCalls):
     """Calls the backends of ``catalog``: retries, circuit breaker, fallback chain, stream resume.
 
-    ``breaker``: a :class:`~router_ml.serving.breaker.CircuitBreaker` (default: 3 failures, 5 s
+    ``breaker``: a :class:`~router_ml.backends.breaker.CircuitBreaker` (default: 3 failures, 5 s
     cooldown); ``latency_model``: fed each successful call's TTFT and decode speed (streams:
     measured; non-stream: decode speed over the model's TTFT estimate); ``cost_model``: prices the
     calls (default: the catalog's pool); ``http``: an ``httpx.AsyncClient`` to use for every backend
-    (default: :class:`~router_ml.serving.http11.FastHTTP` for plain ``http://`` backends when
+    (default: :class:`~router_ml.backends.http11.FastHTTP` for plain ``http://`` backends when
     ``fast_http``, an own ``httpx`` client for the rest). Create it anywhere; the HTTP clients are
     made on first use, inside the running loop. Close it with :meth:`aclose` or ``async with``.
     """
@@ -222,7 +224,7 @@ class BackendClient(HttpCalls):
         body = self._body(backend, payload, stream=True)
         retries = backend.max_retries if max_retries is None else max_retries
         up = await self._attempts(backend, lambda: self._open(backend, body), retries, False, state, False)
-        return ChatStream(self, [name], 0, payload, up, state, resume=False)
+        return ChatStream(self, payload, up, state, resume=None)
 
     async def chat_with_fallback(
         self, chain: Sequence[str], payload: Mapping[str, Any], stream: bool = False
@@ -250,7 +252,7 @@ class BackendClient(HttpCalls):
                 )
 
             up, index = await self._walk(chain, 0, open_one, state)
-            return ChatStream(self, chain, index, payload, up, state, resume=True)
+            return ChatStream(self, payload, up, state, resume=self._resumer(chain, index, payload, state))
 
         async def post_one(backend: Backend, retries: int, can_fall_back: bool) -> ChatResult:
             body = self._body(backend, payload, stream=False)
@@ -260,6 +262,16 @@ class BackendClient(HttpCalls):
 
         result, _ = await self._walk(chain, 0, post_one, state)
         return result
+
+    def _resumer(self, chain: list[str], index: int, payload: Mapping[str, Any], state: _CallState) -> Resume:
+        """The stream's resume callback: each call continues on the backends after the last one used."""
+
+        async def resume(partial: str) -> Upstream:
+            nonlocal index
+            up, index = await self._resume(chain, index, payload, partial, state)
+            return up
+
+        return resume
 
     async def _resume(
         self, chain: list[str], index: int, payload: Mapping[str, Any], partial: str, state: _CallState

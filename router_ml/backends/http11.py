@@ -4,7 +4,7 @@
 body in two socket writes); this client costs about 0.1 ms: one ``transport.write`` per request,
 responses parsed by ``httptools`` (C), idle connections kept per ``host:port``. It speaks only
 what OpenAI-compatible servers answer with (Content-Length or chunked bodies, SSE streams) and no
-TLS or proxies: :class:`~router_ml.serving.client.BackendClient` uses ``httpx`` for ``https://``
+TLS or proxies: :class:`~router_ml.backends.client.BackendClient` uses ``httpx`` for ``https://``
 backends and for hosts an ``HTTP_PROXY`` applies to.
 
 Failures raise ``httpx``'s exception classes (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,

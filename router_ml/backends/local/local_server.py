@@ -1,6 +1,6 @@
 """One local model server process: started in its own process group, watched, stopped by PID.
 
-:class:`LocalServer` is a :class:`~router_ml.serving.launch_spec.LaunchSpec` (the checked launch
+:class:`LocalServer` is a :class:`~router_ml.backends.local.launch_spec.LaunchSpec` (the checked launch
 mapping and its command) with a life cycle: ``start()``, ``wait_ready()`` (polls ``/v1/models``),
 ``stop()`` (SIGTERM, then SIGKILL, to the whole group). :func:`terminate` stops any PID the same way.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from router_ml.serving.launch_spec import (
+from router_ml.backends.local.launch_spec import (
     LaunchError,
     LaunchSpec,
     ServerExitedError,

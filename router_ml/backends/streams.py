@@ -1,20 +1,27 @@
-"""Streams from the backends: one upstream SSE response (:class:`Upstream`) and the answer the caller
-iterates (:class:`ChatStream`), resumed on the next backend when a stream breaks mid-answer."""
+"""Streams from the backends and their resumption.
+
+One upstream SSE response is an :class:`Upstream`; the answer the caller iterates is a
+:class:`ChatStream`. When a stream breaks after content was sent, the stream asks its ``resume``
+callback (given by :class:`~router_ml.backends.client.BackendClient`, which walks the rest of the
+fallback chain) for the continuation: :func:`continuation_payload` builds the request (vLLM
+continues a prefilled assistant message, other servers are asked to continue) and
+:func:`overlap_to_strip` cuts any text the new backend repeats.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import orjson
 
-from router_ml.serving.catalog import Backend
-from router_ml.serving.client_base import (
+from router_ml.backends.catalog import Backend
+from router_ml.backends.results import (
     BackendError,
     BackendTimeout,
     ChatResult,
@@ -23,19 +30,100 @@ from router_ml.serving.client_base import (
     _within,
     transport_error,
 )
-from router_ml.serving.resume import (
-    _content_text,
-    _delta,
-    _drop_prefix,
-    _uses_prefill,
-    overlap_to_strip,
-    prompt_text,
-)
 
 if TYPE_CHECKING:
-    from router_ml.serving.client import BackendClient
+    from router_ml.backends.breaker import CircuitBreaker
 
-log = logging.getLogger("router_ml.serving.client")
+log = logging.getLogger("router_ml.backends.client")
+
+CONTINUE_PROMPT = (
+    "Continue your previous answer exactly where it stopped, without repeating any of it "
+    "and without any preamble."
+)
+MIN_OVERLAP = 8  # shortest repeated text cut from a continuation (shorter matches may be genuine)
+_HOLD_LIMIT = 2048  # characters of a continuation held back at most while looking for repeated text
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return ""
+
+
+def prompt_text(messages: Any) -> str:
+    """The text of a conversation that counts as prompt tokens (contents, one message per line)."""
+    if not isinstance(messages, list):
+        return ""
+    return "\n".join(_content_text(m.get("content")) for m in messages if isinstance(m, Mapping))
+
+
+def overlap_to_strip(partial: str, new: str, final: bool = False) -> int | None:
+    """How many leading characters of a continuation ``new`` repeat the end of ``partial``.
+
+    ``None`` while it cannot tell yet (``new`` still reads like a repetition of part of ``partial``
+    and ``final`` is False): hold the text and ask again when more arrives. A restart of the whole
+    answer strips all of ``partial``; a repeated tail is stripped when at least :data:`MIN_OVERLAP`
+    characters long (or all of ``partial``).
+    """
+    if not new or not partial:
+        return 0 if final or not partial else None
+    if not final and len(new) < _HOLD_LIMIT and new in partial and not new.endswith(partial):
+        return None
+    for k in range(min(len(partial), len(new)), 0, -1):
+        if (k >= MIN_OVERLAP or k == len(partial)) and partial.endswith(new[:k]):
+            return k
+    return 0
+
+
+def _drop_prefix(chunks: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``chunks`` with the first ``n`` characters of content removed (emptied content chunks dropped)."""
+    out = []
+    for chunk in chunks:
+        delta = _delta(chunk)
+        if n > 0 and delta is not None and delta.get("content"):
+            k = min(n, len(delta["content"]))
+            delta["content"], n = delta["content"][k:], n - k
+            if not delta["content"] and len(delta) == 1 and not chunk["choices"][0].get("finish_reason"):
+                continue
+        out.append(chunk)
+    return out
+
+
+def _delta(chunk: Mapping[str, Any]) -> dict[str, Any] | None:
+    choices = chunk.get("choices")
+    if choices and isinstance(choices[0], dict):
+        delta = choices[0].get("delta")
+        return delta if isinstance(delta, dict) else None
+    return None
+
+
+def continuation_payload(
+    payload: Mapping[str, Any], partial: str, prefill: bool, tokens_done: int = 0
+) -> dict:
+    """The request that makes a backend continue ``partial`` (the answer sent so far).
+
+    ``prefill`` (vLLM): ``partial`` becomes the final assistant message, continued by the chat
+    template (``continue_final_message``). Otherwise a user turn asks to continue. ``max_tokens``
+    shrinks by ``tokens_done``.
+    """
+    body = dict(payload)
+    messages = [*payload.get("messages", []), {"role": "assistant", "content": partial}]
+    if prefill:
+        body["continue_final_message"], body["add_generation_prompt"] = True, False
+    else:
+        messages.append({"role": "user", "content": CONTINUE_PROMPT})
+    body["messages"] = messages
+    for key in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(key), int):
+            body[key] = max(1, body[key] - tokens_done)
+    return body
+
+
+def _uses_prefill(backend: Backend) -> bool:
+    """vLLM servers continue a final assistant message; llama.cpp and API backends are asked to."""
+    return backend.kind == "vllm" and (backend.launch or {}).get("engine", "vllm") == "vllm"
 
 
 class Upstream:
@@ -135,6 +223,25 @@ class Upstream:
             pass
 
 
+class StreamHost(Protocol):
+    """What a :class:`ChatStream` asks of the client that opened it (a
+    :class:`~router_ml.backends.client.BackendClient` is one): token counts and prices for its
+    usage, the circuit breaker to report to, the latency model to feed."""
+
+    breaker: CircuitBreaker
+
+    def count_tokens(self, backend: Backend, text: str) -> int: ...
+
+    def cost(self, name: str, prompt_tokens: float, completion_tokens: float) -> float | None: ...
+
+    def observe(self, name: str, ttft_s: float | None, tokens_per_s: float | None) -> None: ...
+
+
+Resume = Callable[[str], Awaitable[Upstream]]
+"""Opens the continuation of the text sent so far (the argument) on the next backend of the chain;
+raises :class:`~router_ml.backends.results.AllBackendsFailed` when none is left."""
+
+
 @dataclass
 class _Segment:
     backend: str
@@ -147,8 +254,9 @@ class _Segment:
 class ChatStream:
     """An answer as OpenAI ``chat.completion.chunk`` dicts: ``async for chunk in stream``.
 
-    Returned by :meth:`BackendClient.stream` / :meth:`~BackendClient.chat_with_fallback` once the
-    first content arrived (failures before that raised there). ``result`` (:class:`ChatResult`) is
+    Returned by ``BackendClient.stream`` / ``BackendClient.chat_with_fallback`` once the first
+    content arrived (failures before that raised there). A break mid-answer calls ``resume`` (None:
+    raise :class:`StreamInterrupted` instead). ``result`` (:class:`ChatResult`) is
     filled when the iteration ends; ``tried`` grows if the stream resumes on a fallback. Chunks keep
     the first backend's ``id``/``created``; ``model`` is the name of the backend that produced them.
     The usage chunk (combined over resumed backends) is yielded only when the payload asked for it
@@ -157,15 +265,13 @@ class ChatStream:
 
     def __init__(
         self,
-        client: BackendClient,
-        chain: list[str],
-        index: int,
+        host: StreamHost,
         payload: Mapping[str, Any],
         upstream: Upstream,
         state: _CallState,
-        resume: bool,
+        resume: Resume | None,
     ) -> None:
-        self._client, self._chain, self._index, self._payload = client, chain, index, payload
+        self._host = host
         self._up, self._state, self._resume = upstream, state, resume
         opts = payload.get("stream_options")
         self._want_usage = isinstance(opts, Mapping) and bool(opts.get("include_usage"))
@@ -194,12 +300,12 @@ class ChatStream:
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
         counted = not (isinstance(pt, int) and isinstance(ct, int))
         if counted:
-            pt = self._client.count_tokens(up.backend, prompt_text(up.body.get("messages")))
-            ct = self._client.count_tokens(up.backend, "".join(up.text))
-        return _Segment(up.backend.name, pt, ct, counted, self._client.cost(up.backend.name, pt, ct))
+            pt = self._host.count_tokens(up.backend, prompt_text(up.body.get("messages")))
+            ct = self._host.count_tokens(up.backend, "".join(up.text))
+        return _Segment(up.backend.name, pt, ct, counted, self._host.cost(up.backend.name, pt, ct))
 
     async def _run(self) -> AsyncIterator[dict[str, Any]]:
-        client, state = self._client, self._state
+        host, state = self._host, self._state
         sent: list[str] = []
         segments: list[_Segment] = []
         ident: tuple[Any, Any] | None = None
@@ -243,11 +349,11 @@ class ChatStream:
                 break
             except BackendError as err:
                 await up.aclose()
-                client.breaker.record(up.backend.name, False)
+                host.breaker.record(up.backend.name, False)
                 segments.append(self._segment(up))
                 state.errors.append(str(err))
                 state.last_error = err
-                if not self._resume:
+                if self._resume is None:
                     raise StreamInterrupted(
                         up.backend.name, f"stream broke mid-answer: {err.message}", "".join(sent)
                     ) from err
@@ -257,12 +363,10 @@ class ChatStream:
                     sum(map(len, sent)),
                     err.message,
                 )
-                self._up, self._index = await client._resume(
-                    self._chain, self._index, self._payload, "".join(sent), state
-                )
+                self._up = await self._resume("".join(sent))
                 resumed = True
         await up.aclose()
-        client.breaker.record(up.backend.name, True)
+        host.breaker.record(up.backend.name, True)
         end = time.perf_counter()
         last = segments[-1]
         prompt_tokens = segments[0].prompt_tokens
@@ -270,9 +374,9 @@ class ChatStream:
         costs = [s.cost for s in segments]
         ttft = None if t_first is None else t_first - state.t0
         decode = None if up.t_first is None else end - up.t_first
-        if up.t_first is not None and client.latency_model is not None:
+        if up.t_first is not None:
             tps = last.completion_tokens / decode if decode and last.completion_tokens > 1 else None
-            client._observe(up.backend.name, up.t_first - up.t_start, tps)
+            host.observe(up.backend.name, up.t_first - up.t_start, tps)
         self.result = ChatResult(
             backend=up.backend.name,
             text="".join(sent),

@@ -1,4 +1,5 @@
-"""Errors, results and small helpers of the backend client (:mod:`router_ml.serving.client`)."""
+"""What a backend call ends in: the errors a caller catches, the :class:`ChatResult` it reads, and the
+state one call carries across retries and fallbacks (shared by the client, transport and streams)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from router_ml.serving.catalog import Backend
+from router_ml.backends.catalog import Backend
 
 T = TypeVar("T")
 

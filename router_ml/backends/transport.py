@@ -1,6 +1,6 @@
-"""One attempt at a backend: the HTTP layer under :class:`~router_ml.serving.client.BackendClient`.
+"""One attempt at a backend: the HTTP layer under :class:`~router_ml.backends.client.BackendClient`.
 
-Plain ``http://`` backends (local vLLM, llama.cpp) go through :class:`~router_ml.serving.http11.FastHTTP`
+Plain ``http://`` backends (local vLLM, llama.cpp) go through :class:`~router_ml.backends.http11.FastHTTP`
 (one socket write per request, a C response parser: about a seventh of ``httpx``'s CPU per call);
 ``https://`` backends, hosts behind an ``HTTP_PROXY`` and an injected ``http`` client use ``httpx``.
 """
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from router_ml.decision.spec import UnknownModelError
-from router_ml.serving.breaker import CircuitBreaker
-from router_ml.serving.catalog import Backend, Catalog
-from router_ml.serving.client_base import (
+from router_ml.backends.breaker import CircuitBreaker
+from router_ml.backends.catalog import Backend, Catalog
+from router_ml.backends.http11 import FastHTTP
+from router_ml.backends.results import (
     RETRYABLE_STATUS,
     BackendError,
     BackendTimeout,
@@ -32,9 +32,8 @@ from router_ml.serving.client_base import (
     parse_retry_after,
     transport_error,
 )
-from router_ml.serving.http11 import FastHTTP
-from router_ml.serving.resume import _content_text, prompt_text
-from router_ml.serving.streams import Upstream
+from router_ml.backends.streams import Upstream, _content_text, prompt_text
+from router_ml.decision.spec import UnknownModelError
 
 if TYPE_CHECKING:
     from router_ml.decision.costs import CostModel
@@ -48,7 +47,7 @@ def _proxied(url: httpx.URL) -> bool:
 
 
 class HttpCalls:
-    """State and single attempts of a backend client; see :class:`~router_ml.serving.client.BackendClient`."""
+    """State and single attempts of a backend client; see :class:`~router_ml.backends.client.BackendClient`."""
 
     def __init__(
         self,
@@ -125,7 +124,8 @@ class HttpCalls:
         except UnknownModelError:
             return None
 
-    def _observe(self, name: str, ttft_s: float | None, tokens_per_s: float | None) -> None:
+    def observe(self, name: str, ttft_s: float | None, tokens_per_s: float | None) -> None:
+        """Feed a call's TTFT and decode speed to the latency model (if any)."""
         if self.latency_model is not None:
             with contextlib.suppress(UnknownModelError):
                 self.latency_model.observe(name, ttft_s, tokens_per_s)
@@ -194,7 +194,7 @@ class HttpCalls:
 
     async def _request(self, backend: Backend, body: Mapping[str, Any], read_timeout: float | None) -> Any:
         """POST ``body``; the response once its headers arrived (an ``httpx.Response`` or a
-        :class:`~router_ml.serving.http11.RawResponse`: both have ``status_code``, ``headers``,
+        :class:`~router_ml.backends.http11.RawResponse`: both have ``status_code``, ``headers``,
         ``aread``, ``aiter_lines``, ``text`` and ``aclose``)."""
         url, fast = self._route(backend)
         data = orjson.dumps(body)
@@ -254,7 +254,7 @@ class HttpCalls:
         if self.latency_model is not None and ct >= 8 and backend.name in self.latency_model.pool:
             ttft_est = float(self.latency_model.ttft[self.latency_model.pool.index(backend.name)])
             if end - t > 1.25 * ttft_est:
-                self._observe(backend.name, None, ct / (end - t - ttft_est))
+                self.observe(backend.name, None, ct / (end - t - ttft_est))
         return ChatResult(
             backend=backend.name,
             text=text,

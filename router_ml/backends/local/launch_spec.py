@@ -18,7 +18,7 @@ Other keys: ``host`` (default 127.0.0.1), ``python`` (the interpreter; default `
 is downloaded from a hub.
 
 :class:`LaunchSpec` validates the mapping and builds the command, environment and pre-flight checks;
-:class:`~router_ml.serving.local_server.LocalServer` runs it.
+:class:`~router_ml.backends.local.local_server.LocalServer` runs it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from router_ml.serving.catalog import Backend
+    from router_ml.backends.catalog import Backend
 
 ENGINES = ("vllm", "llamacpp")
 LAUNCH_KEYS = (
