@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 
 from router_ml.decision import DecisionLayer, ModelPool, build_policy
-from router_ml.decision.ledger import BudgetLedger, LedgerError, MemoryLedger
+from router_ml.decision.ledger import BudgetLedger, LedgerError, MemoryLedger, open_ledger
 
 redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install redis)")
 
-from router_ml.serving.redis_ledger import NANO, RedisLedger, open_store  # noqa: E402
+from router_ml.decision.ledger.redis import NANO, RedisLedger  # noqa: E402
 
 pytestmark = pytest.mark.integration
 REDIS_SERVER = os.environ.get("ROUTER_ML_REDIS_SERVER") or shutil.which("redis-server")
@@ -255,12 +255,12 @@ def test_namespace_holding_something_else_is_refused(server: RedisServer) -> Non
         RedisLedger(server.url, namespace="a{b}")
 
 
-def test_open_store_and_budget_shared_by_two_layers(server: RedisServer, tmp_path: Path) -> None:
-    assert isinstance(open_store("memory"), MemoryLedger)
-    assert isinstance(open_store(f"sqlite:{tmp_path / 'l.sqlite'}"), BudgetLedger)
+def test_open_ledger_and_budget_shared_by_two_layers(server: RedisServer, tmp_path: Path) -> None:
+    assert isinstance(open_ledger("memory"), MemoryLedger)
+    assert isinstance(open_ledger(f"sqlite:{tmp_path / 'l.sqlite'}"), BudgetLedger)
+    assert isinstance(open_ledger(server.url), RedisLedger)
     ns = f"layers-{uuid.uuid4().hex[:8]}"
-    one, two = (open_store(server.url, namespace=ns) for _ in range(2))
-    assert isinstance(one, RedisLedger)
+    one, two = (RedisLedger(server.url, namespace=ns) for _ in range(2))
     pool = ModelPool.simulated()
     replicas = [
         DecisionLayer(build_policy("utility"), pool, ledger=led, session="team", period="day")

@@ -47,7 +47,7 @@ def open_ledger(spec: str | os.PathLike | None) -> Any:
         return MemoryLedger()
     text = os.fspath(spec)
     if text.startswith(("redis://", "rediss://", "unix://")):
-        from router_ml.serving.redis_ledger import RedisLedger
+        from router_ml.decision.ledger.redis import RedisLedger
 
         return RedisLedger(text)
     if text.startswith("sqlite:"):

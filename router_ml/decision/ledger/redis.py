@@ -27,7 +27,6 @@ redis-server loses nothing it acknowledged).
 from __future__ import annotations
 
 import math
-import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -36,13 +35,11 @@ from typing import Any
 
 import pandas as pd
 
-from router_ml.decision.ledger import BudgetLedger, LedgerError, MemoryLedger, open_ledger
-from router_ml.decision.ledger.records import _check_record, _entries_frame
+from router_ml.decision.ledger.records import LedgerError, _check_record, _entries_frame
 
 SCHEMA_VERSION = 1
 APP = "router-ml-ledger"
 NANO = 1_000_000_000
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 # KEYS: record hash, all zset, session zset, totals, seq
 # ARGV: id, ts, nano, model, has_session, session, has_meta, meta, token
@@ -250,13 +247,3 @@ class RedisLedger:
                     row = (rid, float(h["ts"]), h["model"], int(h["nano"]) / NANO)
                     rows.append((*row, h.get("session"), h.get("meta")))
         return _entries_frame(rows)
-
-
-def open_store(
-    spec: str | os.PathLike | None, namespace: str = "router-ml"
-) -> RedisLedger | BudgetLedger | MemoryLedger:
-    """A ledger from a config value: ``redis://``/``rediss://``/``unix://`` URLs -> :class:`RedisLedger`;
-    anything else as :func:`router_ml.decision.ledger.open_ledger` (memory, ``sqlite:<path>``, a path)."""
-    if isinstance(spec, str) and spec.strip().startswith(REDIS_SCHEMES):
-        return RedisLedger(spec.strip(), namespace=namespace)
-    return open_ledger(spec)
