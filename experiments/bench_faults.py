@@ -20,7 +20,7 @@ client: success share, errors seen, p50/p99 of requests sent during the fault, o
 success from ``B``. From the BACKEND (proxy-agnostic): A logs each chat request's arrival
 (``GET /arrivals``); for ``killed`` the connection attempts (TCP SYNs to A's port) are seen on a
 raw socket (needs CAP_NET_RAW, else n/a). By
-:func:`~router_ml.serving.loopback_faults.fault_window_figures`:
+:func:`~tests.fakes.loopback.faults.fault_window_figures`:
 
 - ``attempts_on_A_during_fault``: requests (``killed``: connection attempts) A got in the window;
 - ``dropped_after_s``: onset to the first attempt in the window followed by ``--quiet`` (1 s) with
@@ -65,7 +65,7 @@ from experiments.bench_servers import (
     wait_ready,
 )
 from router_ml.backends.local.launcher import free_port
-from router_ml.serving.loopback import answer_text, fault_window_figures
+from tests.fakes.loopback import answer_text, fault_window_figures
 
 MODES = ("error500", "error503", "error429", "killed", "hang", "slow", "cut_stream")
 ROUTED = "router:utility:1000000"  # a huge lam: the cheapest model (A) first, B as its fallback
@@ -89,7 +89,7 @@ def fault_body(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 def start_loopback(name: str, port: int, tmp: Path, listen_at: float | None = None) -> Proc:
     """Loopback ``name`` on ``port``; waited for unless it is to listen only at ``listen_at`` (Unix s)."""
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "router_ml.serving.loopback", "--port", str(port), "--model-id", name]
+    cmd = [sys.executable, "-m", "tests.fakes.loopback", "--port", str(port), "--model-id", name]
     if listen_at is not None:
         cmd += ["--listen-at", repr(listen_at)]
     proc = Proc(name, cmd, f"{url}/health", tmp / f"loopback-{name}-{time.monotonic_ns()}.log")

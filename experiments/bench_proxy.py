@@ -80,7 +80,7 @@ def start_servers(
     loop_url = f"http://127.0.0.1:{lp}"
     py = sys.executable
     procs["loopback"] = Proc(
-        "loopback", [py, "-m", "router_ml.serving.loopback", "--port", str(lp)], f"{loop_url}/health",
+        "loopback", [py, "-m", "tests.fakes.loopback", "--port", str(lp)], f"{loop_url}/health",
         tmp / "loopback.log",
     )  # fmt: skip
     procs["loopback"].wait_ready(30)

@@ -23,7 +23,7 @@ import pytest
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
 from router_ml.backends.http11 import FastHTTP, RawResponse
-from router_ml.serving.loopback import LoopbackThread, answer_text
+from tests.fakes.loopback import LoopbackThread, answer_text
 
 PATH = "/v1/chat/completions"
 

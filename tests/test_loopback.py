@@ -6,13 +6,14 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from router_ml.backends.local import launch_spec, launcher, local_server
-from router_ml.serving import loopback
-from router_ml.serving.loopback import (
+from tests.fakes import loopback
+from tests.fakes.loopback import (
     Fault,
     FaultState,
     LoopbackThread,
@@ -175,8 +176,8 @@ def test_a_hang_given_up_and_a_cut_stream_are_logged_as_such():
 
 def test_listen_at_delays_the_listening_socket():
     listen_at = time.time() + 0.5
-    cmd = [sys.executable, "-m", "router_ml.serving.loopback", "--port", "0", "--listen-at", repr(listen_at)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "tests.fakes.loopback", "--port", "0", "--listen-at", repr(listen_at)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         line = proc.stdout.readline()
         port = int(re.search(r":(\d+) ", line).group(1))

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,7 +36,7 @@ from router_ml.backends.client import (
 )
 from router_ml.backends.vllm_metrics import apply_vllm_metrics, vllm_stats
 from router_ml.decision.latency import LatencyModel
-from router_ml.serving.loopback import LoopbackServer, LoopbackThread, answer_text
+from tests.fakes.loopback import LoopbackServer, LoopbackThread, answer_text
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France and why is it famous?"}]
 PAYLOAD = {"messages": MESSAGES, "max_tokens": 64}
@@ -487,10 +488,11 @@ def test_many_concurrent_streams_share_one_connection_pool():
 
 def test_a_killed_subprocess_backend_falls_back_to_the_next():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router_ml.serving.loopback", "--port", "0", "--model-id", "served-0"],
+        [sys.executable, "-m", "tests.fakes.loopback", "--port", "0", "--model-id", "served-0"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=Path(__file__).resolve().parents[1],  # tests.fakes is importable from the repository root
     )
     try:
         line = proc.stdout.readline()

@@ -5,7 +5,7 @@ word per token. A conversation that ends in an assistant message with ``continue
 true`` (vLLM's prefill), or in a user message starting "Continue" right after an assistant
 message, gets only the rest of that answer, as a model that continues its partial answer would.
 :func:`serve_chat` answers one ``POST /v1/chat/completions`` for a
-:class:`~router_ml.serving.loopback_server.LoopbackServer` and logs it in the server's arrival log.
+:class:`~tests.fakes.loopback.server.LoopbackServer` and logs it in the server's arrival log.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from router_ml.serving.loopback_faults import Fault
+from tests.fakes.loopback.faults import Fault
 
 if TYPE_CHECKING:
-    from router_ml.serving.loopback_server import LoopbackServer
+    from tests.fakes.loopback.server import LoopbackServer
 
 ANSWER_TAIL = "This deterministic answer comes from the router-ml loopback server."
 _TOKEN = re.compile(r"\s*\S+")

@@ -5,8 +5,8 @@ backend that benchmarks put behind a proxy, so its own cost per request must be 
 proxy's; uvicorn + starlette would add their ASGI plumbing to every request and blur the figure.
 HTTP/1.1 keep-alive, JSON bodies with Content-Length (``Expect: 100-continue`` honoured), SSE
 streams with chunked transfer encoding. It binds 127.0.0.1 only. The chat route lives in
-:mod:`router_ml.serving.loopback_chat`, the faults and the arrival log in
-:mod:`router_ml.serving.loopback_faults`.
+:mod:`tests.fakes.loopback.chat`, the faults and the arrival log in
+:mod:`tests.fakes.loopback.faults`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from router_ml.serving.loopback_chat import error, response, serve_chat
-from router_ml.serving.loopback_faults import FAULT_MODES, ArrivalLog, Fault, FaultState
+from tests.fakes.loopback.chat import error, response, serve_chat
+from tests.fakes.loopback.faults import FAULT_MODES, ArrivalLog, Fault, FaultState
 
 HOST = "127.0.0.1"
 _ROUTES = {"/v1/chat/completions": "POST", "/health": "GET", "/v1/models": "GET", "/metrics": "GET"}

@@ -5,7 +5,7 @@ Routes: ``POST /v1/chat/completions`` (stream and not), ``GET /v1/models``, ``GE
 ``GET|POST /fault`` and ``GET|DELETE /arrivals`` (the log of chat requests received: arrival
 time in Unix seconds, the fault each met, how it ended; and every fault change). Answers are
 deterministic: ``"You said: <the last user message>. " +`` :data:`ANSWER_TAIL` (continuations of
-a partial answer get only its rest; see :mod:`router_ml.serving.loopback_chat`).
+a partial answer get only its rest; see :mod:`tests.fakes.loopback.chat`).
 
 Faults (``--fault`` at start, or ``POST /fault {"mode": ..., "count": N, "duration_s": T, ...}``
 at run time) apply to chat requests only: ``ok``, ``error500``, ``error503`` / ``error429`` (with
@@ -15,14 +15,15 @@ non-stream answer is cut mid-body), ``bad_json``. ``count`` limits the fault to 
 requests, ``duration_s`` to the next T seconds. ``--listen-at`` (Unix time) makes a started
 process wait before it listens, so a benchmark can bring a killed backend back at a set instant::
 
-    python -m router_ml.serving.loopback --port 8201 --fault error429 --retry-after 1
+    python -m tests.fakes.loopback --port 8201 --fault error429 --retry-after 1
     curl -X POST 127.0.0.1:8201/fault -d '{"mode": "cut_stream", "after": 3, "count": 1}'
     curl 127.0.0.1:8201/arrivals
 
-Layout: :mod:`~router_ml.serving.loopback_faults` (faults, their window, the arrival log),
-:mod:`~router_ml.serving.loopback_chat` (answers and the chat route),
-:mod:`~router_ml.serving.loopback_server` (:class:`LoopbackServer`); this module re-exports them and
-holds :class:`LoopbackThread` and the command line.
+Run it from the repository root (``tests`` is not installed). Layout:
+:mod:`~tests.fakes.loopback.faults` (faults, their window, the arrival log),
+:mod:`~tests.fakes.loopback.chat` (answers and the chat route),
+:mod:`~tests.fakes.loopback.server` (:class:`LoopbackServer`); this module re-exports them and
+holds :class:`LoopbackThread` and the command line (``__main__.py`` runs it).
 """
 
 from __future__ import annotations
@@ -39,15 +40,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from router_ml.serving.loopback_chat import ANSWER_TAIL, answer_rest, answer_text
-from router_ml.serving.loopback_faults import (
+from tests.fakes.loopback.chat import ANSWER_TAIL, answer_rest, answer_text
+from tests.fakes.loopback.faults import (
     FAULT_MODES,
     ArrivalLog,
     Fault,
     FaultState,
     fault_window_figures,
 )
-from router_ml.serving.loopback_server import HOST, LoopbackServer
+from tests.fakes.loopback.server import HOST, LoopbackServer
 
 __all__ = [
     "ANSWER_TAIL",
@@ -163,9 +164,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m router_ml.serving.loopback", description=__doc__.split("\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m tests.fakes.loopback", description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, default=8200, help="0 picks a free port (printed on start)")
     ap.add_argument("--fault", default="ok", choices=FAULT_MODES)
     ap.add_argument("--count", type=int, default=None, help="the fault hits only the next N chat requests")
@@ -186,7 +185,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loopback: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
