@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from router_ml.data.schema import table_hash, to_wide
-from router_ml.data.taxonomy import TASK_TYPES
+from router_ml.data.taxonomy import TASK_TYPES, task_ids_of
 from router_ml.evaluation.metrics import (
     best_single_model,
     gap_closed,
@@ -43,12 +43,6 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return dict(cfg)
-
-
-def task_ids_of(tasks: pd.Series) -> np.ndarray:
-    """Integer task ids: the taxonomy's order for task types, sorted order for any other labels."""
-    labels = list(TASK_TYPES) if set(tasks) <= set(TASK_TYPES) else sorted(set(tasks))
-    return tasks.map({t: i for i, t in enumerate(labels)}).to_numpy(dtype="int64")
 
 
 def split_data(table: pd.DataFrame, split_cfg: Mapping[str, Any], seed: int) -> dict[str, pd.DataFrame]:

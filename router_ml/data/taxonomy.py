@@ -16,6 +16,12 @@ into training with a silent default.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
 TASK_TYPES: tuple[str, ...] = ("classify", "summarize", "code", "reason", "creative", "qa")
 
 # source -> {source task name -> task type}. "*" is the fallback for that source only.
@@ -176,3 +182,9 @@ def map_task(source: str, name: str) -> str:
     if "*" in table:
         return table["*"]
     raise UnknownTaskError(f"source {source!r}: no task-type mapping for task name {name!r}")
+
+
+def task_ids_of(tasks: pd.Series) -> np.ndarray:
+    """Integer task ids: the taxonomy's order for task types, sorted order for any other labels."""
+    labels = list(TASK_TYPES) if set(tasks) <= set(TASK_TYPES) else sorted(set(tasks))
+    return tasks.map({t: i for i, t in enumerate(labels)}).to_numpy(dtype="int64")

@@ -172,11 +172,11 @@ def fold_scores(
     """Fit every head on ``train`` (less a calibration part) and score each test set of ``tests``
     (rendering name -> long table of the held-out prompts)."""
     from router_ml.data.splits import split_prompts
+    from router_ml.data.taxonomy import task_ids_of
     from router_ml.decision.policies import build_policy
     from router_ml.evaluation.sweeps import knob_values
     from router_ml.evaluation.tuning import fit_head, predict_head
     from router_ml.predictors import build_calibrator
-    from router_ml.training import task_ids_of
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))

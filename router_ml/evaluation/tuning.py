@@ -135,8 +135,8 @@ def nested_cv_scores(
 
     from router_ml.data.schema import to_wide
     from router_ml.data.splits import kfold_prompts
+    from router_ml.data.taxonomy import task_ids_of
     from router_ml.evaluation.metrics import best_single_model, oracle_scores, random_scores
-    from router_ml.training import task_ids_of
 
     models = sorted(table["model"].unique())
     task_key = dict(task_key or {})
