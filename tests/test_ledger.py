@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +230,7 @@ def test_not_a_ledger_is_refused(tmp_path: Path) -> None:
 
 
 def _utc(*args: int) -> float:
-    return datetime(*args, tzinfo=timezone.utc).timestamp()
+    return datetime(*args, tzinfo=UTC).timestamp()
 
 
 def test_period_start() -> None:

@@ -7,7 +7,6 @@ Plain ``http://`` backends (local vLLM, llama.cpp) go through :class:`~router_ml
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import time
@@ -229,7 +228,7 @@ class HttpCalls:
         t = time.perf_counter()
         try:
             resp = await _within(answer(), deadline)
-        except (asyncio.TimeoutError, httpx.ReadTimeout):
+        except (TimeoutError, httpx.ReadTimeout):
             raise BackendTimeout(backend.name, f"no answer within {deadline:.2f} s", retryable=True) from None
         except httpx.HTTPError as err:
             raise transport_error(backend, err) from None
@@ -291,7 +290,7 @@ class HttpCalls:
         t = time.perf_counter()
         try:
             return await _within(first_token(), backend.first_token_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             msg = f"no first token within {backend.first_token_timeout_s:g} s"
             raise BackendTimeout(backend.name, msg, retryable=True) from None
         except httpx.HTTPError as err:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 PERIODS = ("session", "hour", "day", "week", "month")
 
@@ -18,7 +18,7 @@ def period_start(period: str | None, now: float | None = None) -> float | None:
         return None
     if period not in PERIODS:
         raise ValueError(f"unknown budget period {period!r}; allowed: {list(PERIODS)} or None")
-    t = datetime.fromtimestamp(time.time() if now is None else float(now), tz=timezone.utc)
+    t = datetime.fromtimestamp(time.time() if now is None else float(now), tz=UTC)
     if period == "hour":
         start = t.replace(minute=0, second=0, microsecond=0)
     elif period == "day":
