@@ -397,6 +397,7 @@ def real_sample(shared_data):
     return encode(prompts), np.array(tasks), Y, np.unique(benchmarks, return_inverse=True)[1]
 
 
+@pytest.mark.full  # encodes 420 real prompts with MiniLM: ~20 s on two cores
 def test_real_data_task_classifier_and_heads(real_sample):
     """420 real prompts (30 per benchmark), seeded 75/25 split, real MiniLM embeddings."""
     from router_ml.data.taxonomy import TASK_TYPES
