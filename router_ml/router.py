@@ -287,7 +287,7 @@ class LearnedRouter:
                 f"checkpoint {str(path)!r}: quality head predicts {quality_head.n_models_} models, "
                 f"router.json lists {len(config['models'])}"
             )
-        layers = tuple(getattr(task_head, "layers", None) or ())
+        layers = tuple(task_head.layers)
         if layers and not hasattr(enc, "encode_layers"):
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: the task head reads encoder layers {list(layers)}, "

@@ -142,7 +142,7 @@ class FittedRouter:
 
     def task_X_of(self, prompts: pd.Series | list[str]) -> np.ndarray:
         """The task head's features: the embeddings, or with ``layers`` the wide encoder output."""
-        layers = tuple(getattr(self.router.task_head, "layers", None) or ())
+        layers = tuple(self.router.task_head.layers)
         return self.encoder.encode_layers(list(prompts), layers) if layers else self.X_of(prompts)
 
     def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
@@ -170,7 +170,7 @@ class _Calibrated:
 
     @property
     def uses_text(self) -> bool:
-        return bool(getattr(self.head, "uses_text", False))
+        return bool(self.head.uses_text)
 
     def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         from router_ml.evaluation.tuning import predict_head
@@ -209,7 +209,7 @@ def fit_router(
     task_train, task_test = task_training_data(splits, cfg.get("task_data", {}), seed)
     if task_head is None:
         task_head = TaskClassifier(labels=list(TASK_TYPES), **cfg.get("task_head", {}).get("params", {}))
-    layers = tuple(getattr(task_head, "layers", None) or ())
+    layers = tuple(task_head.layers)
     if layers and not hasattr(encoder, "encode_layers"):
         raise ValueError(
             f"task_head.params.layers={list(layers)} needs an encoder that gives its layer states "

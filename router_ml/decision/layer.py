@@ -107,9 +107,9 @@ class DecisionLayer:
             observed=observed,
         )
 
-    def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pool columns, max_tokens (NaN: none) and params_b (NaN: unknown) of ``models``, each
-        ``(m,)``; worked out once per (pool, models) and kept (a new pool starts a new cache)."""
+    def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray | slice, np.ndarray, np.ndarray]:
+        """Pool columns (an index array, or a slice for the whole pool in order), max_tokens (NaN:
+        none) and params_b (NaN: unknown) of ``models``, each ``(m,)``; worked out once per (pool, models) and kept (a new pool starts a new cache)."""
         key = tuple(models)
         cache = getattr(self, "_parts", None)
         if cache is None or cache[0] is not self.pool:
@@ -120,8 +120,10 @@ class DecisionLayer:
                 if name not in self.pool:
                     raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
             specs = [self.pool.get(m) for m in key]
+            cols = [self.pool.index(m) for m in key]
             got = cache[1][key] = (
-                np.array([self.pool.index(m) for m in key], dtype=np.int64),
+                # the whole pool in its order: a slice, whose cuts are views, not copies
+                slice(None) if cols == list(range(len(self.pool))) else np.array(cols, dtype=np.int64),
                 np.array([s.max_tokens or np.nan for s in specs], dtype="float64"),
                 np.array([s.params_b or np.nan for s in specs], dtype="float64"),
             )

@@ -42,14 +42,14 @@ def fit_head(
     from router_ml.predictors import build_quality_predictor
 
     head = build_quality_predictor(name, **params)
-    if getattr(head, "uses_text", False):
+    if head.uses_text:
         return head.fit(X, Y, task_ids, texts=texts)
     return head.fit(X, Y, task_ids)
 
 
 def predict_head(head: Any, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
     """``head.predict`` on ``X (n, d)``, with the ``texts`` when the head reads text; ``(n, m)``."""
-    if getattr(head, "uses_text", False):
+    if head.uses_text:
         return head.predict(X, texts=texts)
     return head.predict(X)
 
