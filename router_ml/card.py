@@ -52,6 +52,13 @@ def model_card(config: dict[str, Any]) -> str:
         lines.append("- not recorded")
     metrics = config.get("metrics", {})
     lines += ["", "## Metrics (held-out split unless the key says otherwise)", ""]
+    if training.get("refit"):
+        lines += [
+            "These were measured on a router fitted on the split's training part; this checkpoint has",
+            "the same hyper-parameters refitted on every labelled prompt, so no held-out figure of its",
+            "own exists (see `refit` above).",
+            "",
+        ]
     if metrics:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| `{k}` | {_fmt(v)} |" for k, v in sorted(metrics.items())]

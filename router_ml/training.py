@@ -311,6 +311,65 @@ def fit_router(
     return FittedRouter(router, models, wide, emb, best, metrics, encoder=cached)
 
 
+def refit_on_all(
+    cfg: Mapping[str, Any], table: pd.DataFrame, fitted: FittedRouter, seed: int
+) -> tuple[Any, dict[str, Any]]:
+    """The router to export: the hyper-parameters chosen on the split, fitted on EVERY labelled
+    prompt (the held-out figures were measured before, on the split's router).
+
+    The quality head is refitted on all of ``table``; its calibrator on out-of-fold predictions
+    (``refit.folds`` folds of prompt groups, each predicted by a head that never saw it); the task
+    head on all of its training data, the held-out project prompts included. Returns the router
+    and what the checkpoint records of the refit."""
+    from router_ml.data.splits import kfold_prompts
+    from router_ml.evaluation.tuning import fit_head, predict_head
+    from router_ml.router import LearnedRouter
+
+    t0 = time.perf_counter()
+    old, models, cached = fitted.router, fitted.models, fitted.encoder
+    folds = int((cfg.get("refit") or {}).get("folds", 5))
+    key = cfg["predictor"].get("task_key", "task")
+    name, params = type(old.quality_head).name, old.quality_head.get_params()
+
+    def wide_X(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[str]]:
+        prompts, Y, _ = to_wide(df, models)
+        texts = list(prompts["prompt"])
+        return prompts, Y, cached.encode(texts).astype("float32"), texts
+
+    prompts, Y, X, texts = wide_X(table)
+    calibrator = None
+    if old.calibrator is not None:
+        raw = np.full_like(Y, np.nan)
+        row = {pid: i for i, pid in enumerate(prompts["prompt_id"])}
+        for tr, va in kfold_prompts(table, folds, seed=seed):
+            p_tr, Y_tr, X_tr, t_tr = wide_X(tr)
+            p_va, _, X_va, t_va = wide_X(va)
+            head = fit_head(name, params, X_tr, Y_tr, task_ids_of(p_tr[key]), t_tr)
+            raw[[row[pid] for pid in p_va["prompt_id"]]] = predict_head(head, X_va, t_va)
+        calibrator = type(old.calibrator)(**old.calibrator.get_params()).fit(raw, Y)
+    head = fit_head(name, params, X, Y, task_ids_of(prompts[key]), texts)
+
+    task_train, task_test = task_training_data({"train": table}, cfg.get("task_data", {}), seed)
+    task_all = pd.concat([task_train, task_test], ignore_index=True).drop_duplicates("prompt")
+    layers = tuple(old.task_head.layers)
+    t_texts = list(task_all["prompt"])
+    X_task = cached.encode_layers(t_texts, layers) if layers else cached.encode(t_texts)
+    task_head = type(old.task_head)(**old.task_head.get_params()).fit(
+        X_task, list(task_all["task"]), texts=t_texts
+    )
+
+    record = {
+        "n_prompts": len(prompts),
+        "n_task_prompts": len(task_all),
+        "calibration": f"out-of-fold predictions, {folds} folds" if calibrator is not None else None,
+        "note": "refitted on every labelled prompt after the held-out figures were measured",
+    }
+    meta = dict(old.metadata)
+    meta["training"] = {**meta.get("training", {}), "refit": record}
+    router = LearnedRouter(old.encoder, task_head, head, models, calibrator=calibrator, metadata=meta)
+    return router, {"time/refit_s": time.perf_counter() - t0}
+
+
 def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     """Train one router from a (Hydra or plain dict) config; returns the metrics it also writes."""
     from router_ml.data.loading import load_routing_data
@@ -321,7 +380,11 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     table = load_routing_data(cfg["data"], seed=seed)
     splits = split_data(table, cfg.get("split", {}), seed)
     fitted = fit_router(cfg, table, splits, seed)
+    router = fitted.router
+    if (cfg.get("refit") or {}).get("enabled", False):
+        router, extra = refit_on_all(cfg, table, fitted, seed)
+        fitted.metrics.update(extra)
     metrics = {k: float(v) for k, v in sorted(fitted.metrics.items())}
-    fitted.router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
+    router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

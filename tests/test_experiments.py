@@ -143,3 +143,26 @@ def test_export_of_missing_run_fails_clearly(tmp_path):
     )
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr
+
+
+def test_exported_router_is_refitted_on_every_labelled_prompt(tmp_path, trained_run):
+    """refit.enabled: the split's held-out figures are kept; the checkpoint holds a router with the
+    same hyper-parameters fitted on all prompts, calibrated on out-of-fold predictions."""
+    import copy
+
+    from experiments.bench_servers import SMALL_ROUTER
+    from router_ml.data.loading import load_routing_data
+    from router_ml.training import train
+
+    cfg = {**copy.deepcopy(SMALL_ROUTER), "name": "refit", "refit": {"enabled": True, "folds": 3}}
+    metrics = train(cfg, run_dir=tmp_path)
+    split_only = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["test/quality"] == split_only["test/quality"]  # the same held-out measurement
+    assert metrics["time/refit_s"] > 0
+    n_all = load_routing_data(cfg["data"], seed=0)["prompt_id"].nunique()
+    refit, split = (LearnedRouter.from_pretrained(p / "checkpoint") for p in (tmp_path, trained_run))
+    assert refit.metadata["training"]["refit"]["n_prompts"] == n_all
+    assert refit.quality_head.X_train_.shape[0] == n_all > split.quality_head.X_train_.shape[0]
+    assert refit.quality_head.get_params() == split.quality_head.get_params()
+    assert refit.calibrator is not None and refit.calibrator.n_models_ == len(refit.models)
+    assert "refitted on every labelled prompt" in (tmp_path / "checkpoint" / "README.md").read_text()
