@@ -185,8 +185,9 @@ class LatencyModel:
                 prior = latency_prior(spec.params_b, data_dir)
             ttft.append(spec.ttft_s if spec.ttft_s is not None else prior[0])
             tps.append(spec.tokens_per_s if spec.tokens_per_s is not None else prior[1])
-        self._ttft = np.array(ttft, dtype="float64")  # (m,)
-        self._spt = 1.0 / np.array(tps, dtype="float64")  # (m,) seconds per output token
+        self._ttft = np.array(ttft, dtype="float64")  # (m,), read-only: observe() replaces it
+        self._spt = 1.0 / np.array(tps, dtype="float64")  # (m,) seconds per output token, likewise
+        self._ttft.flags.writeable = self._spt.flags.writeable = False
         self._n = np.zeros(len(pool), dtype="int64")  # (m,) observations that updated the model
         self._lock = threading.Lock()
 
@@ -210,11 +211,17 @@ class LatencyModel:
         if not (ok_t or ok_s):
             return
         a = self.alpha
-        with self._lock:
+        with self._lock:  # new arrays, not writes into the old ones: readers hold those without a copy
             if ok_t:
-                self._ttft[j] = (1 - a) * self._ttft[j] + a * ttft_s
+                ttft = self._ttft.copy()
+                ttft[j] = (1 - a) * ttft[j] + a * ttft_s
+                ttft.flags.writeable = False
+                self._ttft = ttft
             if ok_s:
-                self._spt[j] = (1 - a) * self._spt[j] + a / tokens_per_s
+                spt = self._spt.copy()
+                spt[j] = (1 - a) * spt[j] + a / tokens_per_s
+                spt.flags.writeable = False
+                self._spt = spt
             self._n[j] += 1
 
     def expected(self, output_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,9 +232,8 @@ class LatencyModel:
                 f"LatencyModel.expected: output_tokens has shape {out.shape}; expected (n, {len(self.pool)})"
             )
         with self._lock:
-            ttft, spt = self._ttft.copy(), self._spt.copy()
-        first = np.broadcast_to(ttft, out.shape).copy()
-        return first, first + out * spt
+            ttft, spt = self._ttft, self._spt  # read-only: observe() replaces them
+        return np.broadcast_to(ttft, out.shape), ttft + out * spt
 
     def snapshot(self) -> pd.DataFrame:
         """One row per model: model, ttft_s, tokens_per_s, n_observed, source ("prior" | "live")."""
