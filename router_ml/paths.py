@@ -12,6 +12,8 @@ from pathlib import Path
 
 DATA_DIR_ENV = "ROUTER_ML_DATA_DIR"
 CACHE_DIR_ENV = "ROUTER_ML_CACHE_DIR"
+#: the routing data set shipped inside the package (:mod:`router_ml.data.default`)
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data" / "default"
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:
@@ -21,16 +23,9 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def source_dir(name: str, override: str | os.PathLike | None = None) -> Path:
-    """Folder of one data set; a clear error when it is missing.
-
-    Not in the data dir (and no ``override``): a public source is taken from the cache, fetched
-    and built there on first use (:func:`router_ml.data.fetch.ensure_source`).
-    """
+    """Folder of one data set in the data dir; a clear error when it is missing (a public source
+    missing there is fetched by :func:`router_ml.data.fetch.locate`, which the adapters use)."""
     path = data_dir(override) / name
-    if not path.is_dir() and override is None:
-        from router_ml.data.fetch import ensure_source  # fetch on first use; heavy, so imported late
-
-        path = ensure_source(name) or path
     if not path.is_dir():
         raise FileNotFoundError(
             f"data set folder {str(path)!r} not found; set {DATA_DIR_ENV} to the folder that holds "

@@ -36,7 +36,7 @@ from router_ml.data.build import (
     sha256_file,
     sources,
 )
-from router_ml.paths import DATA_DIR_ENV, cache_dir, data_dir
+from router_ml.paths import DATA_DIR_ENV, cache_dir, data_dir, source_dir
 
 BASE_URL_ENV = "ROUTER_ML_FETCH_BASE_URL"
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
@@ -204,8 +204,16 @@ def fetch(name: str, *, force: bool = False, client: httpx.Client | None = None)
     return FetchResult(src.name, out, True, report.rows, matches_reference(src, out))
 
 
+def locate(folder: str) -> Path:
+    """The folder of a data set: in the data dir, else its build in the cache, fetched (and built)
+    there on first use when a public source has that folder; FileNotFoundError otherwise."""
+    if (data_dir() / folder).is_dir():
+        return data_dir() / folder
+    return ensure_source(folder) or source_dir(folder)
+
+
 def ensure_source(folder: str) -> Path | None:
-    """Fetch-on-miss for :func:`router_ml.paths.source_dir`: the cached build of ``folder``.
+    """Fetch-on-miss for :func:`locate`: the cached build of ``folder``.
 
     None when no source has that folder; fetches (and builds) it when it is not cached yet.
     """
@@ -241,6 +249,7 @@ __all__ = [
     "ensure_source",
     "fetch",
     "fetch_raw",
+    "locate",
     "offline",
     "raw_dir",
     "raw_url",

@@ -198,10 +198,9 @@ def _raw_tables(root: str) -> dict[str, dict]:
 def _candidates(root: str) -> dict[str, dict]:
     """llmrouter_ulab's ``llm_candidates.json`` under the data root, else the copy shipped in the
     package (the same file)."""
-    from router_ml.data.default import CANDIDATES_FILE
-
     path = Path(root) / "llmrouter_ulab" / "llm_candidates.json"
-    return json.loads((path if path.is_file() else CANDIDATES_FILE).read_text())
+    shipped = paths.SHIPPED_DATA_DIR / "llm_candidates.json"
+    return json.loads((path if path.is_file() else shipped).read_text())
 
 
 @lru_cache(maxsize=4)

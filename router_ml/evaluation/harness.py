@@ -40,6 +40,7 @@ from router_ml.decision.policies import SLO_PRESETS
 from router_ml.evaluation import frontier as fr
 from router_ml.evaluation.comparison import _per_task, frontier_metrics, pair_metrics
 from router_ml.evaluation.estimates import build_layer, build_pool, split_estimates
+from router_ml.evaluation.metrics import json_safe
 from router_ml.evaluation.pacing import pacing_replay
 from router_ml.evaluation.sweeps import _point, knob_values, sweep_policy
 from router_ml.evaluation.tuning import predict_head
@@ -54,7 +55,6 @@ __all__ = [
     "evaluate",
     "evaluate_seed",
     "frontier_metrics",
-    "json_safe",
     "knob_values",
     "load_checkpoint_router",
     "pacing_replay",
@@ -214,21 +214,6 @@ def evaluate_seed(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 
 # ---- entry point -----------------------------------------------------------------------------
-def json_safe(obj: Any) -> Any:
-    """Strict JSON: NaN/inf -> null, numpy scalars -> Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     keys = sorted({k for m in per_seed for k, v in m.items() if isinstance(v, float)})
     out = {}

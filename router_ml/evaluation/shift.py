@@ -291,7 +291,7 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
 
     from router_ml.data.loading import load_routing_data
     from router_ml.evaluation.estimates import build_layer
-    from router_ml.evaluation.harness import json_safe
+    from router_ml.evaluation.metrics import json_safe
     from router_ml.evaluation.shift_report import markdown, prompt_frame, summarise
 
     t0 = time.perf_counter()

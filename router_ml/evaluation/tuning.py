@@ -7,7 +7,6 @@ Heads that read the prompt text (``uses_text``) get the matching ``texts`` in fi
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,17 +15,12 @@ import numpy as np
 import pandas as pd
 
 from router_ml.evaluation.metrics import routed_scores
+from router_ml.predictors.base import param_grid
 
 log = logging.getLogger(__name__)
 
 #: a non-router reference: ``f(prompts_train, Y_train (n, m), prompts_test, Y_test (k, m)) -> (k,)``
 Reference = Callable[[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray], np.ndarray]
-
-
-def param_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Every combination of a {param: [values]} grid (a list value of lists stays a value)."""
-    keys = sorted(grid)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def fit_head(

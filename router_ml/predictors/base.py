@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -213,6 +214,12 @@ def few_rows_blas(n_rows: int, limit: int = 64) -> contextlib.AbstractContextMan
         return contextlib.nullcontext()
     libs = _blas_libs()
     return _OneThreadBlas(libs) if libs else contextlib.nullcontext()
+
+
+def param_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a {param: [values]} grid (a list value of lists stays a value)."""
+    keys = sorted(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def as_float_matrix(X: Any, owner: str, dim: int | None = None, dtype: Any = np.float32) -> np.ndarray:

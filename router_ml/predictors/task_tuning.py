@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from router_ml.data.taxonomy import TASK_TYPES
+from router_ml.predictors.base import param_grid
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def tune_task_head(
     ``base_params`` are the fixed :class:`TaskClassifier` params, ``grid`` ``{param: [values]}``
     the ones searched; ties go to the first setting in grid order.
     """
-    from router_ml.evaluation.tuning import param_grid
 
     results = []
     for point in param_grid(grid):

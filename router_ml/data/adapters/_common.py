@@ -10,15 +10,17 @@ import pandas as pd
 from router_ml.data.prices import attach_costs, model_prices, tokens_from_chars
 from router_ml.data.schema import validate_table
 from router_ml.data.taxonomy import map_task
-from router_ml.paths import source_dir
 
 __all__ = ["finish_table", "resolve_dir", "tokens_from_chars"]
 
 
 def resolve_dir(path: str | os.PathLike | None, folder: str) -> Path:
-    """``path`` as a folder, or the shared data set folder ``folder`` when ``path`` is None."""
+    """``path`` as a folder, or when ``path`` is None the data set folder ``folder``: in the data
+    dir, else fetched into the cache on first use (:func:`router_ml.data.fetch.locate`)."""
     if path is None:
-        return source_dir(folder)
+        from router_ml.data.fetch import locate  # imported late: the HTTP client and the builders
+
+        return locate(folder)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{folder}: data folder {str(path)!r} not found")

@@ -22,12 +22,15 @@ from typing import Any
 import pandas as pd
 
 from router_ml.data.adapters._common import finish_table
-from router_ml.data.default import DEFAULT_FILE, SCORE_PREFIX
 from router_ml.data.jsonl import iter_jsonl
 from router_ml.data.prices import model_prices
-from router_ml.paths import DATA_DIR_ENV, data_dir
+from router_ml.paths import DATA_DIR_ENV, SHIPPED_DATA_DIR, data_dir
 
 FOLDER = "llmrouter_ulab"
+#: the compact copy shipped in the package (:mod:`router_ml.data.default`): one row per prompt,
+#: one ``score/<model>`` column per model
+DEFAULT_FILE = SHIPPED_DATA_DIR / "llmrouter_ulab.parquet"
+SCORE_PREFIX = "score/"
 log = logging.getLogger(__name__)
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_FILE = HERE / "llmrouter_ulab.parquet"
+from router_ml.data.adapters.llmrouter import DEFAULT_FILE, SCORE_PREFIX, read_jsonl
+from router_ml.paths import SHIPPED_DATA_DIR
+
+HERE = SHIPPED_DATA_DIR
 CANDIDATES_FILE = HERE / "llm_candidates.json"
 SOURCE_FOLDER = "llmrouter_ulab"
-SCORE_PREFIX = "score/"  # one column per model: score/<model>
 TEXT_COLUMNS: tuple[str, ...] = ("prompt_id", "task_name", "prompt", "metric")
 ZSTD_LEVEL = 19
 
@@ -35,7 +36,6 @@ def compact_frame(source: str | os.PathLike | None = None) -> pd.DataFrame:
     (float64, NaN where the record has no score), models in the order the adapter meets them.
     ``source`` is the ``llmrouter_ulab`` folder (default: ``$ROUTER_ML_DATA_DIR/llmrouter_ulab``).
     """
-    from router_ml.data.adapters.llmrouter import read_jsonl
     from router_ml.paths import source_dir
 
     folder = source_dir(SOURCE_FOLDER) if source is None else Path(source).expanduser()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from router_ml.decision.base import Estimates, PolicyError, argmax_cheapest
+from router_ml.decision.hull import ndch
 from router_ml.decision.policies.base import Policy, _mean_by_model, strongest_model
 
 
@@ -119,7 +120,6 @@ class ZeroRouterPolicy(Policy):
         self._rng = np.random.default_rng(seed)
 
     def fit(self, est: Estimates) -> ZeroRouterPolicy:
-        from router_ml.evaluation.frontier import ndch
 
         q = est.observed if est.observed is not None else est.quality
         cost, qual = _mean_by_model(est, est.cost), _mean_by_model(est, q)
