@@ -15,7 +15,6 @@ on a shared machine other processes' work slows every figure down.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -27,7 +26,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from router_ml.embeddings import CachedEncoder, SentenceTransformerEncoder, StaticEncoder
-from router_ml.paths import source_dir
 
 SHORT = "Summarize the following email thread about the quarterly budget review in three bullet points."
 SUBJECTS = ["the budget", "a python script", "my essay", "this contract", "the rust compiler", "a poem"]
@@ -35,11 +33,12 @@ VERBS = ["Summarize", "Explain", "Fix the bugs in", "Translate into French", "Cr
 
 
 def llmrouter_prompts(n: int) -> list[str]:
-    """The first ``n`` prompts of llmrouter_ulab's train.jsonl (real routing traffic)."""
-    path = source_dir("llmrouter_ulab") / "train.jsonl"
-    with path.open() as f:
-        rows = [json.loads(line) for line in f]
-    return [r["prompt"] for r in rows[:n]]
+    """The first ``n`` prompts of llmrouter_ulab by prompt id, i.e. in file order (real routing
+    traffic; the data folder's copy, else the one shipped in the package)."""
+    from router_ml.data.adapters import load_source
+
+    table = load_source("llmrouter", costs=False).drop_duplicates("prompt_id")
+    return table.sort_values("prompt_id", kind="stable")["prompt"].tolist()[:n]
 
 
 def short_prompts(n: int) -> list[str]:
