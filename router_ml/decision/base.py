@@ -8,7 +8,6 @@ fallback list and a readable reason.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -111,7 +110,8 @@ class Estimates:
     def take(self, idx: Any) -> Estimates:
         """The estimates of the requests ``idx`` (an index array or slice): the per-request arrays
         cut, nothing checked again (cutting checked estimates keeps them consistent)."""
-        view = copy.copy(self)
+        view = object.__new__(type(self))  # a shallow copy without copy.copy's reduce protocol
+        view.__dict__.update(self.__dict__)
         for name in self._PER_REQUEST:
             value = getattr(self, name)
             if value is not None:

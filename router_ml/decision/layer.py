@@ -150,11 +150,11 @@ class DecisionLayer:
 
     # ---- decisions -----------------------------------------------------------------------
     def _policy_for(self, constraints: Mapping[str, Any]) -> Policy:
+        if not constraints:
+            return self.policy
         unknown = set(constraints) - set(REQUEST_CONSTRAINTS)
         if unknown:
             raise PolicyError(f"unknown constraint(s) {sorted(unknown)}; known: {list(REQUEST_CONSTRAINTS)}")
-        if not constraints:
-            return self.policy
         policy = copy.copy(self.policy)
         for key, value in constraints.items():
             if not hasattr(policy, key):
