@@ -109,7 +109,8 @@ class DecisionLayer:
 
     def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray | slice, np.ndarray, np.ndarray]:
         """Pool columns (an index array, or a slice for the whole pool in order), max_tokens (NaN:
-        none) and params_b (NaN: unknown) of ``models``, each ``(m,)``; worked out once per (pool, models) and kept (a new pool starts a new cache)."""
+        none) and params_b (NaN: unknown) of ``models``, each ``(m,)``; worked out once per
+        (pool, models) and kept (a new pool starts a new cache)."""
         key = tuple(models)
         cache = getattr(self, "_parts", None)
         if cache is None or cache[0] is not self.pool:
