@@ -34,7 +34,7 @@ from router_ml.backends.client import (
     overlap_to_strip,
     parse_retry_after,
 )
-from router_ml.backends.vllm_metrics import apply_vllm_metrics, vllm_stats
+from router_ml.backends.vllm_metrics import MetricsParseError, apply_vllm_metrics, vllm_stats
 from router_ml.decision.latency import LatencyModel
 from tests.fakes.loopback import LoopbackServer, LoopbackThread, answer_text
 
@@ -461,6 +461,9 @@ def test_vllm_stats_parse_a_real_metrics_page():
         0.25,
     )
     assert math.isclose(s["ttft_mean_s"], 0.09) and math.isclose(s["itl_mean_s"], 0.015)
+    assert vllm_stats("# HELP nothing here\n")["num_requests_waiting"] is None
+    with pytest.raises(MetricsParseError, match="not a Prometheus metrics page"):
+        vllm_stats("<html><body>502 Bad Gateway</body></html>")
     assert parse_retry_after("2") == 2.0 and parse_retry_after("soon") is None
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") < 1  # a past date: retry now
 

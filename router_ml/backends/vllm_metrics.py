@@ -3,7 +3,6 @@ and feed them to the latency model so latency-aware policies see the live server
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -12,21 +11,23 @@ import httpx
 if TYPE_CHECKING:
     from router_ml.decision.latency import LatencyModel
 
-_PROM_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+class MetricsParseError(ValueError):
+    """A ``/metrics`` page that is not Prometheus text exposition."""
 
 
 def parse_prometheus(text: str) -> dict[str, list[float]]:
-    """Prometheus text exposition -> metric name (with suffix, e.g. ``_sum``) -> values over label sets."""
+    """Prometheus text exposition -> sample name (with its suffix, e.g. ``_sum``) -> values over
+    label sets, read with ``prometheus_client``'s parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _PROM_LINE.match(line)
-        if m:
-            try:
-                out.setdefault(m.group(1), []).append(float(m.group(3)))
-            except ValueError:
-                continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, []).append(float(sample.value))
+    except ValueError as e:
+        raise MetricsParseError(f"not a Prometheus metrics page: {e}") from e
     return out
 
 
