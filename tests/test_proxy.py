@@ -240,6 +240,9 @@ def test_models_health_metrics(proxy):
     assert ids[0] == "router" and "router:cost_aware" in ids and {"fast", "big"} <= set(ids)
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and set(health["backends"]) == {"fast", "big"}
+    msg = {"model": "router", "messages": [{"role": "user", "content": "Summarise: the meeting moved."}]}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=msg, timeout=30)  # so every series has samples
+    assert reply.status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("router_ml_requests_total", "router_ml_decisions_total", "router_ml_latency_seconds_bucket",
                  "router_ml_spend_usd_total", "router_ml_decision_seconds_count"):  # fmt: skip
