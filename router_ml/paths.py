@@ -14,6 +14,8 @@ DATA_DIR_ENV = "ROUTER_ML_DATA_DIR"
 CACHE_DIR_ENV = "ROUTER_ML_CACHE_DIR"
 #: the routing data set shipped inside the package (:mod:`router_ml.data.default`)
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data" / "default"
+#: its table: llmrouter_ulab's prompts and scores, with the scored models' prices in its metadata
+SHIPPED_LLMROUTER_FILE = SHIPPED_DATA_DIR / "llmrouter_ulab.parquet"
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from router_ml.data.adapters import (
@@ -17,15 +18,17 @@ from router_ml.data.adapters import (
     load_llmrouter,
     load_source,
 )
-from router_ml.data.default import CANDIDATES_FILE, DEFAULT_FILE, check_default, write_default
+from router_ml.data.default import DEFAULT_FILE, check_default, compact_prices, write_default
 from router_ml.data.labelled import LabelledDataError, load_benchmark_task_labels, load_labelled
 from router_ml.data.prices import (
     MODEL_PRICE_KEYS,
     OUTPUT_TOKEN_PRIOR,
+    SHIPPED_PRICES_KEY,
     attach_costs,
     estimate_tokens,
     load_price_table,
     model_prices,
+    shipped_llmrouter_prices,
 )
 from router_ml.data.schema import RoutingTableError, read_table, table_hash, validate_table, write_table
 from router_ml.data.splits import kfold_prompts, normalize_series, normalize_text, split_prompts, split_tasks
@@ -225,7 +228,13 @@ def test_shipped_default_equals_the_source_table(shared_data: Path, tmp_path: Pa
     assert check_default(folder) == []
     rebuilt = write_default(folder, dest=tmp_path)
     pd.testing.assert_frame_equal(pd.read_parquet(rebuilt), pd.read_parquet(DEFAULT_FILE))
-    assert (tmp_path / CANDIDATES_FILE.name).read_bytes() == CANDIDATES_FILE.read_bytes()
+    # the scored models' prices ride in the metadata, equal to the source's price table
+    meta = json.loads(pq.read_schema(rebuilt).metadata[SHIPPED_PRICES_KEY])
+    assert meta == compact_prices(folder) == shipped_llmrouter_prices()
+    candidates = json.loads((folder / "llm_candidates.json").read_text())
+    assert set(meta) == set(full["model"]) and meta["gemma-2-9b-it"]["input_price"] == float(
+        candidates["gemma-2-9b-it"]["input_price"]
+    )
 
 
 def test_without_data_dir_llmrouter_and_its_prices_come_from_the_package(
@@ -239,7 +248,7 @@ def test_without_data_dir_llmrouter_and_its_prices_come_from_the_package(
     assert (df["prompt_id"].nunique(), df["model"].nunique(), len(df)) == (n_prompts, n_models, n_rows)
     assert (df["source"] == "llmrouter_ulab").all() and df["cost_usd"].gt(0).all()
     assert df.drop_duplicates("prompt_id")["source_task"].value_counts()["human_eval"] == 113
-    # the pool's prices too: the llmrouter models from the shipped llm_candidates.json, others NaN
+    # the pool's prices too: the llmrouter models from the prices shipped in the package, others NaN
     with caplog.at_level("WARNING"), pytest.warns(UserWarning, match=r"\['gpt-4o'\]: set ROUTER_ML_DATA_DIR"):
         prices = model_prices(["gemma-2-9b-it", "gpt-4o"]).set_index("model")
     assert "no price tables" in caplog.text
@@ -261,7 +270,7 @@ def test_without_data_dir_a_fetched_llmrouter_in_the_cache_comes_before_the_ship
         "scores": {"gemma-2-9b-it": 1.0},
     }
     _write_jsonl(built / "train.jsonl", [json.dumps(record)])
-    (built / "llm_candidates.json").write_bytes(CANDIDATES_FILE.read_bytes())
+    (built / "llm_candidates.json").write_text(json.dumps(shipped_llmrouter_prices()))
     assert load_source("llmrouter")["prompt_id"].tolist() == ["llmrouter_ulab/x"]
 
 

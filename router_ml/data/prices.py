@@ -13,7 +13,7 @@ Open models without a list price of their own are priced at Together AI's size t
 The mapping and its rules are documented in ``router_ml/data/README.md``.
 
 Without the price tables (no ``llm_prices`` under ``$ROUTER_ML_DATA_DIR``), :func:`model_prices`
-still prices the llmrouter_ulab pool from the ``llm_candidates.json`` shipped in
+still prices the llmrouter_ulab pool from the prices shipped in
 :mod:`router_ml.data.default`, logs a warning once, and leaves every other model unpriced (NaN).
 """
 
@@ -194,13 +194,31 @@ def _raw_tables(root: str) -> dict[str, dict]:
     return {"litellm": new, "litellm-2024": old, "routerarena": arena, "llmrouter": _candidates(root)}
 
 
+#: parquet metadata key of the shipped table's prices: ``{model: {input_price, output_price}}``
+SHIPPED_PRICES_KEY = b"router_ml.prices"
+
+
+@lru_cache(maxsize=1)
+def shipped_llmrouter_prices() -> dict[str, dict[str, float]]:
+    """The scored llmrouter_ulab models' list prices ($ per 1M tokens), as the package ships them
+    in its table's metadata (``python -m router_ml.data.default --rebuild`` writes them)."""
+    import pyarrow.parquet as pq
+
+    file = paths.SHIPPED_LLMROUTER_FILE
+    raw = (pq.read_schema(file).metadata or {}).get(SHIPPED_PRICES_KEY)
+    if raw is None:
+        raise ValueError(
+            f"{str(file)!r} carries no prices ({SHIPPED_PRICES_KEY.decode()!r} metadata); rebuild it"
+        )
+    return json.loads(raw)
+
+
 @lru_cache(maxsize=4)
 def _candidates(root: str) -> dict[str, dict]:
-    """llmrouter_ulab's ``llm_candidates.json`` under the data root, else the copy shipped in the
-    package (the same file)."""
+    """llmrouter_ulab's ``llm_candidates.json`` under the data root, else the prices shipped in the
+    package (its scored models' numeric prices)."""
     path = Path(root) / "llmrouter_ulab" / "llm_candidates.json"
-    shipped = paths.SHIPPED_DATA_DIR / "llm_candidates.json"
-    return json.loads((path if path.is_file() else shipped).read_text())
+    return json.loads(path.read_text()) if path.is_file() else shipped_llmrouter_prices()
 
 
 @lru_cache(maxsize=4)
@@ -208,7 +226,7 @@ def _shipped_price_table(root: str) -> pd.DataFrame:
     """The llmrouter pool's prices alone, for a data root without ``llm_prices`` (warned once)."""
     log.warning(
         "no price tables: no %r folder in the data folder %r (set %s to change it); pricing only the "
-        "llmrouter_ulab models (from the llm_candidates.json shipped in the package); every other model "
+        "llmrouter_ulab models (from the prices shipped in the package); every other model "
         "stays unpriced",
         PRICES_FOLDER,
         root,

@@ -1,8 +1,9 @@
 """llmrouter_ulab: JSONL of ``{prompt, task_name, scores: {model: score}}`` (+ optional prompt_id).
 
 Scores are already in [0, 1]. Costs: list prices per 1M tokens from ``llm_candidates.json`` (next
-to the JSONL, else the shared one via :mod:`router_ml.data.prices`) x estimated tokens (prompt
-chars / 4 in, the task's output-token prior out).
+to the JSONL; for the shipped parquet, the prices in its metadata; else the shared tables via
+:mod:`router_ml.data.prices`) x estimated tokens (prompt chars / 4 in, the task's output-token
+prior out).
 
 The same records may come as a parquet file with columns ``prompt``, ``task_name``, optional
 ``prompt_id`` and one ``score/<model>`` column per model (NaN = no score): the compact copy shipped
@@ -23,13 +24,13 @@ import pandas as pd
 
 from router_ml.data.adapters._common import finish_table
 from router_ml.data.jsonl import iter_jsonl
-from router_ml.data.prices import model_prices
-from router_ml.paths import DATA_DIR_ENV, SHIPPED_DATA_DIR, data_dir
+from router_ml.data.prices import model_prices, shipped_llmrouter_prices
+from router_ml.paths import DATA_DIR_ENV, SHIPPED_LLMROUTER_FILE, data_dir
 
 FOLDER = "llmrouter_ulab"
 #: the compact copy shipped in the package (:mod:`router_ml.data.default`): one row per prompt,
 #: one ``score/<model>`` column per model
-DEFAULT_FILE = SHIPPED_DATA_DIR / "llmrouter_ulab.parquet"
+DEFAULT_FILE = SHIPPED_LLMROUTER_FILE
 SCORE_PREFIX = "score/"
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,17 @@ def default_file() -> Path:
 
 
 def _candidate_prices(file: Path, models: list[str]) -> pd.DataFrame:
-    """Prices for ``models``: the ``llm_candidates.json`` beside ``file`` if any, else the shared table."""
+    """Prices for ``models``: the ``llm_candidates.json`` beside ``file`` if any, the prices in the
+    shipped table's metadata for that table, else the shared price tables."""
     cand = file.parent / "llm_candidates.json"
-    if not cand.is_file():
+    if cand.is_file():
+        table, label = json.loads(cand.read_text()), cand.name
+    elif file == DEFAULT_FILE:
+        table, label = shipped_llmrouter_prices(), "shipped prices"
+    else:
         return model_prices(models)
-    table = json.loads(cand.read_text())
     rows = [
-        (m, float(table[m]["input_price"]), float(table[m]["output_price"]), math.nan, f"{cand.name}: {m}")
+        (m, float(table[m]["input_price"]), float(table[m]["output_price"]), math.nan, f"{label}: {m}")
         for m in models
         if m in table
     ]
