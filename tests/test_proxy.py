@@ -14,7 +14,8 @@ import pytest
 
 from router_ml.backends.catalog import Catalog
 from router_ml.router import LearnedRouter
-from router_ml.serving.engine import RoutingEngine, load_policy_configs
+from router_ml.serving.engine import RoutingEngine
+from router_ml.serving.engine_support import load_policy_configs
 from router_ml.serving.proxy import ProxySettings, create_app
 from tests.fakes.loopback import LoopbackThread
 

@@ -22,18 +22,17 @@ import pytest
 
 from router_ml.backends.breaker import CircuitBreaker
 from router_ml.backends.catalog import Catalog
-from router_ml.backends.client import (
-    CONTINUE_PROMPT,
+from router_ml.backends.client import BackendClient
+from router_ml.backends.results import (
     AllBackendsFailed,
-    BackendClient,
     BackendError,
     BackendTimeout,
     BadRequest,
     CircuitOpen,
     StreamInterrupted,
-    overlap_to_strip,
     parse_retry_after,
 )
+from router_ml.backends.streams import CONTINUE_PROMPT, overlap_to_strip
 from router_ml.backends.vllm_metrics import MetricsParseError, apply_vllm_metrics, vllm_stats
 from router_ml.decision.latency import LatencyModel
 from tests.fakes.loopback import LoopbackServer, LoopbackThread, answer_text

@@ -29,9 +29,9 @@ Failure handling, in the spirit of LiteLLM's router (retries, cooldown, fallback
   (:func:`overlap_to_strip`). The caller sees one stream without duplicated text; only choice 0 of
   a stream is tracked.
 
-Below it, each in a module of its own (their public names re-exported here): errors and results
-(:mod:`~router_ml.backends.results`), streams and their resumption
-(:mod:`~router_ml.backends.streams`), single HTTP attempts (:mod:`~router_ml.backends.transport`).
+Below it, each in a module of its own: errors and results (:mod:`~router_ml.backends.results`),
+streams and their resumption (:mod:`~router_ml.backends.streams`), single HTTP attempts
+(:mod:`~router_ml.backends.transport`), vLLM metrics (:mod:`~router_ml.backends.vllm_metrics`).
 """
 
 from __future__ import annotations
@@ -44,50 +44,24 @@ from typing import Any, TypeVar
 
 from router_ml.backends.catalog import Backend
 from router_ml.backends.results import (
-    RETRYABLE_STATUS,
     AllBackendsFailed,
     BackendError,
-    BackendTimeout,
     BadRequest,
     ChatResult,
     CircuitOpen,
-    StreamInterrupted,
     _CallState,
-    parse_retry_after,
 )
 from router_ml.backends.streams import (
-    CONTINUE_PROMPT,
-    MIN_OVERLAP,
     ChatStream,
     Resume,
     Upstream,
     _uses_prefill,
     continuation_payload,
-    overlap_to_strip,
-    prompt_text,
 )
 from router_ml.backends.transport import HttpCalls
 from router_ml.backends.vllm_metrics import scrape_vllm_metrics
 
-__all__ = [
-    "CONTINUE_PROMPT",
-    "MIN_OVERLAP",
-    "RETRYABLE_STATUS",
-    "AllBackendsFailed",
-    "BackendClient",
-    "BackendError",
-    "BackendTimeout",
-    "BadRequest",
-    "ChatResult",
-    "ChatStream",
-    "CircuitOpen",
-    "StreamInterrupted",
-    "continuation_payload",
-    "overlap_to_strip",
-    "parse_retry_after",
-    "prompt_text",
-    "scrape_vllm_metrics",
-]
+__all__ = ["BackendClient"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

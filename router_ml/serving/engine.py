@@ -24,14 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router_ml.backends.catalog import Catalog
-from router_ml.backends.client import (
-    AllBackendsFailed,
-    BackendClient,
-    BackendError,
-    BadRequest,
-    ChatResult,
-    ChatStream,
-)
+from router_ml.backends.client import BackendClient
+from router_ml.backends.results import AllBackendsFailed, BackendError, BadRequest, ChatResult
+from router_ml.backends.streams import ChatStream
 from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
 from router_ml.decision.costs import CostModel, OutputLengthModel
 from router_ml.decision.latency import LatencyModel
@@ -40,10 +35,8 @@ from router_ml.decision.policies import build_policy
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
     AliasedLatency,
-    chunk_sse,  # noqa: F401 - re-exported
     decision_headers,
     knob_value,
-    load_policy_configs,  # noqa: F401 - re-exported
 )
 from router_ml.serving.openai_errors import ApiError, prompt_of, validate_chat
 

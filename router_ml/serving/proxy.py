@@ -222,7 +222,7 @@ def build_engine(
     from router_ml.backends.catalog import Catalog
     from router_ml.decision.ledger import open_ledger
     from router_ml.router import LearnedRouter
-    from router_ml.serving.engine import load_policy_configs
+    from router_ml.serving.engine_support import load_policy_configs
 
     conf = Path(policy_dir) if policy_dir else Path(__file__).resolve().parents[2] / "conf" / "policy"
     if not conf.is_dir():
