@@ -64,7 +64,7 @@ from experiments.bench_servers import (
     stopping,
     wait_ready,
 )
-from router_ml.backends.local.launcher import free_port
+from router_ml.backends.local.launch_spec import free_port
 from tests.fakes.loopback import answer_text, fault_window_figures
 
 MODES = ("error500", "error503", "error429", "killed", "hang", "slow", "cut_stream")

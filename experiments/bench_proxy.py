@@ -64,7 +64,7 @@ from experiments.bench_servers import (
     wait_ready,
 )
 from router_ml.backends.http11 import FastHTTP
-from router_ml.backends.local.launcher import free_port
+from router_ml.backends.local.launch_spec import free_port
 
 TARGETS = ("direct", "rml_pass", "rml_routed", "litellm")
 

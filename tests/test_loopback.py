@@ -191,12 +191,12 @@ def test_listen_at_delays_the_listening_socket():
 # ----------------------------------------------------------------------------- the module splits
 
 
-def test_the_split_modules_keep_the_old_import_paths():
-    for name in ("LocalServer", "terminate", "local_backends", "models_up", "models_down", "free_port"):
-        assert callable(getattr(launcher, name))
-    assert launcher.LocalServer is local_server.LocalServer
-    assert issubclass(launcher.LocalServer, launch_spec.LaunchSpec)
-    assert issubclass(launcher.LaunchConfigError, (launcher.LaunchError, ValueError))
+def test_local_servers_are_launch_specs_and_the_fake_server_exposes_its_parts():
+    assert (
+        callable(launcher.models_up) and callable(launcher.models_down) and callable(local_server.terminate)
+    )
+    assert issubclass(local_server.LocalServer, launch_spec.LaunchSpec)
+    assert issubclass(launch_spec.LaunchConfigError, (launch_spec.LaunchError, ValueError))
     for name in (
         "LoopbackServer",
         "LoopbackThread",
@@ -209,5 +209,5 @@ def test_the_split_modules_keep_the_old_import_paths():
         assert hasattr(loopback, name)
     spec = launch_spec.LaunchSpec.from_launch("x", {"engine": "llamacpp", "model": "m.gguf", "port": 9})
     assert spec.command()[-4:] == ["--n_ctx", "2048", "--n_threads", "2"]
-    with pytest.raises(launcher.LaunchConfigError, match="'port'"):
-        launcher.LocalServer.from_launch("x", {"model": "m", "port": 0})
+    with pytest.raises(launch_spec.LaunchConfigError, match="'port'"):
+        local_server.LocalServer.from_launch("x", {"model": "m", "port": 0})

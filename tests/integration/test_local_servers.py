@@ -22,19 +22,18 @@ from typing import Any
 
 import pytest
 
-from router_ml.backends.local.launcher import (
+from router_ml.backends.local.launch_spec import (
     EngineNotInstalledError,
     LaunchConfigError,
     LaunchError,
-    LocalServer,
     ModelNotFoundError,
     PortBusyError,
     ServerExitedError,
     ServerNotReadyError,
     free_port,
-    models_down,
-    models_up,
 )
+from router_ml.backends.local.launcher import models_down, models_up
+from router_ml.backends.local.local_server import LocalServer
 
 SERVED_ID = "smollm2-135m"  # as in conftest.py
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from router_ml.backends.catalog import Catalog
-from router_ml.backends.local.launcher import LocalServer
+from router_ml.backends.local.local_server import LocalServer
 from router_ml.router import LearnedRouter
 from router_ml.serving.engine import RoutingEngine
 from router_ml.serving.engine_support import load_policy_configs

@@ -4,8 +4,9 @@
 mapping, see :mod:`router_ml.backends.local.launch_spec`) as a
 :class:`~router_ml.backends.local.local_server.LocalServer`, records each in ``.router-ml/servers.json``
 (``$ROUTER_ML_STATE_DIR``) and waits until all answer; :func:`models_down` stops them by PID from
-any process. Logs go to ``.router-ml/logs/<name>.log``. This module also re-exports the launch
-errors, :class:`LaunchSpec`, :class:`LocalServer`, :func:`terminate` and the port helpers.
+any process. Logs go to ``.router-ml/logs/<name>.log``. The launch block and its errors live in
+:mod:`~router_ml.backends.local.launch_spec`, the server process in
+:mod:`~router_ml.backends.local.local_server`.
 """
 
 from __future__ import annotations
@@ -17,21 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from router_ml.backends.local.launch_spec import (
-    ENGINES,
-    LAUNCH_KEYS,
-    PYTHON_ENV,
-    STATE_DIR_ENV,
-    VENV,
-    EngineNotInstalledError,
     LaunchConfigError,
     LaunchError,
-    LaunchSpec,
-    ModelNotFoundError,
-    PortBusyError,
-    ServerExitedError,
-    ServerNotReadyError,
-    free_port,
-    port_is_free,
     state_dir,
 )
 from router_ml.backends.local.local_server import LocalServer, pid_alive, start_ticks, terminate
@@ -39,29 +27,7 @@ from router_ml.backends.local.local_server import LocalServer, pid_alive, start_
 if TYPE_CHECKING:
     from router_ml.backends.catalog import Backend, Catalog
 
-__all__ = [
-    "ENGINES",
-    "LAUNCH_KEYS",
-    "PYTHON_ENV",
-    "STATE_DIR_ENV",
-    "VENV",
-    "EngineNotInstalledError",
-    "LaunchConfigError",
-    "LaunchError",
-    "LaunchSpec",
-    "LocalServer",
-    "ModelNotFoundError",
-    "PortBusyError",
-    "ServerExitedError",
-    "ServerNotReadyError",
-    "free_port",
-    "local_backends",
-    "models_down",
-    "models_up",
-    "port_is_free",
-    "state_dir",
-    "terminate",
-]
+__all__ = ["local_backends", "models_down", "models_up"]
 
 
 def _pid_file(directory: str | os.PathLike | None) -> Path:
