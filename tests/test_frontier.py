@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from router_ml.decision.hull import ndch
 from router_ml.evaluation.frontier import (
     aiq,
     apgr,
@@ -15,7 +16,6 @@ from router_ml.evaluation.frontier import (
     cpt,
     hull_quality,
     mean_ci,
-    ndch,
     pgr,
     zero_router,
 )

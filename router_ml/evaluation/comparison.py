@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from router_ml.decision.base import Estimates
+from router_ml.decision.hull import ndch
 from router_ml.evaluation import frontier as fr
 
 
@@ -41,7 +42,7 @@ def frontier_metrics(fdf: pd.DataFrame, best: str, oracle_q: float) -> dict[str,
     for r, g in routers.items():
         c, q = g["cost"].to_numpy(), g["quality"].to_numpy()
         out[f"{r}/aiq"] = fr.aiq(c, q, (c_lo, c_hi))
-        hc, hq = fr.ndch(c, q)
+        hc, hq = ndch(c, q)
         q_at = float(fr.hull_quality(hc, hq, b["cost"])) if len(hc) else math.nan
         out[f"{r}/quality_at_best_cost"] = q_at
         out[f"{r}/gap_closed_at_best_cost"] = (

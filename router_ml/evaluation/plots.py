@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from router_ml.evaluation.frontier import ndch, zero_router
+from router_ml.decision.hull import ndch
+from router_ml.evaluation.frontier import zero_router
 
 # the routers of the main frontier plot (frontier_all_<split>.png has every router)
 MAIN_ROUTERS = ("utility", "utility[knn]", "cost_aware", "capability", "threshold", "random", "oracle")
