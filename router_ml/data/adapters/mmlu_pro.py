@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import string
 
 import pandas as pd
 
 from router_ml.data.adapters._common import finish_table, resolve_dir, tokens_from_chars
+from router_ml.data.prompt_text import format_question
 
 FOLDER = "mmlu_pro_model_outputs"
-
-
-def format_question(question: str, options: list[str]) -> str:
-    """``question`` followed by one ``X. option`` line per option (letters A, B, ...)."""
-    lines = [f"{string.ascii_uppercase[i]}. {opt}" for i, opt in enumerate(options)]
-    return "\n".join([question.strip(), *lines])
 
 
 def load_mmlu_pro(path: str | os.PathLike | None = None, *, costs: bool = True) -> pd.DataFrame:

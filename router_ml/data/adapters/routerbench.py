@@ -7,13 +7,13 @@ score cells drop that (prompt, model) row; ``split`` (train/test) comes from the
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 
 import pandas as pd
 
 from router_ml.data.adapters._common import finish_table, resolve_dir, tokens_from_chars
+from router_ml.data.prompt_text import join_list_string
 
 FOLDER = "routerbench_subset_routerdc"
 FILES: tuple[str, ...] = (
@@ -39,19 +39,6 @@ MODELS: tuple[str, ...] = (
 )
 
 
-def _join_list_string(raw: object) -> str:
-    """``"['a', 'b']"`` -> ``"a\\n\\nb"``; anything else -> its string form ('' for NaN)."""
-    if not isinstance(raw, str):
-        return ""
-    try:
-        val = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-    if isinstance(val, (list, tuple)):
-        return "\n\n".join(str(v) for v in val)
-    return str(val)
-
-
 def _read_file(folder: os.PathLike, stem: str) -> pd.DataFrame:
     raw = pd.read_csv(f"{folder}/{stem}.csv")
     missing = [m for m in MODELS if m not in raw.columns or f"{m}|total_cost" not in raw.columns]
@@ -63,7 +50,7 @@ def _read_file(folder: os.PathLike, stem: str) -> pd.DataFrame:
     base = pd.DataFrame(
         {
             "prompt_id": f"{FOLDER}/{stem}/" + (row_key if row_key is not None else raw.index.astype(str)),
-            "prompt": raw["prompt"].map(_join_list_string),
+            "prompt": raw["prompt"].map(join_list_string),
             "source_task": raw["eval_name"].astype(str),
             "sample_id": raw["sample_id"].astype(str),
             "split": re.sub(r"^.*_", "", stem),
@@ -73,7 +60,7 @@ def _read_file(folder: os.PathLike, stem: str) -> pd.DataFrame:
     for m in MODELS:
         resp = raw.get(f"{m}|model_response")
         out_chars = (
-            resp.map(_join_list_string).str.len().where(resp.notna()) if resp is not None else float("nan")
+            resp.map(join_list_string).str.len().where(resp.notna()) if resp is not None else float("nan")
         )
         parts.append(
             base.assign(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from router_ml.data.adapters.mmlu_pro import format_question
 from router_ml.data.build import BuildError, BuildReport, Source, raw_path
+from router_ml.data.prompt_text import format_question
 
 QUESTION_FIELDS = ("question", "options", "answer", "answer_index", "category", "src")
 PREFIX, SUFFIX = "eval_results/model_outputs_", "_5shots.zip"

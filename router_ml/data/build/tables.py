@@ -14,8 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
-from router_ml.data.adapters.routerbench import _join_list_string
 from router_ml.data.build import BuildError, BuildReport, Source, raw_path, read_json
+from router_ml.data.prompt_text import join_list_string
 
 
 def _csv(src: Path, dest: Path, exclude: frozenset[str], report: BuildReport) -> int:
@@ -24,7 +24,7 @@ def _csv(src: Path, dest: Path, exclude: frozenset[str], report: BuildReport) ->
     if not rows or "prompt" not in rows[0]:
         raise BuildError(f"{src}: expected a CSV with a 'prompt' column")
     col = rows[0].index("prompt")
-    keep = [r for r in rows[1:] if r[col] not in exclude and _join_list_string(r[col]) not in exclude]
+    keep = [r for r in rows[1:] if r[col] not in exclude and join_list_string(r[col]) not in exclude]
     report.drop("excluded text", len(rows) - 1 - len(keep))
     if len(keep) == len(rows) - 1:
         shutil.copyfile(src, dest)
