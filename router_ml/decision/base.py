@@ -121,9 +121,8 @@ class Estimates:
 
 def argmax_cheapest(score: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """(n,) argmax of ``score`` per row, ties broken by the lower ``cost`` (then the lower index)."""
-    best = np.max(score, axis=1, keepdims=True)
-    tied = score >= best - 1e-12
-    return np.argmin(np.where(tied, cost, np.inf), axis=1)
+    tied = score >= score.max(axis=1, keepdims=True) - 1e-12
+    return np.where(tied, cost, np.inf).argmin(axis=1)
 
 
 def fallback_order(

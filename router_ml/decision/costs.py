@@ -192,10 +192,14 @@ class OutputLengthModel:
                 return float(row["output_tokens"].iloc[0])
         return float(OUTPUT_TOKEN_PRIOR[task]) if task in OUTPUT_TOKEN_PRIOR else None
 
+    def state_key(self) -> tuple[int, int, int]:
+        """Changes whenever what :meth:`predict` answers may change (``fit`` and ``from_dict`` set
+        new tables; ``min_count`` is a plain attribute): caches of predicted rows key on it."""
+        return (id(getattr(self, "table_", None)), id(getattr(self, "task_table_", None)), self.min_count)
+
     def _rows(self, models: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Per-task ``(m,)`` rows already worked out for ``models`` (emptied when the fitted tables
-        or ``min_count`` change: ``fit`` and ``from_dict`` set new tables)."""
-        key = (id(getattr(self, "table_", None)), id(getattr(self, "task_table_", None)), self.min_count)
+        """Per-task ``(m,)`` rows already worked out for ``models`` (emptied on a new :meth:`state_key`)."""
+        key = self.state_key()
         cache = getattr(self, "_row_cache", None)
         if cache is None or cache[0] != key:
             cache = (key, {})
@@ -297,9 +301,24 @@ class CostModel:
                 raise ValueError(
                     f"CostModel.estimate: input_tokens has shape {in_tok.shape}; expected ({n},) or ({n}, {m})"
                 )
-        out_tok = np.minimum(self.output_model.predict(self.pool.names, tasks), self._pool_parts()[1])
-        cost = (in_tok * self.pool.input_price + out_tok * self.pool.output_price) / 1e6
+        rows = [self._task_row(str(t)) for t in tasks]
+        out_tok = np.array([r[0] for r in rows]).reshape(n, m)
+        cost = in_tok * self._pool_parts()[2] + np.array([r[1] for r in rows]).reshape(n, m)
         return CostEstimate(input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+
+    def _task_row(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(m,)`` expected output tokens of ``task`` on each pool model, capped by its
+        ``max_tokens``, and their price in USD: worked out once per (pool, output tables, task),
+        so that a live decision looks a row up instead of redoing the arithmetic."""
+        key = (self.pool, self.output_model.state_key())
+        cache = getattr(self, "_task_rows", None)
+        if cache is None or cache[0] != key:
+            cache = self._task_rows = (key, {})
+        got = cache[1].get(task)
+        if got is None:
+            out = np.minimum(self.output_model.predict(self.pool.names, [task])[0], self._pool_parts()[1])
+            got = cache[1][task] = (out, out * self.pool.output_price / 1e6)
+        return got
 
     def count_input_tokens(self, prompts: Sequence[str]) -> np.ndarray:
         """``(n, m)`` input tokens of each prompt on each pool model: each distinct tokenizer of the
@@ -311,9 +330,9 @@ class CostModel:
             in_tok[:, cols] = counter.count(list(prompts)).astype("float64")[:, None]
         return in_tok
 
-    def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray]:
+    def _pool_parts(self) -> tuple[list[tuple[TokenCounter, list[int]]], np.ndarray, np.ndarray]:
         """(token counter and its pool columns per distinct tokenizer, ``(m,)`` max_tokens caps with
-        inf for none), worked out once per pool."""
+        inf for none, ``(m,)`` USD per input token), worked out once per pool."""
         parts = getattr(self, "_parts", None)
         if parts is None or parts[0] is not self.pool:
             groups: dict[str, list[int]] = {}
@@ -324,8 +343,8 @@ class CostModel:
                 for tok, cols in groups.items()
             ]
             cap = np.array([s.max_tokens if s.max_tokens is not None else math.inf for s in self.pool])
-            parts = self._parts = (self.pool, counters, cap)
-        return parts[1], parts[2]
+            parts = self._parts = (self.pool, counters, cap, self.pool.input_price / 1e6)
+        return parts[1], parts[2], parts[3]
 
     def cost(self, model: str, input_tokens: float, output_tokens: float) -> float:
         """The bill of a finished call, USD."""

@@ -233,7 +233,7 @@ class LatencyModel:
             )
         with self._lock:
             ttft, spt = self._ttft, self._spt  # read-only: observe() replaces them
-        return np.broadcast_to(ttft, out.shape), ttft + out * spt
+        return ttft[None, :].repeat(len(out), axis=0), ttft + out * spt
 
     def snapshot(self) -> pd.DataFrame:
         """One row per model: model, ttft_s, tokens_per_s, n_observed, source ("prior" | "live")."""

@@ -87,12 +87,11 @@ class DecisionLayer:
         observed: np.ndarray | None = None,
     ) -> Estimates:
         """Estimates for ``prompts`` over ``models`` (a subset of the pool, in this order)."""
-        cols, max_tokens, params_b = self._model_parts(models)
-        ce = self.cost_model.estimate(list(prompts), list(tasks), input_tokens=input_tokens)
+        cols, usd_in, usd_max_out, params_b = self._model_parts(models)
+        ce = self.cost_model.estimate(prompts, tasks, input_tokens=input_tokens)
         ttft, latency = self.latency_model.expected(ce.output_tokens)
         # a hard bound on the bill where the model's max_tokens caps the output; NaN elsewhere
-        pin, pout = self.pool.input_price[cols], self.pool.output_price[cols]
-        upper = (ce.input_tokens[:, cols] * pin + max_tokens[None, :] * pout) / 1e6
+        upper = ce.input_tokens[:, cols] * usd_in + usd_max_out
         return Estimates(
             models=list(models),
             quality=np.asarray(quality, dtype="float64"),
@@ -107,10 +106,13 @@ class DecisionLayer:
             observed=observed,
         )
 
-    def _model_parts(self, models: Sequence[str]) -> tuple[np.ndarray | slice, np.ndarray, np.ndarray]:
-        """Pool columns (an index array, or a slice for the whole pool in order), max_tokens (NaN:
-        none) and params_b (NaN: unknown) of ``models``, each ``(m,)``; worked out once per
-        (pool, models) and kept (a new pool starts a new cache)."""
+    def _model_parts(
+        self, models: Sequence[str]
+    ) -> tuple[np.ndarray | slice, np.ndarray, np.ndarray, np.ndarray]:
+        """Pool columns (an index array, or a slice for the whole pool in order), USD per input
+        token, USD of ``max_tokens`` output tokens (NaN: no max_tokens) and params_b (NaN: unknown)
+        of ``models``, each ``(m,)``; worked out once per (pool, models) and kept (a new pool starts
+        a new cache)."""
         key = tuple(models)
         cache = getattr(self, "_parts", None)
         if cache is None or cache[0] is not self.pool:
@@ -122,10 +124,12 @@ class DecisionLayer:
                     raise PolicyError(f"model {name!r} is not in the decision layer's pool {self.pool.names}")
             specs = [self.pool.get(m) for m in key]
             cols = [self.pool.index(m) for m in key]
+            max_tokens = np.array([s.max_tokens or np.nan for s in specs], dtype="float64")
             got = cache[1][key] = (
                 # the whole pool in its order: a slice, whose cuts are views, not copies
                 slice(None) if cols == list(range(len(self.pool))) else np.array(cols, dtype=np.int64),
-                np.array([s.max_tokens or np.nan for s in specs], dtype="float64"),
+                self.pool.input_price[cols] / 1e6,
+                max_tokens * self.pool.output_price[cols] / 1e6,
                 np.array([s.params_b or np.nan for s in specs], dtype="float64"),
             )
         return got
@@ -225,7 +229,7 @@ class DecisionLayer:
         else:
             choice = policy.choose(est, usable).tolist()
         allowed = est.allowed
-        confidence = np.asarray(task_proba)[np.arange(len(tidx)), tidx].tolist()
+        confidence = np.max(task_proba, axis=1).tolist()  # the probability of the argmax task
         return [
             self._decision(
                 policy, est.take(slice(i, i + 1)), j, usable[i], allowed[i], confidence[i], models, cols
