@@ -149,16 +149,14 @@ def test_retry_after_is_honoured_and_a_long_one_trips_the_circuit():
             ok = await client.chat("b0", PAYLOAD)
             waited = time.perf_counter() - t
             srv.set_fault("error503", retry_after=3, count=1)
-            t = time.perf_counter()
             with pytest.raises(BackendError) as info:
                 await client.chat("b0", PAYLOAD)
-            gave_up = time.perf_counter() - t
-            return ok, waited, info.value, gave_up, client.breaker.state("b0"), srv.stats["chat"]
+            return ok, waited, info.value, client.breaker.state("b0"), srv.stats["chat"]
 
-    ok, waited, err, gave_up, state, calls = run(main())
-    assert ok.text == EXPECTED and ok.attempts == 2 and waited >= 0.4
-    assert err.status == 503 and err.retry_after == 3 and gave_up < 2.5  # over the cap: no 3 s sleep
-    assert state == "open" and calls == 3  # Retry-After: 3 opened the circuit for 3 s
+    ok, waited, err, state, calls = run(main())
+    assert ok.text == EXPECTED and ok.attempts == 2 and waited >= 0.4  # it waited as told
+    assert err.status == 503 and err.retry_after == 3  # over the cap (0.8 s): given up, not retried,
+    assert state == "open" and calls == 3  # and Retry-After: 3 opened the circuit for 3 s
 
 
 def test_503_is_retried_until_it_succeeds():
@@ -263,10 +261,12 @@ def test_a_hang_costs_only_the_first_token_deadline(stream):
             text = _content([c async for c in out]) if stream else out.text
             return text, (out.result if stream else out), time.perf_counter() - t, a.stats["chat"]
 
-    text, res, elapsed, a_calls = run(main())
+    text, res, elapsed, a_calls = run(main())  # run()'s 20 s guard fails a deadline that never fires
     assert text == " ".join(EXPECTED.split()[:16]) and res.backend == "b1"
-    assert 0.3 <= elapsed < 3.0 and a_calls == 1  # the 0.3 s deadline, not timeout_s (120 s), no retry
-    assert "within" in res.errors[0]
+    assert elapsed >= 0.3 and a_calls == 1  # it waited for the first-token deadline, then no retry
+    # the deadline that fired: the first token's (stream), or the answer's = that plus max_tokens
+    # decoded at half the expected speed (non-stream); not timeout_s (120 s)
+    assert ("no first token within 0.3 s" if stream else "no answer within 0.33 s") in res.errors[0]
 
 
 def test_a_hang_without_fallback_raises_a_timeout():
@@ -279,7 +279,8 @@ def test_a_hang_without_fallback_raises_a_timeout():
             return info.value, time.perf_counter() - t, srv.stats["chat"]
 
     err, elapsed, calls = run(main())
-    assert err.retryable and calls == 2 and 0.6 <= elapsed < 5.0  # two attempts of 0.3 s, not 120 s
+    assert err.retryable and calls == 2 and elapsed >= 0.6  # two attempts of 0.3 s each
+    assert "no first token within 0.3 s" in str(err)  # the first-token deadline, not timeout_s (120 s)
 
 
 def test_fallback_when_nothing_listens_and_when_all_fail():
