@@ -7,6 +7,11 @@ in a worker thread so the event loop keeps serving, inline when nothing else is 
 fallback chain (:class:`~router_ml.backends.client.BackendClient`) -> book spend in the shared
 ledger, measured latency in the latency model, one line in the routing log and the metrics.
 
+With a spend cap (the operator's ``budget_usd`` per ``period``, or a budgeted policy's hard cap)
+every request, routed or pass-through, first reserves its cost bound in the ledger and is refused
+with a 429 when it does not fit; booking settles the hold, a failure releases it
+(:mod:`~router_ml.serving.budget`).
+
 ``aliases`` maps the router's model names onto catalog backends (a checkpoint trained on public
 models served by other names); router models with no backend are never chosen.
 """
@@ -17,6 +22,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -25,13 +31,15 @@ from typing import Any
 
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
-from router_ml.backends.results import AllBackendsFailed, BackendError, BadRequest, ChatResult
+from router_ml.backends.results import AllBackendsFailed, BackendError, BadRequest, ChatResult, CircuitOpen
 from router_ml.backends.streams import ChatStream
 from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
 from router_ml.decision.costs import CostModel, OutputLengthModel
 from router_ml.decision.latency import LatencyModel
 from router_ml.decision.layer import DecisionLayer
 from router_ml.decision.policies import build_policy
+from router_ml.log_repeats import limit_repeats
+from router_ml.serving.budget import SpendGuard
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
     AliasedLatency,
@@ -40,7 +48,7 @@ from router_ml.serving.engine_support import (
 )
 from router_ml.serving.openai_errors import ApiError, prompt_of, validate_chat
 
-log = logging.getLogger(__name__)
+log = limit_repeats(logging.getLogger(__name__))
 
 ROUTER_MODEL = "router"
 
@@ -58,6 +66,7 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
     decision_s: float = 0.0
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
+    reserved_usd: float | None = None  # the cost bound held in the ledger until booked or released
 
 
 class RoutingEngine:
@@ -66,7 +75,10 @@ class RoutingEngine:
     ``policies``: name -> policy config (``conf/policy`` entries); ``default_policy`` serves
     ``model="router"``; ``calibration_prompts``: how many of the project's labelled prompts fit the
     policies (auto tiers, thresholds) at start-up; ``max_batch``: the most prompts embedded in one
-    encoder call when requests arrive together.
+    encoder call when requests arrive together; ``budget_usd``: the operator's spend cap per
+    ``period`` over every request, routed or pass-through (None: only budgeted policies cap);
+    ``default_max_tokens``: the output cap written into a capped request that names none (so its
+    cost bound holds); ``reservation_ttl_s``: how long a hold outlives a replica that crashed.
     """
 
     def __init__(
@@ -83,6 +95,9 @@ class RoutingEngine:
         calibration_prompts: int = 240,
         on_finish: Callable[[Outcome], None] | None = None,
         max_batch: int = 32,
+        budget_usd: float | None = None,
+        default_max_tokens: int = 1024,
+        reservation_ttl_s: float = 600.0,
     ):
         from router_ml.decision.ledger import MemoryLedger
 
@@ -129,6 +144,8 @@ class RoutingEngine:
         self._fit(calibration_prompts)
         # backend latency observations also feed the router-name latency model
         self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
+        self.guard = SpendGuard(self.ledger, self.client, budget_usd, period, session, default_max_tokens,
+                                reservation_ttl_s)  # fmt: skip
         # the last /metrics figures of each vLLM backend (for /health and the next delta)
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
@@ -253,7 +270,11 @@ class RoutingEngine:
                 payload["max_tokens"] = int(decision.max_tokens)
         else:
             chain = [model]
+        cap, reserved = self.guard.cap(layer, constraints), None
+        if cap is not None:  # hold the cost bound before any backend call (a 429 when it does not fit)
+            chain, reserved = self.guard.reserve(request_id, chain, payload, messages, cap)
         outcome = Outcome(request_id, route, decision, layer, decision_s=time.perf_counter() - t0)
+        outcome.reserved_usd = reserved
         outcome.headers = decision_headers(decision, outcome.decision_s)
         if decision is not None:
             outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
@@ -265,11 +286,19 @@ class RoutingEngine:
             raise ApiError(e.status or 400, f"backend {e.backend} rejected the request: {e}") from None
         except (AllBackendsFailed, BackendError) as e:
             self._finish(outcome, prompt_of(messages), error=e)
+            wait = [self.client.breaker.retry_in(n) for n in chain]
+            if all(w is not None for w in wait) and isinstance(getattr(e, "last_error", e), CircuitOpen):
+                raise ApiError(  # every backend rests: say when the first one takes a trial again
+                    503, f"backend(s) {chain} are resting after repeated failures: {e}", type="api_error",
+                    code="circuit_open", headers={"retry-after": str(max(1, math.ceil(min(wait))))},
+                ) from None  # fmt: skip
             raise ApiError(
                 502, f"no backend answered: {e}", type="api_error", code="backends_failed"
             ) from None
         except BaseException:  # cancelled (the client went away) or a bug: nothing to book
             self._inflight -= 1
+            if reserved is not None:
+                self.guard.release(request_id)
             raise
         if isinstance(got, ChatStream):
             outcome.stream = got
@@ -326,7 +355,9 @@ class RoutingEngine:
                 d if d is not None and d.model == router_name else router_name, cost, outcome.request_id
             )
         elif res is not None:  # a backend outside the router's pool: spend still counts
-            self.ledger.record(cost, served, request_id=outcome.request_id)
+            self.ledger.record(cost, served, request_id=outcome.request_id, session=self.guard.session)
+        if res is None and outcome.reserved_usd is not None:  # nothing answered: nothing to settle
+            self.guard.release(outcome.request_id)
         if self.routing_log is not None:
             try:
                 self.routing_log.log(

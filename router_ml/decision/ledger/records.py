@@ -82,7 +82,9 @@ def _check_reservation(
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name} must be a number, got {value!r}") from err
         if not math.isfinite(x) or x < 0 or (name == "ttl_s" and x == 0):
-            raise ValueError(f"{name} must be finite and {'> 0' if name == 'ttl_s' else '>= 0'}, got {value!r}")
+            raise ValueError(
+                f"{name} must be finite and {'> 0' if name == 'ttl_s' else '>= 0'}, got {value!r}"
+            )
         out.append(x)
     if session is not None and not isinstance(session, str):
         raise ValueError(f"session must be a string or None, got {session!r}")
