@@ -287,7 +287,7 @@ class RoutingEngine:
         except (AllBackendsFailed, BackendError) as e:
             self._finish(outcome, prompt_of(messages), error=e)
             wait = [self.client.breaker.retry_in(n) for n in chain]
-            if all(w is not None for w in wait) and isinstance(getattr(e, "last_error", e), CircuitOpen):
+            if all(w is not None for w in wait) and isinstance(getattr(e, "last", e), CircuitOpen):
                 raise ApiError(  # every backend rests: say when the first one takes a trial again
                     503, f"backend(s) {chain} are resting after repeated failures: {e}", type="api_error",
                     code="circuit_open", headers={"retry-after": str(max(1, math.ceil(min(wait))))},
