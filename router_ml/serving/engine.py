@@ -270,14 +270,16 @@ class RoutingEngine:
                 payload["max_tokens"] = int(decision.max_tokens)
         else:
             chain = [model]
-        cap, reserved = self.guard.cap(layer, constraints), None
-        if cap is not None:  # hold the cost bound before any backend call (a 429 when it does not fit)
-            chain, reserved = self.guard.reserve(request_id, chain, payload, messages, cap)
         outcome = Outcome(request_id, route, decision, layer, decision_s=time.perf_counter() - t0)
-        outcome.reserved_usd = reserved
         outcome.headers = decision_headers(decision, outcome.decision_s)
         if decision is not None:
             outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
+        cap, reserved = self.guard.cap(layer, constraints), None
+        if cap is not None:  # hold the cost bound before any backend call (a 429 when it does not fit)
+            chain, reserved = self.guard.reserve(request_id, chain, payload, messages, cap)
+            outcome.reserved_usd = reserved
+        if reserved is not None:  # the cost bound held for this call (what it may cost at most)
+            outcome.headers["x-router-reserved-usd"] = f"{reserved:.8f}"
         self._inflight += 1  # until _finish
         try:
             got = await self.client.chat_with_fallback(chain, payload, stream=stream)
