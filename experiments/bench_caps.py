@@ -15,7 +15,10 @@ and ``pricey`` at $3/$15 per 1M tokens) and ``router-ml serve`` replicas.
    together. Printed per round: spend (the ledger's), cap, the largest bound a request held
    (``x-router-reserved-usd``), requests served / refused (429) / failed, and whether spend stayed
    within cap + one bound. Without reservations, every request that started would be billed.
-2. **Added latency of reservations**: one proxy without a cap and one with an unreachable cap
+2. **What a reservation costs**, in-process (robust to the machine's load): per ledger kind,
+   ``--micro`` requests booked with ``record`` alone and with ``SpendGuard.reserve`` (token count,
+   bound, the atomic check-and-hold) + ``record`` (the settle), in alternating blocks; median us.
+3. **Added latency of reservations**: one proxy without a cap and one with an unreachable cap
    (every request reserves and settles), on the same ledger kind (``--ledgers``: memory, sqlite,
    redis), measured in alternating turns (``--turns`` x ``--per-turn`` sequential requests per
    path): p50 of pass-through and routed latency with and without the cap, and the difference.
@@ -45,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx
 import numpy as np
 
+from experiments.bench_proxy import cpu_seconds
 from experiments.bench_servers import ROOT, Proc, ensure_checkpoint, stopping
 from router_ml.backends.local.launch_spec import free_port
 
@@ -208,14 +212,17 @@ def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, p
             for v in variants:
                 procs[names[v]].wait_ready(900)
             times: dict[tuple[str, str], list[float]] = {}
+            cpu: dict[tuple[str, str], float] = {}
             for turn in range(args.turns):
                 order = list(variants) if turn % 2 == 0 else list(variants)[::-1]
                 for v in order:
                     for path, model in (("pass", "cheap"), ("routed", "router:utility:0")):
-                        url = procs[names[v]].url
+                        url, pid = procs[names[v]].url, procs[names[v]].proc.pid
+                        c0 = cpu_seconds(pid)
                         got = asyncio.run(sequential(url, model, args.per_turn, f"{kind}{turn}{v}{path}"))
                         if turn > 0:  # the first turn warms up
                             times.setdefault((v, path), []).extend(got)
+                            cpu[(v, path)] = cpu.get((v, path), 0.0) + cpu_seconds(pid) - c0
             cell = {}
             for path in ("pass", "routed"):
                 p50 = {v: float(np.median(times[(v, path)])) * 1000 for v in variants}
@@ -223,6 +230,9 @@ def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, p
                     "p50_ms_no_cap": p50["no_cap"],
                     "p50_ms_cap": p50["cap"],
                     "added_ms": p50["cap"] - p50["no_cap"],
+                    # the proxy process's CPU per request (user + system, from /proc): robust to load
+                    "cpu_ms_no_cap": cpu[("no_cap", path)] / len(times[("no_cap", path)]) * 1000,
+                    "cpu_ms_cap": cpu[("cap", path)] / len(times[("cap", path)]) * 1000,
                     "n": len(times[("cap", path)]),
                 }
             results[kind] = cell
@@ -233,6 +243,49 @@ def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, p
                 rproc.terminate()
                 rproc.wait(10)
     return results
+
+
+def reservation_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
+    """Median microseconds per request of booking alone vs reserve + settle, per ledger kind."""
+    from router_ml.backends.catalog import Catalog
+    from router_ml.backends.client import BackendClient
+    from router_ml.decision.ledger import open_ledger
+    from router_ml.serving.budget import SpendGuard
+
+    entry = {"name": "cheap", "kind": "api", "base_url": "http://127.0.0.1:9/v1",
+             "prices": {"input_per_mtok": 0.1, "output_per_mtok": 0.2}}  # fmt: skip
+    client = BackendClient(Catalog.from_entries({"backends": [entry]}))
+    messages = [{"role": "user", "content": PROMPT.format(i=0)}]
+    out: dict[str, dict[str, float]] = {}
+    for kind in args.ledgers:
+        rproc = None
+        if kind == "redis":
+            rproc, spec = start_redis(tmp)
+        else:
+            spec = "memory" if kind == "memory" else f"sqlite:{tmp / f'micro-{time.monotonic_ns()}.sqlite'}"
+        try:
+            ledger = open_ledger(spec)
+            guard = SpendGuard(ledger, client, budget_usd=1e9, period="day")
+            per: dict[str, list[float]] = {"record": [], "reserve+settle": []}
+            n, block = 0, 100
+            for b in range(2 * max(1, args.micro // block)):
+                mode = "record" if b % 2 == 0 else "reserve+settle"
+                t = time.perf_counter()
+                for _ in range(block):
+                    rid = f"m{n}"
+                    n += 1
+                    if mode == "reserve+settle":
+                        guard.reserve(rid, ["cheap"], {}, messages, 1e9)
+                    ledger.record(1e-6, "cheap", request_id=rid)
+                per[mode].append((time.perf_counter() - t) / block * 1e6)
+            ledger.close()
+            rec, both = float(np.median(per["record"][1:])), float(np.median(per["reserve+settle"][1:]))
+            out[kind] = {"record_us": rec, "reserve_settle_us": both, "added_us": both - rec}
+        finally:
+            if rproc is not None:
+                rproc.terminate()
+                rproc.wait(10)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--per-turn", type=int, default=20)
     ap.add_argument(
-        "--ledgers", nargs="+", default=["memory", "redis"], choices=["memory", "sqlite", "redis"]
+        "--ledgers", nargs="+", default=["memory", "sqlite", "redis"], choices=["memory", "sqlite", "redis"]
     )
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-edge", action="store_true")
+    ap.add_argument("--micro", type=int, default=2000, help="requests per ledger kind in-process")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "caps.json"))
     args = ap.parse_args(argv)
     ckpt = ensure_checkpoint(args.ckpt)
@@ -265,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.base_url = f"http://127.0.0.1:{lp}"  # type: ignore[attr-defined]
         procs["loopback"] = loop
         loop.wait_ready(30)
-        report["edge"] = edge_of_budget(args, ckpt, tmp, loop, procs)
+        report["edge"] = [] if args.skip_edge else edge_of_budget(args, ckpt, tmp, loop, procs)
         print(f"\n{args.requests} concurrent requests (half pass-through to 'pricey', half routed), "
               f"{args.replicas} replicas sharing one Redis ledger, cap ${args.budget_usd:g}/day, "
               f"{args.prespent:.0%} of it spent before:")  # fmt: skip
@@ -275,15 +330,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['round']:>5} {r['spent_usd']:>10.6f} {r['cap_usd']:>8.4f} {r['max_bound_usd'] or 0:>12.6f} "
                   f"{r['served']:>7} {r['refused_429']:>5} {r['failed']:>6} {r['within_cap']!s:>7} "
                   f"{r['within_cap_plus_one_bound']!s:>13}")  # fmt: skip
+        report["reservation_cost"] = reservation_cost(args, tmp)
+        print("\nwhat a reservation costs, in-process (median us per request over blocks of 100):")
+        print(f"{'ledger':>7} {'record':>8} {'reserve+settle':>15} {'added':>8}")
+        for kind, c in report["reservation_cost"].items():
+            print(f"{kind:>7} {c['record_us']:>8.1f} {c['reserve_settle_us']:>15.1f} {c['added_us']:>+8.1f}")
         if not args.skip_latency:
             report["latency"] = added_latency(args, ckpt, tmp, loop, procs)
             print(f"\nadded latency of reservations (p50 ms, sequential, {args.turns - 1} alternating turns "
                   f"x {args.per_turn} requests per path; the first turn warms up):")  # fmt: skip
-            print(f"{'ledger':>7} {'path':>7} {'no cap':>8} {'cap':>8} {'added':>8}")
+            print(f"{'ledger':>7} {'path':>7} {'no cap':>8} {'cap':>8} {'added':>8}   "
+                  f"{'CPU ms/req no cap':>17} {'cap':>6}")  # fmt: skip
             for kind, cell in report["latency"].items():
                 for path, c in cell.items():
                     print(f"{kind:>7} {path:>7} {c['p50_ms_no_cap']:>8.2f} {c['p50_ms_cap']:>8.2f} "
-                          f"{c['added_ms']:>+8.2f}")  # fmt: skip
+                          f"{c['added_ms']:>+8.2f}   {c['cpu_ms_no_cap']:>17.2f} {c['cpu_ms_cap']:>6.2f}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -328,3 +328,28 @@ def test_processes_racing_at_the_cap_never_exceed_it(server: RedisServer) -> Non
     settled = sum((h + 1) // 2 for h in held)
     assert led.reserved() == 0.0 and led.spent() == settled / 64 <= 0.5
     led.close()
+
+
+def test_reserve_sums_hour_totals_as_the_records_do(ledger: RedisLedger) -> None:
+    """A budget period starts on an hour: reserve reads the hour totals, which must agree with the
+    records (sessions too), and a version-1 namespace gains them when opened."""
+    for i in range(60):
+        ledger.record(_cost(i), "m", request_id=f"h{i}", ts=1800.0 * i + 17, session=["a", "b", None][i % 3])
+
+    def check(led: RedisLedger) -> None:
+        for since in (0.0, 3600.0, 36000.0, 7200.0 * 10):
+            for session in (None, "a"):
+                room = 0.25
+                cap = led.spent(since=since, session=session) + room
+                assert led.reserve("x", room, cap, since=since, session=session)
+                assert led.release("x")
+                assert not led.reserve("y", room + 1 / 64, cap, since=since, session=session)
+
+    check(ledger)
+    r = ledger._r
+    r.delete(ledger._k + "hours")  # what version 1 left: records, no hour totals
+    r.hset(ledger._k + "schema", "version", 1)
+    again = RedisLedger(ledger.url, namespace=ledger.namespace)
+    assert r.hget(ledger._k + "schema", "version") == "2"
+    check(again)
+    again.close()

@@ -9,6 +9,8 @@ them in one slot and the Lua scripts may touch them all)::
     {ns}:ledger:ts           sorted set of every record by ts; member "<seq:016d>|<nano>|<id>"
     {ns}:ledger:s:<session>  the same, per session
     {ns}:ledger:totals       hash: "n"/"c" (count, nano-dollars of all), "n:<s>"/"c:<s>" per session
+    {ns}:ledger:hours        hash: per UTC hour "<hour start>" and "<hour start>:<s>" -> nano-dollars,
+                             "max" -> the latest hour (what ``reserve`` sums over a budget period)
     {ns}:ledger:res          hash: request id -> "<nano>|<expires>|<has session>|<session>" (holds)
     {ns}:ledger:resexp       sorted set of the held request ids by expiry (unix s, server clock)
 
@@ -21,7 +23,8 @@ model costs well under a micro-dollar. ``entries()`` reports ``nano / 1e9``, so
 ``record`` is one Lua script: the existence check of ``r:<id>`` and every write happen atomically,
 so concurrent replicas recording the same ``request_id`` count it once; it also settles the
 request's reservation. ``reserve`` is one Lua script too: lapsed holds are dropped, then spend in
-the window + every hold + the new amount is checked against the cap and the hold written, with no
+the window (the hour totals from the period's start: O(hours), not O(records)) + every hold +
+the new amount is checked against the cap and the hold written, with no
 other command in between, so replicas racing at the cap never hold more than it together. Holds
 lapse on the Redis server's clock (``TIME``), so replicas with skewed clocks agree. ``spent``/``count``
 without a window read the running totals (O(1)); with ``since``/``until`` they sum the members of
@@ -50,11 +53,11 @@ from router_ml.decision.ledger.records import (
     _entries_frame,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: hour totals (a version-1 namespace gains them when opened)
 APP = "router-ml-ledger"
 NANO = 1_000_000_000
 
-# KEYS: record hash, all zset, session zset, totals, seq, holds hash, holds expiry zset
+# KEYS: record hash, all zset, session zset, totals, seq, holds hash, holds expiry zset, hours
 # ARGV: id, ts, nano, model, has_session, session, has_meta, meta, token
 _RECORD = """
 redis.call('HDEL', KEYS[6], ARGV[1])  -- settle the request's reservation
@@ -69,6 +72,11 @@ local member = string.format('%016d', seq) .. '|' .. ARGV[3] .. '|' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'ts', ARGV[2], 'model', ARGV[4], 'nano', ARGV[3], 'seq', seq, 'tok', ARGV[9])
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'meta', ARGV[8]) end
 redis.call('ZADD', KEYS[2], ARGV[2], member)
+local hour = string.format('%d', math.floor(tonumber(ARGV[2]) / 3600) * 3600)
+redis.call('HINCRBY', KEYS[8], hour, ARGV[3])
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[8], hour .. ':' .. ARGV[6], ARGV[3]) end
+local top = redis.call('HGET', KEYS[8], 'max')
+if (not top) or tonumber(hour) > tonumber(top) then redis.call('HSET', KEYS[8], 'max', hour) end
 redis.call('HINCRBY', KEYS[4], 'n', 1)
 redis.call('HINCRBY', KEYS[4], 'c', ARGV[3])
 if ARGV[5] == '1' then
@@ -80,9 +88,9 @@ end
 return 1
 """
 
-# KEYS: window zset, totals, holds hash, holds expiry zset
+# KEYS: window zset, totals, holds hash, holds expiry zset, hours
 # ARGV: id, nano, ttl_s, now ('' = the server's clock), since ('' = no window), cap nano,
-#       has_session, session -> 1 (held) or 0 (refused)
+#       has_session, session, since as a whole hour ('' = not on an hour) -> 1 (held) or 0 (refused)
 _RESERVE = """
 local now = tonumber(ARGV[4])
 if ARGV[4] == '' then
@@ -100,9 +108,26 @@ if ARGV[5] == '' then
   if ARGV[7] == '1' then field = 'c:' .. ARGV[8] end
   spent = tonumber(redis.call('HGET', KEYS[2], field) or '0')
 else
-  local members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[5], '+inf')
-  for i = 1, #members do
-    spent = spent + tonumber(string.match(members[i], '^%d+|(%d+)|'))
+  local top = tonumber(redis.call('HGET', KEYS[5], 'max') or '')
+  local first = tonumber(ARGV[9])
+  if first and (not top or (top - first) / 3600 < 20000) then  -- sum the hour totals
+    local suffix = ''
+    if ARGV[7] == '1' then suffix = ':' .. ARGV[8] end
+    local h = first
+    while top and h <= top do
+      local fields = {}
+      while h <= top and #fields < 500 do
+        fields[#fields + 1] = string.format('%d', h) .. suffix
+        h = h + 3600
+      end
+      local vals = redis.call('HMGET', KEYS[5], unpack(fields))
+      for i = 1, #vals do if vals[i] then spent = spent + tonumber(vals[i]) end end
+    end
+  else  -- a window not on an hour: sum its records
+    local members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[5], '+inf')
+    for i = 1, #members do
+      spent = spent + tonumber(string.match(members[i], '^%d+|(%d+)|'))
+    end
   end
 end
 local held = 0
@@ -221,6 +246,29 @@ class RedisLedger:
         if problem:
             self.close()
             raise LedgerError(f"redis ledger {redact_url(self.url)!r} cannot be used: {problem}")
+        if int(found.get("version", 0)) < SCHEMA_VERSION:
+            self._add_hour_totals()
+
+    def _add_hour_totals(self) -> None:
+        """Upgrade a version-1 namespace: hour totals from its records (replicas must be stopped)."""
+        hours: dict[str, int] = {}
+        with self._errors():
+            for zkey in self._r.scan_iter(match=self._k + "s:*"):
+                session = zkey[len(self._k) + 2 :]
+                for member, ts in self._r.zrange(zkey, 0, -1, withscores=True):
+                    key = f"{math.floor(ts / 3600) * 3600}:{session}"
+                    hours[key] = hours.get(key, 0) + int(member.split("|")[1])
+            for member, ts in self._r.zrange(self._zset(None), 0, -1, withscores=True):
+                key = str(math.floor(ts / 3600) * 3600)
+                hours[key] = hours.get(key, 0) + int(member.split("|")[1])
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(self._k + "hours")
+            if hours:
+                pipe.hset(self._k + "hours", mapping=hours)
+                top = max(int(k.split(":")[0]) for k in hours)
+                pipe.hset(self._k + "hours", "max", str(top))
+            pipe.hset(self._k + "schema", "version", SCHEMA_VERSION)
+            pipe.execute()
 
     def _zset(self, session: str | None) -> str:
         return self._k + ("ts" if session is None else f"s:{session}")
@@ -256,7 +304,9 @@ class RedisLedger:
         args = [rid, repr(when), str(nano), model, int(session is not None), session or ""]
         args += [int(meta_json is not None), meta_json or "", uuid.uuid4().hex]
         with self._errors():
-            return bool(self._record(keys=[*keys, self._k + "seq", *self._holds()], args=args))
+            return bool(
+                self._record(keys=[*keys, self._k + "seq", *self._holds(), self._k + "hours"], args=args)
+            )
 
     def _holds(self) -> list[str]:
         return [self._k + "res", self._k + "resexp"]
@@ -321,10 +371,12 @@ class RedisLedger:
         (nothing held) otherwise. The hold lapses ``ttl_s`` after ``now`` (default: the Redis
         server's clock); :meth:`record` settles it, :meth:`release` drops it."""
         rid, amount, cap, ttl = _check_reservation(request_id, amount_usd, cap_usd, ttl_s, session)
-        keys = [self._zset(session), self._k + "totals", *self._holds()]
+        keys = [self._zset(session), self._k + "totals", *self._holds(), self._k + "hours"]
         args = [rid, str(math.ceil(amount * NANO)), repr(ttl), "" if now is None else repr(float(now))]
         args += ["" if since is None else _bound(since, "-inf", False), str(math.floor(cap * NANO))]
         args += [int(session is not None), session or ""]
+        aligned = since is not None and math.isfinite(since) and float(since) % 3600 == 0
+        args.append(str(int(since)) if aligned else "")
         with self._errors():
             return bool(self._reserve(keys=keys, args=args))
 
