@@ -430,5 +430,7 @@ def test_holds_survive_a_restart_and_a_version_1_file_is_upgraded(tmp_path: Path
     with BudgetLedger(old) as upgraded:
         assert upgraded.spent() == 0.25 and upgraded.reserve("a", 0.75, 1.0)
         assert not upgraded.reserve("b", 0.01, 1.0)
+        assert upgraded.release("a")  # the hour totals a period's reservation sums were backfilled:
+        assert not upgraded.reserve("c", 0.8, 1.0, since=0.0) and upgraded.reserve("c", 0.75, 1.0, since=0.0)
     with sqlite3.connect(old) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

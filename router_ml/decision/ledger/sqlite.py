@@ -41,7 +41,10 @@ _SCHEMA = [
     "CREATE INDEX spend_session_ts ON spend (session, ts)",
     f"PRAGMA application_id = {APPLICATION_ID}",
 ]
-# version 2: the reservations of calls in flight (a version-1 file gains the table when opened)
+# version 2: the reservations of calls in flight, and hour totals (kept by a trigger) that a
+# reservation sums over a budget period instead of every spend row of it; a version-1 file gains
+# both (totals backfilled) when opened
+_HOUR = "(CAST(NEW.ts / 3600 AS INTEGER) - (NEW.ts < 0 AND NEW.ts % 3600 != 0)) * 3600"
 _RESERVATIONS = [
     """CREATE TABLE IF NOT EXISTS reservations (
         request_id TEXT PRIMARY KEY,
@@ -50,6 +53,20 @@ _RESERVATIONS = [
         session TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS reservations_expires ON reservations (expires)",
+    """CREATE TABLE IF NOT EXISTS spend_hours (
+        hour INTEGER NOT NULL,
+        skey TEXT NOT NULL,  -- 's:<session>', or '-' for none
+        cost_usd REAL NOT NULL,
+        PRIMARY KEY (hour, skey)
+    )""",
+    f"""CREATE TRIGGER IF NOT EXISTS spend_hours_add AFTER INSERT ON spend BEGIN
+        INSERT INTO spend_hours (hour, skey, cost_usd)
+        VALUES ({_HOUR}, COALESCE('s:' || NEW.session, '-'), NEW.cost_usd)
+        ON CONFLICT (hour, skey) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd;
+    END""",
+    f"""INSERT INTO spend_hours (hour, skey, cost_usd)
+        SELECT {_HOUR.replace("NEW.", "")} AS h, COALESCE('s:' || session, '-') AS k, SUM(cost_usd)
+        FROM spend WHERE NOT EXISTS (SELECT 1 FROM spend_hours) GROUP BY h, k""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 ]
 
@@ -254,13 +271,21 @@ class BudgetLedger:
         counting); :meth:`record` settles it, :meth:`release` drops it."""
         rid, amount, cap, ttl = _check_reservation(request_id, amount_usd, cap_usd, ttl_s, session)
         now = time.time() if now is None else float(now)
-        where, args = self._where(since, None, session)
+        if since is not None and float(since) % 3600 == 0:  # a period's start: sum its hour totals
+            sql = "SELECT COALESCE(SUM(cost_usd), 0.0) FROM spend_hours WHERE hour >= ?"
+            args: list = [int(since)]
+            if session is not None:
+                sql += " AND skey = ?"
+                args.append(f"s:{session}")
+        else:
+            where, args = self._where(since, None, session)
+            sql = f"SELECT COALESCE(SUM(cost_usd), 0.0) FROM spend{where}"
         res_where = " AND session = ?" if session is not None else ""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("DELETE FROM reservations WHERE expires <= ? OR request_id = ?", (now, rid))
-            spent = conn.execute(f"SELECT COALESCE(SUM(cost_usd), 0.0) FROM spend{where}", args).fetchone()[0]
+            spent = conn.execute(sql, args).fetchone()[0]
             held = conn.execute(
                 f"SELECT COALESCE(SUM(amount_usd), 0.0) FROM reservations WHERE 1{res_where}",
                 [] if session is None else [session],
