@@ -321,15 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         procs["loopback"] = loop
         loop.wait_ready(30)
         report["edge"] = [] if args.skip_edge else edge_of_budget(args, ckpt, tmp, loop, procs)
-        print(f"\n{args.requests} concurrent requests (half pass-through to 'pricey', half routed), "
-              f"{args.replicas} replicas sharing one Redis ledger, cap ${args.budget_usd:g}/day, "
-              f"{args.prespent:.0%} of it spent before:")  # fmt: skip
-        print(f"{'round':>5} {'spent $':>10} {'cap $':>8} {'max bound $':>12} {'served':>7} {'429':>5} "
-              f"{'failed':>6} {'<= cap':>7} {'<= cap+bound':>13}")  # fmt: skip
-        for r in report["edge"]:
-            print(f"{r['round']:>5} {r['spent_usd']:>10.6f} {r['cap_usd']:>8.4f} {r['max_bound_usd'] or 0:>12.6f} "
-                  f"{r['served']:>7} {r['refused_429']:>5} {r['failed']:>6} {r['within_cap']!s:>7} "
-                  f"{r['within_cap_plus_one_bound']!s:>13}")  # fmt: skip
+        if report["edge"]:
+            print(f"\n{args.requests} concurrent requests (half pass-through to 'pricey', half routed), "
+                  f"{args.replicas} replicas sharing one Redis ledger, cap ${args.budget_usd:g}/day, "
+                  f"{args.prespent:.0%} of it spent before:")  # fmt: skip
+            print(f"{'round':>5} {'spent $':>10} {'cap $':>8} {'max bound $':>12} {'served':>7} {'429':>5} "
+                  f"{'failed':>6} {'<= cap':>7} {'<= cap+bound':>13}")  # fmt: skip
+            for r in report["edge"]:
+                print(f"{r['round']:>5} {r['spent_usd']:>10.6f} {r['cap_usd']:>8.4f} {r['max_bound_usd'] or 0:>12.6f} "
+                      f"{r['served']:>7} {r['refused_429']:>5} {r['failed']:>6} {r['within_cap']!s:>7} "
+                      f"{r['within_cap_plus_one_bound']!s:>13}")  # fmt: skip
         report["reservation_cost"] = reservation_cost(args, tmp)
         print("\nwhat a reservation costs, in-process (median us per request over blocks of 100):")
         print(f"{'ledger':>7} {'record':>8} {'reserve+settle':>15} {'added':>8}")
