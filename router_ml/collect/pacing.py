@@ -85,9 +85,8 @@ def _limit(raw: Mapping[str, Any], base: BackendLimit | None, where: str) -> Bac
 def backend_limits(
     models: Sequence[str], cfg: Mapping[str, Any], where: str = "collect config"
 ) -> dict[str, BackendLimit]:
-    """The limit of each of ``models`` from ``cfg`` (``concurrency``, ``rate``, ``limits``); a
-    ``limits`` entry for a backend outside the catalog is an error naming it. Overrides of
-    backends left out of this run (``models``) are ignored."""
+    """The limit of each of ``models`` from ``cfg`` (``concurrency``, ``rate``, ``limits``);
+    ``limits`` entries of backends left out of this run are checked, then ignored."""
     default = _limit(
         {k: cfg[k] for k in LIMIT_KEYS if k in cfg} | {"concurrency": cfg.get("concurrency", 8)}, None, where
     )
@@ -98,8 +97,9 @@ def backend_limits(
     for name, raw in per.items():
         if not isinstance(raw, Mapping):
             raise LimitConfigError(f"{where}: limits.{name} must be a mapping with keys {list(LIMIT_KEYS)}")
+        limit = _limit(raw, default, f"{where}: limits.{name}")
         if name in out:
-            out[name] = _limit(raw, default, f"{where}: limits.{name}")
+            out[name] = limit
     return out
 
 

@@ -361,6 +361,11 @@ def collect_from_config(cfg: Any) -> dict[str, Any]:
         raise ValueError(
             f"collect: models {unknown} are not in the catalog {pool['backends']} {catalog.names}"
         )
+    stray = sorted(set(pool.get("limits") or {}) - set(catalog.names))
+    if stray:
+        raise ValueError(
+            f"collect: collect.limits names backend(s) {stray} absent from the catalog {catalog.names}"
+        )
     prompts = load_prompt_set(cfg)
     limits = backend_limits(models, pool, where=f"collect config ({pool['backends']})")
     request = RequestSettings(**(cfg.get("request") or {}))
