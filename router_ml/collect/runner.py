@@ -164,7 +164,7 @@ async def acollect(
     models = list(models) if models else catalog.names
     backends = {m: catalog.get(m) for m in models}  # UnknownModelError names the catalog
     limits = dict(limits) if limits is not None else backend_limits(models, {})
-    if set(limits) < set(models):
+    if not set(models) <= set(limits):
         raise ValueError(f"collect: no limits for backend(s) {sorted(set(models) - set(limits))}")
     if not prompts:
         raise ValueError("collect: the prompt set is empty")
