@@ -3,6 +3,7 @@
 router-ml route --ckpt CHECKPOINT "Summarise this email ..."   # one decision, as JSON
 router-ml info CHECKPOINT                                      # what a checkpoint holds
 router-ml train data=llmrouter predictor=knn                   # = python -m experiments.train ...
+router-ml collect prompts=my_prompts.jsonl spend_cap_usd=2     # = python -m experiments.collect ...
 router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml   # the OpenAI-compatible proxy
 router-ml models up --backends conf/backends/local.yaml       # start the local vLLM / llama.cpp pool
 router-ml models down                                         # stop it (by the recorded PIDs)
@@ -37,6 +38,17 @@ def cmd_train(overrides: list[str]) -> int:
     run_dir = Path(cfg.get("run_dir") or f"outputs/train/cli_{cfg.name}")
     metrics = train(cfg, run_dir=run_dir)
     print(json.dumps({"run_dir": str(run_dir), **metrics}, indent=2))
+    return 0
+
+
+def cmd_collect(overrides: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from router_ml.collect.runner import collect_from_config
+
+    with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="collect", overrides=overrides)
+    print(json.dumps(collect_from_config(cfg), indent=2))
     return 0
 
 
@@ -150,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
+    if argv and argv[0] == "collect":
+        try:
+            return cmd_collect(argv[1:])
+        except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad prompts, catalog, limits
+            print(f"router-ml: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="router-ml", description="A learned LLM router.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train a router (Hydra overrides follow)")
+    sub.add_parser("collect", help="collect answers from a backend pool (Hydra overrides follow)")
     p_route = sub.add_parser("route", help="route prompts (arguments, or one per stdin line)")
     p_route.add_argument("--ckpt", required=True, help="checkpoint directory")
     p_route.add_argument("prompt", nargs="*")
