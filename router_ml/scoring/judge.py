@@ -1,0 +1,173 @@
+"""LLM-as-judge through any catalog backend: a single-answer rubric, and a pairwise comparison
+against a reference model's answer with the two positions swapped.
+
+The judge talks to a backend through anything with ``await client.chat(backend, payload)``
+returning an object with ``text`` and ``cost_usd`` (:class:`router_ml.backends.client.BackendClient`
+is one: retries, circuit breaker and pricing come with it). Its verdict formats are MT-Bench's:
+
+- :class:`RubricJudge`: ``Rating: [[7]]`` on a 1-10 scale -> value ``(rating - 1) / 9``; with a
+  ``reference`` (a gold answer) it is shown to the judge.
+- :class:`PairwiseJudge`: ``[[A]]`` / ``[[B]]`` / ``[[C]]`` (tie). The example's ``reference`` is
+  the reference model's answer. Both orders are asked (answer first, then reference first), so a
+  judge that prefers a position cancels out: per order win 1, tie 0.5, loss 0; value the mean.
+
+The judge's own cost (the sum over its calls, from the backend's prices) is in ``cost_usd``; a call
+that fails or a reply with no readable verdict gives ``value`` None and ``error`` saying which
+backend and why (never cached, so re-scoring retries it); ``detail`` keeps the raw replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from router_ml.scoring.base import Example, Score, Scorer, ScoringError
+
+RUBRIC_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant to the user question displayed below. Consider helpfulness, relevance, accuracy, depth "
+    "and level of detail. {reference_note}Be as objective as possible. After a short explanation, you "
+    'must rate the response on a scale of 1 to 10 by strictly following this format: "Rating: [[5]]".'
+)
+PAIRWISE_SYSTEM = (
+    "Please act as an impartial judge and evaluate the responses provided by two AI assistants to the "
+    "user question displayed below. Choose the assistant that follows the user's instructions and "
+    "answers the question better. Do not let the order of the responses, their length or the "
+    "assistants' names influence you. After a short explanation, output your final verdict by "
+    'strictly following this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is '
+    'better, and "[[C]]" for a tie.'
+)
+
+
+class JudgeReply(Protocol):
+    text: str
+    cost_usd: float | None
+
+
+class ChatClient(Protocol):
+    async def chat(self, name: str, payload: Mapping[str, Any]) -> JudgeReply: ...
+
+
+def parse_rating(text: str) -> float | None:
+    """The 1-10 rating of a rubric reply (``[[7]]``, ``[[7.5]]``, ``Rating: 7``; the last), or None."""
+    hits = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text) or re.findall(
+        r"[Rr]ating\s*:?\s*\[?\s*(\d+(?:\.\d+)?)", text
+    )
+    if not hits:
+        return None
+    value = float(hits[-1])
+    return value if 1 <= value <= 10 else None
+
+
+def parse_preference(text: str) -> str | None:
+    """``A``, ``B`` or ``C`` (tie) from a pairwise reply's last ``[[X]]``, or None."""
+    hits = re.findall(r"\[\[\s*([ABC])\s*\]\]", text)
+    return hits[-1] if hits else None
+
+
+class _Judge(Scorer):
+    """Shared plumbing: one backend, bounded concurrency, cost and error bookkeeping."""
+
+    system: str
+
+    def __init__(
+        self, client: ChatClient, backend: str, *, max_tokens: int = 512, concurrency: int = 4
+    ) -> None:
+        self.client = client
+        self.backend = backend
+        self.max_tokens = max_tokens
+        self.concurrency = concurrency
+
+    def get_params(self) -> dict[str, Any]:
+        return {"backend": self.backend, "max_tokens": self.max_tokens,
+                "prompt": hashlib.sha256(self.system.encode()).hexdigest()[:12]}  # fmt: skip
+
+    async def _ask(self, system: str, user: str) -> tuple[str | None, float, str | None]:
+        """(reply text, cost, error)."""
+        payload = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                   "max_tokens": self.max_tokens, "temperature": 0.0}  # fmt: skip
+        try:
+            reply = await self.client.chat(self.backend, payload)
+        except Exception as err:  # a judge failure is recorded on the score, never raised
+            return None, 0.0, f"judge backend {self.backend!r}: {type(err).__name__}: {err}"
+        return reply.text or "", float(reply.cost_usd or 0.0), None
+
+    async def _one(self, ex: Example) -> Score:
+        raise NotImplementedError
+
+    async def ascore(self, examples: Sequence[Example]) -> list[Score]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def run(ex: Example) -> Score:
+            async with gate:
+                return await self._one(ex)
+
+        return list(await asyncio.gather(*(run(ex) for ex in examples)))
+
+    def score(self, examples: Sequence[Example]) -> list[Score]:
+        """Blocking form of :meth:`ascore` (not from inside a running event loop: await that instead)."""
+        return asyncio.run(self.ascore(examples))
+
+
+class RubricJudge(_Judge):
+    name = "judge_rubric"
+    version = "1"
+    system = RUBRIC_SYSTEM
+
+    async def _one(self, ex: Example) -> Score:
+        note = "A reference answer is given; compare the response with it. " if ex.reference else ""
+        user = f"[Question]\n{ex.prompt}\n\n"
+        if ex.reference:
+            user += f"[The Start of Reference Answer]\n{ex.reference}\n[The End of Reference Answer]\n\n"
+        user += f"[The Start of Assistant's Answer]\n{ex.answer}\n[The End of Assistant's Answer]"
+        text, cost, error = await self._ask(self.system.format(reference_note=note), user)
+        detail = json.dumps({"reply": text})
+        if error:
+            return self.make(None, error=error, cost_usd=cost, detail=detail)
+        rating = parse_rating(text or "")
+        if rating is None:
+            return self.make(None, error=f"judge backend {self.backend!r}: no 1-10 rating in its reply",
+                             cost_usd=cost, detail=detail)  # fmt: skip
+        return self.make((rating - 1) / 9, extracted=f"{rating:g}", cost_usd=cost, detail=detail)
+
+
+class PairwiseJudge(_Judge):
+    name = "judge_pairwise"
+    version = "1"
+    system = PAIRWISE_SYSTEM
+
+    @staticmethod
+    def _user(question: str, a: str, b: str) -> str:
+        return (f"[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{a}\n"
+                f"[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{b}\n"
+                "[The End of Assistant B's Answer]")  # fmt: skip
+
+    async def _one(self, ex: Example) -> Score:
+        if not ex.reference:
+            raise ScoringError(
+                "scorer 'judge_pairwise': the example has no 'reference' (the reference model's answer)"
+            )
+        first = await asyncio.gather(
+            self._ask(self.system, self._user(ex.prompt, ex.answer, ex.reference)),  # answer is A
+            self._ask(self.system, self._user(ex.prompt, ex.reference, ex.answer)),  # answer is B
+        )
+        cost = sum(c for _, c, _ in first)
+        orders, points, errors = [], [], []
+        for (text, _, error), answer_pos in zip(first, ("A", "B"), strict=True):
+            verdict = parse_preference(text) if text is not None else None
+            orders.append({"answer_position": answer_pos, "verdict": verdict, "reply": text})
+            if error:
+                errors.append(error)
+            elif verdict is None:
+                errors.append(f"judge backend {self.backend!r}: no [[A]]/[[B]]/[[C]] verdict in its reply")
+            else:
+                points.append(0.5 if verdict == "C" else float(verdict == answer_pos))
+        detail = json.dumps({"orders": orders, "consistent": len(points) == 2 and points[0] == points[1]})
+        if errors:
+            return self.make(None, error="; ".join(errors), cost_usd=cost, detail=detail)
+        return self.make(sum(points) / 2, extracted=",".join(o["verdict"] for o in orders), cost_usd=cost,
+                         detail=detail)  # fmt: skip
