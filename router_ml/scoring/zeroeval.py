@@ -166,8 +166,12 @@ class ZeroEvalScorer(StringScorer):
     def get_params(self) -> dict[str, Any]:
         return {"task": self.task, "llama31": "Llama-3.1" in self.model}
 
+    def verdict(self, ex: Example) -> tuple[str | bool, str | None]:
+        """(``matched``, the answer as ZeroEval records it) for ``ex.answer`` (the raw output)."""
+        return judge(self.task, ex.answer, require_reference(self.name, ex), self.model)
+
     def score_one(self, ex: Example) -> Score:
-        matched, answer = judge(self.task, ex.answer, require_reference(self.name, ex), self.model)
+        matched, answer = self.verdict(ex)
         return self.make(
             float(matched is True), extracted=answer, detail=json.dumps({"matched": str(matched)})
         )
