@@ -12,8 +12,7 @@ explicit first:
 
 Equivalence: when both sides read as plain numbers (``$1,234.00``, ``18 dollars``, ``3/4``,
 ``\\frac{3}{4}``, ``50\\%``) they are compared as numbers (relative tolerance 1e-6), and a numeric
-gold answer is compared with the number a worded answer states (``Jackson is 4 years old.``, its
-last number); otherwise
+gold answer is compared with the number a worded answer states (:func:`number_in_text`); otherwise
 both are parsed by HF ``math-verify`` (LaTeX and plain expressions through SymPy) and compared
 symbolically. An unreadable answer scores 0.
 """
@@ -114,11 +113,20 @@ def as_number(s: str | None) -> float | None:
 
 
 def number_in_text(s: str) -> float | None:
-    """The number a short answer sentence states (``Jackson is 4 years old.``, ``84 (corrected)``):
-    its only number, or its last; None when it has none or is LaTeX (left to math-verify)."""
+    """The number a short worded answer states: its leading number (``4 (3 onions and 1 potato)``,
+    ``2:00 pm``), else the one after its last ``=`` (``2 + 8 + 6 = 16``), else its last number
+    (``Jackson is 4 years old.``); None when it has none or is LaTeX (left to math-verify)."""
     if "\\" in s:
         return None
-    nums = re.findall(_NUM, re.sub(r"(?<=\d),(?=\d{3})", "", s))
+    s = re.sub(r"(?<=\d),(?=\d{3})", "", s)
+    lead = re.match(rf"\s*\$?\s*({_NUM})", s)
+    if lead:
+        return float(lead.group(1))
+    if "=" in s:
+        after = re.search(rf"^\s*\$?\s*({_NUM})", s.rsplit("=", 1)[1])
+        if after:
+            return float(after.group(1))
+    nums = re.findall(_NUM, s)
     return float(nums[-1]) if nums else None
 
 
