@@ -11,6 +11,11 @@ is one: retries, circuit breaker and pricing come with it). Its verdict formats 
   the reference model's answer. Both orders are asked (answer first, then reference first), so a
   judge that prefers a position cancels out: per order win 1, tie 0.5, loss 0; value the mean.
 
+``verdict_format`` makes small judges usable: ``"text"`` (the formats above), or the server
+constrains the reply to a JSON verdict (``{"rating": 7}``, ``{"verdict": "A"}``) through
+``response_format``: ``"json_schema"`` (OpenAI structured outputs, vLLM) or ``"json_object"`` (a
+JSON object with a ``schema``, as llama.cpp's servers take it). The parsers read either form.
+
 The judge's own cost (the sum over its calls, from the backend's prices) is in ``cost_usd``; a call
 that fails or a reply with no readable verdict gives ``value`` None and ``error`` saying which
 backend and why (never cached, so re-scoring retries it); ``detail`` keeps the raw replies.
@@ -52,8 +57,35 @@ class ChatClient(Protocol):
     async def chat(self, name: str, payload: Mapping[str, Any]) -> JudgeReply: ...
 
 
+VERDICT_FORMATS = ("text", "json_schema", "json_object")
+RATING_SCHEMA = {"type": "object", "properties": {"rating": {"type": "integer", "minimum": 1, "maximum": 10}},
+                 "required": ["rating"], "additionalProperties": False}  # fmt: skip
+PREFERENCE_SCHEMA = {"type": "object", "properties": {"verdict": {"type": "string", "enum": ["A", "B", "C"]}},
+                     "required": ["verdict"], "additionalProperties": False}  # fmt: skip
+JSON_INSTRUCTION = {
+    "rating": ' Reply with only a JSON object {"rating": N}, N an integer from 1 to 10.',
+    "verdict": ' Reply with only a JSON object {"verdict": "A"}, "B" or "C" (a tie).',
+}
+
+
+def _json_field(text: str, key: str) -> object:
+    """``key`` of the first JSON object in ``text`` (a constrained reply), or None."""
+    m = re.search(r"\{.*\}", text, re.DOTALL)
+    if not m:
+        return None
+    try:
+        obj = json.loads(m.group(0))
+    except json.JSONDecodeError:
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def parse_rating(text: str) -> float | None:
-    """The 1-10 rating of a rubric reply (``[[7]]``, ``[[7.5]]``, ``Rating: 7``; the last), or None."""
+    """The 1-10 rating of a rubric reply (``{"rating": 7}``, ``[[7]]``, ``[[7.5]]``, ``Rating: 7``; the
+    last), or None."""
+    value = _json_field(text, "rating")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if 1 <= value <= 10 else None
     hits = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text) or re.findall(
         r"[Rr]ating\s*:?\s*\[?\s*(\d+(?:\.\d+)?)", text
     )
@@ -64,7 +96,10 @@ def parse_rating(text: str) -> float | None:
 
 
 def parse_preference(text: str) -> str | None:
-    """``A``, ``B`` or ``C`` (tie) from a pairwise reply's last ``[[X]]``, or None."""
+    """``A``, ``B`` or ``C`` (tie) from a pairwise reply (``{"verdict": "A"}`` or its last ``[[A]]``), or None."""
+    value = _json_field(text, "verdict")
+    if value in ("A", "B", "C"):
+        return value
     hits = re.findall(r"\[\[\s*([ABC])\s*\]\]", text)
     return hits[-1] if hits else None
 
@@ -73,23 +108,56 @@ class _Judge(Scorer):
     """Shared plumbing: one backend, bounded concurrency, cost and error bookkeeping."""
 
     system: str
+    field: str  # the JSON verdict's key
+    schema: dict[str, Any]
 
     def __init__(
-        self, client: ChatClient, backend: str, *, max_tokens: int = 512, concurrency: int = 4
+        self,
+        client: ChatClient,
+        backend: str,
+        *,
+        max_tokens: int = 512,
+        concurrency: int = 4,
+        verdict_format: str = "text",
     ) -> None:
+        if verdict_format not in VERDICT_FORMATS:
+            raise ScoringError(
+                f"scorer {self.name!r}: verdict_format must be one of {VERDICT_FORMATS}, not {verdict_format!r}"
+            )
         self.client = client
         self.backend = backend
         self.max_tokens = max_tokens
         self.concurrency = concurrency
+        self.verdict_format = verdict_format
 
     def get_params(self) -> dict[str, Any]:
-        return {"backend": self.backend, "max_tokens": self.max_tokens,
+        return {"backend": self.backend, "max_tokens": self.max_tokens, "verdict_format": self.verdict_format,
                 "prompt": hashlib.sha256(self.system.encode()).hexdigest()[:12]}  # fmt: skip
+
+    def _system(self, **fmt: str) -> str:
+        text = self.system.format(**fmt) if fmt else self.system
+        return text + (JSON_INSTRUCTION[self.field] if self.verdict_format != "text" else "")
+
+    def _response_format(self) -> dict[str, Any] | None:
+        if self.verdict_format == "json_schema":
+            return {
+                "type": "json_schema",
+                "json_schema": {"name": self.field, "schema": self.schema, "strict": True},
+            }
+        if self.verdict_format == "json_object":
+            return {"type": "json_object", "schema": self.schema}
+        return None
 
     async def _ask(self, system: str, user: str) -> tuple[str | None, float, str | None]:
         """(reply text, cost, error)."""
-        payload = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                   "max_tokens": self.max_tokens, "temperature": 0.0}  # fmt: skip
+        payload: dict[str, Any] = {
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0.0,
+        }
+        response_format = self._response_format()
+        if response_format is not None:
+            payload["response_format"] = response_format
         try:
             reply = await self.client.chat(self.backend, payload)
         except Exception as err:  # a judge failure is recorded on the score, never raised
@@ -117,6 +185,8 @@ class RubricJudge(_Judge):
     name = "judge_rubric"
     version = "1"
     system = RUBRIC_SYSTEM
+    field = "rating"
+    schema = RATING_SCHEMA
 
     async def _one(self, ex: Example) -> Score:
         note = "A reference answer is given; compare the response with it. " if ex.reference else ""
@@ -124,7 +194,7 @@ class RubricJudge(_Judge):
         if ex.reference:
             user += f"[The Start of Reference Answer]\n{ex.reference}\n[The End of Reference Answer]\n\n"
         user += f"[The Start of Assistant's Answer]\n{ex.answer}\n[The End of Assistant's Answer]"
-        text, cost, error = await self._ask(self.system.format(reference_note=note), user)
+        text, cost, error = await self._ask(self._system(reference_note=note), user)
         detail = json.dumps({"reply": text})
         if error:
             return self.make(None, error=error, cost_usd=cost, detail=detail)
@@ -139,6 +209,8 @@ class PairwiseJudge(_Judge):
     name = "judge_pairwise"
     version = "1"
     system = PAIRWISE_SYSTEM
+    field = "verdict"
+    schema = PREFERENCE_SCHEMA
 
     @staticmethod
     def _user(question: str, a: str, b: str) -> str:
@@ -152,8 +224,8 @@ class PairwiseJudge(_Judge):
                 "scorer 'judge_pairwise': the example has no 'reference' (the reference model's answer)"
             )
         first = await asyncio.gather(
-            self._ask(self.system, self._user(ex.prompt, ex.answer, ex.reference)),  # answer is A
-            self._ask(self.system, self._user(ex.prompt, ex.reference, ex.answer)),  # answer is B
+            self._ask(self._system(), self._user(ex.prompt, ex.answer, ex.reference)),  # answer is A
+            self._ask(self._system(), self._user(ex.prompt, ex.reference, ex.answer)),  # answer is B
         )
         cost = sum(c for _, c, _ in first)
         orders, points, errors = [], [], []

@@ -113,19 +113,19 @@ def as_number(s: str | None) -> float | None:
 
 
 def number_in_text(s: str) -> float | None:
-    """The number a short worded answer states: its leading number (``4 (3 onions and 1 potato)``,
-    ``2:00 pm``), else the one after its last ``=`` (``2 + 8 + 6 = 16``), else its last number
+    """The number a short worded answer states: the one after its last ``=`` (``2 + 8 + 6 = 16``), else
+    its leading number (``4 (3 onions and 1 potato)``, ``2:00 pm``), else its last number
     (``Jackson is 4 years old.``); None when it has none or is LaTeX (left to math-verify)."""
     if "\\" in s:
         return None
     s = re.sub(r"(?<=\d),(?=\d{3})", "", s)
-    lead = re.match(rf"\s*\$?\s*({_NUM})", s)
-    if lead:
-        return float(lead.group(1))
     if "=" in s:
         after = re.search(rf"^\s*\$?\s*({_NUM})", s.rsplit("=", 1)[1])
         if after:
             return float(after.group(1))
+    lead = re.match(rf"\s*\$?\s*({_NUM})", s)
+    if lead:
+        return float(lead.group(1))
     nums = re.findall(_NUM, s)
     return float(nums[-1]) if nums else None
 
