@@ -398,3 +398,30 @@ def test_registry_builds_by_name_and_chooses_per_task():
 def test_score_is_stamped_with_name_and_version():
     s = Score(1.0, "math", "1")
     assert s.ok and not Score(None, "judge_rubric", "1", error="x").ok
+
+
+# --------------------------------------------------------------------------------------------- cli
+def test_cli_scores_a_jsonl_by_task_and_names_bad_input(tmp_path, capsys):
+    from router_ml.cli import main
+
+    rows = [
+        {"prompt": "What is 2+3?", "answer": "2+3 = 5\n#### 5", "reference": "5", "task": "gsm8k"},
+        {"prompt": "Capital of France? (A) Paris (B) Rome", "answer": "The answer is (B)", "reference": "A", "task": "mmlu"},
+        {"prompt": "Write add(a, b).", "answer": "```python\ndef add(a, b):\n    return a + b\n```",
+         "tests": "assert add(1, 2) == 3", "task": "mbpp"},
+        {"prompt": "Who wrote Hamlet?", "answer": "Shakespeare.", "reference": "Shakespeare", "task": "trivia_qa"},
+    ]  # fmt: skip
+    src = tmp_path / "answers.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = tmp_path / "scores.sqlite"
+    assert main(["score", str(src), "--cache", str(cache)]) == 0
+    out = pd.read_parquet(tmp_path / "answers.scored.parquet")
+    assert out["scorer"].tolist() == ["math", "choice", "code", "qa"]
+    assert out["score"].tolist() == [1.0, 0.0, 1.0, 1.0] and (out["scorer_version"] == "1").all()
+    assert len(ScoreCache(cache)) == 4
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "answer": "y", "task": "poetry"}\n')
+    assert main(["score", str(tmp_path / "bad.jsonl"), "--cache", ""]) == 2
+    assert "bad.jsonl: row 0: no scorer for task 'poetry'" in capsys.readouterr().err
+    (tmp_path / "short.jsonl").write_text('{"prompt": "x"}\n')
+    assert main(["score", str(tmp_path / "short.jsonl"), "--cache", ""]) == 2
+    assert "missing column(s) ['answer']" in capsys.readouterr().err

@@ -51,8 +51,8 @@ class Example:
 class Score:
     """One verdict. ``value`` in [0, 1], None when scoring failed (``error`` says why: a judge backend
     down, an unparsable verdict). ``extracted``: the answer the scorer read out of the text (a letter,
-    a number, a program's first line...), for audit. ``cost_usd``: what scoring cost (the judge's
-    calls). ``detail``: scorer-specific JSON text (the judge's raw verdicts, a test's failure)."""
+    a number, a program's first line...), for audit. ``cost_usd``: what the verdict cost when it was
+    made (the judge's calls; served from the cache it costs nothing again). ``detail``: scorer-specific JSON text (the judge's raw verdicts, a test's failure)."""
 
     value: float | None
     scorer: str

@@ -177,8 +177,16 @@ class _Judge(Scorer):
         return list(await asyncio.gather(*(run(ex) for ex in examples)))
 
     def score(self, examples: Sequence[Example]) -> list[Score]:
-        """Blocking form of :meth:`ascore` (not from inside a running event loop: await that instead)."""
-        return asyncio.run(self.ascore(examples))
+        """Blocking form of :meth:`ascore` (not from inside a running event loop: await that instead).
+        Every call runs on the same private event loop, so an async client keeps its connections
+        from one batch to the next; :meth:`run` runs the caller's own coroutines (closing the client)
+        there too."""
+        return self.run(self.ascore(examples))
+
+    def run(self, coro: Any) -> Any:
+        if getattr(self, "_loop", None) is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coro)
 
 
 class RubricJudge(_Judge):

@@ -33,7 +33,7 @@ JUDGES = frozenset({RubricJudge.name, PairwiseJudge.name})
 TASK_SCORERS: dict[str, str] = {
     **dict.fromkeys(("choice", "mcq", "multiple_choice", "mmlu", "mmlu_pro", "mmlu-pro", "arc",
                      "arc_challenge", "arc-challenge", "arc_easy", "gpqa", "commonsense_qa",
-                     "openbook_qa", "winogrande", "cmmlu", "ceval"), "choice"),
+                     "openbook_qa", "cmmlu", "ceval"), "choice"),
     **dict.fromkeys(("math", "gsm8k", "gsm", "math-l5", "math_prealgebra", "agentverse-mgsm"), "math"),
     **dict.fromkeys(("code", "mbpp", "humaneval", "human_eval"), "code"),
     **dict.fromkeys(("qa", "natural_qa", "trivia_qa", "squad"), "qa"),

@@ -118,3 +118,45 @@ def test_dead_judge_backend_is_recorded_and_not_cached(llamacpp_server, tmp_path
     cache.put(judge, [e.digest() for e in EXAMPLES[:2]], scores)
     assert len(cache) == 0  # failed verdicts are retried on the next run, never served from the cache
     assert score_examples(RubricJudge(None, "dead-judge"), [], cache=cache, progress=False) == []
+
+
+def test_judge_through_the_cli_and_the_cache_on_a_real_server(llamacpp_server, tmp_path):
+    """``router-ml score --scorer judge_rubric``: a catalog file, the blocking path batch after batch
+    on one client, the scores written with scorer, version and cost; a rerun is served by the cache."""
+    import pandas as pd
+    import yaml
+
+    from router_ml.cli import main
+
+    catalog = tmp_path / "judge.yaml"
+    catalog.write_text(yaml.safe_dump({"backends": [
+        {"name": "smol-judge", "kind": "vllm", "base_url": llamacpp_server.base_url, "served_model_id": "smollm2-135m",
+         "first_token_timeout_s": 60, "timeout_s": 120, "prices": {"gpu_hour_usd": 0.5, "decode_tokens_per_s": 155}},
+    ]}))  # fmt: skip
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in EXAMPLES))
+    args = ["score", str(answers), "--scorer", "judge_rubric", "--backends", str(catalog), "--judge", "smol-judge",
+            "--verdict-format", "json_object", "--cache", str(tmp_path / "scores.sqlite"), "--out", str(tmp_path / "s.parquet")]  # fmt: skip
+    assert main(args) == 0
+    out = pd.read_parquet(tmp_path / "s.parquet")
+    assert out["score"].between(0, 1).all() and (out["scorer"] == "judge_rubric").all()
+    assert (out["scorer_version"] == RubricJudge.version).all() and (out["score_cost_usd"] > 0).all()
+    assert len(ScoreCache(tmp_path / "scores.sqlite")) == len(EXAMPLES)
+    assert main([*args[:-1], str(tmp_path / "again.parquet")]) == 0
+    again = pd.read_parquet(tmp_path / "again.parquet")
+    assert again["score"].tolist() == out["score"].tolist()
+    assert (
+        main(
+            ["score", str(answers), "--scorer", "judge_rubric", "--backends", str(catalog), "--judge", "gpt"]
+        )
+        == 2
+    )
+
+    async def one_client_many_batches():
+        return BackendClient(Catalog.load(catalog))
+
+    client = asyncio.run(one_client_many_batches())
+    judge = RubricJudge(client, "smol-judge", max_tokens=24, verdict_format="json_object")
+    scores = score_examples(judge, EXAMPLES, batch_size=1, progress=False)  # three batches, one loop
+    judge.run(client.aclose())
+    assert all(s.ok for s in scores)
