@@ -8,7 +8,8 @@ explicit first:
 2. the last ``#### ...`` line (GSM8K's own format);
 3. a JSON ``"answer": ...`` field;
 4. the last answer statement (``the answer is ...``, ``Answer: ...``, ``final answer: ...``);
-5. failing all of them, the last number in the text.
+5. failing all of them: a short one-line answer as a whole (``-1, 1``, ``5 apples``), else the last
+   number in the text.
 
 Equivalence: when both sides read as plain numbers (``$1,234.00``, ``18 dollars``, ``3/4``,
 ``\\frac{3}{4}``, ``50\\%``) they are compared as numbers (relative tolerance 1e-6), and a numeric
@@ -119,6 +120,8 @@ def number_in_text(s: str) -> float | None:
     if "\\" in s:
         return None
     s = re.sub(r"(?<=\d),(?=\d{3})", "", s)
+    if re.fullmatch(rf"\s*{_NUM}(?:\s*,\s*{_NUM})+\s*\.?\s*", s):
+        return None  # a list of values ("2, -1"): a set, compared by math-verify
     if "=" in s:
         after = re.search(rf"^\s*\$?\s*({_NUM})", s.rsplit("=", 1)[1])
         if after:
@@ -175,6 +178,9 @@ class MathScorer(StringScorer):
     def score_one(self, ex: Example) -> Score:
         gold = gold_answer(require_reference(self.name, ex))
         pred, where = extract_answer(ex.answer)
+        short = ex.answer.strip()
+        if where == "last_number" and "\n" not in short and len(short) <= 60:
+            pred, where = short, "whole"  # a bare short answer ("-1, 1", "5 apples") is read whole
         if pred is None:
             return self.make(0.0, extracted=None)
         return self.make(float(equivalent(gold, pred, self.timeout_s)), extracted=f"{where}: {pred}")
