@@ -10,7 +10,8 @@ One module per idea, imported from where it is defined:
   rubric and position-swapped pairwise), ``zeroeval`` (ZeroEval's own verdicts, for rebuilding
   ``zeroeval_math_code``);
 - ``registry``: :data:`SCORERS` by name, :func:`build_scorer`, the scorer each task gets;
-- ``cache``: :class:`ScoreCache` (SQLite) and :func:`score_examples`.
+- ``cache``: :class:`ScoreCache` (SQLite) and :func:`score_examples`;
+- ``table``: score a table of answers (``router-ml score``).
 
 The package sits below ``data`` in the layers (the ``zeroeval`` rebuild scores raw outputs) and
 imports nothing of the project above it: the judge reaches a backend through a small protocol

@@ -160,3 +160,15 @@ def test_judge_through_the_cli_and_the_cache_on_a_real_server(llamacpp_server, t
     scores = score_examples(judge, EXAMPLES, batch_size=1, progress=False)  # three batches, one loop
     judge.run(client.aclose())
     assert all(s.ok for s in scores)
+
+
+def test_judges_on_vllm_with_openai_structured_outputs(vllm_server):
+    """vLLM takes OpenAI's ``response_format: json_schema``: both judges get readable verdicts."""
+    catalog = _catalog(vllm_server.base_url)
+    rubric = _run(RubricJudge, catalog, "smol-judge", EXAMPLES, "json_schema")
+    pairwise = _run(PairwiseJudge, catalog, "smol-judge", EXAMPLES[:2], "json_schema")
+    for s in [*rubric, *pairwise]:
+        assert s.ok and 0.0 <= s.value <= 1.0 and s.cost_usd > 0, s
+    print(
+        "\nSmolLM2 on vLLM (json_schema):", [(s.scorer, s.value, s.extracted) for s in [*rubric, *pairwise]]
+    )
