@@ -222,6 +222,14 @@ def test_zeroeval_reads_answers_as_zeroeval_does():
     )
 
 
+def test_a_recorded_upstream_reply_gives_the_shared_copys_row(shared_data):
+    o = pd.read_parquet(shared_data / "zeroeval_math_code" / "model_outcomes.parquet")
+    row = o[(o.model == "Meta-Llama-3.1-70B-Instruct") & (o.item_id == "gsm8k-main-test-#1")].iloc[0]
+    matched, answer = judge("gsm", RECORDED_GSM, "# 3", row.model)
+    assert (str(matched), answer) == (row.matched, row.model_answer)
+    assert (len(RECORDED_GSM), len(RECORDED_GSM.split())) == (row.output_chars, row.output_words)
+
+
 def test_zeroeval_math_and_crux_rules():
     assert (
         sanitize("$1,234") == "1234"
