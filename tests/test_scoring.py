@@ -97,6 +97,13 @@ def test_math_equivalence(gold, pred, same):
     assert equivalent(gold, pred) is same
 
 
+def test_math_symbolic_equivalence_holds_off_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(equivalent, "x^2+1", "1+x^2").result() is True
+
+
 def test_math_gold_forms_and_numbers():
     assert gold_answer("Janet sells 9 eggs...\n#### 1,080") == "1,080"
     assert gold_answer("# 18") == "18"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from typing import Any
 
 from router_ml.scoring.base import Example, Score, StringScorer, require_reference
@@ -155,10 +156,13 @@ def equivalent(gold: str, pred: str, timeout_s: int = 5) -> bool:
         return True
     from math_verify import parse, verify  # SymPy behind it: imported only when needed
 
+    # math-verify's time limits are SIGALRM-based, which only the main thread can use: elsewhere
+    # they would make every call fail, so SymPy runs without one there
+    limit = timeout_s if threading.current_thread() is threading.main_thread() else None
     try:
-        pg = parse(f"${_clean(gold)}$", parsing_timeout=timeout_s)
-        pp = parse(f"${_clean(pred)}$", parsing_timeout=timeout_s)
-        return bool(pg and pp and verify(pg, pp, timeout_seconds=timeout_s))
+        pg = parse(f"${_clean(gold)}$", parsing_timeout=limit)
+        pp = parse(f"${_clean(pred)}$", parsing_timeout=limit)
+        return bool(pg and pp and verify(pg, pp, timeout_seconds=limit))
     except Exception:  # math-verify raises on pathological input; an unreadable answer is wrong
         return False
 
