@@ -177,6 +177,7 @@ def test_code_scorer_humaneval_and_mbpp_styles():
     ]
     got = s.score(exs)
     assert [x.value for x in got] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert [x.value for x in CodeScorer(timeout_s=5, workers=3).score(exs)] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
     assert json.loads(got[2].detail)["stderr_tail"].endswith("AssertionError")
     assert json.loads(got[3].detail)["timed_out"] is True
     assert program_under_test(exs[0]).rstrip().endswith("check(add)")

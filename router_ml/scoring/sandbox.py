@@ -2,9 +2,9 @@
 
 Each run gets a fresh temporary directory (its working directory, removed afterwards), a fresh
 interpreter started isolated (``python -I``: no user site, no ``PYTHONPATH``, no current directory
-on ``sys.path``) in its own process group, and these limits (POSIX rlimits set in the child before
-it starts): address space ``memory_mb``, CPU seconds ``timeout_s + 1``, files written ``16 MiB``,
-no core dumps. Wall time is ``timeout_s``; past it the whole group is killed.
+on ``sys.path``) in its own process group, and these limits (POSIX rlimits the runner sets before
+the program starts; no ``preexec_fn``, so scoring from threads is safe): address space
+``memory_mb``, CPU seconds ``timeout_s + 1``, files written ``16 MiB``, no core dumps. Wall time is ``timeout_s``; past it the whole group is killed.
 
 No network, twice over: where unprivileged user namespaces work (``unshare -rn``, probed once),
 the child runs in a network namespace of its own with no interface but loopback; and in every case
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,12 @@ from functools import cache
 from pathlib import Path
 
 _RUNNER = r"""
-import runpy, socket, sys
+import resource, runpy, socket, sys
+_mem, _cpu = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
+resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu))
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 def _no_network(*args, **kwargs):
     raise PermissionError("network access is disabled in the scoring sandbox")
 class _NoSocket(socket.socket):
@@ -73,24 +77,12 @@ def network_namespace_available() -> bool:
         return False
 
 
-def _limits(memory_mb: int, cpu_s: int):
-    def apply() -> None:  # runs in the child between fork and exec
-        os.setsid()
-        mem = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
 def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512) -> RunResult:
     """Run ``code`` as ``program.py`` in a fresh sandboxed interpreter; see the module docstring."""
     netns = network_namespace_available()
     with tempfile.TemporaryDirectory(prefix="router-ml-sandbox-") as tmp:
         Path(tmp, "program.py").write_text(code, encoding="utf-8")
-        cmd = [sys.executable, "-I", "-B", "-c", _RUNNER]
+        cmd = [sys.executable, "-I", "-B", "-c", _RUNNER, str(memory_mb << 20), str(int(timeout_s) + 1)]
         if netns:
             cmd = ["unshare", "-rn", *cmd]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0", "HOME": tmp,
@@ -103,7 +95,7 @@ def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512) -> R
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            preexec_fn=_limits(memory_mb, int(timeout_s) + 1),
+            start_new_session=True,  # its own process group: a timeout kills everything it started
         )
         timed_out = False
         try:
