@@ -30,7 +30,7 @@ class Example:
     ``reference``: the gold answer (a letter, a number or LaTeX expression, a text) or, for the
     pairwise judge, the reference model's answer; ``tests``: Python test code for the code scorer
     (asserts, or a HumanEval-style ``check(candidate)`` plus ``entry_point``); ``task``: the task
-    name that chooses the scorer (:func:`router_ml.scoring.registry.scorer_for`).
+    name that chooses the scorer (:func:`router_ml.scoring.registry.scorer_name_for`).
     """
 
     prompt: str
