@@ -10,6 +10,8 @@ router-ml models down                                         # stop it (by the 
 router-ml data list                                           # each public data set: source, size, present?
 router-ml data fetch llmrouter                                # download its raw files, build into the cache
 router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from upstream raw files
+router-ml score answers.jsonl --out scored.parquet            # score answers (scorer per row's task)
+router-ml score answers.jsonl --scorer judge_rubric --backends conf/backends/local.yaml --judge NAME
 """
 
 from __future__ import annotations
@@ -157,6 +159,70 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_table(path: Path):
+    import pandas as pd
+
+    from router_ml.data.jsonl import iter_jsonl
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: answers file not found")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for where, _, value in iter_jsonl(path):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: expected a JSON object per line")
+            rows.append(value)
+        return pd.DataFrame(rows)
+    raise ValueError(f"{path}: answers must be a .jsonl or .parquet file")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from router_ml.scoring.cache import ScoreCache
+    from router_ml.scoring.registry import JUDGES, build_scorer
+    from router_ml.scoring.table import score_frame
+
+    src = Path(args.answers)
+    df = _read_table(src)
+    client, built = None, {}
+
+    def get_scorer(name: str):
+        nonlocal client
+        if name not in built:
+            params = {"timeout_s": args.timeout} if name == "code" and args.timeout else {}
+            if name in JUDGES:
+                if not (args.backends and args.judge):
+                    raise ValueError(f"scorer {name!r} needs --backends CATALOG and --judge BACKEND")
+                from router_ml.backends.catalog import Catalog
+                from router_ml.backends.client import BackendClient
+
+                catalog = Catalog.load(args.backends)
+                if args.judge not in catalog:
+                    raise ValueError(f"--judge {args.judge!r} is not in the catalog {catalog.names}")
+                client = client or BackendClient(catalog)
+                params = {"client": client, "backend": args.judge, "verdict_format": args.verdict_format}
+            built[name] = build_scorer(name, **params)
+        return built[name]
+
+    cache = ScoreCache(args.cache) if args.cache else None
+    try:
+        out = score_frame(df, get_scorer, scorer=args.scorer, cache=cache, source=str(src))
+    finally:
+        judge = next((s for s in built.values() if s.name in JUDGES), None)
+        if client is not None and judge is not None:
+            judge.run(client.aclose())
+    dest = Path(args.out) if args.out else src.with_name(src.stem + ".scored.parquet")
+    if dest.suffix == ".jsonl":
+        out.to_json(dest, orient="records", lines=True, force_ascii=False)
+    else:
+        out.to_parquet(dest, index=False)
+    summary = out.groupby("scorer").agg(rows=("score", "size"), mean_score=("score", "mean"),
+                                        errors=("score_error", "count"), cost_usd=("score_cost_usd", "sum"))  # fmt: skip
+    print(json.dumps({"path": str(dest), "by_scorer": summary.round(6).to_dict(orient="index")}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -210,6 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_data.add_argument("--out", default=None, help="build: output folder (default: the cache's)")
     p_data.add_argument("--exclude", default=None, help="build: JSONL of prompt texts to leave out")
+    p_score = sub.add_parser(
+        "score", help="score answers: JSONL / parquet of prompt, answer, reference, tests, task"
+    )
+    p_score.add_argument("answers", help="a .jsonl or .parquet file")
+    p_score.add_argument(
+        "--scorer", default=None, help="one scorer for every row (default: by each row's task)"
+    )
+    p_score.add_argument(
+        "--out", default=None, help="output .parquet or .jsonl (default: <answers>.scored.parquet)"
+    )
+    p_score.add_argument("--cache", default=".router-ml/scores.sqlite", help="score cache ('' = none)")
+    p_score.add_argument("--timeout", type=float, default=None, help="code scorer: seconds per run")
+    p_score.add_argument("--backends", default=None, help="judges: backend catalog (YAML file or folder)")
+    p_score.add_argument("--judge", default=None, help="judges: the catalog backend that judges")
+    p_score.add_argument("--verdict-format", default="text", choices=["text", "json_schema", "json_object"])
     args = parser.parse_args(argv)
     commands = {
         "route": cmd_route,
@@ -217,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve,
         "models": cmd_models,
         "data": cmd_data,
+        "score": cmd_score,
     }
     try:
         return commands[args.cmd](args)
