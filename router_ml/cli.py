@@ -82,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.ckpt,
         args.backends,
         policy=args.policy,
+        policy_dir=args.policy_dir,
         ledger=args.ledger,
         routing_log=args.routing_log,
         log_prompts=args.log_prompts,
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--ckpt", required=True, help="checkpoint directory")
     p_serve.add_argument("--backends", required=True, help="backend catalog: a YAML file or a folder of them")
     p_serve.add_argument("--policy", default="utility", help="the policy behind model='router'")
+    p_serve.add_argument(
+        "--policy-dir", default=None, help="folder of <policy>.yaml configs (default: the package's own)"
+    )
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument(

@@ -97,7 +97,7 @@ def router(trained_run):
 def _engine(router, catalog, **kw) -> RoutingEngine:
     aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
     return RoutingEngine(
-        router, catalog, load_policy_configs("conf/policy"), aliases=aliases, calibration_prompts=60, **kw
+        router, catalog, load_policy_configs(), aliases=aliases, calibration_prompts=60, **kw
     )
 
 
@@ -280,7 +280,7 @@ def test_budget_cap_holds_across_a_proxy_restart(router, backends, tmp_path):
     from router_ml.decision.ledger import BudgetLedger
 
     ledger_path = tmp_path / "spend.sqlite"
-    policies = load_policy_configs("conf/policy")
+    policies = load_policy_configs()
     policies["cost_aware"].update(budget_usd=2e-5, horizon=1000, hard_cap_usd=2e-5)
     msg = {
         "model": "router:cost_aware",

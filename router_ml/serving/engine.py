@@ -63,7 +63,7 @@ class Outcome:
 class RoutingEngine:
     """``router`` (a LearnedRouter) + ``catalog`` + policies + shared ledger + routing log.
 
-    ``policies``: name -> policy config (``conf/policy`` entries); ``default_policy`` serves
+    ``policies``: name -> policy config (``router_ml/conf/policy`` entries); ``default_policy`` serves
     ``model="router"``; ``calibration_prompts``: how many of the project's labelled prompts fit the
     policies (auto tiers, thresholds) at start-up; ``max_batch``: the most prompts embedded in one
     encoder call when requests arrive together.

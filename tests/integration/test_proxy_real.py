@@ -64,7 +64,7 @@ def proxy(trained_run, vllm_server, own_llamacpp):
         for m in router.models
     }
     engine = RoutingEngine(
-        router, catalog, load_policy_configs("conf/policy"), aliases=aliases, calibration_prompts=60
+        router, catalog, load_policy_configs(), aliases=aliases, calibration_prompts=60
     )
     port = _port()
     server = uvicorn.Server(
