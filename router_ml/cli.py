@@ -64,7 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "calibrator",
         "metrics",
     )
-    print(json.dumps({k: cfg.get(k) for k in keep}, indent=2))
+    fit = cfg.get("policy_fit")  # its prompts stay in router.json
+    summary = {k: fit.get(k) for k in ("source", "n_prompts")} if fit else None
+    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary}, indent=2))
     return 0
 
 
