@@ -314,8 +314,8 @@ def test_policies_are_fitted_on_the_checkpoints_fit_set(router, backends):
     quality, tasks = router.predict_quality_and_task(fit.prompts)
     cols = [router.models.index(m) for m in served]
     for name in ("capability", "budget_ratio", "cost_aware", "threshold"):
-        live = DecisionLayer(build_policy(load_policy_configs()[name]), engine.pool, engine.cost_model,
-                             engine.latency_model)  # fmt: skip
+        policy = build_policy(load_policy_configs()[name])
+        live = DecisionLayer(policy, engine.pool, engine.cost_model, engine.latency_model)
         live.fit(live.estimates(fit.prompts, quality[:, cols], served, tasks))
         got, want = engine.layers[name].policy, live.policy
         fitted = {k: v for k, v in vars(want).items() if k.endswith("_") and not k.startswith("_")}
