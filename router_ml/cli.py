@@ -78,7 +78,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "calibrator",
         "metrics",
     )
-    print(json.dumps({k: cfg.get(k) for k in keep}, indent=2))
+    fit = cfg.get("policy_fit")  # its prompts stay in router.json
+    summary = {k: fit.get(k) for k in ("source", "n_prompts")} if fit else None
+    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary}, indent=2))
     return 0
 
 
@@ -96,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.ckpt,
         args.backends,
         policy=args.policy,
+        policy_dir=args.policy_dir,
         ledger=args.ledger,
         routing_log=args.routing_log,
         log_prompts=args.log_prompts,
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--ckpt", required=True, help="checkpoint directory")
     p_serve.add_argument("--backends", required=True, help="backend catalog: a YAML file or a folder of them")
     p_serve.add_argument("--policy", default="utility", help="the policy behind model='router'")
+    p_serve.add_argument(
+        "--policy-dir", default=None, help="folder of <policy>.yaml configs (default: the package's own)"
+    )
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument(

@@ -16,6 +16,7 @@ import pandas as pd
 
 from router_ml.checkpoint import SCHEMA_VERSION, CheckpointError, read_arrays, read_config, write_checkpoint
 from router_ml.decision.base import RoutingDecision
+from router_ml.decision.fit_set import PolicyFitSet
 from router_ml.embeddings.base import Encoder
 from router_ml.predictors.base import Calibrator, QualityHead, TaskHead
 
@@ -45,7 +46,9 @@ class LearnedRouter:
     Parameters: ``encoder`` (an :class:`router_ml.embeddings.Encoder`), ``task_head``
     (a fitted ``TaskClassifier``), ``quality_head`` (a fitted quality predictor with
     ``predict(X) -> (n, n_models)``), ``models`` (column order of the quality head),
-    ``calibrator`` (optional, fitted), ``metadata`` (what ``router.json`` records).
+    ``calibrator`` (optional, fitted), ``metadata`` (what ``router.json`` records),
+    ``policy_fit`` (optional: the :class:`~router_ml.decision.fit_set.PolicyFitSet` a decision layer
+    fits its policies on; a checkpoint carries it so that a proxy needs no data of the project's).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class LearnedRouter:
         models: Sequence[str],
         calibrator: Calibrator | None = None,
         metadata: dict[str, Any] | None = None,
+        policy_fit: PolicyFitSet | None = None,
     ) -> None:
         self.encoder = encoder
         self.task_head = task_head
@@ -63,8 +67,13 @@ class LearnedRouter:
         self.models = list(models)
         self.calibrator = calibrator
         self.metadata = dict(metadata or {})
+        self.policy_fit = policy_fit
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"duplicate model names in {self.models}")
+        if policy_fit is not None and list(policy_fit.models) != self.models:
+            raise ValueError(
+                f"policy fit set is over models {policy_fit.models}, the router's are {self.models}"
+            )
 
     @property
     def task_labels(self) -> list[str]:
@@ -116,6 +125,13 @@ class LearnedRouter:
         return pd.DataFrame(
             self._quality_from_embeddings(self.embed(items), texts=items), columns=self.models
         )
+
+    def predict_quality_and_task(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """(quality (n, m) as :meth:`predict_quality`, tasks as :meth:`predict_task`) from one encoder pass."""
+        items = _check_prompts(prompts)
+        X, X_task = self._encode(items)
+        tasks = list(self.task_head.predict(X_task, texts=items))
+        return self._quality_from_embeddings(X, texts=items), tasks
 
     # ---- decisions -------------------------------------------------------------------------
     def _candidates(
@@ -238,7 +254,11 @@ class LearnedRouter:
         arrays = {"task": self.task_head.state_dict(), "quality": self.quality_head.state_dict()}
         if self.calibrator is not None:
             arrays["calibrator"] = self.calibrator.state_dict()
-        self.metadata = {k: v for k, v in config.items() if k not in ("package_versions",)}
+        config.pop("policy_fit", None)
+        if self.policy_fit is not None:
+            config["policy_fit"] = self.policy_fit.to_config()
+            arrays["policy_fit"] = {"quality": np.asarray(self.policy_fit.quality, dtype="float64")}
+        self.metadata = {k: v for k, v in config.items() if k not in ("package_versions", "policy_fit")}
         return write_checkpoint(
             path, config, arrays, model_card({**config, "schema_version": SCHEMA_VERSION})
         )
@@ -298,5 +318,28 @@ class LearnedRouter:
                 f"checkpoint {str(path)!r}: the task head takes {task_head.dim_} features; encoder "
                 f"{enc.id!r} with layers {list(layers)} gives {int(enc.dim) * (1 + len(layers))}"
             )
-        meta = {k: v for k, v in config.items() if k not in ("package_versions",)}
-        return cls(enc, task_head, quality_head, config["models"], calibrator=calibrator, metadata=meta)
+        policy_fit = None
+        if config.get("policy_fit") is not None:
+            try:
+                policy_fit = PolicyFitSet.from_config(
+                    config["policy_fit"], arrays["policy_fit"]["quality"], config["models"]
+                )
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: cannot restore the policy fit set: {e!r}"
+                ) from e
+            unknown = sorted(set(policy_fit.tasks) - set(task_head.labels))
+            if unknown:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: the policy fit set has task(s) {unknown} outside the task labels"
+                )
+        meta = {k: v for k, v in config.items() if k not in ("package_versions", "policy_fit")}
+        return cls(
+            enc,
+            task_head,
+            quality_head,
+            config["models"],
+            calibrator=calibrator,
+            metadata=meta,
+            policy_fit=policy_fit,
+        )

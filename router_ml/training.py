@@ -3,7 +3,8 @@
 Steps: load the routing table -> leak-free split by prompt (and optionally whole tasks held out)
 -> embed every prompt once (on-disk cache) -> fit the task head on labelled prompts -> optionally
 tune the quality head by k-fold CV inside the training part -> fit it -> calibrate on the
-validation part -> score the held-out test part -> write the checkpoint and ``metrics.json``.
+validation part -> score the held-out test part -> write the checkpoint (with the policy fit set
+a proxy fits its policies on) and ``metrics.json``.
 Every ``test/`` figure comes from prompts the run never trained, tuned or calibrated on.
 """
 
@@ -370,6 +371,15 @@ def refit_on_all(
     return router, {"time/refit_s": time.perf_counter() - t0}
 
 
+def default_policy_fit(router: Any) -> Any:
+    """The checkpoint's policy fit set: the router's predictions for the project's labelled prompts,
+    :data:`~router_ml.decision.fit_set.PER_TASK` per task type (what a proxy fits its policies on)."""
+    from router_ml.decision.fit_set import PER_TASK, PolicyFitSet, policy_fit_prompts
+
+    source = f"the project's labelled prompts (data/labelled_prompts/), the first {PER_TASK} per task type"
+    return PolicyFitSet.of_router(router, policy_fit_prompts(), source=source)
+
+
 def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     """Train one router from a (Hydra or plain dict) config; returns the metrics it also writes."""
     from router_ml.data.loading import load_routing_data
@@ -384,6 +394,7 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     if (cfg.get("refit") or {}).get("enabled", False):
         router, extra = refit_on_all(cfg, table, fitted, seed)
         fitted.metrics.update(extra)
+    router.policy_fit = default_policy_fit(router)
     metrics = {k: float(v) for k, v in sorted(fitted.metrics.items())}
     router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -143,8 +143,10 @@ class DecisionLayer:
         return self
 
     def fit_router(self, router: Any, prompts: Sequence[str] | None = None) -> DecisionLayer:
-        """Fit the policy on the router's estimates for ``prompts`` (default: the project's own
-        labelled prompts, a mix of every task type)."""
+        """Fit the policy on the router's estimates for ``prompts`` (default: the router's policy fit
+        set, which its checkpoint carries; without one, the project's own labelled prompts)."""
+        if prompts is None and getattr(router, "policy_fit", None) is not None:
+            return self.fit(router.policy_fit.estimates(self, router.models))
         if prompts is None:
             from router_ml.data.labelled import load_labelled
 

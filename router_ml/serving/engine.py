@@ -63,10 +63,10 @@ class Outcome:
 class RoutingEngine:
     """``router`` (a LearnedRouter) + ``catalog`` + policies + shared ledger + routing log.
 
-    ``policies``: name -> policy config (``conf/policy`` entries); ``default_policy`` serves
-    ``model="router"``; ``calibration_prompts``: how many of the project's labelled prompts fit the
-    policies (auto tiers, thresholds) at start-up; ``max_batch``: the most prompts embedded in one
-    encoder call when requests arrive together.
+    ``policies``: name -> policy config (``router_ml/conf/policy`` entries); ``default_policy`` serves
+    ``model="router"``; the policies are fitted at start-up (auto tiers, thresholds, the pacing
+    curve) on the router's policy fit set (its checkpoint carries it) priced by this catalog;
+    ``max_batch``: the most prompts embedded in one encoder call when requests arrive together.
     """
 
     def __init__(
@@ -80,7 +80,6 @@ class RoutingEngine:
         aliases: Mapping[str, str] | None = None,
         session: str | None = None,
         period: str = "day",
-        calibration_prompts: int = 240,
         on_finish: Callable[[Outcome], None] | None = None,
         max_batch: int = 32,
     ):
@@ -126,7 +125,7 @@ class RoutingEngine:
                 session=session,
                 period=period,
             )
-        self._fit(calibration_prompts)
+        self._fit()
         # backend latency observations also feed the router-name latency model
         self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
         # the last /metrics figures of each vLLM backend (for /health and the next delta)
@@ -134,16 +133,17 @@ class RoutingEngine:
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
         self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
 
-    def _fit(self, n: int) -> None:
-        from router_ml.data.labelled import load_labelled
-
-        prompts = (
-            load_labelled("project").groupby("task", group_keys=False).head(max(1, n // 6))["prompt"].tolist()
-        )
-        q = self.router.predict_quality(prompts)[self.served]
-        tasks = self.router.predict_task(prompts)
-        first = next(iter(self.layers.values()))
-        est = first.estimates(prompts, q.to_numpy(), self.served, tasks)
+    def _fit(self) -> None:
+        """Fit every policy on the router's policy fit set, over the served models at the catalog's prices."""
+        fit = getattr(self.router, "policy_fit", None)
+        if fit is None:
+            name = self.router.metadata.get("name", "router")
+            raise ValueError(
+                f"checkpoint {name!r} carries no policy fit set (written before router-ml stored one), so "
+                "the proxy cannot fit its policies; re-export it, which adds one: python -m "
+                "experiments.export run=<checkpoint folder> to=<new folder> (in a source checkout)"
+            )
+        est = fit.estimates(next(iter(self.layers.values())), self.served)
         for layer in self.layers.values():
             layer.fit(est)
 
