@@ -42,7 +42,7 @@ from router_ml.data.adapters import load_source
 from router_ml.data.schema import to_wide
 from router_ml.data.taxonomy import TASK_TYPES, task_ids_of
 from router_ml.embeddings import CachedEncoder, build_encoder
-from router_ml.evaluation.metrics import (
+from router_ml.metrics import (
     best_single_model,
     gap_closed,
     oracle_scores,
@@ -50,9 +50,9 @@ from router_ml.evaluation.metrics import (
     random_scores,
     routed_scores,
 )
-from router_ml.evaluation.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
 from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
 from router_ml.predictors.calibration import expected_calibration_error
+from router_ml.predictors.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
 from router_ml.training import split_data, task_training_data
 
 GRIDS = {

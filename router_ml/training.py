@@ -23,7 +23,7 @@ import pandas as pd
 
 from router_ml.data.schema import table_hash, to_wide
 from router_ml.data.taxonomy import TASK_TYPES, task_ids_of
-from router_ml.evaluation.metrics import (
+from router_ml.metrics import (
     best_single_model,
     gap_closed,
     oracle_scores,
@@ -31,6 +31,7 @@ from router_ml.evaluation.metrics import (
     random_scores,
     routed_scores,
 )
+from router_ml.predictors.tuning import fit_head, predict_head, tune_quality_head
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,6 @@ class FittedRouter:
     def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
         """Another quality head on the same training split (for comparisons such as kNN); returns a
         ``predict(X) -> (n, m)`` object, calibrated on the validation split when asked."""
-        from router_ml.evaluation.tuning import fit_head, predict_head
         from router_ml.predictors import build_calibrator
 
         prompts_tr, Y_tr, _ = self.wide["train"]
@@ -174,7 +174,6 @@ class _Calibrated:
         return bool(self.head.uses_text)
 
     def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        from router_ml.evaluation.tuning import predict_head
 
         return self.calibrator.transform(predict_head(self.head, X, texts))
 
@@ -189,7 +188,6 @@ def fit_router(
 ) -> FittedRouter:
     """Embed, fit the task head (unless given), tune and fit the quality head, calibrate, score."""
     from router_ml.embeddings import CachedEncoder, build_encoder
-    from router_ml.evaluation.tuning import fit_head, predict_head, tune_quality_head
     from router_ml.predictors import TaskClassifier, build_calibrator
     from router_ml.predictors.calibration import expected_calibration_error
     from router_ml.router import LearnedRouter
@@ -323,7 +321,6 @@ def refit_on_all(
     head on all of its training data, the held-out project prompts included. Returns the router
     and what the checkpoint records of the refit."""
     from router_ml.data.splits import kfold_prompts
-    from router_ml.evaluation.tuning import fit_head, predict_head
     from router_ml.router import LearnedRouter
 
     t0 = time.perf_counter()

@@ -76,7 +76,7 @@ def _context(table: pd.DataFrame, heads: dict) -> sh._Context:
 def test_best_single_is_chosen_on_training_families_only(small_table):
     from router_ml.data.schema import to_wide
     from router_ml.data.splits import split_prompts
-    from router_ml.evaluation.metrics import best_single_model
+    from router_ml.metrics import best_single_model
 
     models = sorted(small_table["model"].unique())
     fam = "gsm8k"

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from router_ml.data.schema import to_wide, wide_column
-from router_ml.evaluation.metrics import best_single_model, routed_scores
+from router_ml.metrics import best_single_model, routed_scores
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ def fold_scores(
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.decision.policies import build_policy
     from router_ml.evaluation.sweeps import knob_values
-    from router_ml.evaluation.tuning import fit_head, predict_head
     from router_ml.predictors import build_calibrator
+    from router_ml.predictors.tuning import fit_head, predict_head
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
@@ -291,8 +291,8 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
 
     from router_ml.data.loading import load_routing_data
     from router_ml.evaluation.estimates import build_layer
-    from router_ml.evaluation.metrics import json_safe
     from router_ml.evaluation.shift_report import markdown, prompt_frame, summarise
+    from router_ml.metrics import json_safe
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
