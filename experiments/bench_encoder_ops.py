@@ -1,10 +1,11 @@
 """One-prompt encode latency of MiniLM by forward implementation (issue 13: private torch ops or not).
 
-    python -m experiments.bench_encoder_ops                    # 5 alternating rounds of 60 calls
+    python -m experiments.bench_encoder_ops                    # 5 rounds of 60 calls per variant
     python -m experiments.bench_encoder_ops --rounds 3 --repeats 30
 
-What the proxy feels is the encoder's time for ONE prompt. Measured, in alternating rounds (the
-machine is shared: every variant sees the same background load), p50 ms per call on one thread of
+What the proxy feels is the encoder's time for ONE prompt. Measured call by call, the variants in
+turn (the machine is shared: every variant sees the same background load), p50 ms per call on one
+thread of
 ``SentenceTransformerEncoder``-equivalent vectors (mean pooling, unit norm) for a short and a
 ~200-word prompt:
 
@@ -123,8 +124,8 @@ def variants(tmp: Path) -> tuple[dict[str, Callable[[str], np.ndarray]], list[st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the variants")
-    ap.add_argument("--repeats", type=int, default=60, help="calls per variant and round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over the prompts")
+    ap.add_argument("--repeats", type=int, default=60, help="calls per variant, prompt and round")
     args = ap.parse_args(argv)
     import torch
 
@@ -139,23 +140,27 @@ def main(argv: list[str] | None = None) -> int:
             diff = max(float(np.abs(fn(t) - ref[k]).max()) for k, t in texts.items())
             print(f"{name:<16} max |vector - ST.encode| = {diff:.1e}")
         times: dict[tuple[str, str], list[float]] = {}
+        for fn in fns.values():  # warm-up
+            for text in texts.values():
+                for _ in range(3):
+                    fn(text)
         for r in range(args.rounds):
-            for name, fn in fns.items() if r % 2 == 0 else reversed(fns.items()):
-                for kind, text in texts.items():
-                    for _ in range(3):
-                        fn(text)
-                    for _ in range(args.repeats):
+            for kind, text in texts.items():
+                for i in range(args.repeats):  # call by call, each variant in turn (order alternating)
+                    order = list(fns.items()) if (r + i) % 2 == 0 else list(reversed(fns.items()))
+                    for name, fn in order:
                         t0 = time.perf_counter()
                         fn(text)
                         times.setdefault((name, kind), []).append(time.perf_counter() - t0)
     print(f"\none-prompt encode, 1 thread, p50 ms ({args.rounds} rounds x {args.repeats} calls; "
           f"short {len(SHORT.split())} words, long {len(texts['long'].split())} words)")  # fmt: skip
-    base = {k: float(np.median(times[("fused (mkldnn)", k)])) for k in texts}
-    print(f"  {'forward':<16}{'short':>9}{'long':>9}{'short / fused':>15}{'long / fused':>14}")
+    # the calls of one iteration ran back to back: the median of their ratios is the paired figure
+    base = {k: np.asarray(times[("fused (mkldnn)", k)]) for k in texts}
+    print(f"  {'forward':<16}{'short':>9}{'long':>9}{'short / fused':>15}{'long / fused':>14}  (paired)")
     for name in fns:
         p = {k: float(np.median(times[(name, k)])) * 1e3 for k in texts}
-        print(f"  {name:<16}{p['short']:>9.2f}{p['long']:>9.2f}"
-              f"{p['short'] / base['short'] / 1e3:>15.2f}{p['long'] / base['long'] / 1e3:>14.2f}")  # fmt: skip
+        r = {k: float(np.median(np.asarray(times[(name, k)]) / base[k])) for k in texts}
+        print(f"  {name:<16}{p['short']:>9.2f}{p['long']:>9.2f}{r['short']:>15.2f}{r['long']:>14.2f}")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 

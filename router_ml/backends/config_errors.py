@@ -21,7 +21,8 @@ def Hidden(message: str) -> PydanticCustomError:
     return PydanticCustomError(HIDDEN, message)
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
+def dotted(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a path: ``('messages', 0, 'role')`` -> ``messages[0].role``."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -39,7 +40,7 @@ def field_problem(
         msg = str(e["ctx"]["error"])
     if not loc:  # a rule across fields: the validator's message names them
         return msg
-    field = _dotted(loc)
+    field = dotted(loc)
     if kind == "extra_forbidden":
         keys = (allowed or {}).get(tuple(str(p) for p in loc[:-1]))
         return f"unknown {noun} {field!r}" + (f"; allowed fields: {keys}" if keys else "")

@@ -1,4 +1,4 @@
-"""The chat-completions request the proxy accepts, as a pydantic model.
+"""The chat-completions request the proxy accepts, as a pydantic schema.
 
 :func:`validate_chat` checks a request body (already a ``dict``: the proxy parses the bytes with
 ``orjson``, the SDK is handed one) against :class:`ChatRequest` and turns the first problem into an
@@ -26,6 +26,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from router_ml.backends.config_errors import dotted
 from router_ml.serving.openai_errors import ApiError
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -93,13 +94,6 @@ _HINTS = {
 _FIELDS = {name for td in (ChatRequest, Message, TextPart, OtherPart) for name in td.__annotations__}
 
 
-def _where(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _field_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
     """``loc`` without pydantic's union-member tags (``str``, ``list[...]``, ``text``...)."""
     return tuple(p for p in loc if isinstance(p, int) or p in _FIELDS)
@@ -117,7 +111,7 @@ def _api_error(err: ValidationError) -> ApiError:
         return ApiError(400, f"request body must be a JSON object, got {type(first['input']).__name__}")
     hint = _HINTS.get((loc[0], first["type"])) if len(loc) == 1 else None
     got = "" if first["type"] == "missing" else f", got {first['input']!r:.80}"
-    message = hint or f"'{_where(loc)}': {msg}{got}"
+    message = hint or f"'{dotted(loc)}': {msg}{got}"
     return ApiError(400, message, param=str(loc[0]))
 
 
