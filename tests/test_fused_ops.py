@@ -2,10 +2,11 @@
 
 :mod:`router_ml.embeddings.fused_bert` runs MiniLM's linear layers on weights pre-packed by
 ``torch.ops.mkldnn._reorder_linear_weight`` and multiplied by ``torch.ops.mkldnn._linear_pointwise``:
-private ops, kept because one prompt encodes faster on them than on any public path measured here
-(``python -m experiments.bench_encoder_ops``; README "Encoders"). At run time a torch without them
-falls back to ``F.linear``, correct but slower, with a warning. These tests fail loudly instead, naming
-the torch version and the op, so that a torch upgrade cannot slow the proxy down unnoticed.
+private ops, kept because one prompt encodes 1.1-2x faster on them than on any public torch path
+(``python -m experiments.bench_encoder_ops``; README "Libraries where they serve", where ONNX Runtime
+is measured too). At run time a torch without them falls back to ``F.linear``, correct but slower,
+with a warning. These tests fail loudly instead, naming the torch version and the op, so that a
+torch upgrade cannot slow the proxy down unnoticed.
 """
 
 from __future__ import annotations
