@@ -3,6 +3,8 @@
     python -m experiments.bench_proxy                       # trains a small router if needed
     python -m experiments.bench_proxy --ckpt CHECKPOINT --duration 3 --warmup 1 --no-litellm
     python -m experiments.bench_proxy --head taskmix --concurrency 1 --no-litellm
+    python -m experiments.bench_proxy --no-litellm --targets rml_pass --concurrency 32 \
+        --backend-client fast httpx aiohttp --rounds 4     # which HTTP client the proxy should use
 
 One run starts, as subprocesses stopped by PID: the project's loopback backend (the same fast
 backend behind every path), ``router-ml serve`` (catalog: one backend ``loop``; every router model
@@ -17,6 +19,12 @@ encoder times the proxy reports (``x-router-decision-ms``, ``x-router-encode-ms`
 the routed p50 added minus the encoder's p50, the figure the "encoder + 1 ms" target is about), the
 CPU each proxy process spent per request (from ``/proc``: robust on a shared machine, where wall
 times are not), and writes ``outputs/bench/proxy.json``.
+
+``--backend-client`` picks router-ml's own client to its backends (``ROUTER_ML_HTTP_CLIENT``:
+``fast`` = :mod:`router_ml.backends.http11`, ``aiohttp``, ``httpx``); given several, with
+``--rounds N``, the servers are restarted for each client in turn (A, B, C, A, B, C...) and the
+pass-through req/s and p50 at the top concurrency are printed per client (median and every run),
+with the winner's margin over the runner-up.
 
 Conditions (the same for every target, so that the comparison stays side by side):
 
