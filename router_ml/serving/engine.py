@@ -32,13 +32,14 @@ from router_ml.decision.costs import CostModel, OutputLengthModel
 from router_ml.decision.latency import LatencyModel
 from router_ml.decision.layer import DecisionLayer
 from router_ml.decision.policies import build_policy
+from router_ml.serving.chat_request import validate_chat
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
     AliasedLatency,
     decision_headers,
     knob_value,
 )
-from router_ml.serving.openai_errors import ApiError, prompt_of, validate_chat
+from router_ml.serving.openai_errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
     decision_s: float = 0.0
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
+    routed_prompt: str = ""  # the text the router classifies (:func:`~.chat_request.prompt_of`)
 
 
 class RoutingEngine:
@@ -237,14 +239,15 @@ class RoutingEngine:
         A finished answer is booked (spend, latency, routing log, metrics) before this returns;
         with ``book_later`` the caller books it with :meth:`book` once the answer is on its way
         to the client (the proxy: booking is then off the response's critical path)."""
-        model, messages = validate_chat(dict(body), max_prompt_chars)
+        req, prompt = validate_chat(body, max_prompt_chars)
+        model = req["model"]
         route, layer, constraints = self.resolve(model)
         request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):016x}"
-        stream = bool(body.get("stream", False))
+        stream = req.get("stream", False)
         payload = {k: v for k, v in body.items() if k != "model"}
         decision, encode_s, t0 = None, 0.0, time.perf_counter()
         if route == "router":
-            decision, encode_s = await self._decide(prompt_of(messages), layer, constraints)
+            decision, encode_s = await self._decide(prompt, layer, constraints)
             # several router models may share one backend: each backend once, in the decision's order
             chain = list(dict.fromkeys(self.aliases[m] for m in [decision.model, *decision.fallbacks]))
             if decision.max_tokens and not (
@@ -254,6 +257,7 @@ class RoutingEngine:
         else:
             chain = [model]
         outcome = Outcome(request_id, route, decision, layer, decision_s=time.perf_counter() - t0)
+        outcome.routed_prompt = prompt
         outcome.headers = decision_headers(decision, outcome.decision_s)
         if decision is not None:
             outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
@@ -261,10 +265,10 @@ class RoutingEngine:
         try:
             got = await self.client.chat_with_fallback(chain, payload, stream=stream)
         except BadRequest as e:
-            self._finish(outcome, prompt_of(messages), error=e)
+            self._finish(outcome, prompt, error=e)
             raise ApiError(e.status or 400, f"backend {e.backend} rejected the request: {e}") from None
         except (AllBackendsFailed, BackendError) as e:
-            self._finish(outcome, prompt_of(messages), error=e)
+            self._finish(outcome, prompt, error=e)
             raise ApiError(
                 502, f"no backend answered: {e}", type="api_error", code="backends_failed"
             ) from None
@@ -276,9 +280,9 @@ class RoutingEngine:
         else:
             outcome.result = got
             if book_later:
-                outcome.prompt = prompt_of(messages)
+                outcome.prompt = prompt
             else:
-                self._finish(outcome, prompt_of(messages))
+                self._finish(outcome, prompt)
         outcome.headers["x-router-served-model"] = self._served_name(got)
         if isinstance(got, ChatResult) and len(got.tried) > 1:  # why the earlier backends were left
             outcome.headers["x-router-tried"] = ",".join(got.tried)
