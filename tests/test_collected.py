@@ -228,3 +228,70 @@ def test_measured_figures_give_back_the_pool_and_feed_the_decision_layer(store: 
         )
         assert est.ttft[0, j] == pytest.approx(f["ttft_s"])
         assert est.latency[0, j] == pytest.approx(f["ttft_s"] + out / f["tokens_per_s"])
+
+
+def test_train_on_a_collected_store_and_route_with_its_measured_figures(tmp_path, embedding_cache, capsys):
+    """Full tier: collect -> score -> ``experiments.train data=collected`` -> the checkpoint routes
+    (``router-ml route --policy``) and serves with the store's measured prices, lengths and latency."""
+    import subprocess
+    import sys
+
+    from router_ml.backends.catalog import Catalog
+    from router_ml.cli import main
+    from router_ml.router import LearnedRouter
+    from router_ml.serving.engine import RoutingEngine
+    from router_ml.serving.engine_support import load_policy_configs
+
+    root = Path(__file__).resolve().parent.parent
+    store = build_store(tmp_path / "answers.sqlite", _prompts(24, 24, 12))
+    assert main(["score", "--store", str(store), "--cache", ""]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "data=collected", f"data.path={store}", "predictor=linear",
+         "refit.folds=3", f"hydra.run.dir={run}"],
+        cwd=root, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/n_prompts"] >= 10 and 0 <= metrics["test/quality"] <= 1
+    router = LearnedRouter.from_pretrained(run / "checkpoint")
+    assert router.models == sorted(POOL)
+    cfg = json.loads((run / "checkpoint" / "router.json").read_text())["measured"]
+    assert set(cfg["models"]) == set(POOL)
+
+    # what the store measured, worked out here from its calls
+    with AnswerStore(store) as db:
+        calls = db.calls()
+    table = load_collected(store)
+    prompt = "What is 21 times 34? Show your work."
+    assert main(["route", "--ckpt", str(run / "checkpoint"), "--policy", "utility", prompt]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    model, task = decision["model"], decision["task"]
+    mine = calls[calls["model"] == model]
+    ttft = mine["ttft_s"].median()
+    speed = (mine["output_tokens"] / (mine["latency_s"] - mine["ttft_s"])).median()
+    lengths = table[(table["model"] == model) & (table["task"] == task)]["output_tokens"]
+    assert len(lengths) >= 5, f"the router predicted task {task!r}, which the store has no calls of"
+    out = lengths.median()
+    pin, pout = POOL[model]["prices"]
+    from router_ml.decision.costs import build_token_counter
+
+    tok_in = build_token_counter(None).count([prompt])[0]
+    assert decision["expected_ttft_s"] == pytest.approx(ttft)
+    assert decision["expected_latency_s"] == pytest.approx(ttft + out / speed)
+    assert decision["expected_cost_usd"] == pytest.approx((tok_in * pin + out * pout) / 1e6, rel=1e-6)
+
+    # the proxy: a catalog without latency figures takes the measured ones and the output lengths
+    entries = [{"name": m, "kind": "api", "base_url": "http://127.0.0.1:9/v1", "tokenizer": "approx",
+                "prices": {"input_per_mtok": p["prices"][0], "output_per_mtok": p["prices"][1]}}
+               for m, p in POOL.items()]  # fmt: skip
+    engine = RoutingEngine(router, Catalog.from_entries({"backends": entries}), load_policy_configs())
+    snap = engine.latency_model.snapshot().set_index("model")
+    assert snap.loc[model, "ttft_s"] == pytest.approx(ttft)
+    assert snap.loc[model, "tokens_per_s"] == pytest.approx(speed)
+    expected = engine.cost_model.output_model.predict([model], [task])[0, 0]
+    assert expected == pytest.approx(out)
+    import asyncio
+
+    asyncio.run(engine.aclose())
