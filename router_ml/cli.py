@@ -108,7 +108,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     fit = cfg.get("policy_fit")  # its prompts stay in router.json
     summary = {k: fit.get(k) for k in ("source", "n_prompts")} if fit else None
-    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary}, indent=2))
+    measured = cfg.get("measured")  # prices and latency measured in the training data, per model
+    figures = {"source": measured["source"], "models": measured["models"]} if measured else None
+    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary, "measured": figures}, indent=2))
     return 0
 
 

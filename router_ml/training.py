@@ -400,7 +400,8 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
         from router_ml.decision.measured import CONFIG_KEY, MeasuredFigures
 
         source = f"data {cfg['data'].get('name')!r}: {table['prompt_id'].nunique()} prompts' measured calls"
-        figures = MeasuredFigures.fit(table, min_count=int(measured.get("min_count", 5)), source=source)
+        opts = measured if isinstance(measured, Mapping) else {}  # `measured: true` takes the defaults
+        figures = MeasuredFigures.fit(table, min_count=int(opts.get("min_count", 5)), source=source)
         router.metadata[CONFIG_KEY] = figures.to_config()
     metrics = {k: float(v) for k, v in sorted(fitted.metrics.items())}
     router.save_pretrained(run_dir / "checkpoint", metrics=metrics)

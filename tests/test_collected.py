@@ -228,6 +228,16 @@ def test_measured_figures_give_back_the_pool_and_feed_the_decision_layer(store: 
         )
         assert est.ttft[0, j] == pytest.approx(f["ttft_s"])
         assert est.latency[0, j] == pytest.approx(f["ttft_s"] + out / f["tokens_per_s"])
+    # a pool's own latency figures win over the measured ones; unset ones are filled
+    from router_ml.decision.spec import ModelPool, ModelSpec
+
+    given = ModelPool([ModelSpec("small-1b", input_per_mtok=1.0, output_per_mtok=1.0, ttft_s=9.0),
+                       ModelSpec("big-70b", input_per_mtok=1.0, output_per_mtok=1.0)])  # fmt: skip
+    filled = fig.fill_latency(given)
+    assert filled.get("small-1b").ttft_s == 9.0
+    assert filled.get("small-1b").tokens_per_s == fig.models["small-1b"]["tokens_per_s"]
+    assert filled.get("big-70b").ttft_s == fig.models["big-70b"]["ttft_s"]
+    assert filled.input_price.tolist() == [1.0, 1.0]  # prices stay the pool's
 
 
 def test_train_on_a_collected_store_and_route_with_its_measured_figures(tmp_path, embedding_cache, capsys):
@@ -257,8 +267,9 @@ def test_train_on_a_collected_store_and_route_with_its_measured_figures(tmp_path
     assert metrics["test/n_prompts"] >= 10 and 0 <= metrics["test/quality"] <= 1
     router = LearnedRouter.from_pretrained(run / "checkpoint")
     assert router.models == sorted(POOL)
-    cfg = json.loads((run / "checkpoint" / "router.json").read_text())["measured"]
-    assert set(cfg["models"]) == set(POOL)
+    assert main(["info", str(run / "checkpoint")]) == 0
+    info = json.loads(capsys.readouterr().out)["measured"]
+    assert set(info["models"]) == set(POOL) and "collected" in info["source"]
 
     # what the store measured, worked out here from its calls
     with AnswerStore(store) as db:

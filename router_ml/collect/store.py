@@ -352,8 +352,10 @@ class AnswerStore:
         return self._frame(SCORES_SQL)
 
     def scored_keys(self) -> set[tuple[str, str, str, str]]:
-        """(prompt_id, model, scorer, version) of the verdicts stored without an error."""
-        rows = self._db.execute("SELECT prompt_id, model, scorer, version FROM scores WHERE error IS NULL")
+        """(prompt_id, model, scorer, version) of the verdicts stored with a score and no error."""
+        rows = self._db.execute(
+            "SELECT prompt_id, model, scorer, version FROM scores WHERE error IS NULL AND score IS NOT NULL"
+        )
         return {tuple(r) for r in rows.fetchall()}
 
 
