@@ -112,7 +112,7 @@ def load_collected(
         )
     source_task = table["task"].fillna("").astype(str)
     mapping = {name: _task_type(name, default_task) for name in source_task.unique()}
-    unmapped = sorted(n for n, t in mapping.items() if t is None)
+    unmapped = sorted(n or "(no task)" for n, t in mapping.items() if t is None)
     if unmapped:
         raise UnknownTaskError(
             f"store {str(path)!r}: prompt task(s) {unmapped} map onto no task type; give each prompt a task "
