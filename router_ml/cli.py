@@ -1,6 +1,7 @@
 """The ``router-ml`` console entry point.
 
 router-ml route --ckpt CHECKPOINT "Summarise this email ..."   # one decision, as JSON
+router-ml route --ckpt CHECKPOINT --policy utility "..."       # with expected $ and latency
 router-ml info CHECKPOINT                                      # what a checkpoint holds
 router-ml train data=llmrouter predictor=knn                   # = python -m experiments.train ...
 router-ml collect prompts=my_prompts.jsonl spend_cap_usd=2     # = python -m experiments.collect ...
@@ -12,6 +13,7 @@ router-ml data fetch llmrouter                                # download its raw
 router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from upstream raw files
 router-ml score answers.jsonl --out scored.parquet            # score answers (scorer per row's task)
 router-ml score answers.jsonl --scorer judge_rubric --backends conf/backends/local.yaml --judge NAME
+router-ml score --store outputs/collect/answers.sqlite         # score a collection store, in place
 """
 
 from __future__ import annotations
@@ -54,13 +56,39 @@ def cmd_collect(overrides: list[str]) -> int:
     return 0
 
 
+def route_layer(router, policy: str, policy_dir: str | None = None):
+    """The decision layer ``router-ml route --policy`` decides with, fitted on the router's policy fit
+    set: priced and timed by the checkpoint's measured figures (a router trained on a collection
+    store), else by list prices and latency priors (:meth:`ModelPool.from_data`)."""
+    from router_ml.decision.costs import CostModel
+    from router_ml.decision.latency import LatencyModel
+    from router_ml.decision.layer import DecisionLayer
+    from router_ml.decision.measured import MeasuredFigures
+    from router_ml.decision.policies import build_policy
+    from router_ml.decision.spec import ModelPool
+    from router_ml.serving.engine_support import load_policy_configs
+
+    configs = load_policy_configs(policy_dir)
+    if policy not in configs:
+        raise ValueError(f"unknown policy {policy!r}; known: {sorted(configs)}")
+    built = build_policy(dict(configs[policy]))
+    measured = MeasuredFigures.of_router(router)
+    if measured is not None:
+        layer = measured.decision_layer(built, router.models)
+    else:
+        pool = ModelPool.from_data(router.models)
+        layer = DecisionLayer(built, pool, CostModel(pool), LatencyModel(pool))
+    return layer.fit_router(router)
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from router_ml.router import LearnedRouter
 
     router = LearnedRouter.from_pretrained(args.ckpt)
+    layer = route_layer(router, args.policy, args.policy_dir) if args.policy else None
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for p in prompts:
-        print(json.dumps(router.route(p).to_dict()))
+        print(json.dumps(router.route(p, policy=layer).to_dict()))
     return 0
 
 
@@ -80,7 +108,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     fit = cfg.get("policy_fit")  # its prompts stay in router.json
     summary = {k: fit.get(k) for k in ("source", "n_prompts")} if fit else None
-    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary}, indent=2))
+    measured = cfg.get("measured")  # prices and latency measured in the training data, per model
+    figures = {"source": measured["source"], "models": measured["models"]} if measured else None
+    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary, "measured": figures}, indent=2))
     return 0
 
 
@@ -181,13 +211,11 @@ def _read_table(path: Path):
     raise ValueError(f"{path}: answers must be a .jsonl or .parquet file")
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from router_ml.scoring.cache import ScoreCache
+def _scorer_factory(args: argparse.Namespace):
+    """``(get_scorer, close)``: ``get_scorer(name)`` builds each scorer once (a judge through the
+    catalog's :class:`~router_ml.backends.client.BackendClient`); ``close()`` closes that client."""
     from router_ml.scoring.registry import JUDGES, build_scorer
-    from router_ml.scoring.table import score_frame
 
-    src = Path(args.answers)
-    df = _read_table(src)
     client, built = None, {}
 
     def get_scorer(name: str):
@@ -208,13 +236,41 @@ def cmd_score(args: argparse.Namespace) -> int:
             built[name] = build_scorer(name, **params)
         return built[name]
 
-    cache = ScoreCache(args.cache) if args.cache else None
-    try:
-        out = score_frame(df, get_scorer, scorer=args.scorer, cache=cache, source=str(src))
-    finally:
+    def close() -> None:
         judge = next((s for s in built.values() if s.name in JUDGES), None)
         if client is not None and judge is not None:
             judge.run(client.aclose())
+
+    return get_scorer, close
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from router_ml.scoring.cache import ScoreCache
+    from router_ml.scoring.table import score_frame
+
+    if bool(args.answers) == bool(args.store):
+        raise ValueError("router-ml score: give an answers file or --store STORE (one of them)")
+    get_scorer, close = _scorer_factory(args)
+    cache = ScoreCache(args.cache) if args.cache else None
+    if args.store:
+        from router_ml.collect.scoring import score_store
+        from router_ml.collect.store import AnswerStore
+
+        if not Path(args.store).is_file():
+            raise FileNotFoundError(f"store {args.store!r} not found")
+        with AnswerStore(args.store) as store:
+            try:
+                summary = score_store(store, get_scorer, scorer=args.scorer, cache=cache)
+            finally:
+                close()
+        print(json.dumps(summary, indent=2))
+        return 0
+    src = Path(args.answers)
+    df = _read_table(src)
+    try:
+        out = score_frame(df, get_scorer, scorer=args.scorer, cache=cache, source=str(src))
+    finally:
+        close()
     dest = Path(args.out) if args.out else src.with_name(src.stem + ".scored.parquet")
     if dest.suffix == ".jsonl":
         out.to_json(dest, orient="records", lines=True, force_ascii=False)
@@ -243,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("collect", help="collect answers from a backend pool (Hydra overrides follow)")
     p_route = sub.add_parser("route", help="route prompts (arguments, or one per stdin line)")
     p_route.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p_route.add_argument(
+        "--policy", default=None, help="decide with this policy (expected $ and latency from the checkpoint)"
+    )
+    p_route.add_argument("--policy-dir", default=None, help="folder of <policy>.yaml configs")
     p_route.add_argument("prompt", nargs="*")
     p_info = sub.add_parser("info", help="print a checkpoint's router.json summary")
     p_info.add_argument("ckpt")
@@ -285,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     p_score = sub.add_parser(
         "score", help="score answers: JSONL / parquet of prompt, answer, reference, tests, task"
     )
-    p_score.add_argument("answers", help="a .jsonl or .parquet file")
+    p_score.add_argument("answers", nargs="?", help="a .jsonl or .parquet file (or give --store)")
+    p_score.add_argument(
+        "--store", default=None, help="a collection store: score its answers into its scores table"
+    )
     p_score.add_argument(
         "--scorer", default=None, help="one scorer for every row (default: by each row's task)"
     )

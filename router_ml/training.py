@@ -392,6 +392,14 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
         router, extra = refit_on_all(cfg, table, fitted, seed)
         fitted.metrics.update(extra)
     router.policy_fit = default_policy_fit(router)
+    measured = cfg["data"].get("measured")
+    if measured:  # the data's own calls price and time its models (a collection store)
+        from router_ml.decision.measured import CONFIG_KEY, MeasuredFigures
+
+        source = f"data {cfg['data'].get('name')!r}: {table['prompt_id'].nunique()} prompts' measured calls"
+        opts = measured if isinstance(measured, Mapping) else {}  # `measured: true` takes the defaults
+        figures = MeasuredFigures.fit(table, min_count=int(opts.get("min_count", 5)), source=source)
+        router.metadata[CONFIG_KEY] = figures.to_config()
     metrics = {k: float(v) for k, v in sorted(fitted.metrics.items())}
     router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -40,12 +40,16 @@ from typing import Any
 import pandas as pd
 
 from router_ml.collect.prompts import Prompt
+from router_ml.data.store_file import (
+    ANSWERS_SQL,
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SCORES_SQL,
+    StoreFileError,
+    check_store,
+)
 from router_ml.sqlite_retry import retry_locked
 
-#: Schema version in ``PRAGMA user_version``; a newer file is refused, not guessed at.
-SCHEMA_VERSION = 1
-#: ``PRAGMA application_id`` that marks a SQLite file as a router-ml collection store ("RMCS").
-APPLICATION_ID = 0x524D4353
 SYNCHRONOUS = ("NORMAL", "FULL")
 _SCHEMA = [
     """CREATE TABLE prompts (
@@ -134,7 +138,20 @@ CALL_COLUMNS = (
 _INSERT_CALL = f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})"
 
 
-class StoreError(ValueError):
+SCORE_COLUMNS = (
+    "prompt_id",
+    "model",
+    "scorer",
+    "version",
+    "score",
+    "detail",
+    "cost_usd",
+    "error",
+    "scored_at",
+)
+
+
+class StoreError(StoreFileError):
     """A collection store that cannot be used, or a prompt that clashes with a stored one."""
 
 
@@ -209,7 +226,7 @@ class AnswerStore:
         self._db.close()
 
     def _init_schema(self) -> None:
-        def create_or_read() -> tuple[int, int]:
+        def create_or_read() -> None:
             self._db.execute("BEGIN IMMEDIATE")  # concurrent creators: one writes the schema
             try:
                 app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
@@ -218,23 +235,17 @@ class AnswerStore:
                 if app_id == 0 and version == 0 and tables == 0:
                     for stmt in _SCHEMA:
                         self._db.execute(stmt)
-                    app_id, version = APPLICATION_ID, SCHEMA_VERSION
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-            return app_id, version
 
-        app_id, version = retry_locked(create_or_read, self.timeout_s)
-        if app_id != APPLICATION_ID:
-            raise StoreError(
-                f"store {str(self.path)!r} is a SQLite file but not a collection store (application_id {app_id})"
-            )
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"store {str(self.path)!r}: schema version {version} is newer than this code's {SCHEMA_VERSION}"
-            )
+        retry_locked(create_or_read, self.timeout_s)
+        try:
+            check_store(self._db, self.path)
+        except StoreFileError as err:
+            raise StoreError(str(err)) from None
 
     # ------------------------------------------------------------------------------ writes
     def add_prompts(self, prompts: Sequence[Prompt]) -> int:
@@ -289,6 +300,28 @@ class AnswerStore:
             (time.time(), spent_usd, stop_reason, run_id),
         )
 
+    def add_scores(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Write verdicts into ``scores`` (one transaction; keys :data:`SCORE_COLUMNS`, ``scored_at``
+        defaults to now). A row for a stored (prompt_id, model, scorer, version) replaces it: callers
+        re-score only failed verdicts (:meth:`scored_keys`). Returns how many were written."""
+        now = time.time()
+        values = [
+            tuple((r.get(c) or now) if c == "scored_at" else r.get(c) for c in SCORE_COLUMNS) for r in rows
+        ]
+        marks = ", ".join("?" * len(SCORE_COLUMNS))
+
+        def write() -> None:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(f"INSERT OR REPLACE INTO scores VALUES ({marks})", values)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+        retry_locked(write, self.timeout_s)
+        return len(values)
+
     # ------------------------------------------------------------------------------- reads
     def answered(self, models: Iterable[str] | None = None) -> set[tuple[str, str]]:
         """The (prompt_id, model) pairs that have an answer (of ``models``, or all)."""
@@ -311,15 +344,19 @@ class AnswerStore:
 
     def answers(self) -> pd.DataFrame:
         """One row per (prompt, model) called: its answer, or its latest error while it has none;
-        the prompt's text, task, reference and tests alongside."""
-        return self._frame(
-            """SELECT p.prompt, p.task, p.reference, p.tests, p.source, c.*
-            FROM calls c JOIN prompts p USING (prompt_id)
-            WHERE c.call_id IN (
-                SELECT COALESCE(MAX(CASE WHEN ok = 1 THEN call_id END), MAX(call_id))
-                FROM calls GROUP BY prompt_id, model)
-            ORDER BY c.call_id"""
+        the prompt's text, task, reference and tests alongside (:data:`~router_ml.data.store_file.ANSWERS_SQL`)."""
+        return self._frame(ANSWERS_SQL)
+
+    def scores(self) -> pd.DataFrame:
+        """Every stored verdict (:data:`~router_ml.data.store_file.SCORES_SQL`)."""
+        return self._frame(SCORES_SQL)
+
+    def scored_keys(self) -> set[tuple[str, str, str, str]]:
+        """(prompt_id, model, scorer, version) of the verdicts stored with a score and no error."""
+        rows = self._db.execute(
+            "SELECT prompt_id, model, scorer, version FROM scores WHERE error IS NULL AND score IS NOT NULL"
         )
+        return {tuple(r) for r in rows.fetchall()}
 
 
 def read_store(path: str | os.PathLike) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecisio
 from router_ml.decision.costs import CostModel, OutputLengthModel
 from router_ml.decision.latency import LatencyModel
 from router_ml.decision.layer import DecisionLayer
+from router_ml.decision.measured import MeasuredFigures
 from router_ml.decision.policies import build_policy
 from router_ml.serving.chat_request import validate_chat
 from router_ml.serving.decider import Decider
@@ -114,8 +115,13 @@ class RoutingEngine:
         from router_ml.decision.spec import ModelPool
 
         self.pool = ModelPool([dataclasses.replace(pool.get(self.aliases[m]), name=m) for m in self.served])
+        # a checkpoint trained on a collection store carries its measured output lengths and the
+        # TTFT / decode speed of its models (for backends whose catalog entry sets none)
+        measured = MeasuredFigures.of_router(router)
+        if measured is not None:
+            self.pool = measured.fill_latency(self.pool)
         self.latency_model = LatencyModel(self.pool)
-        self.cost_model = CostModel(self.pool, OutputLengthModel())
+        self.cost_model = CostModel(self.pool, measured.output_model() if measured else OutputLengthModel())
         self.layers: dict[str, DecisionLayer] = {}
         for name, cfg in policies.items():
             self.layers[name] = DecisionLayer(
