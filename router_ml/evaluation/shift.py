@@ -227,17 +227,18 @@ def fold_scores(
         )
         for hname, (head, cal, policy, *guard) in fitted.items():
             raw = predict_head(head, X_te, t_te)
-            q = cal.transform(raw) if cal is not None else raw
+            q, lower = (cal.transform(raw) if cal is not None else raw), None
             if guard:  # the router's order: head -> calibrator -> guard
                 g, nov_va, info = guard
                 gd = g.transform(X_te, q)
-                raw = q = gd.quality
+                q, lower = gd.quality, gd.lower
+                raw = q - policy.risk * (q - gd.lower)  # routed: argmax of what the policy ranks by
                 fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
                 fs.covered[hname] = np.where(
                     np.isnan(Y_te), np.nan, (Y_te >= gd.lower - 1e-9) & (Y_te <= gd.upper + 1e-9)
                 )
             fs.routed[hname] = routed_scores(raw, Y_te)
-            e = dataclasses.replace(est, quality=q)
+            e = dataclasses.replace(est, quality=q, quality_lower=lower)
             knobs = knob_values(ctx.utility, policy, e, ref_cost)
             S = np.empty((len(rows), len(knobs)))
             C = np.empty_like(S)
@@ -282,10 +283,12 @@ def _fit_guard(
     g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
     info = {"shrink": g.shrink_.tolist(), "cv_auroc": g.cv_auroc_, "cv_gain": g.cv_gain_.tolist()}
     nov_va = np.zeros(0)
+    policy = copy.deepcopy(policy)
+    policy.risk = float(ctx.guard.get("risk", getattr(policy, "risk", 0.0)))
     if est_va is not None and q_va is not None:  # validation prompts: training families, never trained on
         gd = g.transform(X_va, q_va)
         nov_va = gd.novelty
-        policy = copy.deepcopy(policy).fit(dataclasses.replace(est_va, quality=gd.quality))
+        policy = policy.fit(dataclasses.replace(est_va, quality=gd.quality, quality_lower=gd.lower))
     return head, cal, policy, g, nov_va, info
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from router_ml.predictors.base import BasePredictor, check_state
+from router_ml.predictors.base import BasePredictor, check_state, few_rows_blas
 
 #: ``fit_predict(train_rows (a,), test_rows (b,)) -> (b, m)`` out-of-fold quality predictions
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -135,10 +135,12 @@ class NoveltyGuard(BasePredictor):
         classifier: nearest distance, mean distance of the ``k`` nearest, 1 - top family
         probability, normalised family entropy."""
         U = _unit(X)
-        S = U @ bank.T  # (n, b): the one product per row that the score costs
+        with few_rows_blas(len(U)):  # a threaded one-row product costs milliseconds on a loaded CPU
+            S = U @ bank.T  # (n, b): the one product per row that the score costs
+            Z = U @ coef.T + icpt
         k = min(k, S.shape[1])
         top = np.partition(S, S.shape[1] - k, axis=1)[:, -k:]
-        P = _softmax(U @ coef.T + icpt)
+        P = _softmax(Z)
         ent = -(P * np.log(np.maximum(P, 1e-12))).sum(axis=1) / max(np.log(P.shape[1]), 1e-12)
         return np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
 
