@@ -29,6 +29,7 @@ def guarded_run(tmp_path_factory, shared_data, embedding_cache) -> tuple[Path, d
                 "predictor=knn",
                 "predictor.params.k=10",
                 "split.holdout_tasks=[mmlu]",
+                "guard.enabled=true",
                 "guard.params.folds=3",
             ],
         )
@@ -71,7 +72,9 @@ def test_a_checkpoint_without_a_guard_still_loads(guarded_run, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run / "checkpoint", old)
     config = json.loads((old / "router.json").read_text())
-    arrays = {k: v for k, v in load_file(str(old / "weights.safetensors")).items() if not k.startswith("guard.")}
+    arrays = {
+        k: v for k, v in load_file(str(old / "weights.safetensors")).items() if not k.startswith("guard.")
+    }
     save_file(arrays, str(old / "weights.safetensors"))
     del config["guard"]  # written before the guard existed
     config["array_shapes"] = {k: v for k, v in config["array_shapes"].items() if not k.startswith("guard.")}

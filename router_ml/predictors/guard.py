@@ -26,7 +26,11 @@ conformalises a fitted estimator on a calibration set it predicts itself (one pe
 and would add a dependency to the serving path for a ``np.quantile``.
 
 ``fit`` takes the head as a callable ``fit_predict(train_rows, test_rows) -> (k, m)`` so this
-module stays below the training code; state is plain arrays (``state_dict``), no pickle.
+module stays below the training code; state is plain arrays (``state_dict``), no pickle. The
+out-of-fold predictions are the head's own (uncalibrated: a calibrator per inner fold would need a
+calibration part of each); the router applies the guard after its calibrator, which maps the same
+[0, 1] quality scale. The novelty features of the out-of-fold rows are measured against their
+fold's training part, the served ones against the full bank (slightly nearer neighbours).
 """
 
 from __future__ import annotations
