@@ -47,7 +47,9 @@ def decision_headers(d: RoutingDecision | None, decision_s: float) -> dict[str, 
     def ascii(text: str) -> str:
         return text.encode("ascii", "replace").decode()[:512]
 
+    extra = {} if d.novelty is None else {"x-router-novelty": f"{d.novelty:.3f}"}
     return {
+        **extra,
         "x-router-route": "router",
         "x-router-model": d.model,
         "x-router-task": d.task,
