@@ -14,6 +14,7 @@ models served by other names); router models with no backend are never chosen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -140,6 +141,21 @@ class RoutingEngine:
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
         self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Route a prompt through the whole decision path once before serving: the first pass loads
+        tokenizers and starts the encoder's workers (seconds on a CPU), which the first client
+        would otherwise wait for. Fitting from the policy fit set no longer encodes anything."""
+        t = time.perf_counter()
+        # a spent budget refuses requests, not the start (the encoder has run by then)
+        with contextlib.suppress(BudgetExhausted):
+            self.router.route_batch(
+                ["Warm-up: summarise this sentence."],
+                allowed_models=self.served,
+                policy=self.layers[self.default_policy],
+            )
+        log.info("decision path warmed up in %.2f s", time.perf_counter() - t)
 
     def _fit(self) -> None:
         """Fit every policy on the router's policy fit set, over the served models at the catalog's prices."""
