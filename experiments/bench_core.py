@@ -3,6 +3,7 @@
     python -m experiments.bench_core                      # llmrouter_ulab, split seed 0
     python -m experiments.bench_core --seeds 0 1 2 --cold # several splits; re-measure cold embedding
     python -m experiments.bench_core --speed-only         # decision latency + batched throughput only
+    python -m experiments.bench_core --speed-only --guard # the same with the novelty guard (issue 11)
     python -m experiments.bench_core --outer-folds 5      # nested CV: every prompt tested once
 
 For each quality head (knn, linear, mlp, mf), hyper-parameters are tuned by k-fold CV INSIDE the
@@ -42,7 +43,7 @@ from router_ml.data.adapters import load_source
 from router_ml.data.schema import to_wide
 from router_ml.data.taxonomy import TASK_TYPES, task_ids_of
 from router_ml.embeddings import CachedEncoder, build_encoder
-from router_ml.evaluation.metrics import (
+from router_ml.metrics import (
     best_single_model,
     gap_closed,
     oracle_scores,
@@ -50,9 +51,9 @@ from router_ml.evaluation.metrics import (
     random_scores,
     routed_scores,
 )
-from router_ml.evaluation.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
 from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
 from router_ml.predictors.calibration import expected_calibration_error
+from router_ml.predictors.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
 from router_ml.training import split_data, task_training_data
 
 GRIDS = {
@@ -254,7 +255,8 @@ def latency(router, n: int = 200, batch: int = 1000, batch_reps: int = 3) -> dic
         X, X_task = router._encode([p])  # the embedding (and the task head's layer states)
         t1 = time.perf_counter()
         router.task_head.predict_proba(X_task, texts=[p])
-        router._quality_from_embeddings(X, texts=[p])
+        q = router._quality_from_embeddings(X, texts=[p])
+        router._guarded(X, q, list(range(len(router.models))))  # the novelty guard, when there is one
         t2 = time.perf_counter()
         router.route(p)
         t3 = time.perf_counter()
@@ -329,9 +331,11 @@ def print_speed(out: dict, head: str) -> None:
     )
 
 
-def speed_only(head: str) -> dict:
+def speed_only(head: str, guard: bool = False) -> dict:
     """Speed figures only: a router with the ``head`` quality head at default parameters (no
-    tuning) and the bench's task head, fitted on llmrouter_ulab's training split (seed 0)."""
+    tuning) and the bench's task head, fitted on llmrouter_ulab's training split (seed 0); with
+    ``guard``, a :class:`~router_ml.predictors.guard.NoveltyGuard` after it (fitted by 3 + 3
+    folds of the head)."""
     from router_ml.router import LearnedRouter
 
     table = load_source("llmrouter")
@@ -350,8 +354,18 @@ def speed_only(head: str) -> dict:
     task_head.fit(X_task, list(task_train["task"]), texts=list(task_train["prompt"]))
     quality = build_quality_predictor(head).fit(X_tr, Y_tr, task_ids_of(p_tr[TASK_KEY.get(head, "task")]))
     cal = build_calibrator("isotonic").fit(quality.predict(X_va), Y_va)
-    out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal)))
-    print_speed(out, head)
+    g = None
+    if guard:
+        from router_ml.predictors.guard import NoveltyGuard
+
+        tid = task_ids_of(p_tr[TASK_KEY.get(head, "task")])
+
+        def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+            return build_quality_predictor(head).fit(X_tr[tr], Y_tr[tr], tid[tr]).predict(X_tr[te])
+
+        g = NoveltyGuard(folds=3).fit(X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict)
+    out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal, guard=g)))
+    print_speed(out, head + (" + guard" if guard else ""))
     return out
 
 
@@ -377,10 +391,11 @@ def main() -> None:
         help="only the decision latency and batched throughput, from a quickly fitted router "
         "(the first of --heads if given, else taskmix; ~1 min with the embedding cache filled)",
     )
+    ap.add_argument("--guard", action="store_true", help="--speed-only with the novelty guard")
     args = ap.parse_args()
     if args.speed_only:
         head = args.heads[0] if args.heads != ap.get_default("heads") else "taskmix"
-        out = speed_only(head)
+        out = speed_only(head, guard=args.guard)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=2)

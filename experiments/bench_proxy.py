@@ -3,6 +3,8 @@
     python -m experiments.bench_proxy                       # trains a small router if needed
     python -m experiments.bench_proxy --ckpt CHECKPOINT --duration 3 --warmup 1 --no-litellm
     python -m experiments.bench_proxy --head taskmix --concurrency 1 --no-litellm
+    python -m experiments.bench_proxy --no-litellm --targets rml_pass --concurrency 32 \
+        --backend-client fast httpx aiohttp --rounds 4     # which HTTP client the proxy should use
 
 One run starts, as subprocesses stopped by PID: the project's loopback backend (the same fast
 backend behind every path), ``router-ml serve`` (catalog: one backend ``loop``; every router model
@@ -17,6 +19,12 @@ encoder times the proxy reports (``x-router-decision-ms``, ``x-router-encode-ms`
 the routed p50 added minus the encoder's p50, the figure the "encoder + 1 ms" target is about), the
 CPU each proxy process spent per request (from ``/proc``: robust on a shared machine, where wall
 times are not), and writes ``outputs/bench/proxy.json``.
+
+``--backend-client`` picks router-ml's own client to its backends (``ROUTER_ML_HTTP_CLIENT``:
+``fast`` = :mod:`router_ml.backends.http11`, ``aiohttp``, ``httpx``); given several, with
+``--rounds N``, the servers are restarted for each client in turn (A, B, C, A, B, C...) and the
+pass-through req/s and p50 at the top concurrency are printed per client (median and every run),
+with the winner's margin over the runner-up.
 
 Conditions (the same for every target, so that the comparison stays side by side):
 
@@ -67,6 +75,7 @@ from router_ml.backends.http11 import FastHTTP
 from router_ml.backends.local.launch_spec import free_port
 
 TARGETS = ("direct", "rml_pass", "rml_routed", "litellm")
+BACKEND_CLIENTS = ("fast", "httpx", "aiohttp")
 
 
 def start_servers(
@@ -331,35 +340,18 @@ def print_table(cells: dict[str, dict], summary: dict[str, Any]) -> None:
         print(f"  {k:<45} {v:.3f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--ckpt", default=None, help="router checkpoint (default: train one into outputs/bench/ckpt)"
-    )
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
-    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
-    ap.add_argument("--head", choices=BENCH_HEADS, default="knn", help="quality head of the trained router")
-    ap.add_argument("--no-litellm", action="store_true")
-    ap.add_argument(
-        "--client", choices=["fast", "httpx"], default="fast", help="the load generator's HTTP client"
-    )
-    ap.add_argument(
-        "--uvloop", action=argparse.BooleanOptionalAction, default=True, help="uvloop for the load generator"
-    )
-    ap.add_argument(
-        "--pin", action="store_true", help="load generator + backend on core 0, proxies on core 1"
-    )
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "proxy.json"))
-    args = ap.parse_args(argv)
-    ckpt = ensure_checkpoint(args.ckpt, args.head)
-    litellm = None if args.no_litellm else ensure_litellm()
+def measure(args: argparse.Namespace, ckpt: Path, litellm: Path | None, backend_client: str | None) -> dict:
+    """Start the servers (router-ml's backend HTTP client: ``backend_client``), run every cell,
+    stop them; ``{"cells", "targets", "pinned"}``."""
+    if backend_client:
+        os.environ["ROUTER_ML_HTTP_CLIENT"] = backend_client  # inherited by the router-ml process
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpdir:
         tmp = Path(tmpdir)
         procs: dict[str, Proc] = {}
         with stopping(procs):
             pin = args.pin and len(os.sched_getaffinity(0)) >= 2
             calls = start_servers(ckpt, tmp, litellm, procs, pin=pin)
+            calls = {t: c for t, c in calls.items() if t in args.targets or t == "direct"}
             if pin:
                 os.sched_setaffinity(0, {0})
             loop_factory = None
@@ -388,14 +380,98 @@ def main(argv: list[str] | None = None) -> int:
                             cell = runner.run(cell_run)
                         cells[f"{target}|{mode}|{conc}"] = cell
                         print(f"{target:<11}{mode:<10}c={conc:<3} {json.dumps(cell)}", flush=True)
-    summary = summarise(cells, list(calls), args.concurrency)
-    print_table(cells, summary)
+            gc.unfreeze()
+            if pin:
+                os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return {"cells": cells, "targets": list(calls), "pinned": pin}
+
+
+def compare_clients(runs: list[dict], conc: int) -> dict[str, Any]:
+    """Pass-through (``rml_pass``) req/s and p50 at ``conc`` per backend client over alternating
+    runs: every run, the medians, and the winner's margin over the runner-up (req/s)."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        c = run["cells"][f"rml_pass|nonstream|{conc}"]
+        d = run["cells"][f"direct|nonstream|{conc}"]
+        got = per.setdefault(run["backend_client"], {"rps": [], "p50_ms": [], "stream_p50_ms": []})
+        got["rps"].append(c["rps"])
+        got["p50_ms"].append(c["p50_ms"] - d["p50_ms"])
+        got["stream_p50_ms"].append(run["cells"][f"rml_pass|stream|{conc}"]["p50_ms"])
+    med = {k: {m: float(np.median(v)) for m, v in got.items()} for k, got in per.items()}
+    ranked = sorted(med, key=lambda k: med[k]["rps"], reverse=True)
+    out: dict[str, Any] = {"concurrency": conc, "runs": per, "medians": med, "ranking": ranked}
+    if len(ranked) > 1:
+        out["winner_margin"] = med[ranked[0]]["rps"] / med[ranked[1]]["rps"] - 1
+    print(f"\nrouter-ml pass-through, non-stream, concurrency {conc}, by backend HTTP client "
+          f"({len(runs)} runs, alternating):")  # fmt: skip
+    print(f"{'client':<9}{'median req/s':>14}{'median +p50 ms':>16}{'stream p50 ms':>15}  all req/s")
+    for k in ranked:
+        runs_rps = " ".join(f"{v:.0f}" for v in per[k]["rps"])
+        print(
+            f"{k:<9}{med[k]['rps']:>14.0f}{med[k]['p50_ms']:>16.2f}{med[k]['stream_p50_ms']:>15.2f}  {runs_rps}"
+        )
+    if len(ranked) > 1:
+        print(f"winner: {ranked[0]}, {100 * out['winner_margin']:+.1f}% req/s over {ranked[1]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--ckpt", default=None, help="router checkpoint (default: train one into outputs/bench/ckpt)"
+    )
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    ap.add_argument("--head", choices=BENCH_HEADS, default="knn", help="quality head of the trained router")
+    ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        help="what to measure ('direct' always)",
+    )
+    ap.add_argument(
+        "--client", choices=["fast", "httpx"], default="fast", help="the load generator's HTTP client"
+    )
+    ap.add_argument(
+        "--backend-client",
+        nargs="+",
+        choices=BACKEND_CLIENTS,
+        default=None,
+        help="router-ml's HTTP client to its backends; several: compared in alternating runs",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="alternating runs per --backend-client")
+    ap.add_argument(
+        "--uvloop", action=argparse.BooleanOptionalAction, default=True, help="uvloop for the load generator"
+    )
+    ap.add_argument(
+        "--pin", action="store_true", help="load generator + backend on core 0, proxies on core 1"
+    )
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "proxy.json"))
+    args = ap.parse_args(argv)
+    ckpt = ensure_checkpoint(args.ckpt, args.head)
+    litellm = None if args.no_litellm else ensure_litellm()
+    clients = args.backend_client or [None]
+    runs = []
+    for r in range(args.rounds):
+        for bc in clients:
+            if len(clients) > 1 or args.rounds > 1:
+                print(f"\n=== round {r + 1}/{args.rounds}, backend client {bc}", flush=True)
+            runs.append({**measure(args, ckpt, litellm, bc), "backend_client": bc, "round": r})
+    last = runs[-1]
+    summary = summarise(last["cells"], last["targets"], args.concurrency)
+    print_table(last["cells"], summary)
+    if len(runs) > 1 and "rml_pass" in last["targets"]:
+        summary["backend_clients"] = compare_clients(runs, max(args.concurrency))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"ckpt": os.path.relpath(ckpt, ROOT), "duration_s": args.duration, "warmup_s": args.warmup,
-            "cpu_count": os.cpu_count(), "litellm": "litellm" in calls, "client": args.client,
-            "uvloop": args.uvloop, "pinned": pin}  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "cells": cells, **summary}, indent=2))
+            "cpu_count": os.cpu_count(), "litellm": "litellm" in last["targets"], "client": args.client,
+            "backend_clients": clients, "rounds": args.rounds, "uvloop": args.uvloop,
+            "pinned": last["pinned"]}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "cells": last["cells"], "runs": runs, **summary}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -56,7 +56,7 @@ def small_router(head: str) -> dict:
 
 def ensure_checkpoint(ckpt: str | None, head: str = "knn") -> Path:
     """The given checkpoint, or a small router trained once into outputs/bench/ckpt (knn) or
-    outputs/bench/ckpt-<head>."""
+    outputs/bench/ckpt-<head> (one trained before checkpoints carried a policy fit set gains one)."""
     if ckpt:
         return Path(ckpt)
     run = ROOT / "outputs" / "bench" / ("ckpt" if head == "knn" else f"ckpt-{head}")
@@ -65,6 +65,13 @@ def ensure_checkpoint(ckpt: str | None, head: str = "knn") -> Path:
 
         print(f"training a small {head} router into {run} ...", flush=True)
         train(small_router(head), run_dir=run)
+    else:
+        from router_ml.checkpoint import read_config
+        from router_ml.export import add_policy_fit
+
+        if read_config(run / "checkpoint").get("policy_fit") is None:
+            print(f"adding the policy fit set to {run / 'checkpoint'} ...", flush=True)
+            add_policy_fit(run / "checkpoint")
     return run / "checkpoint"
 
 

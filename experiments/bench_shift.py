@@ -14,7 +14,9 @@ format) and runs ``experiments.evaluate``'s own config (conf/evaluate.yaml compo
 (evaluate's taskmix, the main job's MLP, kNN as the baseline) fitted on the training folds only,
 the best single model chosen there, routed quality (argmax of predicted quality) against it with a
 paired bootstrap 95% CI over held-out prompts, the worst family, and the utility policy's AIQ
-against the Zero router's. Embeddings come from the on-disk cache (the first run fills it).
+against the Zero router's. ``<head>+guard`` rows: the head with its NoveltyGuard (shift.guard),
+with the guard's novelty AUROC, interval coverage and fitted shrinkage printed after the table.
+Embeddings come from the on-disk cache (the first run fills it).
 
 Writes ``<out>/<data>_<mode>/`` (shift.json, shift.md, shift_prompts.parquet per job) and
 ``<out>/bench_shift.json`` / ``bench_shift.md`` (the headline rows); prints the headline table.
@@ -102,6 +104,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def guard_lines(job: str, summary: dict) -> str:
+    """The novelty guard's figures of a job: novelty AUROC (held-out prompts against the folds'
+    in-distribution validation prompts), per-model interval coverage against nominal, and the
+    shrinkage (w_id, w_novel) fitted per fold."""
+    out = []
+    for head, g in (summary.get("guard") or {}).items():
+        cov = g["coverage"]
+        fits = g["fits"].values()
+        w0 = [f["shrink"][0] for f in fits]
+        w1 = [f["shrink"][1] for f in fits]
+        out.append(
+            f"{job} {head}: novelty AUROC {g['novelty_auroc']:.3f} (mean novelty held-out "
+            f"{g['novelty_test_mean']:.2f} vs in-distribution {g['novelty_id_mean']:.2f}); interval "
+            f"coverage (nominal {g['coverage_nominal']:.2f}) per model {min(cov.values()):.3f}..{max(cov.values()):.3f}, "
+            f"worst gap {g['coverage_worst_gap_pts']:.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
+            f"w_novel {min(w1):.2f}..{max(w1):.2f} over {len(w0)} folds"
+        )
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def main() -> None:
     from router_ml.evaluation.shift import evaluate_shift
 
@@ -121,7 +143,7 @@ def main() -> None:
     out = Path(args.out or time.strftime("outputs/bench_shift/%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, times = [], {}
+    rows, times, guards = [], {}, []
     for job in args.jobs:
         data, mode, *cap = job.split(":")
         extra = [f"shift.n_boot={args.n_boot}", f"seeds=[{args.seed}]", *args.overrides]
@@ -138,12 +160,14 @@ def main() -> None:
         print(f"\n== {job}: {summary['n_prompts']} prompts, {len(summary['models'])} models, "
               f"{len(summary['folds'])} folds, {times[job]:.0f} s")  # fmt: skip
         print(table([r for r in rows if r["job"] == job]), flush=True)
+        guards.append(guard_lines(job, summary))
+        print(guards[-1], flush=True)
     total = sum(times.values()) if args.resume else time.perf_counter() - t0
     (out / "bench_shift.json").write_text(
         json.dumps({"rows": rows, "time_s": times, "total_s": total}, indent=2)
     )
     (out / "bench_shift.md").write_text(
-        f"# bench_shift ({total:.0f} s; points = 100 x mean score)\n\n" + table(rows)
+        f"# bench_shift ({total:.0f} s; points = 100 x mean score)\n\n" + table(rows) + "\n" + "".join(guards)
     )
     print(f"\nall jobs: {total:.0f} s; results in {out}")
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml
 
-from router_ml.evaluation.metrics import json_safe
+from router_ml.metrics import json_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS: dict[str, dict] = {

@@ -66,7 +66,7 @@ def main() -> None:
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.embeddings import CachedEncoder, build_encoder
     from router_ml.evaluation.shift import shift_table
-    from router_ml.evaluation.tuning import fit_head, predict_head
+    from router_ml.predictors.tuning import fit_head, predict_head
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head", choices=sorted(PARAMS), default="knn")

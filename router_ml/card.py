@@ -11,6 +11,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fit_set(fit: dict[str, Any] | None) -> str:
+    if not fit:
+        return "none (a proxy cannot fit its policies on this checkpoint; re-export it)"
+    return f"{fit.get('n_prompts', '?')} prompts ({fit.get('source') or 'source not recorded'}), predicted quality and task"
+
+
 def model_card(config: dict[str, Any]) -> str:
     """Render a markdown model card: what the router routes between, how it was trained, its metrics."""
     enc = config.get("encoder", {})
@@ -40,6 +46,7 @@ def model_card(config: dict[str, Any]) -> str:
         f"- Task head: `{th.get('type', '?')}` over {', '.join(config.get('task_labels', []))}",
         f"- Quality head: `{qh.get('type', '?')}` with params `{qh.get('params', {})}`",
         f"- Calibration: `{cal.get('type', 'none')}`",
+        f"- Policy fit set: {_fit_set(config.get('policy_fit'))}",
         "",
         "## Candidate models (column order)",
         "",

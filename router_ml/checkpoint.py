@@ -3,8 +3,11 @@
 A checkpoint is a directory::
 
     router.json          schema version, package versions, encoder config/id/dim, model names in column
-                         order, task labels, head types + params, training-data hash, metrics, sha256 of weights
-    weights.safetensors  every learned array, keys prefixed by component ("task.", "quality.", "calibrator.")
+                         order, task labels, head types + params, training-data hash, metrics, the
+                         policy fit set's prompts and tasks, sha256 of weights
+    weights.safetensors  every learned array, keys prefixed by component ("task.", "quality.",
+                         "calibrator.", "policy_fit.": the fit set's predicted quality, and "guard."
+                         when the router has a novelty guard; older checkpoints have none)
     README.md            a model card written from router.json
 
 Loading needs no training data: the architecture is rebuilt from ``router.json``, never from the
@@ -27,7 +30,8 @@ SCHEMA_VERSION = 1
 CONFIG_NAME = "router.json"
 WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "README.md"
-COMPONENTS = ("task", "quality", "calibrator")
+# "guard" is optional (a router without a novelty guard)
+COMPONENTS = ("task", "quality", "calibrator", "policy_fit", "guard")
 
 
 class CheckpointError(ValueError):

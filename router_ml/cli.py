@@ -1,14 +1,19 @@
 """The ``router-ml`` console entry point.
 
 router-ml route --ckpt CHECKPOINT "Summarise this email ..."   # one decision, as JSON
+router-ml route --ckpt CHECKPOINT --policy utility "..."       # with expected $ and latency
 router-ml info CHECKPOINT                                      # what a checkpoint holds
 router-ml train data=llmrouter predictor=knn                   # = python -m experiments.train ...
+router-ml collect prompts=my_prompts.jsonl spend_cap_usd=2     # = python -m experiments.collect ...
 router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml   # the OpenAI-compatible proxy
 router-ml models up --backends conf/backends/local.yaml       # start the local vLLM / llama.cpp pool
 router-ml models down                                         # stop it (by the recorded PIDs)
 router-ml data list                                           # each public data set: source, size, present?
 router-ml data fetch llmrouter                                # download its raw files, build into the cache
 router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from upstream raw files
+router-ml score answers.jsonl --out scored.parquet            # score answers (scorer per row's task)
+router-ml score answers.jsonl --scorer judge_rubric --backends conf/backends/local.yaml --judge NAME
+router-ml score --store outputs/collect/answers.sqlite         # score a collection store, in place
 """
 
 from __future__ import annotations
@@ -40,13 +45,50 @@ def cmd_train(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_collect(overrides: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from router_ml.collect.runner import collect_from_config
+
+    with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="collect", overrides=overrides)
+    print(json.dumps(collect_from_config(cfg), indent=2))
+    return 0
+
+
+def route_layer(router, policy: str, policy_dir: str | None = None):
+    """The decision layer ``router-ml route --policy`` decides with, fitted on the router's policy fit
+    set: priced and timed by the checkpoint's measured figures (a router trained on a collection
+    store), else by list prices and latency priors (:meth:`ModelPool.from_data`)."""
+    from router_ml.decision.costs import CostModel
+    from router_ml.decision.latency import LatencyModel
+    from router_ml.decision.layer import DecisionLayer
+    from router_ml.decision.measured import MeasuredFigures
+    from router_ml.decision.policies import build_policy
+    from router_ml.decision.spec import ModelPool
+    from router_ml.serving.engine_support import load_policy_configs
+
+    configs = load_policy_configs(policy_dir)
+    if policy not in configs:
+        raise ValueError(f"unknown policy {policy!r}; known: {sorted(configs)}")
+    built = build_policy(dict(configs[policy]))
+    measured = MeasuredFigures.of_router(router)
+    if measured is not None:
+        layer = measured.decision_layer(built, router.models)
+    else:
+        pool = ModelPool.from_data(router.models)
+        layer = DecisionLayer(built, pool, CostModel(pool), LatencyModel(pool))
+    return layer.fit_router(router)
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from router_ml.router import LearnedRouter
 
     router = LearnedRouter.from_pretrained(args.ckpt)
+    layer = route_layer(router, args.policy, args.policy_dir) if args.policy else None
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for p in prompts:
-        print(json.dumps(router.route(p).to_dict()))
+        print(json.dumps(router.route(p, policy=layer).to_dict()))
     return 0
 
 
@@ -64,7 +106,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "calibrator",
         "metrics",
     )
-    print(json.dumps({k: cfg.get(k) for k in keep}, indent=2))
+    fit = cfg.get("policy_fit")  # its prompts stay in router.json
+    summary = {k: fit.get(k) for k in ("source", "n_prompts")} if fit else None
+    measured = cfg.get("measured")  # prices and latency measured in the training data, per model
+    figures = {"source": measured["source"], "models": measured["models"]} if measured else None
+    print(json.dumps({k: cfg.get(k) for k in keep} | {"policy_fit": summary, "measured": figures}, indent=2))
     return 0
 
 
@@ -82,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.ckpt,
         args.backends,
         policy=args.policy,
+        policy_dir=args.policy_dir,
         ledger=args.ledger,
         routing_log=args.routing_log,
         log_prompts=args.log_prompts,
@@ -147,16 +194,117 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_table(path: Path):
+    import pandas as pd
+
+    from router_ml.data.jsonl import iter_jsonl
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: answers file not found")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for where, _, value in iter_jsonl(path):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: expected a JSON object per line")
+            rows.append(value)
+        return pd.DataFrame(rows)
+    raise ValueError(f"{path}: answers must be a .jsonl or .parquet file")
+
+
+def _scorer_factory(args: argparse.Namespace):
+    """``(get_scorer, close)``: ``get_scorer(name)`` builds each scorer once (a judge through the
+    catalog's :class:`~router_ml.backends.client.BackendClient`); ``close()`` closes that client."""
+    from router_ml.scoring.registry import JUDGES, build_scorer
+
+    client, built = None, {}
+
+    def get_scorer(name: str):
+        nonlocal client
+        if name not in built:
+            params = {"timeout_s": args.timeout} if name == "code" and args.timeout else {}
+            if name in JUDGES:
+                if not (args.backends and args.judge):
+                    raise ValueError(f"scorer {name!r} needs --backends CATALOG and --judge BACKEND")
+                from router_ml.backends.catalog import Catalog
+                from router_ml.backends.client import BackendClient
+
+                catalog = Catalog.load(args.backends)
+                if args.judge not in catalog:
+                    raise ValueError(f"--judge {args.judge!r} is not in the catalog {catalog.names}")
+                client = client or BackendClient(catalog)
+                params = {"client": client, "backend": args.judge, "verdict_format": args.verdict_format}
+            built[name] = build_scorer(name, **params)
+        return built[name]
+
+    def close() -> None:
+        judge = next((s for s in built.values() if s.name in JUDGES), None)
+        if client is not None and judge is not None:
+            judge.run(client.aclose())
+
+    return get_scorer, close
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from router_ml.scoring.cache import ScoreCache
+    from router_ml.scoring.table import score_frame
+
+    if bool(args.answers) == bool(args.store):
+        raise ValueError("router-ml score: give an answers file or --store STORE (one of them)")
+    get_scorer, close = _scorer_factory(args)
+    cache = ScoreCache(args.cache) if args.cache else None
+    if args.store:
+        from router_ml.collect.scoring import score_store
+        from router_ml.collect.store import AnswerStore
+
+        if not Path(args.store).is_file():
+            raise FileNotFoundError(f"store {args.store!r} not found")
+        with AnswerStore(args.store) as store:
+            try:
+                summary = score_store(store, get_scorer, scorer=args.scorer, cache=cache)
+            finally:
+                close()
+        print(json.dumps(summary, indent=2))
+        return 0
+    src = Path(args.answers)
+    df = _read_table(src)
+    try:
+        out = score_frame(df, get_scorer, scorer=args.scorer, cache=cache, source=str(src))
+    finally:
+        close()
+    dest = Path(args.out) if args.out else src.with_name(src.stem + ".scored.parquet")
+    if dest.suffix == ".jsonl":
+        out.to_json(dest, orient="records", lines=True, force_ascii=False)
+    else:
+        out.to_parquet(dest, index=False)
+    summary = out.groupby("scorer").agg(rows=("score", "size"), mean_score=("score", "mean"),
+                                        errors=("score_error", "count"), cost_usd=("score_cost_usd", "sum"))  # fmt: skip
+    print(json.dumps({"path": str(dest), "by_scorer": summary.round(6).to_dict(orient="index")}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
+    if argv and argv[0] == "collect":
+        try:
+            return cmd_collect(argv[1:])
+        except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad prompts, catalog, limits
+            print(f"router-ml: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="router-ml", description="A learned LLM router.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train a router (Hydra overrides follow)")
+    sub.add_parser("collect", help="collect answers from a backend pool (Hydra overrides follow)")
     p_route = sub.add_parser("route", help="route prompts (arguments, or one per stdin line)")
     p_route.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p_route.add_argument(
+        "--policy", default=None, help="decide with this policy (expected $ and latency from the checkpoint)"
+    )
+    p_route.add_argument("--policy-dir", default=None, help="folder of <policy>.yaml configs")
     p_route.add_argument("prompt", nargs="*")
     p_info = sub.add_parser("info", help="print a checkpoint's router.json summary")
     p_info.add_argument("ckpt")
@@ -164,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--ckpt", required=True, help="checkpoint directory")
     p_serve.add_argument("--backends", required=True, help="backend catalog: a YAML file or a folder of them")
     p_serve.add_argument("--policy", default="utility", help="the policy behind model='router'")
+    p_serve.add_argument(
+        "--policy-dir", default=None, help="folder of <policy>.yaml configs (default: the package's own)"
+    )
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument(
@@ -201,6 +352,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_data.add_argument("--out", default=None, help="build: output folder (default: the cache's)")
     p_data.add_argument("--exclude", default=None, help="build: JSONL of prompt texts to leave out")
+    p_score = sub.add_parser(
+        "score", help="score answers: JSONL / parquet of prompt, answer, reference, tests, task"
+    )
+    p_score.add_argument("answers", nargs="?", help="a .jsonl or .parquet file (or give --store)")
+    p_score.add_argument(
+        "--store", default=None, help="a collection store: score its answers into its scores table"
+    )
+    p_score.add_argument(
+        "--scorer", default=None, help="one scorer for every row (default: by each row's task)"
+    )
+    p_score.add_argument(
+        "--out", default=None, help="output .parquet or .jsonl (default: <answers>.scored.parquet)"
+    )
+    p_score.add_argument("--cache", default=".router-ml/scores.sqlite", help="score cache ('' = none)")
+    p_score.add_argument("--timeout", type=float, default=None, help="code scorer: seconds per run")
+    p_score.add_argument("--backends", default=None, help="judges: backend catalog (YAML file or folder)")
+    p_score.add_argument("--judge", default=None, help="judges: the catalog backend that judges")
+    p_score.add_argument("--verdict-format", default="text", choices=["text", "json_schema", "json_object"])
     args = parser.parse_args(argv)
     commands = {
         "route": cmd_route,
@@ -208,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve,
         "models": cmd_models,
         "data": cmd_data,
+        "score": cmd_score,
     }
     try:
         return commands[args.cmd](args)

@@ -16,6 +16,9 @@ CACHE_DIR_ENV = "ROUTER_ML_CACHE_DIR"
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data" / "default"
 #: its table: llmrouter_ulab's prompts and scores, with the scored models' prices in its metadata
 SHIPPED_LLMROUTER_FILE = SHIPPED_DATA_DIR / "llmrouter_ulab.parquet"
+#: every routing policy's parameters, ``<name>.yaml`` (:mod:`router_ml.conf`): what the proxy serves
+#: and the Hydra experiments' ``policy`` group
+POLICY_CONFIG_DIR = Path(__file__).resolve().parent / "conf" / "policy"
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:

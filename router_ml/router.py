@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from router_ml.checkpoint import SCHEMA_VERSION, CheckpointError, read_arrays, read_config, write_checkpoint
-from router_ml.decision.base import RoutingDecision
+from router_ml.decision.base import RoutingDecision, Uncertainty
+from router_ml.decision.fit_set import PolicyFitSet
 from router_ml.embeddings.base import Encoder
 from router_ml.predictors.base import Calibrator, QualityHead, TaskHead
 
@@ -45,7 +46,11 @@ class LearnedRouter:
     Parameters: ``encoder`` (an :class:`router_ml.embeddings.Encoder`), ``task_head``
     (a fitted ``TaskClassifier``), ``quality_head`` (a fitted quality predictor with
     ``predict(X) -> (n, n_models)``), ``models`` (column order of the quality head),
-    ``calibrator`` (optional, fitted), ``metadata`` (what ``router.json`` records).
+    ``calibrator`` (optional, fitted), ``guard`` (optional, a fitted
+    :class:`~router_ml.predictors.guard.NoveltyGuard`: novelty, shrinkage toward the pool prior and
+    quality intervals), ``metadata`` (what ``router.json`` records),
+    ``policy_fit`` (optional: the :class:`~router_ml.decision.fit_set.PolicyFitSet` a decision layer
+    fits its policies on; a checkpoint carries it so that a proxy needs no data of the project's).
     """
 
     def __init__(
@@ -56,15 +61,23 @@ class LearnedRouter:
         models: Sequence[str],
         calibrator: Calibrator | None = None,
         metadata: dict[str, Any] | None = None,
+        policy_fit: PolicyFitSet | None = None,
+        guard: Any | None = None,
     ) -> None:
         self.encoder = encoder
         self.task_head = task_head
         self.quality_head = quality_head
         self.models = list(models)
         self.calibrator = calibrator
+        self.guard = guard
         self.metadata = dict(metadata or {})
+        self.policy_fit = policy_fit
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"duplicate model names in {self.models}")
+        if policy_fit is not None and list(policy_fit.models) != self.models:
+            raise ValueError(
+                f"policy fit set is over models {policy_fit.models}, the router's are {self.models}"
+            )
 
     @property
     def task_labels(self) -> list[str]:
@@ -111,11 +124,44 @@ class LearnedRouter:
         return list(self.task_head.predict(self._encode(items)[1], texts=items))
 
     def predict_quality(self, prompts: str | Sequence[str]) -> pd.DataFrame:
-        """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is set)."""
+        """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is
+        set, shrunk toward the pool prior by novelty when a guard is)."""
         items = _check_prompts(prompts)
-        return pd.DataFrame(
-            self._quality_from_embeddings(self.embed(items), texts=items), columns=self.models
+        X = self.embed(items)
+        q = self._quality_from_embeddings(X, texts=items)
+        if self.guard is not None:
+            q = self.guard.transform(X, q).quality
+        return pd.DataFrame(q, columns=self.models)
+
+    def predict_novelty(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """(n,) novelty in [0, 1] of the prompts (needs a guard): how likely each comes from a task
+        family the router never trained on."""
+        if self.guard is None:
+            raise RoutingError("this router has no novelty guard (train it with guard.enabled=true)")
+        return self.guard.novelty(self.embed(_check_prompts(prompts)))
+
+    def _guarded(
+        self, X: np.ndarray, quality: np.ndarray, cand: list[int]
+    ) -> tuple[np.ndarray, Uncertainty | None]:
+        """The guard's shrunk quality (n, m) and its :class:`Uncertainty` over the ``cand`` columns."""
+        if self.guard is None:
+            return quality, None
+        g = self.guard.transform(X, quality)
+        u = Uncertainty(
+            novelty=g.novelty,
+            shrink=g.shrink,
+            lower=g.lower[:, cand],
+            upper=g.upper[:, cand],
+            prior_model=self.models[self.guard.prior_model],
         )
+        return g.quality, u
+
+    def predict_quality_and_task(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """(quality (n, m) as :meth:`predict_quality`, tasks as :meth:`predict_task`) from one encoder pass."""
+        items = _check_prompts(prompts)
+        X, X_task = self._encode(items)
+        tasks = list(self.task_head.predict(X_task, texts=items))
+        return self._quality_from_embeddings(X, texts=items), tasks
 
     # ---- decisions -------------------------------------------------------------------------
     def _candidates(
@@ -178,16 +224,29 @@ class LearnedRouter:
         X, X_task = self._encode(items)
         task_p = self.task_head.predict_proba(X_task, texts=items, text_part=task_text)
         quality = self._quality_from_embeddings(X, texts=items, text_part=quality_text)
+        quality, unc = self._guarded(X, quality, cand)
         if policy is None:
-            return self._decisions(task_p, quality, cand)
+            return self._decisions(task_p, quality, cand, unc)
         names = [self.models[j] for j in cand]
         return policy.decide(
-            items, quality[:, cand], names, task_p, self.task_labels, input_tokens=tokens, **constraints
+            items,
+            quality[:, cand],
+            names,
+            task_p,
+            self.task_labels,
+            input_tokens=tokens,
+            uncertainty=unc,
+            **constraints,
         )
 
-    def _decisions(self, task_p: np.ndarray, quality: np.ndarray, cand: list[int]) -> list[RoutingDecision]:
+    def _decisions(
+        self, task_p: np.ndarray, quality: np.ndarray, cand: list[int], unc: Uncertainty | None = None
+    ) -> list[RoutingDecision]:
         """Highest-predicted-quality decisions from ``task_p`` (n, n_tasks) and ``quality``
-        (n, n_models) over the ``cand`` columns; ties go to the earlier model in ``self.models``."""
+        (n, n_models) over the ``cand`` columns; ties go to the earlier model in ``self.models``;
+        ``unc``: the guard's novelty and intervals, carried into each decision."""
+        from router_ml.decision.layer import with_uncertainty
+
         labels, names = self.task_labels, [self.models[j] for j in cand]
         by_rank = sorted(range(len(cand)), key=lambda k: cand[k])  # candidates in the router's order
         q = np.ascontiguousarray(quality[:, cand], dtype=np.float64)  # (n, c)
@@ -210,6 +269,9 @@ class LearnedRouter:
                     fallbacks=ranked[1:],
                 )
             )
+        if unc is not None:
+            for i, d in enumerate(out):
+                with_uncertainty(d, unc, i, names)
         return out
 
     # ---- persistence -----------------------------------------------------------------------
@@ -231,6 +293,9 @@ class LearnedRouter:
                 "calibrator": None
                 if self.calibrator is None
                 else {"type": type(self.calibrator).name, "params": self.calibrator.get_params()},
+                "guard": None
+                if self.guard is None
+                else {"type": type(self.guard).name, "params": self.guard.get_params()},
             }
         )
         if metrics is not None:
@@ -238,7 +303,13 @@ class LearnedRouter:
         arrays = {"task": self.task_head.state_dict(), "quality": self.quality_head.state_dict()}
         if self.calibrator is not None:
             arrays["calibrator"] = self.calibrator.state_dict()
-        self.metadata = {k: v for k, v in config.items() if k not in ("package_versions",)}
+        config.pop("policy_fit", None)
+        if self.policy_fit is not None:
+            config["policy_fit"] = self.policy_fit.to_config()
+            arrays["policy_fit"] = {"quality": np.asarray(self.policy_fit.quality, dtype="float64")}
+        if self.guard is not None:
+            arrays["guard"] = self.guard.state_dict()
+        self.metadata = {k: v for k, v in config.items() if k not in ("package_versions", "policy_fit")}
         return write_checkpoint(
             path, config, arrays, model_card({**config, "schema_version": SCHEMA_VERSION})
         )
@@ -248,6 +319,7 @@ class LearnedRouter:
         """Load a checkpoint directory. ``encoder`` overrides the recorded one (it must match its dim)."""
         from router_ml.embeddings import build_encoder
         from router_ml.predictors import CALIBRATORS, QUALITY_PREDICTORS, TaskClassifier
+        from router_ml.predictors.guard import NoveltyGuard
 
         config = read_config(path)
         arrays = read_arrays(path, config)
@@ -278,6 +350,17 @@ class LearnedRouter:
         calibrator = (
             build("calibrator", CALIBRATORS, arrays["calibrator"]) if config.get("calibrator") else None
         )
+        # a checkpoint written before the guard existed has no "guard" key: it loads without one
+        guard = (
+            build("guard", {NoveltyGuard.name: NoveltyGuard}, arrays["guard"])
+            if config.get("guard")
+            else None
+        )
+        if guard is not None and len(guard.prior_) != len(config["models"]):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: the guard covers {len(guard.prior_)} models, "
+                f"router.json lists {len(config['models'])}"
+            )
         if list(task_head.labels) != list(config["task_labels"]):
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: task labels differ between router.json and task head"
@@ -298,5 +381,29 @@ class LearnedRouter:
                 f"checkpoint {str(path)!r}: the task head takes {task_head.dim_} features; encoder "
                 f"{enc.id!r} with layers {list(layers)} gives {int(enc.dim) * (1 + len(layers))}"
             )
-        meta = {k: v for k, v in config.items() if k not in ("package_versions",)}
-        return cls(enc, task_head, quality_head, config["models"], calibrator=calibrator, metadata=meta)
+        policy_fit = None
+        if config.get("policy_fit") is not None:
+            try:
+                policy_fit = PolicyFitSet.from_config(
+                    config["policy_fit"], arrays["policy_fit"]["quality"], config["models"]
+                )
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: cannot restore the policy fit set: {e!r}"
+                ) from e
+            unknown = sorted(set(policy_fit.tasks) - set(task_head.labels))
+            if unknown:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: the policy fit set has task(s) {unknown} outside the task labels"
+                )
+        meta = {k: v for k, v in config.items() if k not in ("package_versions", "policy_fit")}
+        return cls(
+            enc,
+            task_head,
+            quality_head,
+            config["models"],
+            calibrator=calibrator,
+            metadata=meta,
+            policy_fit=policy_fit,
+            guard=guard,
+        )

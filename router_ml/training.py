@@ -3,7 +3,8 @@
 Steps: load the routing table -> leak-free split by prompt (and optionally whole tasks held out)
 -> embed every prompt once (on-disk cache) -> fit the task head on labelled prompts -> optionally
 tune the quality head by k-fold CV inside the training part -> fit it -> calibrate on the
-validation part -> score the held-out test part -> write the checkpoint and ``metrics.json``.
+validation part -> score the held-out test part -> write the checkpoint (with the policy fit set
+a proxy fits its policies on) and ``metrics.json``.
 Every ``test/`` figure comes from prompts the run never trained, tuned or calibrated on.
 """
 
@@ -22,7 +23,7 @@ import pandas as pd
 
 from router_ml.data.schema import table_hash, to_wide
 from router_ml.data.taxonomy import TASK_TYPES, task_ids_of
-from router_ml.evaluation.metrics import (
+from router_ml.metrics import (
     best_single_model,
     gap_closed,
     oracle_scores,
@@ -30,6 +31,7 @@ from router_ml.evaluation.metrics import (
     random_scores,
     routed_scores,
 )
+from router_ml.predictors.tuning import fit_head, predict_head, tune_quality_head
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,39 @@ def routing_metrics(prefix: str, pred: np.ndarray, Y: np.ndarray, best: int) -> 
     }
 
 
+def fit_guard(
+    cfg: Mapping[str, Any],
+    head_name: str,
+    params: Mapping[str, Any],
+    prompts: pd.DataFrame,
+    X: np.ndarray,
+    Y: np.ndarray,
+    seed: int,
+) -> Any | None:
+    """A :class:`~router_ml.predictors.guard.NoveltyGuard` for the quality head ``head_name`` /
+    ``params`` on these training prompts (``X (n, d)``, ``Y (n, m)``), fitted by family-grouped CV
+    of that head over ``cfg.guard.family_by``; None when ``guard.enabled`` is false or the prompts
+    hold fewer than two families (nothing to hold out)."""
+    from router_ml.predictors.guard import NoveltyGuard
+
+    gcfg = cfg.get("guard") or {}
+    if not gcfg.get("enabled", False):
+        return None
+    family_by = gcfg.get("family_by", "source_task")
+    if family_by not in prompts.columns or prompts[family_by].nunique() < 2:
+        log.warning("guard: fewer than two %r families in the training prompts; no novelty guard", family_by)
+        return None
+    key = cfg["predictor"].get("task_key", "task")
+    tid, texts = task_ids_of(prompts[key]), list(prompts["prompt"])
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        head = fit_head(head_name, params, X[tr], Y[tr], tid[tr], [texts[i] for i in tr])
+        return predict_head(head, X[te], [texts[i] for i in te])
+
+    guard = NoveltyGuard(**{"seed": seed, **(gcfg.get("params") or {})})
+    return guard.fit(X, Y, prompts[family_by].astype(str).to_numpy(), fit_predict)
+
+
 @dataclass
 class FittedRouter:
     """A router fitted on one split, with what evaluation needs: the cached embeddings and the wide
@@ -148,7 +183,6 @@ class FittedRouter:
     def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
         """Another quality head on the same training split (for comparisons such as kNN); returns a
         ``predict(X) -> (n, m)`` object, calibrated on the validation split when asked."""
-        from router_ml.evaluation.tuning import fit_head, predict_head
         from router_ml.predictors import build_calibrator
 
         prompts_tr, Y_tr, _ = self.wide["train"]
@@ -173,7 +207,6 @@ class _Calibrated:
         return bool(self.head.uses_text)
 
     def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        from router_ml.evaluation.tuning import predict_head
 
         return self.calibrator.transform(predict_head(self.head, X, texts))
 
@@ -188,7 +221,6 @@ def fit_router(
 ) -> FittedRouter:
     """Embed, fit the task head (unless given), tune and fit the quality head, calibrate, score."""
     from router_ml.embeddings import CachedEncoder, build_encoder
-    from router_ml.evaluation.tuning import fit_head, predict_head, tune_quality_head
     from router_ml.predictors import TaskClassifier, build_calibrator
     from router_ml.predictors.calibration import expected_calibration_error
     from router_ml.router import LearnedRouter
@@ -276,17 +308,38 @@ def fit_router(
         raw_va = predict_head(head, X_of(prompts_va["prompt"]), list(prompts_va["prompt"]))
         calibrator = build_calibrator(cal_name).fit(raw_va, Y_va)
 
+    t0 = time.perf_counter()
+    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed)
+    if guard is not None:
+        metrics["time/guard_train_s"] = time.perf_counter() - t0
+        metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
+        metrics["cv/guard_shrink_in_distribution"], metrics["cv/guard_shrink_novel"] = guard.shrink_.tolist()
+
     best = best_single_model(Y_tr)
     metrics["train/best_single_model_index"] = float(best)
+    novelty: dict[str, np.ndarray] = {}
     for name in ("test", "ood"):
         if name not in wide or not len(wide[name][0]):
             continue
         prompts_s, Y_s, _ = wide[name]
-        raw = predict_head(head, X_of(prompts_s["prompt"]), list(prompts_s["prompt"]))
+        X_s = X_of(prompts_s["prompt"])
+        raw = predict_head(head, X_s, list(prompts_s["prompt"]))
         metrics.update(routing_metrics(name, raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:
             metrics[f"{name}/ece"] = expected_calibration_error(calibrator.transform(raw), Y_s)
+        if guard is not None:  # the router's own path: head -> calibrator -> guard
+            g = guard.transform(X_s, calibrator.transform(raw) if calibrator is not None else raw)
+            metrics.update(routing_metrics(f"{name}/guarded", g.quality, Y_s, best))
+            ok = ~np.isnan(Y_s)
+            inside = (Y_s >= g.lower - 1e-9) & (Y_s <= g.upper + 1e-9)
+            metrics[f"{name}/interval_coverage"] = float(inside[ok].mean())
+            novelty[name] = g.novelty
+    if len(novelty) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        lab = np.r_[np.zeros(len(novelty["test"])), np.ones(len(novelty["ood"]))]
+        metrics["ood/novelty_auroc"] = float(roc_auc_score(lab, np.r_[novelty["test"], novelty["ood"]]))
 
     router = LearnedRouter(
         encoder,
@@ -294,6 +347,7 @@ def fit_router(
         head,
         models,
         calibrator=calibrator,
+        guard=guard,
         metadata={
             "name": cfg.get("name", "router"),
             "training": {
@@ -322,7 +376,6 @@ def refit_on_all(
     head on all of its training data, the held-out project prompts included. Returns the router
     and what the checkpoint records of the refit."""
     from router_ml.data.splits import kfold_prompts
-    from router_ml.evaluation.tuning import fit_head, predict_head
     from router_ml.router import LearnedRouter
 
     t0 = time.perf_counter()
@@ -348,6 +401,7 @@ def refit_on_all(
             raw[[row[pid] for pid in p_va["prompt_id"]]] = predict_head(head, X_va, t_va)
         calibrator = type(old.calibrator)(**old.calibrator.get_params()).fit(raw, Y)
     head = fit_head(name, params, X, Y, task_ids_of(prompts[key]), texts)
+    guard = fit_guard(cfg, name, params, prompts, X, Y, seed) if old.guard is not None else None
 
     task_train, task_test = task_training_data({"train": table}, cfg.get("task_data", {}), seed)
     task_all = pd.concat([task_train, task_test], ignore_index=True).drop_duplicates("prompt")
@@ -362,12 +416,24 @@ def refit_on_all(
         "n_prompts": len(prompts),
         "n_task_prompts": len(task_all),
         "calibration": f"out-of-fold predictions, {folds} folds" if calibrator is not None else None,
+        "guard": "family-grouped CV on every labelled prompt" if guard is not None else None,
         "note": "refitted on every labelled prompt after the held-out figures were measured",
     }
     meta = dict(old.metadata)
     meta["training"] = {**meta.get("training", {}), "refit": record}
-    router = LearnedRouter(old.encoder, task_head, head, models, calibrator=calibrator, metadata=meta)
+    router = LearnedRouter(
+        old.encoder, task_head, head, models, calibrator=calibrator, metadata=meta, guard=guard
+    )
     return router, {"time/refit_s": time.perf_counter() - t0}
+
+
+def default_policy_fit(router: Any) -> Any:
+    """The checkpoint's policy fit set: the router's predictions for the project's labelled prompts,
+    :data:`~router_ml.decision.fit_set.PER_TASK` per task type (what a proxy fits its policies on)."""
+    from router_ml.decision.fit_set import PER_TASK, PolicyFitSet, policy_fit_prompts
+
+    source = f"the project's labelled prompts (data/labelled_prompts/), the first {PER_TASK} per task type"
+    return PolicyFitSet.of_router(router, policy_fit_prompts(), source=source)
 
 
 def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
@@ -384,6 +450,15 @@ def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, float]:
     if (cfg.get("refit") or {}).get("enabled", False):
         router, extra = refit_on_all(cfg, table, fitted, seed)
         fitted.metrics.update(extra)
+    router.policy_fit = default_policy_fit(router)
+    measured = cfg["data"].get("measured")
+    if measured:  # the data's own calls price and time its models (a collection store)
+        from router_ml.decision.measured import CONFIG_KEY, MeasuredFigures
+
+        source = f"data {cfg['data'].get('name')!r}: {table['prompt_id'].nunique()} prompts' measured calls"
+        opts = measured if isinstance(measured, Mapping) else {}  # `measured: true` takes the defaults
+        figures = MeasuredFigures.fit(table, min_count=int(opts.get("min_count", 5)), source=source)
+        router.metadata[CONFIG_KEY] = figures.to_config()
     metrics = {k: float(v) for k, v in sorted(fitted.metrics.items())}
     router.save_pretrained(run_dir / "checkpoint", metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

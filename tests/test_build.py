@@ -246,11 +246,58 @@ def test_zeroeval_rebuilds_tables_from_scored_result_files(shared_data, tmp_path
     _matched("zeroeval items + outcomes", n)
 
 
-def test_zeroeval_without_scored_files_says_how_to_score(tmp_path):
+def _zeroeval_output(matched: str, model_answer: str | None, chars: int, words: int) -> str:
+    """A raw output of exactly ``chars`` characters and ``words`` words from which ZeroEval reads
+    ``model_answer`` (a JSON reply, padded), or no answer at all."""
+    head = (
+        ""
+        if matched == "No answer extracted"
+        else '{"answer":' + json.dumps(model_answer, ensure_ascii=False) + "}"
+    )
+    chars, words = chars - len(head), words - len(head.split())
+    assert chars >= 0 and words >= 0
+    if words == 0 or not head:
+        return head + (" " * chars if words == 0 else _text_of(chars, words))
+    return head + " " + _text_of(chars - 1, words)
+
+
+def test_zeroeval_rebuilds_labels_by_scoring_raw_outputs(shared_data, tmp_path):
+    """The raw result files only (no scored copy): the build derives every verdict itself."""
+    folder = shared_data / "zeroeval_math_code"
+    items = pd.read_parquet(folder / "items.parquet").groupby("task", sort=False).head(10)
+    o = pd.read_parquet(folder / "model_outcomes.parquet").merge(items[["task", "item_id"]])
+    imap = items.set_index(["task", "item_id"])
     raw = tmp_path / "raw"
+    for r in get_source("zeroeval").raw:
+        _, task, file = r.path.split("/")
+        model = file.removesuffix(".json")
+        rows = []
+        for row in o[(o["task"] == task) & (o["model"] == model)].itertuples():
+            it = imap.loc[(task, row.item_id)]
+            answer = None if pd.isna(row.model_answer) else row.model_answer
+            rows.append(
+                {
+                    "id": row.item_id,
+                    "question" if task != "math-l5" else "problem": it["question"],
+                    "answer": it["answer"],
+                    "output": [_zeroeval_output(row.matched, answer, row.output_chars, row.output_words)],
+                    "generator": row.generator,
+                }
+            )
+        _write(raw / r.path, json.dumps(rows))
+    build_source("zeroeval", raw, tmp_path / "out")
+    bi = pd.read_parquet(tmp_path / "out" / "items.parquet")
+    bo = pd.read_parquet(tmp_path / "out" / "model_outcomes.parquet")
+    assert set(o["matched"]) == {"True", "False", "No answer extracted"}  # every verdict kind is in the slice
+    n = _assert_same(bi, items, ["task", "item_id"]) + _assert_same(bo, o, ["task", "item_id", "model"])
+    _matched("zeroeval items + outcomes scored from raw outputs", n)
+
+
+def test_zeroeval_without_raw_or_scored_files_names_the_missing_file(tmp_path):
+    raw = tmp_path / "raw"
+    _write(raw / "placeholder.txt", "")
     first = get_source("zeroeval").raw[0].path
-    _write(raw / first, "[]")
-    with pytest.raises(ValueError, match=r"result_dirs_parsed/.*run `python src/evaluation/"):
+    with pytest.raises(ValueError, match=rf"raw output '{first}' not found"):
         build_source("zeroeval", raw, tmp_path / "out")
 
 

@@ -37,11 +37,13 @@ def test_router_json_records_what_loading_needs(trained_run):
         assert key in cfg["package_versions"]
     assert len(cfg["training"]["data_hash"]) == 64
     assert "test/quality" in cfg["metrics"]
-    assert all(not k.startswith("/") for k in json.dumps(cfg).split('"'))  # no absolute paths recorded
+    # no absolute paths recorded (the policy fit set's prompts are text: a quote inside one splits it)
+    recorded = json.dumps({k: v for k, v in cfg.items() if k != "policy_fit"})
+    assert all(not k.startswith("/") for k in recorded.split('"'))
 
 
 def test_weights_are_safetensors_not_pickle(trained_run):
-    files = sorted(p.name for p in (trained_run / "checkpoint").iterdir())
+    files = sorted(p.name for p in (trained_run / "checkpoint").iterdir())  # the policy fit set included
     assert files == ["README.md", "router.json", "weights.safetensors"]
 
 
@@ -118,3 +120,46 @@ def test_export_refuses_a_corrupted_checkpoint(ckpt, tmp_path):
     with pytest.raises(CheckpointError):
         export_run(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_policy_fit_set_holds_the_routers_own_predictions(trained_run):
+    cfg = read_config(trained_run / "checkpoint")
+    assert cfg["policy_fit"]["n_prompts"] == len(cfg["policy_fit"]["prompts"]) == 240  # 40 per task type
+    router = LearnedRouter.from_pretrained(trained_run / "checkpoint")
+    fit = router.policy_fit
+    assert fit.models == router.models and fit.quality.shape == (240, len(router.models))
+    assert sorted(set(fit.tasks)) == sorted(router.task_labels)
+    # what the loaded router predicts for those prompts now, from one encoder pass as at training time
+    quality, tasks = router.predict_quality_and_task(fit.prompts)
+    np.testing.assert_allclose(quality, fit.quality, atol=1e-6)
+    assert tasks == fit.tasks
+    assert "Policy fit set: 240 prompts" in (trained_run / "checkpoint" / "README.md").read_text()
+
+
+def test_export_adds_a_policy_fit_set_to_an_older_checkpoint(trained_run, tmp_path):
+    router = LearnedRouter.from_pretrained(trained_run / "checkpoint")
+    router.policy_fit = None  # as checkpoints were written before they carried one
+    old = router.save_pretrained(tmp_path / "old")
+    assert "policy_fit" not in read_config(old) and LearnedRouter.from_pretrained(old).policy_fit is None
+    new = LearnedRouter.from_pretrained(export_run(old, tmp_path / "new"))
+    want = LearnedRouter.from_pretrained(trained_run / "checkpoint").policy_fit
+    assert new.policy_fit.prompts == want.prompts and new.policy_fit.tasks == want.tasks
+    np.testing.assert_allclose(new.policy_fit.quality, want.quality, atol=1e-6)
+    assert read_config(tmp_path / "new")["metrics"] == read_config(trained_run / "checkpoint")["metrics"]
+
+
+def test_a_damaged_policy_fit_set_is_named(ckpt):
+    _edit_json(ckpt, lambda c: c["policy_fit"].update(tasks=c["policy_fit"]["tasks"][:-1]))
+    with pytest.raises(CheckpointError, match=r"policy fit set.*239 tasks for 240 prompts"):
+        LearnedRouter.from_pretrained(ckpt)
+
+
+def test_policy_fit_set_checks_its_shapes():
+    from router_ml.decision.fit_set import PolicyFitSet
+
+    ok = PolicyFitSet(["a", "b"], ["qa", "code"], np.zeros((2, 3)), ["m0", "m1", "m2"])
+    assert ok.to_config()["n_prompts"] == 2
+    with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(2, 3\)"):
+        PolicyFitSet(["a", "b"], ["qa", "code"], np.zeros((2, 2)), ["m0", "m1", "m2"])
+    with pytest.raises(ValueError, match="non-finite"):
+        PolicyFitSet(["a"], ["qa"], np.array([[np.nan, 0, 0]]), ["m0", "m1", "m2"])

@@ -40,6 +40,17 @@ def test_every_group_option_composes(group):
         assert _compose([f"{group}={option}"])[group] is not None
 
 
+def test_the_policy_group_comes_from_the_package():
+    """conf/ has no copy of the policies: evaluate's ``policy`` group is the package's
+    (router_ml/conf/policy/, reached through hydra.searchpath), every option of it."""
+    from router_ml.paths import POLICY_CONFIG_DIR
+
+    assert not (CONF / "policy").exists()
+    for option in sorted(p.stem for p in POLICY_CONFIG_DIR.glob("*.yaml")):
+        cfg = _compose([f"policy@policies.utility={option}"], name="evaluate")
+        assert cfg.policies.utility.name == option
+
+
 def _run(
     args: list[str], cwd: Path, timeout: int = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

@@ -491,16 +491,13 @@ def test_a_server_that_never_answers_raises_read_timeout():
     async def main():
         async with RawServer(handler) as srv:
             client = FastHTTP()
-            t = time.monotonic()
-            with pytest.raises(httpx.ReadTimeout):
+            with pytest.raises(httpx.ReadTimeout):  # run()'s 5 s guard fails a read that never times out
                 await post(client, srv.url, read_timeout=0.2)
-            elapsed = time.monotonic() - t
             dropped = await until(lambda: srv.open == 0)  # the timed-out connection is closed
             await client.aclose()
-            return elapsed, dropped
+            return dropped
 
-    elapsed, dropped = run(main())
-    assert elapsed < 5 and dropped
+    assert run(main())
 
 
 def test_a_listener_that_never_accepts_raises_connect_timeout():
@@ -515,13 +512,12 @@ def test_a_listener_that_never_accepts_raises_connect_timeout():
             with contextlib.suppress(BlockingIOError):
                 s.connect(("127.0.0.1", port))
         client = FastHTTP()
-        try:
-            t = time.monotonic()
+        try:  # run()'s 5 s guard fails a connect that never times out
             await client.request(
                 httpx.URL(f"http://127.0.0.1:{port}{PATH}"), b"x", {}, connect_timeout=0.2, read_timeout=1.0
             )
-        except httpx.ConnectTimeout:
-            return time.monotonic() - t
+        except httpx.ConnectTimeout as e:
+            return e
         except httpx.ConnectError:
             pytest.skip("this kernel refuses connections past a full backlog instead of dropping them")
         finally:
@@ -530,7 +526,7 @@ def test_a_listener_that_never_accepts_raises_connect_timeout():
                 s.close()
         raise AssertionError("connected to a listener that never accepts")
 
-    assert run(main()) < 5
+    assert isinstance(run(main()), httpx.ConnectTimeout)
 
 
 @pytest.mark.parametrize("read", ["aread", "aiter_lines"])

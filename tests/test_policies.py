@@ -1,10 +1,9 @@
 """Routing policies on hand-built estimates: the seed's four strategies, the paced budget, the
-baselines, fallback chains and building every ``conf/policy`` file (fast: no encoder, no data)."""
+baselines, fallback chains and building every ``router_ml/conf/policy`` file (fast: no encoder, no data)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,9 @@ from router_ml.decision import (
 from router_ml.decision.base import argmax_cheapest, fallback_order
 from router_ml.decision.ledger import MemoryLedger
 from router_ml.decision.policies import SEED_CAPABILITY
+from router_ml.paths import POLICY_CONFIG_DIR
 
-CONF_POLICY = Path(__file__).resolve().parents[1] / "conf" / "policy"
+CONF_POLICY = POLICY_CONFIG_DIR
 TASKS = ("classify", "summarize", "code", "reason", "creative", "qa")
 
 

@@ -565,7 +565,7 @@ def test_taskmix_text_features_route_by_words_and_round_trip(tmp_path):
 
 
 def test_tune_quality_head_passes_texts_and_picks_text_features():
-    from router_ml.evaluation.tuning import cv_quality, tune_quality_head
+    from router_ml.predictors.tuning import cv_quality, tune_quality_head
 
     X, Y, task, texts = _text_problem()
     params, cv = tune_quality_head(
@@ -580,7 +580,7 @@ def test_tune_quality_head_passes_texts_and_picks_text_features():
 def test_nested_cv_tests_every_prompt_once_with_heads_fitted_elsewhere():
     import pandas as pd
 
-    from router_ml.evaluation.tuning import nested_cv_scores
+    from router_ml.predictors.tuning import nested_cv_scores
 
     X, Y, task, texts = _text_problem(n_per=30)
     names = ["summarize", "classify", "creative"]

@@ -96,9 +96,7 @@ def router(trained_run):
 
 def _engine(router, catalog, **kw) -> RoutingEngine:
     aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
-    return RoutingEngine(
-        router, catalog, load_policy_configs("conf/policy"), aliases=aliases, calibration_prompts=60, **kw
-    )
+    return RoutingEngine(router, catalog, load_policy_configs(), aliases=aliases, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +278,7 @@ def test_budget_cap_holds_across_a_proxy_restart(router, backends, tmp_path):
     from router_ml.decision.ledger import BudgetLedger
 
     ledger_path = tmp_path / "spend.sqlite"
-    policies = load_policy_configs("conf/policy")
+    policies = load_policy_configs()
     policies["cost_aware"].update(budget_usd=2e-5, horizon=1000, hard_cap_usd=2e-5)
     msg = {
         "model": "router:cost_aware",
@@ -289,8 +287,10 @@ def test_budget_cap_holds_across_a_proxy_restart(router, backends, tmp_path):
     statuses = []
     for _ in range(2):  # the second engine is the restarted proxy on the same ledger file
         aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
-        engine = RoutingEngine(router, _catalog(*backends), policies, aliases=aliases, calibration_prompts=60,
-                               ledger=BudgetLedger(ledger_path), default_max_tokens=16)  # fmt: skip
+        engine = RoutingEngine(
+            router, _catalog(*backends), policies, aliases=aliases, ledger=BudgetLedger(ledger_path),
+            default_max_tokens=16,  # a bound that fits a few calls under the tiny cap
+        )  # fmt: skip
         with Served(create_app(engine)) as url:
             for _ in range(12):
                 statuses.append(httpx.post(f"{url}/v1/chat/completions", json=msg).status_code)
@@ -298,6 +298,39 @@ def test_budget_cap_holds_across_a_proxy_restart(router, backends, tmp_path):
         assert spent <= 2e-5
     assert 200 in statuses[:12] and 429 in statuses and statuses[-1] == 429
     assert statuses[12:] == [429] * 12  # after the restart the spent budget is still spent
+
+
+def test_policies_are_fitted_on_the_checkpoints_fit_set(router, backends):
+    """No data of the project's at start-up: the policies are fitted on the checkpoint's stored
+    predictions, priced by the catalog, exactly as on the router's live predictions for those prompts."""
+    import copy
+
+    import numpy as np
+
+    from router_ml.decision.layer import DecisionLayer
+    from router_ml.decision.policies import build_policy
+
+    engine = _engine(router, _catalog(*backends))
+    fit, served = router.policy_fit, engine.served
+    quality, tasks = router.predict_quality_and_task(fit.prompts)
+    cols = [router.models.index(m) for m in served]
+    for name in ("capability", "budget_ratio", "cost_aware", "threshold"):
+        policy = build_policy(load_policy_configs()[name])
+        live = DecisionLayer(policy, engine.pool, engine.cost_model, engine.latency_model)
+        live.fit(live.estimates(fit.prompts, quality[:, cols], served, tasks))
+        got, want = engine.layers[name].policy, live.policy
+        fitted = {k: v for k, v in vars(want).items() if k.endswith("_") and not k.startswith("_")}
+        assert fitted, name
+        for key, value in fitted.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_allclose(getattr(got, key), value, rtol=1e-6, err_msg=f"{name}.{key}")
+            else:
+                assert getattr(got, key) == value, (name, key)
+
+    old = copy.copy(router)
+    old.policy_fit = None  # a checkpoint written before checkpoints carried one
+    with pytest.raises(ValueError, match=r"no policy fit set .* re-export it"):
+        _engine(old, _catalog(*backends))
 
 
 def test_proxy_auth(router, backends, monkeypatch):
@@ -358,10 +391,10 @@ def test_concurrent_decisions_share_encoder_batches(router, backends):
 
 # ------------------------------------------------------------------------------------ caps
 def test_a_client_cannot_lift_the_policy_cap_via_the_model_knob(router, backends):
-    policies = load_policy_configs("conf/policy")
+    policies = load_policy_configs()
     policies["cost_aware"].update(budget_usd=2e-5, horizon=1000, hard_cap_usd=2e-5)
     aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
-    engine = RoutingEngine(router, _catalog(*backends), policies, aliases=aliases, calibration_prompts=60,
+    engine = RoutingEngine(router, _catalog(*backends), policies, aliases=aliases,
                            default_max_tokens=16)  # fmt: skip  # a bound that fits a few calls
     msg = {
         "model": "router:cost_aware:1e6",  # the knob asks for a $1M budget

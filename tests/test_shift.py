@@ -76,7 +76,7 @@ def _context(table: pd.DataFrame, heads: dict) -> sh._Context:
 def test_best_single_is_chosen_on_training_families_only(small_table):
     from router_ml.data.schema import to_wide
     from router_ml.data.splits import split_prompts
-    from router_ml.evaluation.metrics import best_single_model
+    from router_ml.metrics import best_single_model
 
     models = sorted(small_table["model"].unique())
     fam = "gsm8k"
@@ -202,3 +202,20 @@ def test_evaluate_with_format_shift_reports_every_rendering(tmp_path, shared_dat
     assert orig["pooled"]["n"] == low["pooled"]["n"] == summary["n_prompts"]  # each item once per rendering
     assert orig["pooled"]["best_single"] == low["pooled"]["best_single"]  # outcomes kept from the item
     _check_rows(low, ["taskmix", "knn"])
+
+
+def test_guarded_heads_report_novelty_and_interval_coverage(small_table):
+    ctx = _context(small_table, {"knn": {"name": "knn", "task_key": "task", "params": {"k": 5}}})
+    ctx.guard = {"heads": ["knn"], "params": {"folds": 3, "coverage": 0.8}}
+    ((_, train, test),) = sh.lofo_folds(small_table, families=["gsm8k"])
+    (fs,) = sh.fold_scores(ctx, "gsm8k", train, {"original": test})
+    assert set(fs.routed) == {"knn", "knn+guard"} and set(fs.novelty) == {"knn+guard"}
+    assert fs.util_score["knn+guard"].shape == fs.util_score["knn"].shape
+    nov = fs.novelty["knn+guard"]
+    assert nov.shape == (len(fs.Y),) and ((nov >= 0) & (nov <= 1)).all()
+    assert len(fs.novelty_id["knn+guard"]) > 0  # the fold's in-distribution validation prompts
+    w0, w1 = fs.guard_fit["knn+guard"]["shrink"]
+    assert 0.0 <= w0 <= w1 <= 1.0
+    g = sh.guard_summary([fs], ctx.models, 0.8)["knn+guard"]
+    assert 0.0 <= g["novelty_auroc"] <= 1.0 and set(g["coverage"]) == set(ctx.models)
+    assert all(0.0 <= c <= 1.0 for c in g["coverage"].values())

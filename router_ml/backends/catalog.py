@@ -15,47 +15,42 @@ One YAML file (or a directory of them, ``conf/backends/``) lists backends::
         launch: {engine: vllm, model: models/smollm2-135m, port: 8101}   # kind vllm only
 
 Values may use OmegaConf interpolation (``${oc.env:ROUTER_ML_MODELS_DIR,models}``), resolved at load.
-Every validation error is a :class:`CatalogError` naming the file, the backend and the field.
+Each entry is validated by the pydantic model :class:`BackendEntry` (its ``launch`` by
+:class:`~router_ml.backends.local.launch_spec.Launch`); every error is a :class:`CatalogError`
+naming the file, the backend and the field, e.g.
+``conf/backends/x.yaml: backend 'gpt-4o': field 'prices.input_per_mtok' = -1.0: Input should be
+greater than or equal to 0``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from router_ml.backends.config_errors import Hidden, field_problem
+from router_ml.backends.local.launch_spec import LAUNCH_KEYS, Launch
 from router_ml.decision.spec import ModelPool, ModelSpec, PoolConfigError, UnknownModelError
 
 KINDS = ("vllm", "api")
 SPEC_KIND = {"vllm": "local", "api": "api"}  # catalog kind -> ModelSpec kind
-PRICE_FIELDS = (
-    "input_per_mtok",
-    "output_per_mtok",
-    "gpu_hour_usd",
-    "decode_tokens_per_s",
-    "prefill_cost_ratio",
-)
-LATENCY_FIELDS = ("ttft_s", "tokens_per_s")
-SPEC_FIELDS = ("context_window", "max_tokens", "tokenizer", "params_b")
-TIMEOUT_FIELDS = ("connect_timeout_s", "first_token_timeout_s", "timeout_s")
-FIELDS = (
-    "name",
-    "kind",
-    "base_url",
-    "served_model_id",
-    "api_key_env",
-    *TIMEOUT_FIELDS,
-    "max_retries",
-    "prices",
-    "latency",
-    *SPEC_FIELDS,
-    "launch",
-)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # prefixes of real API keys (OpenAI, Anthropic, Groq, Hugging Face, GitHub, Google, xAI, Stripe-style)
 _SECRET_PREFIXES = (
@@ -71,6 +66,99 @@ _SECRET_PREFIXES = (
     "pk-",
     "Bearer ",
 )
+Seconds = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prices(_Strict):
+    """``ModelSpec`` price fields: per 1M tokens (API), or by the machine hour (local)."""
+
+    input_per_mtok: NonNegative | None = None
+    output_per_mtok: NonNegative | None = None
+    gpu_hour_usd: NonNegative | None = None
+    decode_tokens_per_s: Positive | None = None
+    prefill_cost_ratio: NonNegative | None = None
+
+
+class Latency(_Strict):
+    """``ModelSpec`` latency priors (else the llmperf priors by model size)."""
+
+    ttft_s: Positive | None = None
+    tokens_per_s: Positive | None = None
+
+
+class BackendEntry(_Strict):
+    """One ``backends:`` entry of a catalog file, as written (see the module docstring)."""
+
+    name: Annotated[StrictStr, Field(pattern=r"\S")]
+    kind: Literal["vllm", "api"]
+    base_url: StrictStr
+    served_model_id: StrictStr | None = None
+    api_key_env: StrictStr | None = None
+    connect_timeout_s: Seconds = 2.0
+    first_token_timeout_s: Seconds = 10.0
+    timeout_s: Seconds = 120.0
+    max_retries: Annotated[StrictInt, Field(ge=0)] = 2
+    prices: Prices = Prices()
+    latency: Latency = Latency()
+    context_window: Annotated[StrictInt, Field(gt=0)] | None = None
+    max_tokens: Annotated[StrictInt, Field(gt=0)] | None = None
+    tokenizer: StrictStr | None = None
+    params_b: Positive | None = None
+    launch: Launch | None = None  # kind vllm only
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        url = urlsplit(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http(s) URL with a host, e.g. 'http://127.0.0.1:8101/v1'")
+        try:
+            url.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and looks_like_secret(v):
+            raise Hidden(
+                "looks like a literal API key (value not shown): give the NAME of the environment "
+                "variable that holds the key, e.g. OPENAI_API_KEY"
+            )
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError("must be an environment variable name like OPENAI_API_KEY")
+        return v
+
+    @field_validator("launch", mode="before")
+    @classmethod
+    def _launch_is_local(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("kind", "vllm") != "vllm":
+            raise Hidden("is only allowed for kind 'vllm' (a server router-ml starts)")
+        return v
+
+    @model_validator(mode="after")
+    def _across_fields(self) -> BackendEntry:
+        if self.first_token_timeout_s > self.timeout_s:
+            raise ValueError(
+                f"field 'first_token_timeout_s' = {self.first_token_timeout_s!r} must not exceed "
+                f"timeout_s ({self.timeout_s})"
+            )
+        port = urlsplit(self.base_url).port
+        if self.launch is not None and port is not None and self.launch.port != port:
+            raise ValueError(
+                f"field 'launch.port' = {self.launch.port}: differs from the base_url port {port}"
+            )
+        return self
+
+
+FIELDS = tuple(BackendEntry.model_fields)
 
 
 class CatalogError(ValueError):
@@ -121,96 +209,42 @@ def looks_like_secret(value: str) -> bool:
 
 
 def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
-    where = f"{source}: backend #{index}"
+    name = raw.get("name") if isinstance(raw, Mapping) else None
+    where = (
+        f"{source}: backend {name!r}"
+        if isinstance(name, str) and name.strip()
+        else f"{source}: backend #{index}"
+    )
     if not isinstance(raw, Mapping):
         raise CatalogError(f"{where}: expected a mapping of fields, got {type(raw).__name__}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise CatalogError(f"{where}: field 'name' = {name!r} must be a non-empty string")
-    where = f"{source}: backend {name!r}"
-
-    def bad(fld: str, rule: str, show: bool = True) -> CatalogError:
-        shown = f" = {raw.get(fld)!r}" if show else ""
-        return CatalogError(f"{where}: field {fld!r}{shown} {rule}")
-
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise CatalogError(f"{where}: unknown field(s) {unknown}; allowed fields: {list(FIELDS)}")
-    kind = raw.get("kind")
-    if kind not in KINDS:
-        raise bad("kind", f"must be one of {list(KINDS)}")
-    base_url = raw.get("base_url")
-    url = urlsplit(base_url) if isinstance(base_url, str) else None
-    if url is None or url.scheme not in ("http", "https") or not url.hostname:
-        raise bad("base_url", "must be an http(s) URL with a host, e.g. 'http://127.0.0.1:8101/v1'")
     try:
-        port = url.port
-    except ValueError:
-        raise bad("base_url", "has an invalid port") from None
-    served = raw.get("served_model_id") or name
-    if not isinstance(served, str):
-        raise bad("served_model_id", "must be a string")
-    key_env = raw.get("api_key_env")
-    if key_env is not None:
-        if not isinstance(key_env, str) or looks_like_secret(key_env):
-            raise bad(
-                "api_key_env",
-                "looks like a literal API key (value not shown): give the NAME of the environment "
-                "variable that holds the key, e.g. OPENAI_API_KEY",
-                show=False,
-            )
-        if not _ENV_NAME.match(key_env):
-            raise bad("api_key_env", "must be an environment variable name like OPENAI_API_KEY")
-    timing: dict[str, Any] = {}
-    for fld in TIMEOUT_FIELDS:
-        if fld in raw:
-            v = raw[fld]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise bad(fld, "must be a finite number of seconds > 0")
-            timing[fld] = float(v)
-    if "max_retries" in raw:
-        v = raw["max_retries"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise bad("max_retries", "must be an integer >= 0")
-        timing["max_retries"] = v
-    spec_fields: dict[str, Any] = {"name": name, "kind": SPEC_KIND[kind]}
-    for group, allowed in (("prices", PRICE_FIELDS), ("latency", LATENCY_FIELDS)):
-        sub = raw.get(group) or {}
-        if not isinstance(sub, Mapping):
-            raise bad(group, f"must be a mapping with keys from {list(allowed)}")
-        extra = sorted(set(sub) - set(allowed))
-        if extra:
-            raise CatalogError(f"{where}: field {group!r}: unknown key(s) {extra}; allowed: {list(allowed)}")
-        spec_fields.update(sub)
-    spec_fields.update({f: raw[f] for f in SPEC_FIELDS if raw.get(f) is not None})
+        entry = BackendEntry.model_validate(raw)
+    except ValidationError as err:
+        allowed = {(): list(FIELDS), ("prices",): list(Prices.model_fields),
+                   ("latency",): list(Latency.model_fields), ("launch",): list(LAUNCH_KEYS)}  # fmt: skip
+        raise CatalogError(f"{where}: {field_problem(err, allowed)}") from None
+    prices = entry.prices.model_dump(exclude_none=True)
+    latency = entry.latency.model_dump(exclude_none=True)
+    limits = {f: getattr(entry, f) for f in ("context_window", "max_tokens", "tokenizer", "params_b")}
     try:
-        spec = ModelSpec(**spec_fields)
-        ModelPool([spec])  # validates every spec field and that a price can be determined
-    except (PoolConfigError, TypeError) as err:
+        spec = ModelSpec(name=entry.name, kind=SPEC_KIND[entry.kind], **prices, **latency,
+                         **{k: v for k, v in limits.items() if v is not None})  # fmt: skip
+        ModelPool([spec])  # that a price can be determined (local: by the machine hour)
+    except PoolConfigError as err:
         raise CatalogError(f"{where}: {err}") from None
-    launch = raw.get("launch")
-    if launch is not None:
-        if kind != "vllm":
-            raise bad("launch", "is only allowed for kind 'vllm' (a server router-ml starts)", show=False)
-        if not isinstance(launch, Mapping):
-            raise bad("launch", "must be a mapping (engine, model, port, args, ...)")
-        lport = launch.get("port")
-        if lport is not None and port is not None and lport != port:
-            raise bad("launch", f"port {lport!r} differs from the base_url port {port}", show=False)
-        launch = dict(launch)
-    backend = Backend(
-        name=name,
-        kind=kind,
-        base_url=base_url.rstrip("/"),
-        served_model_id=served,
-        api_key_env=key_env,
+    return Backend(
+        name=entry.name,
+        kind=entry.kind,
+        base_url=entry.base_url,
+        served_model_id=entry.served_model_id or entry.name,
+        api_key_env=entry.api_key_env,
         spec=spec,
-        launch=launch,
-        **timing,
+        connect_timeout_s=entry.connect_timeout_s,
+        first_token_timeout_s=entry.first_token_timeout_s,
+        timeout_s=entry.timeout_s,
+        max_retries=entry.max_retries,
+        launch=dict(raw["launch"]) if entry.launch is not None else None,
     )
-    if backend.first_token_timeout_s > backend.timeout_s:
-        raise bad("first_token_timeout_s", f"must not exceed timeout_s ({backend.timeout_s})")
-    return backend
 
 
 def _read_yaml(path: Path) -> Any:

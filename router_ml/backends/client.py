@@ -76,7 +76,8 @@ class BackendClient(HttpCalls):
     measured; non-stream: decode speed over the model's TTFT estimate); ``cost_model``: prices the
     calls (default: the catalog's pool); ``http``: an ``httpx.AsyncClient`` to use for every backend
     (default: :class:`~router_ml.backends.http11.FastHTTP` for plain ``http://`` backends when
-    ``fast_http``, an own ``httpx`` client for the rest). Create it anywhere; the HTTP clients are
+    ``fast_http``, an own ``httpx`` client for the rest; ``plain_http="aiohttp"`` or ``"httpx"``
+    swaps FastHTTP out, for measurements). Create it anywhere; the HTTP clients are
     made on first use, inside the running loop. Close it with :meth:`aclose` or ``async with``.
     """
 

@@ -3,11 +3,14 @@
 Plain ``http://`` backends (local vLLM, llama.cpp) go through :class:`~router_ml.backends.http11.FastHTTP`
 (one socket write per request, a C response parser: about a seventh of ``httpx``'s CPU per call);
 ``https://`` backends, hosts behind an ``HTTP_PROXY`` and an injected ``http`` client use ``httpx``.
+``plain_http`` (or ``$ROUTER_ML_HTTP_CLIENT``) swaps FastHTTP for aiohttp's or httpx's client, so
+that ``experiments/bench_proxy.py --backend-client`` can repeat the measurement that kept it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 import urllib.request
@@ -39,6 +42,13 @@ if TYPE_CHECKING:
     from router_ml.decision.latency import LatencyModel
 
 
+#: The client of plain ``http://`` backends: ``fast`` (:mod:`~router_ml.backends.http11`), or the
+#: maintained ones it was measured against (``aiohttp``, ``httpx``); ``$ROUTER_ML_HTTP_CLIENT``
+#: picks one for a whole process (``experiments/bench_proxy.py --backend-client``).
+PLAIN_HTTP_CLIENTS = ("fast", "aiohttp", "httpx")
+HTTP_CLIENT_ENV = "ROUTER_ML_HTTP_CLIENT"
+
+
 def _proxied(url: httpx.URL) -> bool:
     """Whether an ``HTTP_PROXY`` / ``ALL_PROXY`` from the environment applies to ``url``."""
     proxies = urllib.request.getproxies()
@@ -63,6 +73,7 @@ class HttpCalls:
         trust_env: bool = True,
         http: httpx.AsyncClient | None = None,
         fast_http: bool = True,
+        plain_http: str | None = None,
         seed: int | None = None,
     ) -> None:
         self.catalog = catalog
@@ -74,9 +85,15 @@ class HttpCalls:
         self.retries_before_fallback = retries_before_fallback
         self.max_connections, self.trust_env = max_connections, trust_env
         self._http, self._own_http = http, http is None
-        self.fast_http = fast_http and http is None
-        self._fast: FastHTTP | None = None
-        self._routes: dict[str, tuple[httpx.URL, bool]] = {}  # backend -> (chat URL, via FastHTTP)
+        plain_http = plain_http or os.environ.get(HTTP_CLIENT_ENV) or "fast"
+        if plain_http not in PLAIN_HTTP_CLIENTS:
+            raise ValueError(
+                f"plain_http / ${HTTP_CLIENT_ENV} = {plain_http!r}: use one of {PLAIN_HTTP_CLIENTS}"
+            )
+        self.plain_http = plain_http if fast_http and http is None else "httpx"
+        self.fast_http = self.plain_http != "httpx"
+        self._fast: Any = None  # FastHTTP (or AioHTTP) for plain http:// backends
+        self._routes: dict[str, tuple[httpx.URL, bool]] = {}  # backend -> (chat URL, via self._fast)
         self._rng = random.Random(seed)
 
     @property
@@ -199,7 +216,12 @@ class HttpCalls:
         data = orjson.dumps(body)
         if fast:
             if self._fast is None:
-                self._fast = FastHTTP(max_connections=self.max_connections)
+                if self.plain_http == "aiohttp":
+                    from router_ml.backends.aio_http import AioHTTP
+
+                    self._fast = AioHTTP(max_connections=self.max_connections)
+                else:
+                    self._fast = FastHTTP(max_connections=self.max_connections)
             return await self._fast.request(
                 url,
                 data,

@@ -156,6 +156,56 @@ SOURCE_TASK_MAP: dict[str, dict[str, str]] = {
     },
     # The project's own labelled prompts carry taxonomy labels directly.
     "router_ml_labelled": {t: t for t in TASK_TYPES},
+    # A user's collection store (router_ml/data/adapters/collected.py): the task a prompt file gives,
+    # lower-cased. Task types stand for themselves; benchmark and scorer names (the scorer registry's
+    # TASK_SCORERS) map as the public sets above map them; "mmlu_*" subjects are qa (map_task).
+    "collected": {
+        **{t: t for t in TASK_TYPES},
+        **dict.fromkeys(
+            [
+                "choice",
+                "mcq",
+                "multiple_choice",
+                "mmlu",
+                "mmlu_pro",
+                "mmlu-pro",
+                "arc",
+                "arc_challenge",
+                "arc-challenge",
+                "arc_easy",
+                "gpqa",
+                "commonsense_qa",
+                "openbook_qa",
+                "cmmlu",
+                "ceval",
+                "natural_qa",
+                "trivia_qa",
+                "squad",
+                "stem",
+                "knowledge",
+                "factual",
+            ],
+            "qa",
+        ),
+        **dict.fromkeys(
+            [
+                "math",
+                "gsm8k",
+                "gsm",
+                "math-l5",
+                "math_prealgebra",
+                "agentverse-mgsm",
+                "reasoning",
+                "logic",
+                "winogrande",
+            ],
+            "reason",
+        ),
+        **dict.fromkeys(["coding", "mbpp", "humaneval", "human_eval", "crux", "javascript"], "code"),
+        **dict.fromkeys(["summarization", "summary", "extraction"], "summarize"),
+        **dict.fromkeys(["classification", "sentiment", "tagging"], "classify"),
+        **dict.fromkeys(["writing", "roleplay", "humanities", "commongen", "open_ended", "chat"], "creative"),
+    },
 }
 
 
@@ -177,7 +227,7 @@ def map_task(source: str, name: str) -> str:
     table = SOURCE_TASK_MAP[source]
     if name in table:
         return table[name]
-    if source == "routellm_gpt4_mixtral" and name.startswith("mmlu_"):
+    if source in ("routellm_gpt4_mixtral", "collected") and name.startswith("mmlu_"):
         return "qa"
     if "*" in table:
         return table["*"]

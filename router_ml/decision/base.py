@@ -38,9 +38,28 @@ class RoutingDecision:
     expected_ttft_s: float | None = None
     expected_latency_s: float | None = None
     max_tokens: int | None = None
+    # with a NoveltyGuard: how unlike the training prompts this one is (0..1), each candidate's
+    # quality interval (lower, upper), and whether the estimates leaned mostly on the pool prior
+    novelty: float | None = None
+    quality_interval: dict[str, tuple[float, float]] | None = None
+    fell_back_to_prior: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Uncertainty:
+    """What a router's :class:`~router_ml.predictors.guard.NoveltyGuard` adds to ``n`` decisions over
+    the ``m`` candidate models: ``novelty`` (n,), ``shrink`` (n,) the prior's weight in the
+    quality, ``lower`` / ``upper`` (n, m) the interval of each predicted quality, and
+    ``prior_model`` the model the conservative prior alone would pick (the best single model)."""
+
+    novelty: np.ndarray
+    shrink: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    prior_model: str
 
 
 @dataclass
@@ -53,7 +72,9 @@ class Estimates:
     ``ttft`` / ``latency``: expected first-token and completion seconds; ``is_local`` (m,): served
     by the project's own vLLM pool; ``params_b`` (m,): nominal size in billions (NaN unknown);
     ``feasible``: models the request may use at all (allowed models, context window);
-    ``observed``: true scores, read only by the oracle baseline.
+    ``observed``: true scores, read only by the oracle baseline; ``quality_lower``: the lower
+    bound of each predicted quality's interval, where the router has one (a risk-averse utility
+    policy reads it).
     """
 
     models: list[str]
@@ -68,13 +89,14 @@ class Estimates:
     cost_upper: np.ndarray | None = None
     feasible: np.ndarray | None = None
     observed: np.ndarray | None = None
+    quality_lower: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n, m = np.shape(self.quality)
         if len(self.models) != m:
             raise PolicyError(f"estimates: {len(self.models)} model names for {m} quality columns")
         self.tasks = np.asarray(self.tasks, dtype=object)
-        for name in ("cost", "ttft", "latency", "cost_upper", "feasible", "observed"):
+        for name in ("cost", "ttft", "latency", "cost_upper", "feasible", "observed", "quality_lower"):
             value = getattr(self, name)
             if value is not None and np.shape(value) != (n, m):
                 raise PolicyError(f"estimates: {name} has shape {np.shape(value)}, expected {(n, m)}")
@@ -105,6 +127,7 @@ class Estimates:
         "cost_upper",
         "feasible",
         "observed",
+        "quality_lower",
     )
 
     def take(self, idx: Any) -> Estimates:

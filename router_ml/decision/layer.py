@@ -24,6 +24,7 @@ from router_ml.decision.base import (
     Estimates,
     PolicyError,
     RoutingDecision,
+    Uncertainty,
     argmax_cheapest,
     fallback_order,
 )
@@ -158,8 +159,10 @@ class DecisionLayer:
         return self
 
     def fit_router(self, router: Any, prompts: Sequence[str] | None = None) -> DecisionLayer:
-        """Fit the policy on the router's estimates for ``prompts`` (default: the project's own
-        labelled prompts, a mix of every task type)."""
+        """Fit the policy on the router's estimates for ``prompts`` (default: the router's policy fit
+        set, which its checkpoint carries; without one, the project's own labelled prompts)."""
+        if prompts is None and getattr(router, "policy_fit", None) is not None:
+            return self.fit(router.policy_fit.estimates(self, router.models))
         if prompts is None:
             from router_ml.data.labelled import load_labelled
 
@@ -227,13 +230,16 @@ class DecisionLayer:
         task_proba: np.ndarray,
         task_labels: Sequence[str],
         input_tokens: np.ndarray | None = None,
+        uncertainty: Uncertainty | None = None,
         **constraints: Any,
     ) -> list[RoutingDecision]:
         """One decision per prompt, in order (so budgets see earlier ones): the router's hook.
 
         ``quality`` (n, c) over the candidate ``models`` (a subset of the fitted ones), ``task_proba``
         (n, L) over ``task_labels``; ``input_tokens``: :meth:`count_input_tokens` of the prompts
-        when already counted. One path for one prompt and for a batch."""
+        when already counted; ``uncertainty``: the router's novelty and quality intervals over the
+        same (n, c), carried into the decisions (and read by a risk-averse policy). One path for
+        one prompt and for a batch."""
         if self.models_ is None:
             raise PolicyError(
                 f"policy {self.policy.name!r} is not fitted: call DecisionLayer.fit_router(router) first"
@@ -252,10 +258,15 @@ class DecisionLayer:
             cols = [fitted.index(m) for m in models]
             full = np.zeros((len(prompts), len(fitted)))
             full[:, cols] = quality
+        lower = None
+        if uncertainty is not None:
+            lower = np.zeros_like(full)
+            lower[:, list(cols)] = uncertainty.lower
         policy = self._policy_for(constraints)
         tidx = np.argmax(task_proba, axis=1).tolist()
         tasks = [task_labels[t] for t in tidx]
         est = self.estimates(prompts, full, fitted, tasks, task_proba=task_proba, input_tokens=input_tokens)
+        est.quality_lower = lower
         if len(cols) != len(fitted):
             wanted = set(models)
             candidate = np.array([m in wanted for m in fitted], dtype=bool)
@@ -272,12 +283,16 @@ class DecisionLayer:
             choice = policy.choose(est, usable).tolist()
         allowed = est.allowed
         confidence = np.max(task_proba, axis=1).tolist()  # the probability of the argmax task
-        return [
+        out = [
             self._decision(
                 policy, est.take(slice(i, i + 1)), j, usable[i], allowed[i], confidence[i], models, cols
             )
             for i, j in enumerate(choice)
         ]
+        if uncertainty is not None:
+            for i, d in enumerate(out):
+                with_uncertainty(d, uncertainty, i, models)
+        return out
 
     def _decision(
         self,
@@ -337,3 +352,22 @@ class DecisionLayer:
         if ttft_s is not None or tokens_per_s is not None:
             self.latency_model.observe(model, ttft_s=ttft_s, tokens_per_s=tokens_per_s)
         return bool(new)
+
+
+def with_uncertainty(d: RoutingDecision, u: Uncertainty, i: int, models: Sequence[str]) -> RoutingDecision:
+    """Carry row ``i`` of ``u`` (over ``models``) into ``d``: novelty, intervals, and a reason that
+    says when the estimates leaned mostly on the pool prior (shrink weight >= 0.5) and the
+    decision landed on the prior's own pick, the best single model."""
+    nov, w = float(u.novelty[i]), float(u.shrink[i])
+    lo, hi = u.lower[i].tolist(), u.upper[i].tolist()
+    d.novelty = nov
+    d.quality_interval = {m: (lo[k], hi[k]) for k, m in enumerate(models)}
+    d.fell_back_to_prior = w >= 0.5 and d.model == u.prior_model
+    if d.fell_back_to_prior:
+        d.reason += (
+            f"; novel prompt (novelty {nov:.2f}): estimates {w:.0%} the pool prior, "
+            f"fell back to the prior's best model {u.prior_model}"
+        )
+    elif w >= 0.5:
+        d.reason += f"; novel prompt (novelty {nov:.2f}): estimates {w:.0%} the pool prior"
+    return d

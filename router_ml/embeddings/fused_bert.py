@@ -8,19 +8,32 @@ forward on a probe batch (to 1e-4); otherwise ``net``'s forward is used.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Row count oneDNN packs the weights for; any value >= 8 picks the layout that is ~25% faster
 #: than the 1-row layout on the ~20-row GEMMs of one short prompt, and ~5% on batches.
 PACK_ROWS = 64
+#: The private oneDNN ops the pre-packed linears use (pinned by tests/test_fused_ops.py).
+PRIVATE_OPS = ("_reorder_linear_weight", "_linear_pointwise")
 
 
-def _linear(weight: Any, bias: Any) -> Any:
-    """``x (m, k) -> (m, n)`` linear, on weights pre-packed for oneDNN when this torch allows it."""
+def _linear(weight: Any, bias: Any, prepacked: bool = True) -> Any:
+    """``x (m, k) -> (m, n)`` linear, on weights pre-packed for oneDNN when this torch allows it
+    (and ``prepacked``; else ``torch.nn.functional.linear``)."""
     import torch
     import torch.nn.functional as F
 
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
+
+    def public(x: Any, gelu: bool = False) -> Any:
+        return F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b)
+
+    public.prepacked = False  # type: ignore[attr-defined]
+    if not prepacked:
+        return public
     try:  # pre-packed oneDNN GEMM: faster than MKL, above all on the small matrices of one prompt
         packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
         op = torch.ops.mkldnn._linear_pointwise
@@ -29,18 +42,25 @@ def _linear(weight: Any, bias: Any) -> Any:
             return op(x, packed, b, "gelu" if gelu else "none", [], "none" if gelu else "")
 
         run(torch.zeros(2, w.shape[1]), gelu=True)  # probe the private op once
+        run.prepacked = True  # type: ignore[attr-defined]
         return run
-    except (AttributeError, RuntimeError, TypeError):
-        return lambda x, gelu=False: F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b)
+    except (AttributeError, RuntimeError, TypeError) as err:
+        log.warning(
+            "torch %s: the private ops torch.ops.mkldnn.%s failed (%s); the fused encoder runs on "
+            "F.linear, correct but slower (see tests/test_fused_ops.py)",
+            torch.__version__, " / ".join(PRIVATE_OPS), err,
+        )  # fmt: skip
+        return public
 
 
-def fused_bert(net: Any) -> Any:
+def fused_bert(net: Any, prepacked: bool = True) -> Any:
     """Inference forward of a CPU ``BertModel`` with fused QKV and pre-packed weights.
 
     Returns ``forward(input_ids (b, t), attention_mask (b, t), token_type_ids) -> (b, t, d)``, or
     None when ``net`` is not a plain absolute-position BERT encoder on the CPU. With ``keep``
     (sorted layer numbers, 0 = the embeddings, as Hugging Face's ``hidden_states``) it returns
-    ``(last, [hidden state after each kept layer])``.
+    ``(last, [hidden state after each kept layer])``. ``prepacked=False``: public ops only
+    (``F.linear``), for comparison (``experiments/bench_encoder_ops.py``).
     """
     import torch
     import torch.nn.functional as F
@@ -61,10 +81,15 @@ def fused_bert(net: Any) -> Any:
     for layer in net.encoder.layer:
         att = layer.attention
         q, k, v = att.self.query, att.self.key, att.self.value
-        qkv = _linear(torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
-        out, ln1 = _linear(att.output.dense.weight, att.output.dense.bias), att.output.LayerNorm
-        up = _linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias)
-        down, ln2 = _linear(layer.output.dense.weight, layer.output.dense.bias), layer.output.LayerNorm
+        qkv = _linear(
+            torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]), prepacked
+        )
+        out, ln1 = _linear(att.output.dense.weight, att.output.dense.bias, prepacked), att.output.LayerNorm
+        up = _linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, prepacked)
+        down, ln2 = (
+            _linear(layer.output.dense.weight, layer.output.dense.bias, prepacked),
+            layer.output.LayerNorm,
+        )
         layers.append((qkv, out, ln1, up, down, ln2))
 
     def forward(

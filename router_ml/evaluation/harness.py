@@ -40,10 +40,10 @@ from router_ml.decision.policies import SLO_PRESETS
 from router_ml.evaluation import frontier as fr
 from router_ml.evaluation.comparison import _per_task, frontier_metrics, pair_metrics
 from router_ml.evaluation.estimates import build_layer, build_pool, split_estimates
-from router_ml.evaluation.metrics import json_safe
 from router_ml.evaluation.pacing import pacing_replay
 from router_ml.evaluation.sweeps import _point, knob_values, sweep_policy
-from router_ml.evaluation.tuning import predict_head
+from router_ml.metrics import json_safe
+from router_ml.predictors.tuning import predict_head
 from router_ml.training import _as_dict, fit_router, split_data
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ calibration part.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -47,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from router_ml.data.schema import to_wide, wide_column
-from router_ml.evaluation.metrics import best_single_model, routed_scores
+from router_ml.metrics import best_single_model, routed_scores
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,12 @@ class FoldScores:
     routed: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n,) argmax scores
     util_score: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
     util_cost: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
+    # guarded heads (``<head>+guard``): novelty of the test prompts (n,) and of the fold's
+    # in-distribution validation prompts (k,), whether each model's interval held its score (n, m)
+    novelty: dict[str, np.ndarray] = field(default_factory=dict)
+    novelty_id: dict[str, np.ndarray] = field(default_factory=dict)
+    covered: dict[str, np.ndarray] = field(default_factory=dict)
+    guard_fit: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ---- data and folds --------------------------------------------------------------------------
@@ -153,6 +160,7 @@ class _Context:
     family_by: str
     val_size: float
     seed: int
+    guard: dict[str, Any] = field(default_factory=dict)  # shift.guard: {heads: [...], params: {...}}
 
     def X(self, prompts: pd.DataFrame) -> np.ndarray:
         return np.stack([self.emb[t] for t in prompts["prompt"]]).astype("float32")
@@ -175,8 +183,8 @@ def fold_scores(
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.decision.policies import build_policy
     from router_ml.evaluation.sweeps import knob_values
-    from router_ml.evaluation.tuning import fit_head, predict_head
     from router_ml.predictors import build_calibrator
+    from router_ml.predictors.tuning import fit_head, predict_head
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
@@ -186,11 +194,11 @@ def fold_scores(
     t_tr, t_va = list(p_tr["prompt"]), list(p_va["prompt"])
     est_va = ctx.estimates(p_va, Y_va, parts["val"])[0] if len(p_va) else None
     util_params = {k: v for k, v in ctx.utility.items() if k not in ("heads", "sweep")}
-    fitted = {}
+    fitted: dict[str, tuple[Any, ...]] = {}
     for hname, hcfg in ctx.heads.items():
         tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
         head = fit_head(hcfg["name"], dict(hcfg.get("params") or {}), X_tr, Y_tr, tid, t_tr)
-        cal, policy = None, build_policy(dict(util_params))
+        cal, policy, q_va = None, build_policy(dict(util_params)), None
         if est_va is not None:
             raw_va = predict_head(head, X_va, t_va)
             if ctx.calibrator != "none":
@@ -198,6 +206,10 @@ def fold_scores(
             q_va = cal.transform(raw_va) if cal is not None else raw_va
             policy = policy.fit(dataclasses.replace(est_va, quality=q_va))
         fitted[hname] = (head, cal, policy)
+        if hname in (ctx.guard.get("heads") or []):
+            fitted[f"{hname}+guard"] = _fit_guard(
+                ctx, hcfg, p_tr, Y_tr, X_tr, t_tr, (head, cal, policy), X_va, q_va, est_va
+            )
 
     out = []
     for rendering, test in tests.items():
@@ -213,10 +225,20 @@ def fold_scores(
             cost=cost,
             best=best,
         )
-        for hname, (head, cal, policy) in fitted.items():
+        for hname, (head, cal, policy, *guard) in fitted.items():
             raw = predict_head(head, X_te, t_te)
+            q, lower = (cal.transform(raw) if cal is not None else raw), None
+            if guard:  # the router's order: head -> calibrator -> guard
+                g, nov_va, info = guard
+                gd = g.transform(X_te, q)
+                q, lower = gd.quality, gd.lower
+                raw = q - policy.risk * (q - gd.lower)  # routed: argmax of what the policy ranks by
+                fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
+                fs.covered[hname] = np.where(
+                    np.isnan(Y_te), np.nan, (Y_te >= gd.lower - 1e-9) & (Y_te <= gd.upper + 1e-9)
+                )
             fs.routed[hname] = routed_scores(raw, Y_te)
-            e = dataclasses.replace(est, quality=cal.transform(raw) if cal is not None else raw)
+            e = dataclasses.replace(est, quality=q, quality_lower=lower)
             knobs = knob_values(ctx.utility, policy, e, ref_cost)
             S = np.empty((len(rows), len(knobs)))
             C = np.empty_like(S)
@@ -225,6 +247,82 @@ def fold_scores(
                 S[:, i], C[:, i] = Y_te[rows, choice], cost[rows, choice]
             fs.util_score[hname], fs.util_cost[hname] = S, C
         out.append(fs)
+    return out
+
+
+def _fit_guard(
+    ctx: _Context,
+    hcfg: Mapping[str, Any],
+    p_tr: pd.DataFrame,
+    Y_tr: np.ndarray,
+    X_tr: np.ndarray,
+    t_tr: list[str],
+    fitted: tuple[Any, Any, Any],
+    X_va: np.ndarray,
+    q_va: np.ndarray | None,
+    est_va: Any,
+) -> tuple[Any, ...]:
+    """``(head, cal, policy, guard, novelty of the validation prompts, fit summary)``: a
+    :class:`~router_ml.predictors.guard.NoveltyGuard` fitted on the fold's training part by
+    family-grouped CV of the same head (``fitted`` = its head, calibrator, policy), and the utility
+    policy refitted on the guarded validation estimates."""
+    from router_ml.data.taxonomy import task_ids_of
+    from router_ml.predictors.guard import NoveltyGuard
+    from router_ml.predictors.tuning import fit_head, predict_head
+
+    head, cal, policy = fitted
+    tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
+    params = dict(hcfg.get("params") or {})
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        h = fit_head(hcfg["name"], params, X_tr[tr], Y_tr[tr], tid[tr], [t_tr[i] for i in tr])
+        return predict_head(h, X_tr[te], [t_tr[i] for i in te])
+
+    families = p_tr[ctx.family_by].astype(str).to_numpy()
+    gparams = {"seed": ctx.seed, **(ctx.guard.get("params") or {})}
+    g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
+    info = {"shrink": g.shrink_.tolist(), "cv_auroc": g.cv_auroc_, "cv_gain": g.cv_gain_.tolist()}
+    nov_va = np.zeros(0)
+    policy = copy.deepcopy(policy)
+    policy.risk = float(ctx.guard.get("risk", getattr(policy, "risk", 0.0)))
+    if est_va is not None and q_va is not None:  # validation prompts: training families, never trained on
+        gd = g.transform(X_va, q_va)
+        nov_va = gd.novelty
+        policy = policy.fit(dataclasses.replace(est_va, quality=gd.quality, quality_lower=gd.lower))
+    return head, cal, policy, g, nov_va, info
+
+
+def guard_summary(parts: list[FoldScores], models: list[str], coverage: float) -> dict[str, Any]:
+    """Per guarded head, over the original rendering's folds: the novelty AUROC at telling test
+    prompts from the folds' in-distribution validation prompts (pooled and per fold), the mean
+    test novelty, each model's interval coverage on the test prompts against ``coverage``, and
+    the shrinkage fitted per fold."""
+    from sklearn.metrics import roc_auc_score
+
+    orig = [p for p in parts if p.rendering == parts[0].rendering]
+    out: dict[str, Any] = {}
+    for h in orig[0].novelty if orig else []:
+        te = np.concatenate([p.novelty[h] for p in orig])
+        va = np.concatenate([p.novelty_id[h] for p in orig])
+        per_fold = {
+            p.fold: float(roc_auc_score(np.r_[np.zeros(len(p.novelty_id[h])), np.ones(len(p.novelty[h]))],
+                                        np.r_[p.novelty_id[h], p.novelty[h]]))
+            for p in orig
+            if len(p.novelty_id[h]) and len(p.novelty[h])
+        }  # fmt: skip
+        cov = np.nanmean(np.vstack([p.covered[h] for p in orig]), axis=0)
+        out[h] = {
+            "novelty_auroc": float(roc_auc_score(np.r_[np.zeros(len(va)), np.ones(len(te))], np.r_[va, te]))
+            if len(va) and len(te)
+            else float("nan"),
+            "novelty_auroc_per_fold": per_fold,
+            "novelty_test_mean": float(te.mean()),
+            "novelty_id_mean": float(va.mean()) if len(va) else float("nan"),
+            "coverage_nominal": coverage,
+            "coverage": dict(zip(models, cov.tolist(), strict=True)),
+            "coverage_worst_gap_pts": float(100 * np.max(np.abs(cov - coverage))),
+            "fits": {p.fold: p.guard_fit[h] for p in orig},
+        }
     return out
 
 
@@ -291,8 +389,8 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
 
     from router_ml.data.loading import load_routing_data
     from router_ml.evaluation.estimates import build_layer
-    from router_ml.evaluation.metrics import json_safe
     from router_ml.evaluation.shift_report import markdown, prompt_frame, summarise
+    from router_ml.metrics import json_safe
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -323,11 +421,17 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
         family_by=family_by,
         val_size=float(s.get("val_size", 0.1)),
         seed=seed,
+        guard=dict(s.get("guard") or {}),
     )
     parts: list[FoldScores] = []
     for fold, train, tests in tqdm(folds, desc=f"shift {s['name']} {cfg['data'].get('name')}"):
         parts.extend(fold_scores(ctx, fold, train, tests))
     summary = summarise(parts, models, int(s.get("n_boot", 2000)), seed)
+    if ctx.guard.get("heads"):
+        from router_ml.predictors.guard import NoveltyGuard
+
+        nominal = float((ctx.guard.get("params") or {}).get("coverage", NoveltyGuard().coverage))
+        summary["guard"] = guard_summary(parts, models, nominal)
     summary.update(
         mode=s["name"],
         data=cfg["data"].get("name"),

@@ -5,7 +5,7 @@ For each rendering (``original`` only, outside format shift) the rows of every f
 
 - per head: routed quality (argmax of predicted quality), the best single model's quality (per
   prompt, the model chosen on THAT prompt's fold training part), their difference with a paired
-  bootstrap 95% CI over prompts (:func:`router_ml.evaluation.metrics.paired_bootstrap`) and the
+  bootstrap 95% CI over prompts (:func:`router_ml.metrics.paired_bootstrap`) and the
   share of the best-single-to-oracle gap closed;
 - the same per family (for leave-one-family-out a family is one fold: its best single model was
   chosen on the other families), and the worst family per head;
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from router_ml.evaluation import frontier as fr
-from router_ml.evaluation.metrics import gap_closed, paired_bootstrap
+from router_ml.metrics import gap_closed, paired_bootstrap
 
 __all__ = ["check_targets", "frontier_aiq", "markdown", "prompt_frame", "summarise"]
 

@@ -14,7 +14,7 @@ from router_ml.decision.policies import Policy, build_policy, replay
 
 
 def knob_values(policy_cfg: Mapping[str, Any], policy: Policy, est: Estimates, ref_cost: float) -> list[Any]:
-    """The knob values a policy is swept over (``sweep`` in its conf/policy entry)."""
+    """The knob values a policy is swept over (``sweep`` in its router_ml/conf/policy entry)."""
     sweep = dict(policy_cfg.get("sweep") or {})
     if "values" in sweep:
         return list(sweep["values"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from router_ml.serving.openai_errors import ApiError, parse_body, prompt_of
+from router_ml.serving.openai_errors import ApiError, parse_body
 
 log = logging.getLogger("router_ml.serving.proxy")
 
@@ -108,7 +108,7 @@ class ChatRoute:
             finally:  # booked once the answer is written out (or the client has gone)
                 self.engine.book(outcome)
             return
-        await self._stream(outcome, prompt_of(body["messages"]), receive, send)
+        await self._stream(outcome, outcome.routed_prompt, receive, send)
 
     async def _stream(self, outcome: Any, prompt: str, receive: Receive, send: Send) -> None:
         """Server-sent events until ``[DONE]``; a client disconnect cancels the upstream stream."""

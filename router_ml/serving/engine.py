@@ -19,6 +19,7 @@ models served by other names); router models with no backend are never chosen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -37,16 +38,18 @@ from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecisio
 from router_ml.decision.costs import CostModel, OutputLengthModel
 from router_ml.decision.latency import LatencyModel
 from router_ml.decision.layer import DecisionLayer
+from router_ml.decision.measured import MeasuredFigures
 from router_ml.decision.policies import build_policy
 from router_ml.log_repeats import limit_repeats
 from router_ml.serving.budget import SpendGuard
+from router_ml.serving.chat_request import validate_chat
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
     AliasedLatency,
     decision_headers,
     knob_value,
 )
-from router_ml.serving.openai_errors import ApiError, prompt_of, validate_chat
+from router_ml.serving.openai_errors import ApiError
 
 log = limit_repeats(logging.getLogger(__name__))
 
@@ -66,19 +69,21 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
     decision_s: float = 0.0
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
+    routed_prompt: str = ""  # the text the router classifies (:func:`~.chat_request.prompt_of`)
     reserved_usd: float | None = None  # the cost bound held in the ledger until booked or released
 
 
 class RoutingEngine:
     """``router`` (a LearnedRouter) + ``catalog`` + policies + shared ledger + routing log.
 
-    ``policies``: name -> policy config (``conf/policy`` entries); ``default_policy`` serves
-    ``model="router"``; ``calibration_prompts``: how many of the project's labelled prompts fit the
-    policies (auto tiers, thresholds) at start-up; ``max_batch``: the most prompts embedded in one
-    encoder call when requests arrive together; ``budget_usd``: the operator's spend cap per
-    ``period`` over every request, routed or pass-through (None: only budgeted policies cap);
-    ``default_max_tokens``: the output cap written into a capped request that names none (so its
-    cost bound holds); ``reservation_ttl_s``: how long a hold outlives a replica that crashed.
+    ``policies``: name -> policy config (``router_ml/conf/policy`` entries); ``default_policy`` serves
+    ``model="router"``; the policies are fitted at start-up (auto tiers, thresholds, the pacing
+    curve) on the router's policy fit set (its checkpoint carries it) priced by this catalog;
+    ``max_batch``: the most prompts embedded in one encoder call when requests arrive together;
+    ``budget_usd``: the operator's spend cap per ``period`` over every request, routed or
+    pass-through (None: only budgeted policies cap); ``default_max_tokens``: the output cap written
+    into a capped request that names none (so its cost bound holds); ``reservation_ttl_s``: how long
+    a hold outlives a replica that crashed.
     """
 
     def __init__(
@@ -92,7 +97,6 @@ class RoutingEngine:
         aliases: Mapping[str, str] | None = None,
         session: str | None = None,
         period: str = "day",
-        calibration_prompts: int = 240,
         on_finish: Callable[[Outcome], None] | None = None,
         max_batch: int = 32,
         budget_usd: float | None = None,
@@ -128,8 +132,13 @@ class RoutingEngine:
         from router_ml.decision.spec import ModelPool
 
         self.pool = ModelPool([dataclasses.replace(pool.get(self.aliases[m]), name=m) for m in self.served])
+        # a checkpoint trained on a collection store carries its measured output lengths and the
+        # TTFT / decode speed of its models (for backends whose catalog entry sets none)
+        measured = MeasuredFigures.of_router(router)
+        if measured is not None:
+            self.pool = measured.fill_latency(self.pool)
         self.latency_model = LatencyModel(self.pool)
-        self.cost_model = CostModel(self.pool, OutputLengthModel())
+        self.cost_model = CostModel(self.pool, measured.output_model() if measured else OutputLengthModel())
         self.layers: dict[str, DecisionLayer] = {}
         for name, cfg in policies.items():
             self.layers[name] = DecisionLayer(
@@ -141,7 +150,7 @@ class RoutingEngine:
                 session=session,
                 period=period,
             )
-        self._fit(calibration_prompts)
+        self._fit()
         # backend latency observations also feed the router-name latency model
         self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
         self.guard = SpendGuard(self.ledger, self.client, budget_usd, period, session, default_max_tokens,
@@ -150,17 +159,33 @@ class RoutingEngine:
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
         self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
+        self._warm_up()
 
-    def _fit(self, n: int) -> None:
-        from router_ml.data.labelled import load_labelled
+    def _warm_up(self) -> None:
+        """Route a prompt through the whole decision path once before serving: the first pass loads
+        tokenizers and starts the encoder's workers (seconds on a CPU), which the first client
+        would otherwise wait for. Fitting from the policy fit set no longer encodes anything."""
+        t = time.perf_counter()
+        # a spent budget refuses requests, not the start (the encoder has run by then)
+        with contextlib.suppress(BudgetExhausted):
+            self.router.route_batch(
+                ["Warm-up: summarise this sentence."],
+                allowed_models=self.served,
+                policy=self.layers[self.default_policy],
+            )
+        log.info("decision path warmed up in %.2f s", time.perf_counter() - t)
 
-        prompts = (
-            load_labelled("project").groupby("task", group_keys=False).head(max(1, n // 6))["prompt"].tolist()
-        )
-        q = self.router.predict_quality(prompts)[self.served]
-        tasks = self.router.predict_task(prompts)
-        first = next(iter(self.layers.values()))
-        est = first.estimates(prompts, q.to_numpy(), self.served, tasks)
+    def _fit(self) -> None:
+        """Fit every policy on the router's policy fit set, over the served models at the catalog's prices."""
+        fit = getattr(self.router, "policy_fit", None)
+        if fit is None:
+            name = self.router.metadata.get("name", "router")
+            raise ValueError(
+                f"checkpoint {name!r} carries no policy fit set (written before router-ml stored one), so "
+                "the proxy cannot fit its policies; re-export it, which adds one: python -m "
+                "experiments.export run=<checkpoint folder> to=<new folder> (in a source checkout)"
+            )
+        est = fit.estimates(next(iter(self.layers.values())), self.served)
         for layer in self.layers.values():
             layer.fit(est)
 
@@ -254,14 +279,15 @@ class RoutingEngine:
         A finished answer is booked (spend, latency, routing log, metrics) before this returns;
         with ``book_later`` the caller books it with :meth:`book` once the answer is on its way
         to the client (the proxy: booking is then off the response's critical path)."""
-        model, messages = validate_chat(dict(body), max_prompt_chars)
+        req, prompt = validate_chat(body, max_prompt_chars)
+        model = req["model"]
         route, layer, constraints = self.resolve(model)
         request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):016x}"
-        stream = bool(body.get("stream", False))
+        stream = req.get("stream", False)
         payload = {k: v for k, v in body.items() if k != "model"}
         decision, encode_s, t0 = None, 0.0, time.perf_counter()
         if route == "router":
-            decision, encode_s = await self._decide(prompt_of(messages), layer, constraints)
+            decision, encode_s = await self._decide(prompt, layer, constraints)
             # several router models may share one backend: each backend once, in the decision's order
             chain = list(dict.fromkeys(self.aliases[m] for m in [decision.model, *decision.fallbacks]))
             if decision.max_tokens and not (
@@ -271,12 +297,13 @@ class RoutingEngine:
         else:
             chain = [model]
         outcome = Outcome(request_id, route, decision, layer, decision_s=time.perf_counter() - t0)
+        outcome.routed_prompt = prompt
         outcome.headers = decision_headers(decision, outcome.decision_s)
         if decision is not None:
             outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
         cap, reserved = self.guard.cap(layer, constraints), None
         if cap is not None:  # hold the cost bound before any backend call (a 429 when it does not fit)
-            chain, reserved = self.guard.reserve(request_id, chain, payload, messages, cap)
+            chain, reserved = self.guard.reserve(request_id, chain, payload, req["messages"], cap)
             outcome.reserved_usd = reserved
         if reserved is not None:  # the cost bound held for this call (what it may cost at most)
             outcome.headers["x-router-reserved-usd"] = f"{reserved:.8f}"
@@ -284,10 +311,10 @@ class RoutingEngine:
         try:
             got = await self.client.chat_with_fallback(chain, payload, stream=stream)
         except BadRequest as e:
-            self._finish(outcome, prompt_of(messages), error=e)
+            self._finish(outcome, prompt, error=e)
             raise ApiError(e.status or 400, f"backend {e.backend} rejected the request: {e}") from None
         except (AllBackendsFailed, BackendError) as e:
-            self._finish(outcome, prompt_of(messages), error=e)
+            self._finish(outcome, prompt, error=e)
             wait = [self.client.breaker.retry_in(n) for n in chain]
             if all(w is not None for w in wait) and isinstance(getattr(e, "last", e), CircuitOpen):
                 raise ApiError(  # every backend rests: say when the first one takes a trial again
@@ -307,9 +334,9 @@ class RoutingEngine:
         else:
             outcome.result = got
             if book_later:
-                outcome.prompt = prompt_of(messages)
+                outcome.prompt = prompt
             else:
-                self._finish(outcome, prompt_of(messages))
+                self._finish(outcome, prompt)
         outcome.headers["x-router-served-model"] = self._served_name(got)
         if isinstance(got, ChatResult) and len(got.tried) > 1:  # why the earlier backends were left
             outcome.headers["x-router-tried"] = ",".join(got.tried)

@@ -10,16 +10,22 @@ import orjson
 
 from router_ml.decision.base import RoutingDecision
 from router_ml.decision.latency import LatencyModel
+from router_ml.paths import POLICY_CONFIG_DIR
 
 OFFLINE_ONLY = ("oracle",)
 
 
-def load_policy_configs(conf_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every ``conf/policy/*.yaml`` as a plain dict (the evaluation-only keys are dropped)."""
+def load_policy_configs(conf_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every ``<name>.yaml`` of ``conf_dir`` (default: the package's, ``router_ml/conf/policy/``) as
+    a plain dict; the evaluation-only keys are dropped, and so are the offline-only policies."""
     from omegaconf import OmegaConf
 
+    conf_dir = Path(conf_dir) if conf_dir is not None else POLICY_CONFIG_DIR
+    paths = sorted(conf_dir.glob("*.yaml"))
+    if not paths:
+        raise FileNotFoundError(f"no policy configs (*.yaml) in {str(conf_dir)!r}")
     out = {}
-    for path in sorted(Path(conf_dir).glob("*.yaml")):
+    for path in paths:
         cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         if isinstance(cfg, dict) and cfg.get("name") not in OFFLINE_ONLY:
             out[path.stem] = {k: v for k, v in cfg.items() if k not in ("sweep", "heads")}
@@ -41,7 +47,9 @@ def decision_headers(d: RoutingDecision | None, decision_s: float) -> dict[str, 
     def ascii(text: str) -> str:
         return text.encode("ascii", "replace").decode()[:512]
 
+    extra = {} if d.novelty is None else {"x-router-novelty": f"{d.novelty:.3f}"}
     return {
+        **extra,
         "x-router-route": "router",
         "x-router-model": d.model,
         "x-router-task": d.task,

@@ -220,17 +220,13 @@ def build_engine(
     budget_usd: float | None = None,
     default_max_tokens: int = 1024,
 ) -> RoutingEngine:
-    """A :class:`RoutingEngine` from files: checkpoint, backend catalog, ``conf/policy``."""
-    from pathlib import Path
-
+    """A :class:`RoutingEngine` from files: checkpoint, backend catalog and the policy configs
+    (``policy_dir``; default: the package's own, ``router_ml/conf/policy/``)."""
     from router_ml.backends.catalog import Catalog
     from router_ml.decision.ledger import open_ledger
     from router_ml.router import LearnedRouter
     from router_ml.serving.engine_support import load_policy_configs
 
-    conf = Path(policy_dir) if policy_dir else Path(__file__).resolve().parents[2] / "conf" / "policy"
-    if not conf.is_dir():
-        raise FileNotFoundError(f"policy configs not found at {str(conf)!r}; pass policy_dir")
     rlog = None
     if routing_log:
         from router_ml.serving.routing_log import RoutingLog
@@ -239,7 +235,7 @@ def build_engine(
     return RoutingEngine(
         LearnedRouter.from_pretrained(ckpt),
         Catalog.load(backends),
-        load_policy_configs(conf),
+        load_policy_configs(policy_dir),
         default_policy=policy,
         ledger=open_ledger(ledger),
         routing_log=rlog,

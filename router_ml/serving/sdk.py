@@ -88,9 +88,7 @@ class RouterClient:
         return self._chunks(outcome, body)
 
     def _chunks(self, outcome: Any, body: dict[str, Any]) -> Iterator[Any]:
-        from router_ml.serving.openai_errors import prompt_of
-
-        agen = self.engine.iterate(outcome, prompt_of(body["messages"]))
+        agen = self.engine.iterate(outcome, outcome.routed_prompt)
         try:
             while True:
                 try:

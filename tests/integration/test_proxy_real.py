@@ -63,9 +63,7 @@ def proxy(trained_run, vllm_server, own_llamacpp):
         m: ("smollm2-llamacpp" if m.startswith("qwen2.5-1.5b") or "7b" in m else "smollm2-vllm")
         for m in router.models
     }
-    engine = RoutingEngine(
-        router, catalog, load_policy_configs("conf/policy"), aliases=aliases, calibration_prompts=60
-    )
+    engine = RoutingEngine(router, catalog, load_policy_configs(), aliases=aliases)
     port = _port()
     server = uvicorn.Server(
         uvicorn.Config(

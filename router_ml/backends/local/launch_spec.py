@@ -17,7 +17,8 @@ Other keys: ``host`` (default 127.0.0.1), ``python`` (the interpreter; default `
 (GPU machines: ``pip install 'router-ml[vllm]'``), else this interpreter), ``env`` (extra environment), ``n_ctx`` / ``n_threads`` (llama.cpp), ``ready_timeout_s``. Models are local paths: nothing
 is downloaded from a hub.
 
-:class:`LaunchSpec` validates the mapping and builds the command, environment and pre-flight checks;
+:class:`Launch` (pydantic) validates the mapping; :class:`LaunchSpec` builds from it the command,
+environment and pre-flight checks;
 :class:`~router_ml.backends.local.local_server.LocalServer` runs it.
 """
 
@@ -28,27 +29,51 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from router_ml.backends.config_errors import field_problem
 
 if TYPE_CHECKING:
     from router_ml.backends.catalog import Backend
 
 ENGINES = ("vllm", "llamacpp")
-LAUNCH_KEYS = (
-    "engine",
-    "model",
-    "port",
-    "host",
-    "python",
-    "args",
-    "env",
-    "n_ctx",
-    "n_threads",
-    "ready_timeout_s",
-)
+Scalar = StrictStr | StrictInt | StrictFloat  # an argument or environment value, passed on as text
+
+
+class Launch(BaseModel):
+    """A backend's ``launch`` mapping (see the module docstring), checked field by field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["vllm", "llamacpp"] = "vllm"
+    model: Annotated[StrictStr, Field(min_length=1, description="model dir (vLLM) or GGUF file")]
+    port: Annotated[StrictInt, Field(ge=1, le=65535)]
+    host: StrictStr = "127.0.0.1"
+    python: StrictStr | None = None
+    args: list[Scalar] = []
+    env: dict[str, Scalar] = {}
+    n_ctx: Annotated[StrictInt, Field(gt=0)] = 2048
+    n_threads: Annotated[StrictInt, Field(gt=0)] = 2
+    ready_timeout_s: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 300.0
+
+
+LAUNCH_KEYS = tuple(Launch.model_fields)
+
+
+def check_launch(name: str, launch: Any) -> Launch:
+    """``launch`` validated, or a :class:`LaunchConfigError` naming the backend and the field."""
+    try:
+        return Launch.model_validate(launch)
+    except ValidationError as err:
+        problem = field_problem(err, {(): list(LAUNCH_KEYS)}, noun="launch field")
+        raise LaunchConfigError(f"backend {name!r}: {problem}") from None
+
+
 PYTHON_ENV = {"vllm": "ROUTER_ML_VLLM_PYTHON", "llamacpp": "ROUTER_ML_LLAMACPP_PYTHON"}
 #: Where scripts/setup_local_models.sh puts each engine's venv (env var, default folder).
 VENV = {
@@ -135,41 +160,15 @@ class LaunchSpec:
     def __init__(self, name: str, launch: Mapping[str, Any], served_model_id: str | None = None) -> None:
         self.name = name
         self.served_model_id = served_model_id or name
-        unknown = sorted(set(launch) - set(LAUNCH_KEYS))
-        if unknown:
-            raise LaunchConfigError(
-                f"backend {name!r}: unknown launch field(s) {unknown}; allowed: {list(LAUNCH_KEYS)}"
-            )
-        self.engine = launch.get("engine", "vllm")
-        if self.engine not in ENGINES:
-            raise LaunchConfigError(
-                f"backend {name!r}: launch field 'engine' = {self.engine!r} must be one of {list(ENGINES)}"
-            )
-        if not launch.get("model"):
-            raise LaunchConfigError(
-                f"backend {name!r}: launch field 'model' (model dir or GGUF path) is missing"
-            )
-        self.model = Path(str(launch["model"])).expanduser()
-        port = launch.get("port")
-        if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
-            raise LaunchConfigError(
-                f"backend {name!r}: launch field 'port' = {port!r} must be an integer in 1..65535"
-            )
-        self.port: int = port
-        self.host: str = str(launch.get("host", "127.0.0.1"))
-        args = launch.get("args") or []
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-            raise LaunchConfigError(
-                f"backend {name!r}: launch field 'args' = {args!r} must be a list of strings"
-            )
-        self.args = [str(a) for a in args]
-        self.env = {str(k): str(v) for k, v in (launch.get("env") or {}).items()}
-        self.n_ctx = int(launch.get("n_ctx", 2048))
-        self.n_threads = int(launch.get("n_threads", 2))
-        self.ready_timeout_s = float(launch.get("ready_timeout_s", 300.0))
-        self.python = (
-            launch.get("python") or os.environ.get(PYTHON_ENV[self.engine]) or _setup_python(self.engine)
-        )
+        spec = check_launch(name, launch)
+        self.engine: str = spec.engine
+        self.model = Path(spec.model).expanduser()
+        self.port: int = spec.port
+        self.host: str = spec.host
+        self.args = [str(a) for a in spec.args]
+        self.env = {k: str(v) for k, v in spec.env.items()}
+        self.n_ctx, self.n_threads, self.ready_timeout_s = spec.n_ctx, spec.n_threads, spec.ready_timeout_s
+        self.python = spec.python or os.environ.get(PYTHON_ENV[self.engine]) or _setup_python(self.engine)
 
     @classmethod
     def from_launch(

@@ -3,6 +3,8 @@
 ``load_source("llmrouter")`` (or any key of :data:`ADAPTERS`) loads a source from
 ``$ROUTER_ML_DATA_DIR/<folder>``; keyword arguments go to the adapter (``path=...`` reads
 another copy). Mapping decisions per source are documented in ``router_ml/data/README.md``.
+``collected`` is the user's own collection store (``load_source("collected", path=...)``): it has
+no data-set folder, so it is in :data:`ADAPTERS` but not in :data:`SOURCE_FOLDERS`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from router_ml.data.adapters.alpaca_eval import load_alpaca_eval
+from router_ml.data.adapters.collected import load_collected
 from router_ml.data.adapters.llmrouter import MalformedRecordError, load_llmrouter
 from router_ml.data.adapters.mmlu_pro import load_mmlu_pro
 from router_ml.data.adapters.routellm import load_routellm
@@ -27,6 +30,7 @@ ADAPTERS: dict[str, Callable[..., pd.DataFrame]] = {
     "mmlu_pro": load_mmlu_pro,
     "zeroeval": load_zeroeval,
     "alpaca_eval": load_alpaca_eval,
+    "collected": load_collected,
 }
 
 # short name -> data set folder under $ROUTER_ML_DATA_DIR (= the ``source`` column)
@@ -53,6 +57,7 @@ __all__ = [
     "SOURCE_FOLDERS",
     "MalformedRecordError",
     "load_alpaca_eval",
+    "load_collected",
     "load_llmrouter",
     "load_mmlu_pro",
     "load_routellm",

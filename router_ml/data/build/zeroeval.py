@@ -1,11 +1,17 @@
 """zeroeval_math_code from yuchenlin/ZeroEval: correctness labels and output lengths per item.
 
-Upstream outputs are ``result_dirs/<task>/<model>.json`` (task gsm, math-l5, crux). The labels are
-ZeroEval's own: its scorers (``src/evaluation/math_eval.py gsm`` / ``math-l5`` and
-``crux_eval.py``, at the pinned revision) copy each item to ``result_dirs_parsed/<task>/<model>.json``
-with ``model_answer`` (``{raw, sanitized, first_number}``) and ``matched`` (True / False /
-"No answer extracted"). This build reads those parsed files: ``correct = matched is True``,
-``model_answer`` = the raw extracted answer, ``output_chars`` / ``output_words`` of ``output[0]``.
+Upstream outputs are ``result_dirs/<task>/<model>.json`` (task gsm, math-l5, crux): per item its
+``id``, ``question`` (``problem`` for math-l5), gold ``answer``, ``generator`` and the raw
+``output``. The labels are ZeroEval's own verdicts (its ``src/evaluation/math_eval.py gsm`` /
+``math-l5`` and ``crux_eval.py`` at the pinned revision), which this build derives from the raw
+outputs with :class:`router_ml.scoring.zeroeval.ZeroEvalScorer`, a reimplementation of those rules:
+``matched`` (True / False / "No answer extracted"), ``correct = matched is True``,
+``model_answer`` = the answer as ZeroEval records it, ``output_chars`` / ``output_words`` of
+``output[0]``.
+
+Where only ZeroEval's scored copy is at hand (``result_dirs_parsed/<task>/<model>.json``, written
+by its scorers, with ``model_answer`` and ``matched`` per item) the build reads the verdicts from
+it instead.
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 
 from router_ml.data.build import BuildError, BuildReport, Source, read_json
+from router_ml.scoring.base import Example
+from router_ml.scoring.zeroeval import ZeroEvalScorer
 
 TASKS: tuple[str, ...] = ("gsm", "math-l5", "crux")
 ITEM_SOURCE = {"gsm": "openai/gsm8k", "math-l5": "MATH level 5", "crux": "cruxeval-org/cruxeval"}
-SCORER = {"gsm": "src/evaluation/math_eval.py gsm", "math-l5": "src/evaluation/math_eval.py math-l5",
-          "crux": "src/evaluation/crux_eval.py"}  # fmt: skip
 
 
 def parsed_path(raw_rel: str) -> str:
@@ -39,22 +45,34 @@ def _task_model(rel: str) -> tuple[str, str]:
     return parts[1], parts[2][: -len(".json")]
 
 
-def _parsed(src: Source, raw_dir: Path, rel: str, task: str) -> list:
-    path = raw_dir / parsed_path(rel)
-    if not path.is_file():
-        hint = (
-            f"the raw output {rel!r} is there; score it with ZeroEval's own scorer: in a checkout of "
-            f"{src.repo} at {src.revision} holding these result_dirs, run `python {SCORER[task]}`"
-            if (raw_dir / rel).is_file()
-            else f"neither it nor the raw output {rel!r} is there"
-        )
-        raise BuildError(
-            f"zeroeval: scored file {parsed_path(rel)!r} not found under {str(raw_dir)!r}; {hint}"
-        )
+def _items(path: Path) -> list:
     data = read_json(path)
     if not isinstance(data, list):
         raise BuildError(f"{path}: expected a JSON list of items")
     return data
+
+
+def _scored(raw_dir: Path, rel: str, task: str, model: str) -> tuple[str, list]:
+    """(the file read, its items with ``matched`` and ``model_answer``): the raw outputs scored
+    here, or ZeroEval's own scored copy where the raw file is absent."""
+    raw = raw_dir / rel
+    if raw.is_file():
+        scorer = ZeroEvalScorer(task, model)
+        items = _items(raw)
+        for k, it in enumerate(items):
+            if not isinstance(it, dict) or "answer" not in it or "output" not in it:
+                raise BuildError(f"{rel}[{k}]: expected an object with 'answer' (gold) and 'output'")
+            ex = Example(prompt="", answer=_text(it["output"]), reference=str(it["answer"]))
+            it["matched"], answer = scorer.verdict(ex)
+            it["model_answer"] = {"raw": answer}
+        return rel, items
+    parsed = raw_dir / parsed_path(rel)
+    if parsed.is_file():
+        return parsed_path(rel), _items(parsed)
+    raise BuildError(
+        f"zeroeval: raw output {rel!r} not found under {str(raw_dir)!r} (nor ZeroEval's scored copy "
+        f"{parsed_path(rel)!r})"
+    )
 
 
 def _text(output: object) -> str:
@@ -68,8 +86,9 @@ def build(src: Source, raw_dir: Path, out: Path, exclude: frozenset[str], report
     rows = []
     for raw in src.raw:
         task, model = _task_model(raw.path)
-        for k, it in enumerate(_parsed(src, raw_dir, raw.path, task)):
-            where = f"{parsed_path(raw.path)}[{k}]"
+        read, scored = _scored(raw_dir, raw.path, task, model)
+        for k, it in enumerate(scored):
+            where = f"{read}[{k}]"
             if not isinstance(it, dict) or "id" not in it or "matched" not in it:
                 raise BuildError(f"{where}: expected an object with 'id' and 'matched'")
             question = it.get("question", it.get("problem"))

@@ -6,7 +6,7 @@ reason a single request gets. Policies that spend a budget (``budget_ratio``, ``
 ``step(est_row, spent)`` and the caller records the real cost (a :mod:`router_ml.decision.ledger`
 ledger live, or the replay loop of :func:`replay` offline).
 
-Policies (``conf/policy/<name>.yaml``):
+Policies (``router_ml/conf/policy/<name>.yaml``, shipped in the package):
 
 - ``capability``: the seed article's table, task type -> model (+ max_tokens); unknown -> strongest.
 - ``budget_ratio``: the seed's CostAwareRouter, expensive -> medium -> cheap as the budget is spent.

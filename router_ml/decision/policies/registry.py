@@ -1,4 +1,4 @@
-"""The policy registry: ``conf/policy/<name>.yaml`` name -> class, and :func:`build_policy`."""
+"""The policy registry: ``router_ml/conf/policy/<name>.yaml`` name -> class, and :func:`build_policy`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ POLICIES: dict[str, type[Policy]] = {
 
 
 def build_policy(cfg: Mapping[str, Any] | str) -> Policy:
-    """A policy from ``{"name": ..., **params}`` (a ``conf/policy`` entry) or a bare name."""
+    """A policy from ``{"name": ..., **params}`` (a ``router_ml/conf/policy`` entry) or a bare name."""
     if isinstance(cfg, str):
         cfg = {"name": cfg}
     params = dict(cfg)

@@ -19,6 +19,10 @@ class UtilityPolicy(Policy):
     cost), or ``target_quality`` (the cheapest model predicted to reach it; the best if none does).
     When no model meets the hard constraints the fastest (for a latency SLO) or the cheapest model
     of the allowed ones is taken, and the reason says so.
+
+    ``risk`` in [0, 1] makes it risk-averse where the router gives quality intervals (a
+    NoveltyGuard): it decides on ``quality - risk * (quality - lower bound)``, so ``risk=1`` ranks
+    models by the lower bound of their interval; 0 (the default) by the point estimate.
     """
 
     name = "utility"
@@ -33,9 +37,13 @@ class UtilityPolicy(Policy):
         latency_slo_s: float | None = None,
         slo: str | None = None,
         allowed_per_task: Mapping[str, Sequence[str]] | None = None,
+        risk: float = 0.0,
     ):
         if lam < 0:
             raise PolicyError(f"utility: lam must be >= 0, got {lam}")
+        if not 0.0 <= float(risk) <= 1.0:
+            raise PolicyError(f"utility: risk must be in [0, 1], got {risk}")
+        self.risk = float(risk)
         self.lam = float(lam)
         self.target_quality = target_quality
         self.max_cost_usd = max_cost_usd
@@ -77,14 +85,22 @@ class UtilityPolicy(Policy):
             ok[empty, pick[empty]] = True
         return ok
 
+    def quality_for(self, est: Estimates) -> np.ndarray:
+        """(n, m) the quality this policy decides on: the point estimate, moved ``risk`` of the way
+        to the interval's lower bound where the estimates carry one."""
+        if self.risk == 0.0 or est.quality_lower is None:
+            return est.quality
+        return est.quality - self.risk * (est.quality - est.quality_lower)
+
     def choose(self, est: Estimates, usable: np.ndarray | None = None) -> np.ndarray:
         ok = self._fallback_when_empty(est, self.usable(est) if usable is None else usable)
+        quality = self.quality_for(est)
         if self.target_quality is not None:
-            reach = ok & (est.quality >= self.target_quality)
+            reach = ok & (quality >= self.target_quality)
             cheapest = argmax_cheapest(np.where(reach, -est.cost, -np.inf), est.cost)
-            best = argmax_cheapest(np.where(ok, est.quality, -np.inf), est.cost)
+            best = argmax_cheapest(np.where(ok, quality, -np.inf), est.cost)
             return np.where(reach.any(axis=1), cheapest, best)
-        score = np.where(ok, est.quality - self.lam * est.cost, -np.inf)
+        score = np.where(ok, quality - self.lam * est.cost, -np.inf)
         return argmax_cheapest(score, est.cost)
 
     def explain(self, est: Estimates, j: int, usable: np.ndarray | None = None) -> str:
@@ -101,4 +117,5 @@ class UtilityPolicy(Policy):
                 f"utility: cheapest model predicted to reach quality {self.target_quality:.2f}: "
                 f"{model} (q={q:.2f}, ${c:.6f})"
             )
-        return f"utility: max quality - {self.lam:g} x cost: {model} (q={q:.2f}, ${c:.6f})"
+        risk = f" at risk {self.risk:g} (q_lo={self.quality_for(est)[0, j]:.2f})" if self.risk else ""
+        return f"utility: max quality - {self.lam:g} x cost{risk}: {model} (q={q:.2f}, ${c:.6f})"

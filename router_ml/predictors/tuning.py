@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from router_ml.evaluation.metrics import routed_scores
+from router_ml.metrics import routed_scores
 from router_ml.predictors.base import param_grid
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def nested_cv_scores(
     from router_ml.data.schema import to_wide
     from router_ml.data.splits import kfold_prompts
     from router_ml.data.taxonomy import task_ids_of
-    from router_ml.evaluation.metrics import best_single_model, oracle_scores, random_scores
+    from router_ml.metrics import best_single_model, oracle_scores, random_scores
 
     models = sorted(table["model"].unique())
     task_key = dict(task_key or {})

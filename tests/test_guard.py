@@ -1,0 +1,157 @@
+"""NoveltyGuard (novelty, shrinkage toward the pool prior, conformal intervals) and what carries it:
+the decision, the risk-averse utility policy, the proxy header. Synthetic data: fast tier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from router_ml.decision import DecisionLayer, ModelPool, build_policy
+from router_ml.decision.base import Estimates, RoutingDecision, Uncertainty
+from router_ml.predictors.guard import NoveltyGuard, conformal_halfwidth, routed_gain
+from router_ml.serving.engine_support import decision_headers
+
+
+def test_conformal_halfwidth_is_the_finite_sample_quantile():
+    r = np.arange(1.0, 11.0)  # 10 residuals: coverage 0.8 -> the ceil(11 * 0.8) = 9th smallest
+    assert conformal_halfwidth(r, 0.8) == 9.0
+    assert conformal_halfwidth(-r, 0.5) == 6.0  # absolute values; ceil(5.5) = 6th
+    assert conformal_halfwidth(np.r_[r, np.nan], 0.8) == 9.0  # NaN outcomes are ignored
+    assert conformal_halfwidth(r, 0.95) == np.inf  # ceil(10.45) = 11 > 10 residuals: unbounded
+
+
+def test_routed_gain_scores_the_argmax_against_the_best_single_column():
+    q = np.array([[0.9, 0.1], [0.2, 0.8]])
+    Y = np.array([[0.0, 1.0], [1.0, np.nan]])
+    np.testing.assert_allclose(routed_gain(q, Y, np.array([1, 0])), [-1.0, -1.0])
+
+
+def _families(seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16):
+    """Families as clusters in embedding space. Model 0 is the best single model everywhere except
+    that model 1 wins on even families... but odd families are where model 1 is poor, so a head that
+    extrapolates 'model 1 is strong' to an unseen family loses."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_fam, d)) * 3.0
+    X, Y, fam = [], [], []
+    for f in range(n_fam):
+        X.append(centres[f] + rng.normal(size=(per, d)))
+        q1 = 0.9 if f % 2 == 0 else 0.1
+        Y.append(np.column_stack([rng.binomial(1, 0.6, per), rng.binomial(1, q1, per)]).astype(float))
+        fam += [f"fam{f}"] * per
+    return np.vstack(X).astype(np.float32), np.vstack(Y), np.array(fam)
+
+
+def _fit_predict_for(X: np.ndarray, Y: np.ndarray):
+    """A head that predicts the mean of the 10 nearest training prompts (kNN): it extrapolates."""
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        D = ((X[te, None, :] - X[None, tr, :]) ** 2).sum(-1)
+        nn = np.argsort(D, axis=1)[:, :10]
+        return np.nanmean(Y[tr][nn], axis=1)
+
+    return fit_predict
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, Y, fam = _families()
+    return NoveltyGuard(folds=3, coverage=0.8, n_bins=2).fit(X, Y, fam, _fit_predict_for(X, Y)), X, Y
+
+
+def test_guard_learns_novelty_and_shrinks_unseen_prompts_to_the_prior(fitted):
+    g, X, Y = fitted
+    np.testing.assert_allclose(g.prior_, np.nanmean(Y, axis=0))
+    assert g.cv_auroc_ > 0.8  # clusters: out-of-family prompts are far from every training cluster
+    w0, w1 = g.shrink_
+    assert 0.0 <= w0 <= w1 <= 1.0
+    far = X[:5] + 40.0  # nowhere near any training family
+    near = X[:5]
+    assert (g.novelty(far) > g.novelty(near)).all()
+    q = np.tile([0.1, 0.95], (5, 1))  # a head confidently wrong about model 1
+    out = g.transform(far, q)
+    assert (out.shrink > 0.5).all()
+    assert (np.argmax(out.quality, axis=1) == g.prior_model).all() or w1 < 1.0
+    # the interval holds its estimate and sits in [0, 1]
+    assert (out.lower <= out.quality + 1e-12).all() and (out.quality <= out.upper + 1e-12).all()
+    assert out.lower.min() >= 0.0 and out.upper.max() <= 1.0
+
+
+def test_guard_state_round_trip_predicts_the_same(fitted):
+    g, X, _ = fitted
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    q = np.full((len(X), 2), 0.5)
+    a, b = g.transform(X, q), back.transform(X, q)
+    np.testing.assert_allclose(a.novelty, b.novelty, atol=1e-6)
+    np.testing.assert_allclose(a.quality, b.quality, atol=1e-6)
+    np.testing.assert_allclose(a.lower, b.lower, atol=1e-6)
+    state = g.state_dict()
+    state["halfwidth"] = state["halfwidth"][:1]
+    with pytest.raises(ValueError, match="halfwidth"):
+        NoveltyGuard(**g.get_params()).load_state_dict(state)
+
+
+def test_guard_needs_two_families():
+    X, Y, _ = _families(n_fam=2)
+    with pytest.raises(ValueError, match="two task families"):
+        NoveltyGuard().fit(X, Y, ["one"] * len(X), _fit_predict_for(X, Y))
+
+
+def _est(quality, lower=None) -> Estimates:
+    n, m = np.shape(quality)
+    z = np.zeros((n, m))
+    return Estimates(
+        models=[f"m{j}" for j in range(m)],
+        quality=np.asarray(quality, float),
+        tasks=["qa"] * n,
+        cost=z,
+        ttft=z,
+        latency=z,
+        is_local=np.zeros(m, bool),
+        quality_lower=None if lower is None else np.asarray(lower, float),
+    )
+
+
+def test_risk_knob_ranks_by_the_lower_bound():
+    q, lo = [[0.80, 0.75]], [[0.40, 0.70]]  # m0 looks better but is far less certain
+    assert build_policy({"name": "utility"}).choose(_est(q, lo)).tolist() == [0]
+    averse = build_policy({"name": "utility", "risk": 1.0})
+    assert averse.choose(_est(q, lo)).tolist() == [1]
+    assert averse.choose(_est(q)).tolist() == [0]  # no interval: the point estimate
+    assert "risk 1" in averse.explain(_est(q, lo), 1)
+    with pytest.raises(ValueError, match="risk"):
+        build_policy({"name": "utility", "risk": 1.5})
+
+
+def test_decision_carries_novelty_intervals_and_says_when_it_fell_back():
+    pool = ModelPool.simulated()
+    names = pool.names[:3]
+    layer = DecisionLayer(build_policy({"name": "utility"}), pool)
+    layer.fit(_est(np.full((2, len(names)), 0.5)))
+    layer.models_ = list(names)
+    q = np.array([[0.7, 0.6, 0.5], [0.2, 0.9, 0.3]])
+    u = Uncertainty(
+        novelty=np.array([0.95, 0.1]),
+        shrink=np.array([0.9, 0.05]),
+        lower=q - 0.1,
+        upper=q + 0.1,
+        prior_model=names[0],
+    )
+    p = np.tile(np.eye(1, 6), (2, 1))
+    labels = ["classify", "code", "reason", "creative", "summarize", "qa"]
+    d0, d1 = layer.decide(["novel prompt", "familiar prompt"], q, names, p, labels, uncertainty=u)
+    assert d0.model == names[0] and d0.fell_back_to_prior and d0.novelty == pytest.approx(0.95)
+    assert "fell back to the prior's best model" in d0.reason
+    assert d0.quality_interval[names[1]] == pytest.approx((0.5, 0.7))
+    assert d1.model == names[1] and not d1.fell_back_to_prior and "novel" not in d1.reason
+    # a candidate subset: intervals over the candidates only
+    d = layer.decide(["x"], q[:1, 1:], names[1:], p[:1], labels, uncertainty=Uncertainty(
+        novelty=u.novelty[:1], shrink=u.shrink[:1], lower=u.lower[:1, 1:], upper=u.upper[:1, 1:],
+        prior_model=names[0]))[0]  # fmt: skip
+    assert set(d.quality_interval) == set(names[1:]) and not d.fell_back_to_prior
+
+
+def test_proxy_header_reports_novelty():
+    d = RoutingDecision(model="a", task="qa", task_confidence=0.9, predicted_quality={"a": 0.5}, reason="r")
+    assert "x-router-novelty" not in decision_headers(d, 0.001)
+    d.novelty = 0.8734
+    assert decision_headers(d, 0.001)["x-router-novelty"] == "0.873"
