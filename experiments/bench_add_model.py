@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 KS = (25, 50, 100, 200)
-METHODS = ("ridge", "ridge-obs", "shift", "bank")
+METHODS = ("ridge", "ridge-obs", "shift", "bank", "ridge+bank")
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -84,6 +84,17 @@ def add_column(method: str, P_probe, y_probe, Y_obs, X_probe, X_test, P_test) ->
     if method == "bank":
         bank = KnnQualityPredictor(k=min(10, len(y_probe)), weights="distance")
         return bank.fit(X_probe, y_probe[:, None]).predict(X_test)[:, 0]
+    if method == "ridge+bank":  # ridge, plus the probes' residuals smoothed over their neighbours
+        coef, _, _ = fit_probe_column(P_probe, y_probe, ALPHAS)
+        resid = y_probe - np.clip(P_probe @ coef[:-1] + coef[-1], 0.0, 1.0)
+        Xn = X_probe / np.linalg.norm(X_probe, axis=1, keepdims=True)
+        Tn = X_test / np.linalg.norm(X_test, axis=1, keepdims=True)
+        sims = Tn @ Xn.T
+        k = min(10, len(y_probe))
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        w = 1.0 / np.maximum(1.0 - np.take_along_axis(sims, idx, axis=1), 1e-6)
+        corr = (w * resid[idx]).sum(axis=1) / (w.sum(axis=1) + 10.0)
+        return np.clip(P_test @ coef[:-1] + coef[-1] + corr, 0.0, 1.0)
     features = np.where(np.isnan(Y_obs), P_probe, Y_obs) if method == "ridge-obs" else P_probe
     coef, _, _ = fit_probe_column(features, y_probe, (1e12,) if method == "shift" else ALPHAS)
     return np.clip(P_test @ coef[:-1] + coef[-1], 0.0, 1.0)

@@ -35,13 +35,9 @@ def allocate(counts: np.ndarray, k: int) -> np.ndarray:
     nonempty = counts > 0
     if k >= nonempty.sum():
         out[nonempty] = 1
-    left = k - out.sum()
-    while left > 0:
-        room = counts - out
-        share = np.where(room > 0, counts / counts.sum() * k - out, -np.inf)
-        take = np.argsort(-share, kind="stable")[: min(left, int((room > 0).sum()))]
-        out[take] += 1
-        left = k - out.sum()
+    target = counts / counts.sum() * k
+    for _ in range(k - int(out.sum())):  # one at a time to the stratum furthest below its share
+        out[np.argmax(np.where(out < counts, target - out, -np.inf))] += 1
     return out
 
 

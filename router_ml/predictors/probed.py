@@ -143,8 +143,9 @@ class ProbedQualityPredictor(QualityPredictor):
         base = np.asarray(self.base_predict(X, texts=texts, text_part=text_part), dtype=np.float64)
         if not self.coef_.shape[0]:
             return base
-        added = base @ self.coef_[:, :-1].T + self.coef_[:, -1]
-        return np.concatenate([base, np.clip(added, 0.0, 1.0)], axis=1)
+        # one product per added column: a column predicts the same bits however many follow it
+        added = [base @ c[:-1] + c[-1] for c in self.coef_]
+        return np.concatenate([base, np.clip(np.column_stack(added), 0.0, 1.0)], axis=1)
 
     def add_model(
         self,
