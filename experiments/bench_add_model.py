@@ -2,6 +2,8 @@
 
     python -m experiments.bench_add_model                                  # mmlu_pro (4,000 prompts) + zeroeval
     python -m experiments.bench_add_model --data mmlu_pro --max-prompts 4000 --ks 25 50 100 200
+    python -m experiments.bench_add_model --replot outputs/bench_add_model/bench_add_model.json \
+        --plot data/results/add_model.png                                   # redraw the figure
 
 Per data set, prompts are split once (seeded, by prompt, stratified by task): 20% test; of the
 rest, 80% train the router ("router part") and 20% are the probe pool (also training prompts,
@@ -14,12 +16,18 @@ never tested on). For each held-out model h:
   the probes drawn at random (3 draws, averaged) or chosen as informative
   (:func:`router_ml.predictors.probe_set.select_probes`: disagreement of the existing models'
   predictions, k-center coverage, stratified by the data's task type);
-- methods: ``ridge`` (:class:`router_ml.predictors.probed.ProbedQualityPredictor`, the one
-  ``router-ml add-model`` uses), ``shift`` (the same with infinite shrinkage: the pool mean plus a
-  fitted offset) and ``bank`` (kNN over the probes alone: k = min(10, K), distance weights).
+- methods: ``ridge+bank`` (what :class:`router_ml.predictors.probed.ProbedQualityPredictor` and
+  ``router-ml add-model`` fit: a ridge on the existing columns' predictions shrunk to their mean,
+  plus the probes' residuals smoothed over the 50 nearest probes), ``ridge`` (without the residual
+  correction), ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank``
+  (kNN over the probes alone: k = min(10, K), distance weights).
+- pools: ``--pool-sizes 4`` = 10 random pools of 4 other models per held-out model (a user's own
+  pool); ``0`` = every other model (there the argmax gains only from the single best model, so
+  the share is a ratio of near-zero numbers).
 
-Share of the gain = (probes - without) / (full - without), pooled as the ratio of the mean gains
-over held-out models, with a 95% bootstrap CI over held-out models; per-model rows in the JSON.
+Share of the gain = (probes - without) / (full - without), pooled over (held-out model, pool)
+pairs as the ratio of the summed gains, with a 95% bootstrap CI over held-out models; per-model
+rows in the JSON.
 Writes ``<out>/bench_add_model.json`` and ``.md``; prints the tables. Embeddings come from the
 on-disk cache (computed once).
 """
@@ -37,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 KS = (25, 50, 100, 200)
-METHODS = ("ridge", "ridge-obs", "shift", "bank", "ridge+bank")
+METHODS = ("ridge+bank", "ridge", "shift", "bank")
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -72,32 +80,27 @@ def routed(pred: np.ndarray, Y: np.ndarray) -> float:
     return float(np.nanmean(routed_scores(pred, Y)))
 
 
-def add_column(method: str, P_probe, y_probe, Y_obs, X_probe, X_test, P_test) -> np.ndarray:
+def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test) -> np.ndarray:
     """The new model's predicted quality on the test prompts ``(n_test,)``, from its probe scores
-    ``y_probe (K,)``; ``P_probe (K, m)`` / ``P_test (n, m)`` the existing columns' predictions,
-    ``Y_obs (K, m)`` their observed scores on the probes. ``ridge`` and ``ridge-obs`` are
-    :func:`router_ml.predictors.probed.fit_probe_column`, what ``ProbedQualityPredictor.add_model``
-    (without / with ``observed``) fits."""
-    from router_ml.predictors import KnnQualityPredictor
-    from router_ml.predictors.probed import ALPHAS, fit_probe_column
+    ``y_probe (K,)``; ``P_probe (K, m)`` / ``P_test (n, m)`` the existing columns' predictions.
+    ``ridge+bank`` is what ``ProbedQualityPredictor.add_model`` fits (its two functions, on the
+    kNN columns of this pool)."""
+    from router_ml.predictors import KnnQualityPredictor, ProbedQualityPredictor
+    from router_ml.predictors.probed import ALPHAS, bank_correction, fit_probe_column
+
+    def unit(X: np.ndarray) -> np.ndarray:
+        return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
 
     if method == "bank":
         bank = KnnQualityPredictor(k=min(10, len(y_probe)), weights="distance")
         return bank.fit(X_probe, y_probe[:, None]).predict(X_test)[:, 0]
-    if method == "ridge+bank":  # ridge, plus the probes' residuals smoothed over their neighbours
-        coef, _, _ = fit_probe_column(P_probe, y_probe, ALPHAS)
+    coef, _, _ = fit_probe_column(P_probe, y_probe, (1e12,) if method == "shift" else ALPHAS)
+    q = P_test @ coef[:-1] + coef[-1]
+    if method == "ridge+bank":
+        d = ProbedQualityPredictor()
         resid = y_probe - np.clip(P_probe @ coef[:-1] + coef[-1], 0.0, 1.0)
-        Xn = X_probe / np.linalg.norm(X_probe, axis=1, keepdims=True)
-        Tn = X_test / np.linalg.norm(X_test, axis=1, keepdims=True)
-        sims = Tn @ Xn.T
-        k = min(10, len(y_probe))
-        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        w = 1.0 / np.maximum(1.0 - np.take_along_axis(sims, idx, axis=1), 1e-6)
-        corr = (w * resid[idx]).sum(axis=1) / (w.sum(axis=1) + 10.0)
-        return np.clip(P_test @ coef[:-1] + coef[-1] + corr, 0.0, 1.0)
-    features = np.where(np.isnan(Y_obs), P_probe, Y_obs) if method == "ridge-obs" else P_probe
-    coef, _, _ = fit_probe_column(features, y_probe, (1e12,) if method == "shift" else ALPHAS)
-    return np.clip(P_test @ coef[:-1] + coef[-1], 0.0, 1.0)
+        q = q + bank_correction(unit(X_test), unit(X_probe), resid, d.bank_k, d.bank_tau)
+    return np.clip(q, 0.0, 1.0)
 
 
 def one_model(
@@ -127,7 +130,7 @@ def one_model(
             "full": routed(pred["test"][:, both], Yt[:, both]),
             "probes": {},
         }
-        Xs, ys, Yobs = Xp[seen], Yp[seen, h], Yp[seen][:, keep]
+        Xs, ys = Xp[seen], Yp[seen, h]
         for k in ks:
             kk = min(k, len(seen))
             draws = {
@@ -138,7 +141,7 @@ def one_model(
                 for method in METHODS:
                     qs = []
                     for idx in sets:
-                        new = add_column(method, P_pool[idx], ys[idx], Yobs[idx], Xs[idx], Xt, P_test)
+                        new = add_column(method, P_pool[idx], ys[idx], Xs[idx], Xt, P_test)
                         qs.append(routed(np.column_stack([P_test, new]), Yt[:, both]))
                     res["probes"][f"{k}/{how}/{method}"] = float(np.mean(qs))
         out.append(res)
@@ -188,6 +191,41 @@ def table_md(title: str, summary: dict, ks) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Share of the full-retrain gain against K (pools of 4), one panel per data set."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datas = [d for d in report if any(k.startswith("pool_") and k != "pool_0" for k in report[d])]
+    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 3.6), squeeze=False)
+    for ax, data in zip(axes[0], datas, strict=True):
+        key = next(k for k in report[data] if k.startswith("pool_") and k != "pool_0")
+        shares = report[data][key]["summary"]["shares"]
+        ks = sorted({int(k.split("/")[0]) for k in shares})
+        for (how, method), style in {
+            ("informative", "ridge+bank"): "o-",
+            ("random", "ridge+bank"): "s--",
+            ("informative", "ridge"): "^:",
+        }.items():
+            if f"{ks[0]}/{how}/{method}" not in shares:
+                continue
+            s = [shares[f"{k}/{how}/{method}"] for k in ks]
+            y = np.array([100 * v["share"] for v in s])
+            err = np.array([[y[i] - 100 * v["ci"][0], 100 * v["ci"][1] - y[i]] for i, v in enumerate(s)]).T
+            ax.errorbar(ks, y, yerr=err, fmt=style, capsize=3, label=f"{method}, {how}")
+        ax.axhline(90, color="grey", lw=0.8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], ylim=(0, 110), xlabel="probes K")
+        ax.set(ylabel="% of the full-retrain gain", title=f"{data}: {key[5:]} models + the new one")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
@@ -208,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench_add_model")
+    ap.add_argument("--plot", default=None, help="also write the figure here (.png)")
+    ap.add_argument("--replot", default=None, help="only draw --plot from this bench_add_model.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.plot or "bench_add_model.png"))
+        return 0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report, md = {}, []
@@ -239,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             (out_dir / "bench_add_model.json").write_text(json.dumps(report, indent=2) + "\n")
             (out_dir / "bench_add_model.md").write_text("\n".join(md))
             print(md[-1], flush=True)
+    plot(report, Path(args.plot) if args.plot else out_dir / "bench_add_model.png")
     return 0
 
 

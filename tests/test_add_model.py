@@ -93,6 +93,25 @@ def test_the_new_column_tracks_the_new_model_better_than_the_pool_mean():
     assert err_new < 0.5 * err_mean
 
 
+def test_the_residual_bank_learns_a_family_skill_the_pool_does_not_show():
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(2, 16)) * 3
+    fam = rng.integers(0, 2, 1200)
+    X = (centres[fam] + rng.normal(size=(1200, 16))).astype(np.float32)
+    Y = (rng.random((1200, 3)) < 0.5).astype(float)  # the pool: the same on both families
+    head = build_quality_predictor("knn", k=20).fit(X[:800], Y[:800])
+    truth = np.where(fam == 0, 0.9, 0.2)  # the new model: strong on family 0 only
+    y_new = (rng.random(1200) < truth).astype(float)
+    errs = {}
+    for k in (0, 50):
+        probed = ProbedQualityPredictor.from_head(head, bank_k=k)
+        probed.add_model(X[800:900], y_new[800:900])
+        errs[k] = np.abs(probed.predict(X[900:])[:, 3] - truth[900:]).mean()
+        again = ProbedQualityPredictor(**probed.get_params()).load_state_dict(probed.state_dict())
+        assert np.array_equal(again.predict(X[900:]), probed.predict(X[900:]))
+    assert errs[50] < 0.5 * errs[0]
+
+
 def test_adding_twice_appends_and_a_copy_leaves_the_first_as_it_was():
     X, Y, _, _ = _data()
     head = build_quality_predictor("knn", k=10).fit(X[:400], Y[:400, :3])
@@ -110,6 +129,13 @@ def test_probed_head_is_not_trained_from_a_config():
         ProbedQualityPredictor().fit(np.zeros((2, 2)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="base"):
         ProbedQualityPredictor().load_state_dict({"coef": np.zeros((0, 2)), "alpha": np.zeros(0)})
+    X, Y, _, _ = _data()
+    probed = ProbedQualityPredictor.from_head(build_quality_predictor("knn", k=5).fit(X, Y[:, :3]))
+    probed.add_model(X[:30], Y[:30, 3])
+    state = probed.state_dict()
+    state["bank_r"] = state["bank_r"][:-1]
+    with pytest.raises(ValueError, match="do not fit"):
+        ProbedQualityPredictor(**probed.get_params()).load_state_dict(state)
 
 
 @pytest.mark.parametrize("kind", ["isotonic", "temperature"])

@@ -9,8 +9,12 @@ quality is, to a good approximation, a combination of theirs. For each added mod
 ``w0 = 1/m`` (so with few probes the new model is "the average existing model, shifted by
 ``b_j``"), and the ridge strength is chosen per column by exact leave-one-out error over a grid (the
 strongest within one standard error of the best).
-The base head is untouched: its columns are the same arrays, bit for bit, and nothing is
-retrained. Works for every head (``knn``, ``linear``, ``mlp``, ``mf``, ``taskmix``) because it only
+A small correction follows: the probes' residuals ``r_i = y_i - q_j(x_i)``, smoothed over the
+``bank_k`` probes most similar to the prompt and shrunk towards zero,
+``sum_i s_i r_i / (sum_i s_i + bank_tau)`` with ``s_i = 1 / (1 - cos(x, x_i))`` (what the ridge on
+the pool's predictions cannot express locally, e.g. a model better at one task family than the pool
+would suggest). The base head is untouched: its columns are the same arrays, bit for bit, and
+nothing is retrained. Works for every head (``knn``, ``linear``, ``mlp``, ``mf``, ``taskmix``) because it only
 reads their predictions. :func:`calibrator_with_identity` gives a fitted calibrator identity
 columns for the added models (their regression is fitted to the probe scores themselves, so they
 are already on the score scale; a second fit on the same probes would be in-sample).
@@ -83,26 +87,37 @@ class ProbedQualityPredictor(QualityPredictor):
     """A fitted quality head plus model columns added from probes (see the module docstring).
 
     ``base``: ``{"type": registry key, "params": constructor params}`` of the wrapped head (what
-    ``router.json`` records; the arrays are stored under ``base.``). Built with
+    ``router.json`` records; the arrays are stored under ``base.``). ``bank_k``/``bank_tau``: the
+    residual correction's neighbours and shrinkage (``bank_k=0``: none). Built with
     :meth:`from_head`, grown with :meth:`add_model`; it is not trained from scratch.
     """
 
     name = "probed"
 
-    def __init__(self, base: dict[str, Any] | None = None) -> None:
+    def __init__(self, base: dict[str, Any] | None = None, bank_k: int = 50, bank_tau: float = 10.0) -> None:
         self.base = base
+        self.bank_k = bank_k
+        self.bank_tau = bank_tau
 
     @classmethod
-    def from_head(cls, head: QualityPredictor) -> ProbedQualityPredictor:
-        """Wrap a fitted head (a probed head is copied, so adding to it leaves the original as is)."""
+    def from_head(cls, head: QualityPredictor, **kwargs: Any) -> ProbedQualityPredictor:
+        """Wrap a fitted head (a probed head is copied, so adding to it leaves the original as is);
+        ``kwargs``: ``bank_k``, ``bank_tau`` for a new wrapper."""
         if isinstance(head, ProbedQualityPredictor):
-            out = cls(base=dict(head.base or {}))
-            out._set_state(head.base_, head.coef_, head.alpha_, head.n_probes_)
+            out = cls(**{**head.get_params(), "base": dict(head.base or {})})
+            out._set_state(head.base_, head.coef_, head.alpha_, head.n_probes_, head.bank_X_, head.bank_r_)
             return out
         head._check_fitted("n_models_")
-        m = int(head.n_models_)
-        out = cls(base={"type": type(head).name, "params": head.get_params()})
-        out._set_state(head, np.zeros((0, m + 1)), np.zeros(0), np.zeros(0, dtype=np.int64))
+        m, d = int(head.n_models_), int(head.dim_)
+        out = cls(base={"type": type(head).name, "params": head.get_params()}, **kwargs)
+        empty = (
+            np.zeros((0, m + 1)),
+            np.zeros(0),
+            np.zeros(0, dtype=np.int64),
+            np.zeros((0, d)),
+            np.zeros(0),
+        )
+        out._set_state(head, *empty)
         return out
 
     def fit(self, X: np.ndarray, Y: np.ndarray, task_ids: np.ndarray | None = None) -> QualityPredictor:
@@ -111,11 +126,24 @@ class ProbedQualityPredictor(QualityPredictor):
             "grown with add_model; fit the base head instead"
         )
 
-    def _set_state(self, base: Any, coef: np.ndarray, alpha: np.ndarray, n_probes: np.ndarray) -> None:
+    def _set_state(
+        self,
+        base: Any,
+        coef: np.ndarray,
+        alpha: np.ndarray,
+        n_probes: np.ndarray,
+        bank_X: np.ndarray,
+        bank_r: np.ndarray,
+    ) -> None:
         self.base_ = base
         self.coef_ = np.ascontiguousarray(coef, dtype=np.float64)  # (a, m_base + 1) = [w, b] per column
         self.alpha_ = np.ascontiguousarray(alpha, dtype=np.float64)  # (a,)
         self.n_probes_ = np.ascontiguousarray(n_probes, dtype=np.int64)  # (a,)
+        # the probes of every added column in turn (column j's are the n_probes_[j] rows after the
+        # earlier columns'): unit-norm embeddings (P, d) and residuals (P,)
+        self.bank_X_ = np.ascontiguousarray(bank_X, dtype=np.float32)
+        self.bank_r_ = np.ascontiguousarray(bank_r, dtype=np.float64)
+        self._starts = np.concatenate([[0], np.cumsum(self.n_probes_)])
         self.n_base_ = int(base.n_models_)
         self.n_models_ = self.n_base_ + int(self.coef_.shape[0])
         self.dim_ = int(base.dim_)
@@ -143,9 +171,19 @@ class ProbedQualityPredictor(QualityPredictor):
         base = np.asarray(self.base_predict(X, texts=texts, text_part=text_part), dtype=np.float64)
         if not self.coef_.shape[0]:
             return base
+        Xn = _unit(X) if int(self.bank_k) > 0 else None
         # one product per added column: a column predicts the same bits however many follow it
-        added = [base @ c[:-1] + c[-1] for c in self.coef_]
-        return np.concatenate([base, np.clip(np.column_stack(added), 0.0, 1.0)], axis=1)
+        added = [self._column(j, base, Xn) for j in range(self.coef_.shape[0])]
+        return np.concatenate([base, np.column_stack(added)], axis=1)
+
+    def _column(self, j: int, base: np.ndarray, Xn: np.ndarray | None) -> np.ndarray:
+        """Added column ``j`` from the base predictions ``(n, m_base)`` and unit-norm prompts."""
+        c = self.coef_[j]
+        q = base @ c[:-1] + c[-1]
+        if Xn is not None:
+            lo, hi = self._starts[j], self._starts[j + 1]
+            q = q + bank_correction(Xn, self.bank_X_[lo:hi], self.bank_r_[lo:hi], self.bank_k, self.bank_tau)
+        return np.clip(q, 0.0, 1.0)
 
     def add_model(
         self,
@@ -174,11 +212,18 @@ class ProbedQualityPredictor(QualityPredictor):
                 raise ValueError(f"add_model: observed must have shape {P.shape}, got {observed.shape}")
             P = np.where(np.isnan(observed), P, observed)
         coef, alpha, _ = fit_probe_column(P, y, alphas)
+        ok = ~np.isnan(y)
+        pred = (
+            P if observed is None else np.asarray(self.base_predict(X_probe, texts=texts), dtype=np.float64)
+        )
+        resid = y[ok] - np.clip(pred[ok] @ coef[:-1] + coef[-1], 0.0, 1.0)
         self._set_state(
             self.base_,
             np.vstack([self.coef_, coef[None, :]]),
             np.append(self.alpha_, alpha),
-            np.append(self.n_probes_, int((~np.isnan(y)).sum())),
+            np.append(self.n_probes_, int(ok.sum())),
+            np.vstack([self.bank_X_, _unit(X_probe[ok])]),
+            np.append(self.bank_r_, resid),
         )
         return self.n_models_ - 1
 
@@ -189,6 +234,8 @@ class ProbedQualityPredictor(QualityPredictor):
             "coef": self.coef_,
             "alpha": self.alpha_,
             "n_probes": self.n_probes_,
+            "bank_X": self.bank_X_,
+            "bank_r": self.bank_r_,
         }
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> ProbedQualityPredictor:
@@ -198,22 +245,53 @@ class ProbedQualityPredictor(QualityPredictor):
         spec = self.base or {}
         if "type" not in spec:
             raise ValueError(f"{owner}: params 'base' must name the wrapped head's type")
-        own = {k: state[k] for k in ("coef", "alpha", "n_probes") if k in state}
-        s = check_state(own, {"coef": (None, None), "alpha": (None,), "n_probes": (None,)}, owner)
+        shapes = {
+            "coef": (None, None),
+            "alpha": (None,),
+            "n_probes": (None,),
+            "bank_X": (None, None),
+            "bank_r": (None,),
+        }
+        s = check_state({k: state[k] for k in shapes if k in state}, shapes, owner)
         base = build_quality_predictor(spec["type"], **spec.get("params", {}))
         base.load_state_dict({k[len("base.") :]: v for k, v in state.items() if k.startswith("base.")})
         a = s["coef"].shape[0]
+        total = int(s["n_probes"].sum())
         if (
             s["coef"].shape[1] != base.n_models_ + 1
             or s["alpha"].shape != (a,)
             or s["n_probes"].shape != (a,)
+            or s["bank_X"].shape != (total, base.dim_)
+            or s["bank_r"].shape != (total,)
         ):
             raise ValueError(
-                f"{owner}: coef {s['coef'].shape}, alpha {s['alpha'].shape}, n_probes "
-                f"{s['n_probes'].shape} do not fit a base head of {base.n_models_} models"
+                f"{owner}: arrays { ({k: v.shape for k, v in s.items()}) } do not fit a base head of "
+                f"{base.n_models_} models and {base.dim_} features"
             )
-        self._set_state(base, s["coef"], s["alpha"], s["n_probes"])
+        self._set_state(base, s["coef"], s["alpha"], s["n_probes"], s["bank_X"], s["bank_r"])
         return self
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, float32."""
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def bank_correction(Xn: np.ndarray, bank_X: np.ndarray, bank_r: np.ndarray, k: int, tau: float) -> np.ndarray:
+    """``(n,)`` residuals of the ``k`` probes most similar to each unit-norm prompt of ``Xn (n, d)``,
+    weighted ``1 / (1 - cos)`` and shrunk towards 0 by ``tau``."""
+    if not len(bank_r):
+        return np.zeros(Xn.shape[0])
+    sims = (Xn @ bank_X.T).astype(np.float64)  # (n, P)
+    k = min(int(k), sims.shape[1])
+    idx = (
+        np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        if k < sims.shape[1]
+        else np.tile(np.arange(k), (len(sims), 1))
+    )
+    w = 1.0 / np.maximum(1.0 - np.take_along_axis(sims, idx, axis=1), 1e-6)
+    return (w * bank_r[idx]).sum(axis=1) / (w.sum(axis=1) + float(tau))
 
 
 def calibrator_with_identity(calibrator: BasePredictor, n_new: int = 1) -> BasePredictor:
