@@ -200,6 +200,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datas = [d for d in report if any(k.startswith("pool_") and k != "pool_0" for k in report[d])]
+    if not datas:  # only whole-pool runs: their shares are ratios of near-zero gains, not plotted
+        return
     fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 3.6), squeeze=False)
     for ax, data in zip(axes[0], datas, strict=True):
         key = next(k for k in report[data] if k.startswith("pool_") and k != "pool_0")
@@ -217,8 +219,8 @@ def plot(report: dict, path: Path) -> None:
             err = np.array([[y[i] - 100 * v["ci"][0], 100 * v["ci"][1] - y[i]] for i, v in enumerate(s)]).T
             ax.errorbar(ks, y, yerr=err, fmt=style, capsize=3, label=f"{method}, {how}")
         ax.axhline(90, color="grey", lw=0.8)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], ylim=(0, 110), xlabel="probes K")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(ylabel="% of the full-retrain gain", title=f"{data}: {key[5:]} models + the new one")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
