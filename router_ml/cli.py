@@ -151,12 +151,12 @@ def cmd_probe_set(args: argparse.Namespace) -> int:
     from router_ml.add_model import candidate_prompts, choose_probes
     from router_ml.router import LearnedRouter
 
-    router = LearnedRouter.from_pretrained(args.ckpt)
-    probes = choose_probes(router, candidate_prompts(router, args.from_), args.k)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() not in (".jsonl", ".parquet", ".csv"):
         raise ValueError(f"probe-set: --out {str(out)!r} must end in .jsonl, .parquet or .csv")
+    router = LearnedRouter.from_pretrained(args.ckpt)
+    probes = choose_probes(router, candidate_prompts(router, args.from_), args.k)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".jsonl":
         probes.to_json(out, orient="records", lines=True, force_ascii=False)
     elif out.suffix.lower() == ".parquet":
