@@ -52,6 +52,13 @@ def model_card(config: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"{i}. `{m}`" for i, m in enumerate(config.get("models", []))]
+    for added in config.get("added_models", []):
+        lines += [
+            "",
+            f"`{added['name']}` was added from {added['n_probes']} probe prompts"
+            + (f" (`{added['probes']}`)" if added.get("probes") else "")
+            + f", without retraining the others: {added['method']}.",
+        ]
     lines += ["", "## Training data", ""]
     if training:
         lines += [f"- {k}: {_fmt(v)}" for k, v in training.items()]

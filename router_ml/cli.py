@@ -14,6 +14,8 @@ router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from ups
 router-ml score answers.jsonl --out scored.parquet            # score answers (scorer per row's task)
 router-ml score answers.jsonl --scorer judge_rubric --backends conf/backends/local.yaml --judge NAME
 router-ml score --store outputs/collect/answers.sqlite         # score a collection store, in place
+router-ml probe-set --ckpt CKPT --k 100 --from prompts.jsonl --out probes.jsonl   # prompts to run a new model on
+router-ml add-model --ckpt CKPT --probes scores.jsonl --model NAME --out NEW_CKPT  # add it from their scores
 """
 
 from __future__ import annotations
@@ -281,6 +283,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     summary = out.groupby("scorer").agg(rows=("score", "size"), mean_score=("score", "mean"),
                                         errors=("score_error", "count"), cost_usd=("score_cost_usd", "sum"))  # fmt: skip
     print(json.dumps({"path": str(dest), "by_scorer": summary.round(6).to_dict(orient="index")}, indent=2))
+def cmd_probe_set(args: argparse.Namespace) -> int:
+    from router_ml.add_model import candidate_prompts, choose_probes
+    from router_ml.router import LearnedRouter
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".parquet", ".csv"):
+        raise ValueError(f"probe-set: --out {str(out)!r} must end in .jsonl, .parquet or .csv")
+    router = LearnedRouter.from_pretrained(args.ckpt)
+    probes = choose_probes(router, candidate_prompts(router, args.from_), args.k)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".jsonl":
+        probes.to_json(out, orient="records", lines=True, force_ascii=False)
+    elif out.suffix.lower() == ".parquet":
+        probes.to_parquet(out, index=False)
+    else:
+        probes.to_csv(out, index=False)
+    print(json.dumps({"out": str(out), "k": len(probes), "tasks": probes["task"].value_counts().to_dict()}))
+    return 0
+
+
+def cmd_add_model(args: argparse.Namespace) -> int:
+    from router_ml.add_model import add_model_checkpoint
+
+    report = add_model_checkpoint(
+        args.ckpt,
+        args.probes,
+        args.model,
+        args.out,
+        input_price=args.input_price,
+        output_price=args.output_price,
+        ttft_s=args.ttft_s,
+        tokens_per_s=args.tokens_per_s,
+    )
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -370,6 +406,25 @@ def main(argv: list[str] | None = None) -> int:
     p_score.add_argument("--backends", default=None, help="judges: backend catalog (YAML file or folder)")
     p_score.add_argument("--judge", default=None, help="judges: the catalog backend that judges")
     p_score.add_argument("--verdict-format", default="text", choices=["text", "json_schema", "json_object"])
+    p_probe = sub.add_parser("probe-set", help="choose informative probe prompts to run a new model on")
+    p_probe.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p_probe.add_argument("--k", type=int, default=100, help="number of probe prompts")
+    p_probe.add_argument(
+        "--from", dest="from_", default=None,
+        help="candidate prompts: .jsonl/.parquet/.csv with a 'prompt' column, or .txt (default: the training data set's)",
+    )  # fmt: skip
+    p_probe.add_argument("--out", required=True, help="where to write the probes (.jsonl, .parquet or .csv)")
+    p_add = sub.add_parser("add-model", help="write a new checkpoint with a model added from probe scores")
+    p_add.add_argument("--ckpt", required=True, help="checkpoint directory to add to (left unchanged)")
+    p_add.add_argument(
+        "--probes", required=True, help="probe table: prompt, score [, model, input_tokens, output_tokens, cost_usd, latency_s]"
+    )  # fmt: skip
+    p_add.add_argument("--model", required=True, help="name of the new model")
+    p_add.add_argument("--out", required=True, help="new checkpoint directory")
+    p_add.add_argument("--input-price", type=float, default=None, help="$ per 1M input tokens")
+    p_add.add_argument("--output-price", type=float, default=None, help="$ per 1M output tokens")
+    p_add.add_argument("--ttft-s", type=float, default=None, help="time to first token, seconds")
+    p_add.add_argument("--tokens-per-s", type=float, default=None, help="decode speed, tokens per second")
     args = parser.parse_args(argv)
     commands = {
         "route": cmd_route,
@@ -378,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": cmd_models,
         "data": cmd_data,
         "score": cmd_score,
+        "probe-set": cmd_probe_set,
+        "add-model": cmd_add_model,
     }
     try:
         return commands[args.cmd](args)

@@ -318,7 +318,7 @@ class LearnedRouter:
     def from_pretrained(cls, path: str | Path, encoder: Any | None = None) -> LearnedRouter:
         """Load a checkpoint directory. ``encoder`` overrides the recorded one (it must match its dim)."""
         from router_ml.embeddings import build_encoder
-        from router_ml.predictors import CALIBRATORS, QUALITY_PREDICTORS, TaskClassifier
+        from router_ml.predictors import CALIBRATORS, QUALITY_HEADS, TaskClassifier
         from router_ml.predictors.guard import NoveltyGuard
 
         config = read_config(path)
@@ -346,7 +346,7 @@ class LearnedRouter:
                 raise CheckpointError(f"checkpoint {str(path)!r}: cannot restore {kind}: {e}") from e
 
         task_head = build("task_head", {TaskClassifier.name: TaskClassifier}, arrays["task"])
-        quality_head = build("quality_head", QUALITY_PREDICTORS, arrays["quality"])
+        quality_head = build("quality_head", QUALITY_HEADS, arrays["quality"])
         calibrator = (
             build("calibrator", CALIBRATORS, arrays["calibrator"]) if config.get("calibrator") else None
         )

@@ -7,7 +7,8 @@ Registries keyed by the conf YAML stem (``conf/predictor/<name>.yaml``)::
 
 Heads: ``knn``, ``linear``, ``mlp``, ``mf`` and ``taskmix`` (needs ``task_ids``; best with
 fine-grained source-task ids; a head whose ``uses_text`` is true also takes ``texts=`` in ``fit``
-and ``predict``). Calibrators: ``isotonic``, ``temperature``.
+and ``predict``); ``probed`` wraps any fitted head with model columns added from a few probe
+outcomes (:mod:`router_ml.predictors.probed`). Calibrators: ``isotonic``, ``temperature``.
 
 Importing this package is light: torch and scikit-learn are imported inside ``fit``.
 """
@@ -27,6 +28,7 @@ from router_ml.predictors.knn import KnnQualityPredictor
 from router_ml.predictors.linear import LinearQualityPredictor
 from router_ml.predictors.mf import MfQualityPredictor
 from router_ml.predictors.mlp import MlpQualityPredictor
+from router_ml.predictors.probed import ProbedQualityPredictor
 from router_ml.predictors.task import TaskClassifier
 from router_ml.predictors.taskmix import TaskMixtureQualityPredictor
 
@@ -39,6 +41,12 @@ QUALITY_PREDICTORS: dict[str, type[QualityPredictor]] = {
         MfQualityPredictor,
         TaskMixtureQualityPredictor,
     )
+}
+#: every head a checkpoint may hold: the trainable ones and a head grown from probes (built by
+#: ``ProbedQualityPredictor.from_head`` / ``add_model``, never trained from a config)
+QUALITY_HEADS: dict[str, type[QualityPredictor]] = {
+    **QUALITY_PREDICTORS,
+    ProbedQualityPredictor.name: ProbedQualityPredictor,
 }
 CALIBRATORS: dict[str, type[BasePredictor]] = {
     cls.name: cls for cls in (IsotonicCalibrator, TemperatureCalibrator)
@@ -68,6 +76,7 @@ def build_calibrator(name: str, **params: Any) -> BasePredictor:
 
 __all__ = [
     "CALIBRATORS",
+    "QUALITY_HEADS",
     "QUALITY_PREDICTORS",
     "BasePredictor",
     "IsotonicCalibrator",
@@ -76,6 +85,7 @@ __all__ = [
     "MfQualityPredictor",
     "MlpQualityPredictor",
     "NotFittedError",
+    "ProbedQualityPredictor",
     "QualityPredictor",
     "TaskClassifier",
     "TaskMixtureQualityPredictor",
