@@ -347,7 +347,8 @@ class RoutingEngine:
                 capable = [b.name for b in self.catalog if not lacking(b, needs, self.client.count_tokens)]
                 raise passthrough_error(passthrough, missing, needs, capable)
             return {}
-        backends = [self.catalog.get(b) for b in dict.fromkeys(self.aliases[m] for m in self.served)]
+        served = {self.aliases[m] for m in self.served}
+        backends = [b for b in self.catalog if b.name in served]  # in the catalog's order
         excluded = exclusions(backends, needs, self.client.count_tokens)
         if len(excluded) == len(backends):
             raise unservable_error(needs, excluded)
