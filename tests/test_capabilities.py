@@ -54,7 +54,10 @@ def test_capabilities_are_off_unless_the_catalog_sets_them():
 @pytest.mark.parametrize(
     "caps, problem",
     [
-        ({"tool": True}, "unknown field 'capabilities.tool'; allowed fields: ['tools', 'vision', 'json_mode']"),
+        (
+            {"tool": True},
+            "unknown field 'capabilities.tool'; allowed fields: ['tools', 'vision', 'json_mode']",
+        ),
         ({"vision": "yes"}, "field 'capabilities.vision' = 'yes': Input should be a valid boolean"),
         ({"json_mode": 1}, "field 'capabilities.json_mode' = 1: Input should be a valid boolean"),
     ],
@@ -138,7 +141,9 @@ def test_lacking_names_capabilities_and_the_context_window():
     msgs = [{"role": "user", "content": [{"type": "text", "text": "x"}, IMAGE]}]
     ex = exclusions(list(cat), _needs(tools=TOOLS, messages=msgs))
     assert ex == {"tiny": ["vision", "context_window"], "seer": ["tools"], "open": ["tools", "vision"]}
-    assert describe(ex) == "tools excluded seer, open; vision excluded tiny, open; context_window excluded tiny"
+    assert (
+        describe(ex) == "tools excluded seer, open; vision excluded tiny, open; context_window excluded tiny"
+    )
 
 
 def test_the_400_names_the_capability_the_field_and_the_backends():
@@ -180,19 +185,22 @@ def _arguments(chunks) -> tuple[str, list[str]]:
 
 def test_a_tool_call_stream_cut_midway_is_not_resumed_as_text():
     async def main():
-        async with LoopbackServer() as a, LoopbackServer() as b:
-            async with BackendClient(_catalog(a.port, b.port)) as client:
-                a.set_fault("cut_stream", after=2)
-                stream = await client.chat_with_fallback(["b0", "b1"], PAYLOAD, stream=True)
-                got = []
-                with pytest.raises(StreamInterrupted) as info:
-                    async for chunk in stream:
-                        got.append(chunk)
-                return got, info.value, b.stats["chat"]
+        async with (
+            LoopbackServer() as a,
+            LoopbackServer() as b,
+            BackendClient(_catalog(a.port, b.port)) as client,
+        ):
+            a.set_fault("cut_stream", after=2)
+            stream = await client.chat_with_fallback(["b0", "b1"], PAYLOAD, stream=True)
+            got = []
+            with pytest.raises(StreamInterrupted) as info:
+                async for chunk in stream:
+                    got.append(chunk)
+            return got, info.value, b.stats["chat"]
 
     got, err, second = asyncio.run(asyncio.wait_for(main(), 20))
     args, ids = _arguments(got)
-    whole = tool_call({**PAYLOAD})["function"]["arguments"]
+    whole = tool_call(PAYLOAD)["function"]["arguments"]
     assert args == whole[:16] and len(ids) == 1  # two 8-character pieces, then the cut
     assert "inside a tool call" in str(err) and second == 0  # the fallback was never asked
     assert not any((c["choices"][0]["delta"].get("content") or "") for c in got if c["choices"])
@@ -200,11 +208,14 @@ def test_a_tool_call_stream_cut_midway_is_not_resumed_as_text():
 
 def test_a_tool_call_stream_falls_back_before_its_first_delta_and_arrives_whole():
     async def main():
-        async with LoopbackServer() as a, LoopbackServer() as b:
-            async with BackendClient(_catalog(a.port, b.port)) as client:
-                a.set_fault("error500")
-                stream = await client.chat_with_fallback(["b0", "b1"], PAYLOAD, stream=True)
-                return [c async for c in stream], stream.result
+        async with (
+            LoopbackServer() as a,
+            LoopbackServer() as b,
+            BackendClient(_catalog(a.port, b.port)) as client,
+        ):
+            a.set_fault("error500")
+            stream = await client.chat_with_fallback(["b0", "b1"], PAYLOAD, stream=True)
+            return [c async for c in stream], stream.result
 
     chunks, res = asyncio.run(asyncio.wait_for(main(), 20))
     args, ids = _arguments(chunks)

@@ -48,7 +48,10 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
 ]
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==", "detail": "low"}}
+IMAGE = {
+    "type": "image_url",
+    "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==", "detail": "low"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,9 @@ def _new(before: dict[str, int], servers) -> dict[str, int]:
     return {k: v - before[k] for k, v in _chats(servers).items() if v != before[k]}
 
 
-@pytest.mark.parametrize("model", ["router", "router:utility:0", "router:cost_aware", "router:capability", "router:threshold"])
+@pytest.mark.parametrize(
+    "model", ["router", "router:utility:0", "router:cost_aware", "router:capability", "router:threshold"]
+)
 def test_a_tool_request_goes_only_to_a_tools_backend_and_its_call_arrives_whole(proxy, servers, model):
     client, _ = proxy
     before = _chats(servers)
@@ -204,7 +209,9 @@ def test_passthrough_to_a_backend_without_the_capability_is_a_400(proxy, servers
         ({"max_tokens": 200_000}, "messages", "context_length_exceeded", "a context window this long"),
     ],
 )  # fmt: skip
-def test_a_request_no_backend_can_serve_is_a_400_naming_the_capability(proxy, servers, extra, param, code, words):
+def test_a_request_no_backend_can_serve_is_a_400_naming_the_capability(
+    proxy, servers, extra, param, code, words
+):
     client, _ = proxy
     before = _chats(servers)
     body = {"model": "router", "messages": ASK, **extra}

@@ -78,9 +78,7 @@ class Decider:
         allowed = self.served if allowed is None else list(allowed)
         if not layer.policy.stateful:
             try:
-                got = self.router.route_batch(
-                    prompts, allowed_models=allowed, policy=layer, **constraints
-                )
+                got = self.router.route_batch(prompts, allowed_models=allowed, policy=layer, **constraints)
             except Exception as e:
                 return [(e, enc.last_s)] * len(prompts)
             return [(d, enc.last_s) for d in got]

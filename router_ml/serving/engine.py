@@ -38,7 +38,6 @@ from router_ml.decision.layer import DecisionLayer
 from router_ml.decision.measured import MeasuredFigures
 from router_ml.decision.policies import build_policy
 from router_ml.serving.chat_request import validate_chat
-from router_ml.serving.request_needs import needs_of, passthrough_error, unservable_error
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
     AliasedLatency,
@@ -46,6 +45,7 @@ from router_ml.serving.engine_support import (
     knob_value,
 )
 from router_ml.serving.openai_errors import ApiError
+from router_ml.serving.request_needs import needs_of, passthrough_error, unservable_error
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +330,7 @@ class RoutingEngine:
             )
         return outcome
 
-    def _excluded(
-        self, req: Any, body: Mapping[str, Any], passthrough: str | None
-    ) -> dict[str, list[str]]:
+    def _excluded(self, req: Any, body: Mapping[str, Any], passthrough: str | None) -> dict[str, list[str]]:
         """``{backend: what it lacks}`` of the request's needs (tools, image input, JSON mode, room in
         the context window) over the served backends; a plain request that fits every window
         costs no more than reading its fields. Raises the 400 when the named backend

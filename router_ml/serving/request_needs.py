@@ -79,7 +79,9 @@ def passthrough_error(backend: str, missing: list[str], needs: Needs, capable: l
     cap = missing[0]
     what = ", ".join(f"{_WORDS[c]} (field {_param(needs, c)!r})" for c in missing)
     others = f"; backends that can serve it: {capable}" if capable else "; no backend in the catalog can"
-    return _error(needs, cap, f"backend {backend!r} does not support {what}, which this request needs{others}")
+    return _error(
+        needs, cap, f"backend {backend!r} does not support {what}, which this request needs{others}"
+    )
 
 
 def unservable_error(needs: Needs, excluded: dict[str, list[str]]) -> ApiError:
@@ -89,6 +91,4 @@ def unservable_error(needs: Needs, excluded: dict[str, list[str]]) -> ApiError:
     nobody = [c for c in caps if all(c in m for m in excluded.values())]
     cap = (nobody or caps)[0]
     asked = ", ".join(f"{_WORDS[c]} (field {_param(needs, c)!r})" for c in (nobody or caps))
-    return _error(
-        needs, cap, f"no backend can serve this request: it needs {asked}; {describe(excluded)}"
-    )
+    return _error(needs, cap, f"no backend can serve this request: it needs {asked}; {describe(excluded)}")

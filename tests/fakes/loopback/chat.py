@@ -81,10 +81,7 @@ def tool_call(req: Mapping[str, Any]) -> dict[str, Any] | None:
     tools, choice = req.get("tools"), req.get("tool_choice")
     if not tools or choice == "none":
         return None
-    if isinstance(choice, Mapping):
-        name = choice["function"]["name"]
-    else:
-        name = tools[0]["function"]["name"]
+    name = choice["function"]["name"] if isinstance(choice, Mapping) else tools[0]["function"]["name"]
     user = next((_text(m) for m in reversed(req["messages"]) if _role(m) == "user"), "")
     args = json.dumps({"query": " ".join(user.split()[:16])})
     ident = "call_" + format(zlib.crc32(json.dumps(req["messages"]).encode()), "08x")
@@ -97,7 +94,9 @@ def _bad_part(messages: Sequence[Any]) -> str | None:
         content = m.get("content")
         for j, p in enumerate(content if isinstance(content, list) else []):
             if isinstance(p, Mapping) and p.get("type") == "image_url":
-                url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), Mapping) else None
+                url = (
+                    (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), Mapping) else None
+                )
                 if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:image/")):
                     return f"messages[{i}].content[{j}].image_url.url: expected an http(s) or data:image/ URL"
     return None
@@ -221,7 +220,16 @@ async def serve_chat(
             opts = req.get("stream_options") or {}
             want_usage = srv.stream_usage and isinstance(opts, dict) and bool(opts.get("include_usage"))
             return await _stream(
-                srv, entry, reader, writer, fault, pieces, finish, usage if want_usage else None, ident, t0,
+                srv,
+                entry,
+                reader,
+                writer,
+                fault,
+                pieces,
+                finish,
+                usage if want_usage else None,
+                ident,
+                t0,
                 call,
             )
         return await _whole(srv, entry, reader, writer, fault, pieces, finish, usage, ident, t0, call)
