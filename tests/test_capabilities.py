@@ -83,6 +83,11 @@ def test_a_plain_request_needs_nothing_but_room_for_its_prompt():
     assert n.features == frozenset() and n.output_tokens == 50 and n.messages == 1
     assert n.prompt_bytes == len("hello there") and n.bound() == 11 + 8 + 50
     assert _needs().output_tokens == 1
+    body = {"model": "router", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
+    req, _ = validate_chat(body, 1000)
+    assert needs_of(req, body, window=4 * 11 + 1 + 8 + 50) is None  # surely fits: nothing built
+    assert needs_of(req, body, window=70).bound() == 69  # the bound cannot tell: measured
+    assert needs_of(req, {**body, "tools": TOOLS}, window=10**6).features == {"tools"}
 
 
 @pytest.mark.parametrize(

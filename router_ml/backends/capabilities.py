@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from router_ml.backends.catalog import Backend
 
@@ -25,22 +26,37 @@ CONTEXT = "context_window"
 MESSAGE_OVERHEAD = 8  # tokens a chat template adds per message, at most (role markers, separators)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: a frozen dataclass takes ~4 us to build, on every request
 class Needs:
     """What one request needs: ``features`` (a subset of :data:`CAPABILITIES`), each with the
-    request field that needs it (``params``, for the error's ``param``); the prompt text and
-    message count and the output tokens asked for (``max_tokens``, else 1), for the context window."""
+    request field that needs it (``params``, for the error's ``param``); the texts of its prompt
+    (messages, tool definitions), their length in characters, the message count and the output
+    tokens asked for (``max_tokens``, else 1), for the context window."""
 
     features: frozenset[str] = frozenset()
-    params: dict[str, str] = field(default_factory=dict, compare=False)
-    prompt_text: str = field(default="", repr=False)
-    prompt_bytes: int = 0
+    params: dict[str, str] = field(default_factory=dict)
+    texts: tuple[str, ...] = field(default=(), repr=False)
+    chars: int = 0
     messages: int = 0
     output_tokens: int = 1
+
+    @cached_property
+    def prompt_text(self) -> str:
+        return "\n".join(self.texts)
+
+    @cached_property
+    def prompt_bytes(self) -> int:
+        return len(self.prompt_text.encode("utf-8", "surrogatepass"))
 
     def bound(self) -> int:
         """An upper bound on the tokens the request occupies in any model's context window."""
         return self.prompt_bytes + MESSAGE_OVERHEAD * self.messages + self.output_tokens
+
+    def fits(self, window: float) -> bool:
+        """Whether the request surely fits a window of ``window`` tokens (four bytes per character
+        at most decides without encoding the prompt)."""
+        rest = MESSAGE_OVERHEAD * self.messages + self.output_tokens
+        return 4 * self.chars + len(self.texts) + rest <= window or self.bound() <= window
 
 
 TokenCounter = Callable[[Backend, str], int]
@@ -52,7 +68,7 @@ def lacking(backend: Backend, needs: Needs, count_tokens: TokenCounter | None = 
     counts the prompt when the byte bound does not settle it; without one the bound decides)."""
     out = [c for c in CAPABILITIES if c in needs.features and c not in backend.capabilities]
     window = backend.spec.context_window
-    if window is not None and needs.bound() > window:
+    if window is not None and not needs.fits(window):
         tokens = needs.bound()
         if count_tokens is not None:
             tokens = (

@@ -335,8 +335,8 @@ class RoutingEngine:
         the context window) over the served backends; a plain request that fits every window
         costs no more than reading its fields. Raises the 400 when the named backend
         (``passthrough``), or every served one, lacks something."""
-        needs = needs_of(req, body)
-        if not needs.features and needs.bound() <= self._min_window:
+        needs = needs_of(req, body, self._min_window)
+        if needs is None or (not needs.features and needs.fits(self._min_window)):
             return {}
         if passthrough is not None:
             backend = self.catalog.get(passthrough)

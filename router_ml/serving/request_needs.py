@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from router_ml.backends.capabilities import CAPABILITIES, CONTEXT, Needs, describe
+from router_ml.backends.capabilities import CAPABILITIES, CONTEXT, MESSAGE_OVERHEAD, Needs, describe
 from router_ml.serving.chat_request import ChatRequest, text_of
 from router_ml.serving.openai_errors import ApiError
 
@@ -34,8 +34,10 @@ _WORDS = {
 }
 
 
-def needs_of(req: ChatRequest, body: Mapping[str, Any]) -> Needs:
-    """The :class:`~router_ml.backends.capabilities.Needs` of one validated request."""
+def needs_of(req: ChatRequest, body: Mapping[str, Any], window: float | None = None) -> Needs | None:
+    """The :class:`~router_ml.backends.capabilities.Needs` of one validated request; ``None`` when
+    it needs no capability and surely fits a context window of ``window`` tokens (the smallest
+    of the catalog's: then nothing is built, the common case costs a scan of the messages)."""
     features: dict[str, str] = {}  # capability -> the request field that needs it
     texts = []
     for key in ("tools", "functions"):
@@ -54,13 +56,17 @@ def needs_of(req: ChatRequest, body: Mapping[str, Any]) -> Needs:
     if isinstance(fmt, Mapping) and fmt.get("type") in JSON_FORMATS:
         features["json_mode"] = "response_format"
     out = req.get("max_completion_tokens") or req.get("max_tokens") or 1
-    prompt = "\n".join(texts)
+    n = len(req["messages"])
+    if window is not None and not features:
+        chars = sum(map(len, texts))
+        if 4 * chars + len(texts) + MESSAGE_OVERHEAD * n + out <= window:
+            return None
     return Needs(
         features=frozenset(features),
         params=features,
-        prompt_text=prompt,
-        prompt_bytes=len(prompt.encode("utf-8", "surrogatepass")),
-        messages=len(req["messages"]),
+        texts=tuple(texts),
+        chars=sum(map(len, texts)),
+        messages=n,
         output_tokens=int(out),
     )
 
