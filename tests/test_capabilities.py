@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,18 @@ def test_a_tool_call_stream_falls_back_before_its_first_delta_and_arrives_whole(
     want = tool_call(PAYLOAD)
     assert args == want["function"]["arguments"] and ids == [want["id"]]
     assert res.backend == "b1" and res.finish_reason == "tool_calls"
+
+
+def test_a_tool_call_stream_without_usage_counts_its_arguments_as_output():
+    async def main():
+        async with (
+            LoopbackServer(stream_usage=False) as srv,
+            BackendClient(_catalog(srv.port)) as client,
+        ):
+            stream = await client.stream("b0", PAYLOAD)
+            return [c async for c in stream], stream.result
+
+    _, res = asyncio.run(asyncio.wait_for(main(), 20))
+    want = tool_call(PAYLOAD)["function"]
+    assert res.usage_source == "counted" and res.text == ""
+    assert res.completion_tokens == math.ceil(len(want["name"] + want["arguments"]) / 4)  # "approx"

@@ -60,6 +60,15 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+def tool_call_text(calls: Any) -> str:
+    """The generated text of ``tool_calls`` (whole or stream deltas): names and arguments, which
+    count as completion tokens when a backend reports no usage."""
+    if not isinstance(calls, list):
+        return ""
+    fns = [c.get("function") for c in calls if isinstance(c, Mapping)]
+    return "".join(f"{f.get('name') or ''}{f.get('arguments') or ''}" for f in fns if isinstance(f, Mapping))
+
+
 def prompt_text(messages: Any) -> str:
     """The text of a conversation that counts as prompt tokens (contents, one message per line)."""
     if not isinstance(messages, list):
@@ -197,6 +206,8 @@ class Upstream:
                 content = delta.get("content")
                 if content:
                     self.text.append(content)
+                if delta.get("tool_calls"):  # counted as output, never sent on as text
+                    self.text.append(tool_call_text(delta["tool_calls"]))
                 if self.t_first is None and (
                     content or delta.get("tool_calls") or delta.get("reasoning_content")
                 ):
