@@ -134,6 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_prompts=args.log_prompts,
         aliases=aliases,
         period=args.period,
+        budget_usd=args.budget_usd,
+        default_max_tokens=args.default_max_tokens,
     )
     app = create_app(engine, ProxySettings(api_key_env=args.api_key_env, max_body_bytes=args.max_body_bytes))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
@@ -319,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         "--ledger", default="sqlite:.router-ml/spend.sqlite", help="memory | sqlite:<path> | redis://..."
     )
     p_serve.add_argument("--period", default="day", help="budget period: session, hour, day, week, month")
+    p_serve.add_argument(
+        "--budget-usd", type=float, default=None,
+        help="spend cap per --period over every request, routed or pass-through; clients cannot lift it",
+    )  # fmt: skip
+    p_serve.add_argument(
+        "--default-max-tokens", type=int, default=1024,
+        help="output cap written into a capped request that sets none (its cost bound must be real)",
+    )  # fmt: skip
     p_serve.add_argument(
         "--routing-log", default=".router-ml/routing.jsonl", help="JSONL routing log ('' = none)"
     )

@@ -59,3 +59,43 @@ def test_a_retry_after_sets_the_rest_instead_of_the_cooldown():
     br.record("a", ok=False)  # a plain failure of the next trial rests the full cooldown
     clock.t = 6.0
     assert br.state("a") == "open"
+
+
+def test_retry_in_counts_down_to_the_trial():
+    clock = Clock()
+    breaker = CircuitBreaker(fail_threshold=2, cooldown_s=5.0, clock=clock)
+    assert breaker.retry_in("b") is None
+    breaker.record("b", False)
+    assert breaker.retry_in("b") is None  # one failure: still closed
+    breaker.record("b", False)
+    assert breaker.retry_in("b") == 5.0
+    clock.t += 3.5
+    assert breaker.retry_in("b") == 1.5
+    clock.t += 1.5
+    assert breaker.retry_in("b") is None and breaker.allow("b")  # the trial goes
+    assert breaker.retry_in("b") == 5.0  # while it is in flight nothing else does
+
+
+def test_repeated_warnings_are_counted_not_repeated(caplog):
+    import logging
+
+    from router_ml.log_repeats import RepeatFilter
+
+    clock = Clock()
+    log = logging.getLogger("router_ml.test_repeats")
+    log.addFilter(RepeatFilter(window_s=10.0, clock=clock))
+    caplog.set_level(logging.INFO, logger=log.name)
+    for i in range(58):
+        log.warning("falling back from %r: %s", "b0", f"HTTP 500 #{i}")
+        log.warning("falling back from %r: %s", "b1", "HTTP 503")  # another backend: its own count
+        log.info("retrying %d", i)  # below WARNING: never held back
+        clock.t += 0.1
+    clock.t += 10.0
+    log.warning("falling back from %r: %s", "b0", "HTTP 500 again")
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert msgs == [
+        "falling back from 'b0': HTTP 500 #0",
+        "falling back from 'b1': HTTP 503",
+        "falling back from 'b0': HTTP 500 again (repeated 57 times in the last 10 s)",
+    ]
+    assert sum(r.levelno == logging.INFO for r in caplog.records) == 58

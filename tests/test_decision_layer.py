@@ -231,9 +231,20 @@ def test_cost_aware_layer_refuses_once_the_cap_is_spent(router, make_layer, tmp_
     layer.record(d, cost_usd=0.0001, request_id="last")
     with pytest.raises(BudgetExhausted, match="hard cap"):
         router.route(CLASSIFY, policy=layer)
-    # a larger budget for this request only lifts the cap
-    assert router.route(CLASSIFY, policy=layer, budget_usd=1.0).model in router.models
+    # the operator's budget is a ceiling: a request asking for a larger one is refused all the same
+    with pytest.raises(BudgetExhausted, match="hard cap"):
+        router.route(CLASSIFY, policy=layer, budget_usd=1.0)
+    with pytest.raises(BudgetExhausted, match="hard cap"):
+        router.route(CLASSIFY, policy=layer, hard_cap_usd=1.0)
     assert layer.spent() == pytest.approx(0.01)
+    # spend held by calls in flight counts as spent: a released hold frees the room again
+    layer2 = make_layer({"name": "cost_aware", "budget_usd": 0.01, "horizon": 100})
+    assert layer2.ledger.reserve("in-flight", 0.01, 0.01)
+    assert layer2.spent() == pytest.approx(0.01)
+    with pytest.raises(BudgetExhausted, match="hard cap"):
+        router.route(CLASSIFY, policy=layer2)
+    layer2.ledger.release("in-flight")
+    assert router.route(CLASSIFY, policy=layer2).model in router.models
 
 
 def _output_tokens_reference(model, models, tasks):

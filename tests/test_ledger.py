@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 from router_ml.decision.ledger import (
+    SCHEMA_VERSION,
     BudgetLedger,
     LedgerError,
     MemoryLedger,
@@ -58,7 +59,7 @@ def test_records_survive_restart(tmp_path: Path) -> None:
     assert rows["meta"].iloc[1] is None
     assert rows["session"].tolist()[:2] == ["a", "b"]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -86,7 +87,7 @@ def test_invalid_cost_is_refused(tmp_path: Path, bad: object) -> None:
 
 
 def test_windows_and_sessions(tmp_path: Path) -> None:
-    for ledger in (BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger()):
+    for ledger in (BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger(resolution_s=5.0)):
         for i, (ts, session) in enumerate([(10.0, "a"), (20.0, "b"), (20.0, "a"), (30.0, None)]):
             ledger.record(_cost(i), "m", request_id=str(i), ts=ts, session=session)
         assert ledger.spent(since=20.0) == _cost(1) + _cost(2) + _cost(3)  # since is inclusive
@@ -94,7 +95,11 @@ def test_windows_and_sessions(tmp_path: Path) -> None:
         assert ledger.spent(since=10.0, until=30.0, session="a") == _cost(0) + _cost(2)
         assert ledger.count(session="b") == 1
         assert ledger.count(session="nobody") == 0 and ledger.spent(session="nobody") == 0.0
-        assert ledger.entries(since=15.0, until=25.0)["request_id"].tolist() == ["1", "2"]
+        rows = ledger.entries(since=15.0, until=25.0)
+        if isinstance(ledger, BudgetLedger):
+            assert rows["request_id"].tolist() == ["1", "2"]
+        else:  # aggregates: one row per (bucket, session, model)
+            assert rows["session"].tolist() == ["a", "b"] and rows["count"].tolist() == [1, 1]
         ledger.close()
 
 
@@ -248,8 +253,9 @@ def test_period_start() -> None:
 
 
 def test_memory_ledger_matches_sqlite(tmp_path: Path) -> None:
+    """Its per-bucket aggregates answer every window on bucket boundaries as the rows do."""
     rng = np.random.default_rng(0)
-    disk, mem = BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger()
+    disk, mem = BudgetLedger(tmp_path / "l.sqlite"), MemoryLedger(resolution_s=50.0)
     for i in range(400):  # out-of-order timestamps, sessions, retries
         rid = f"r{rng.integers(0, 300)}"
         ts = float(rng.integers(0, 1000))
@@ -262,19 +268,169 @@ def test_memory_ledger_matches_sqlite(tmp_path: Path) -> None:
         (None, 500.0, "a"),
         (250.0, None, "b"),
     ]:
-        assert disk.spent(since, until, session) == pytest.approx(mem.spent(since, until, session), abs=1e-12)
+        assert disk.spent(since, until, session) == mem.spent(since, until, session)  # dyadic: exact
         assert disk.count(since, until, session) == mem.count(since, until, session)
-        pd.testing.assert_frame_equal(disk.entries(since, until, session), mem.entries(since, until, session))
+        rows = disk.entries(since, until, session)
+        rows["ts"] = rows["ts"] // 50 * 50
+        want = (
+            rows.groupby(["ts", "session", "model"], dropna=False)
+            .agg(cost_usd=("cost_usd", "sum"), count=("cost_usd", "size"))
+            .reset_index()
+        )
+        got = mem.entries(since, until, session)
+        assert list(got.columns) == ["ts", "model", "cost_usd", "session", "count"]
+        key = ["ts", "session", "model"]
+        got = got.fillna({"session": ""}).sort_values(key).reset_index(drop=True)
+        want = want.fillna({"session": ""}).sort_values(key).reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
     assert mem.count() < 400  # some retries were dropped
+
+
+def test_memory_ledger_keeps_aggregates_not_rows() -> None:
+    """A day of calls in hourly buckets: a handful of aggregates, windows on hour bounds exact, and
+    duplicate ids still counted once within the dedupe memory."""
+    mem = MemoryLedger(dedupe_ids=1000)
+    for i in range(24 * 500):
+        ts = 86400.0 + (i // 500) * 3600 + i % 500 * 7
+        mem.record(_cost(i), f"m{i % 2}", request_id=str(i), ts=ts, session="s")
+    assert mem.count() == 12_000 and len(mem._all.start) == 24
+    assert len(mem.entries()) == 48  # 24 hours x 2 models
+    assert mem.spent(since=86400.0 + 3600, until=86400.0 + 7200) == sum(_cost(i) for i in range(500, 1000))
+    assert mem.count(since=86400.0 + 3600 * 23, session="s") == 500
+    assert not mem.record(1.0, "m0", request_id="11999")  # a recent retry
+    assert mem.count() == 12_000
+    assert len(mem._ids) == 1000  # old ids are forgotten: memory stays flat
 
 
 def test_open_ledger(tmp_path: Path) -> None:
     assert isinstance(open_ledger(None), MemoryLedger)
     empty = open_ledger(None).entries()
-    assert list(empty.columns) == ["request_id", "ts", "model", "cost_usd", "session", "meta"] and empty.empty
+    assert list(empty.columns) == ["ts", "model", "cost_usd", "session", "count"] and empty.empty
     assert isinstance(open_ledger("memory"), MemoryLedger)
     ledger = open_ledger(f"sqlite:{tmp_path / 'a.sqlite'}")
     assert isinstance(ledger, BudgetLedger) and ledger.path == tmp_path / "a.sqlite"
     assert isinstance(open_ledger(str(tmp_path / "b.sqlite")), BudgetLedger)
     with pytest.raises(ValueError, match="needs a path"):
         open_ledger("sqlite:")
+
+
+# ---------------------------------------------------------------------------------- reservations
+@pytest.fixture(params=["memory", "sqlite"])
+def any_ledger(request, tmp_path: Path):
+    ledger = MemoryLedger() if request.param == "memory" else BudgetLedger(tmp_path / "l.sqlite")
+    yield ledger
+    ledger.close()
+
+
+def test_reserve_settle_release_and_lapse(any_ledger) -> None:
+    led = any_ledger
+    assert led.reserve("a", 0.25, 1.0) and led.reserve("b", 0.5, 1.0)
+    assert not led.reserve("c", 0.5, 1.0), "spent 0 + held 0.75 + 0.5 > 1"
+    assert led.reserved() == 0.75
+    assert led.record(0.125, "m", request_id="a")  # settles a's hold with its real bill
+    assert led.reserved() == 0.5 and led.spent() == 0.125
+    assert led.release("b") and not led.release("b")
+    assert led.reserved() == 0.0
+    assert led.reserve("c", 0.875, 1.0) and not led.reserve("d", 0.0625, 1.0)
+    assert led.release("c")
+    # a hold lapses after its ttl (a crashed replica's holds stop blocking the budget)
+    assert led.reserve("e", 0.875, 1.0, ttl_s=60, now=1000.0)
+    assert not led.reserve("f", 0.5, 1.0, now=1059.0)
+    assert led.reserved(now=1059.0) == 0.875 and led.reserved(now=1061.0) == 0.0
+    assert led.reserve("f", 0.5, 1.0, now=1061.0)
+    led.release("f")
+    # the window: spend before `since` does not count against this period's cap
+    assert led.record(0.75, "m", request_id="old", ts=10.0)
+    assert not led.reserve("g", 0.25, 1.0)
+    assert led.reserve("g", 0.25, 1.0, since=3600.0)
+    # sessions: a session's cap counts its own spend and holds
+    assert led.reserve("h", 0.5, 0.5, session="team")
+    assert not led.reserve("i", 0.0625, 0.5, session="team")
+    assert led.reserved(session="team") == 0.5
+
+
+@pytest.mark.parametrize(
+    "bad", [{"amount_usd": -1.0}, {"amount_usd": math.nan}, {"ttl_s": 0}, {"cap_usd": "x"}]
+)
+def test_bad_reservations_are_refused(any_ledger, bad) -> None:
+    kw = {"amount_usd": 0.1, "cap_usd": 1.0, "ttl_s": 10.0, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        any_ledger.reserve("r", **kw)
+    with pytest.raises(ValueError, match="request_id"):
+        any_ledger.reserve("", 0.1, 1.0)
+
+
+def test_threads_racing_at_the_cap_never_exceed_it(any_ledger) -> None:
+    led, got = any_ledger, []
+    led.record(0.25, "m", request_id="before")
+    go = threading.Barrier(16)
+
+    def worker(w: int) -> None:
+        go.wait()
+        for i in range(20):
+            if led.reserve(f"{w}-{i}", 1 / 64, 1.0):
+                got.append(f"{w}-{i}")
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 48 and led.reserved() == 0.75  # (1 - 0.25) / (1/64): exactly, never more
+    for rid in got:  # settle half at their bound, release the rest: the spend stays under the cap
+        assert (
+            led.record(1 / 64, "m", request_id=rid)
+            if rid.endswith(("0", "2", "4", "6", "8"))
+            else led.release(rid)
+        )
+    assert led.reserved() == 0.0 and led.spent() <= 1.0
+
+
+def _spawned_reserver(path: str, worker: int, go) -> None:
+    ledger = BudgetLedger(path)
+    go.wait()
+    for i in range(40):
+        ledger.reserve(f"{worker}-{i}", 1 / 64, 0.5)
+    ledger.close()
+
+
+def test_processes_racing_at_the_cap_never_exceed_it(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    BudgetLedger(path).close()
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_spawned_reserver, args=(str(path), w, go)) for w in range(4)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with BudgetLedger(path) as ledger:
+        assert ledger.reserved() == 0.5  # 32 of the 160 tries held, exactly the cap
+        held = sqlite3.connect(path).execute("SELECT count(*) FROM reservations").fetchone()[0]
+        assert held == 32
+
+
+def test_holds_survive_a_restart_and_a_version_1_file_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    with BudgetLedger(path) as ledger:
+        assert ledger.reserve("a", 0.5, 1.0)
+    with BudgetLedger(path) as again:
+        assert again.reserved() == 0.5 and not again.reserve("b", 0.75, 1.0)
+    old = tmp_path / "v1.sqlite"
+    with sqlite3.connect(old) as db:  # what version 1 wrote: the spend table only
+        db.execute(
+            "CREATE TABLE spend (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL,"
+            " cost_usd REAL NOT NULL CHECK (cost_usd >= 0), session TEXT, meta TEXT)"
+        )
+        db.execute("INSERT INTO spend VALUES ('x', 1.0, 'm', 0.25, NULL, NULL)")
+        db.execute("PRAGMA application_id = 1380797511")
+        db.execute("PRAGMA user_version = 1")
+    with BudgetLedger(old) as upgraded:
+        assert upgraded.spent() == 0.25 and upgraded.reserve("a", 0.75, 1.0)
+        assert not upgraded.reserve("b", 0.01, 1.0)
+        assert upgraded.release("a")  # the hour totals a period's reservation sums were backfilled:
+        assert not upgraded.reserve("c", 0.8, 1.0, since=0.0) and upgraded.reserve("c", 0.75, 1.0, since=0.0)
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -571,3 +571,77 @@ def test_build_policy_errors_name_the_problem():
     with pytest.raises(PolicyError, match=r"policy 'utility': bad parameters.*'lambda'"):
         build_policy({"name": "utility", "lambda": 1.0})
     assert build_policy("utility").lam == 0.0
+
+
+# ------------------------------------------------------------------- the operator's ceiling
+def _request(cfg: dict, **constraints):
+    """The policy one request with ``constraints`` is decided by (the decision layer applies them)."""
+    from router_ml.decision import DecisionLayer
+
+    return DecisionLayer(build_policy(cfg), ModelPool.simulated())._policy_for(constraints)
+
+
+def test_a_request_cannot_lift_a_cost_aware_budget_or_cap() -> None:
+    cfg = {"name": "cost_aware", "budget_usd": 1.0}
+    lifted = _request(cfg, budget_usd=1e6)  # model="router:cost_aware:1e6"
+    assert lifted.budget_usd == 1.0 and lifted.cap == 1.0 and lifted.spend_cap() == 1.0
+    assert _request(cfg, hard_cap_usd=50.0).cap == 1.0
+    tighter = _request(cfg, budget_usd=0.25)
+    assert tighter.budget_usd == 0.25 and tighter.cap == 0.25  # the cap follows a lower budget
+    capped = _request({**cfg, "hard_cap_usd": 2.0}, budget_usd=5.0, hard_cap_usd=1.5)
+    assert capped.budget_usd == 1.0 and capped.cap == 1.5
+    # the lifted policy refuses what the operator's refuses: spent 0.9 + bound 0.2 > 1
+    est = make_est([[0.5, 0.9]], [0.01, 0.2], cost_upper=np.array([[0.01, 0.2]]))
+    assert lifted.usable(est, spent=0.9).tolist() == [[True, False]]
+    with pytest.raises(PolicyError, match="'budget_usd' must be a number >= 0"):
+        _request(cfg, budget_usd="lots")
+    with pytest.raises(PolicyError, match="'budget_usd' must be a number >= 0"):
+        _request(cfg, budget_usd=math.nan)
+
+
+def test_a_request_cannot_lift_a_budget_ratio_budget() -> None:
+    cfg = {"name": "budget_ratio", "budget_usd": 2.0}
+    assert _request(cfg, budget_usd=100.0).budget_usd == 2.0
+    assert _request(cfg, budget_usd=0.5).budget_usd == 0.5
+
+
+def test_a_request_cannot_loosen_utility_limits_but_may_trade_inside_them() -> None:
+    cfg = {"name": "utility", "lam": 5.0, "max_cost_usd": 0.01, "ttft_slo_s": 0.5, "latency_slo_s": 5.0}
+    p = _request(cfg, max_cost_usd=1.0, ttft_slo_s=9.0, latency_slo_s=60.0)
+    assert (p.max_cost_usd, *p.limits()) == (0.01, 0.5, 5.0)
+    p = _request(cfg, max_cost_usd=0.001, ttft_slo_s=0.2)
+    assert (p.max_cost_usd, *p.limits()) == (0.001, 0.2, 5.0)
+    # an slo preset looser than the operator's explicit SLO keeps the operator's; a tighter one wins
+    assert _request(cfg, slo="research").limits() == (0.5, 5.0)
+    assert _request(cfg, slo="realtime").limits() == (0.2, 2.0)
+    # an operator preset is a ceiling too, against explicit values and looser presets
+    preset = {"name": "utility", "slo": "interactive"}
+    assert _request(preset, ttft_slo_s=30.0, latency_slo_s=300.0).limits() == (0.5, 5.0)
+    assert _request(preset, slo="batch").limits() == (0.5, 5.0)
+    # an operator without a limit lets the request set one
+    assert _request({"name": "utility"}, max_cost_usd=0.02).max_cost_usd == 0.02
+    # preferences are free: lam and target_quality go either way
+    assert _request(cfg, lam=0.0).lam == 0.0 and _request(cfg, lam=1e9).lam == 1e9
+    assert _request(cfg, target_quality=0.9).target_quality == 0.9
+    est = make_est([[0.9, 0.5]], [0.5, 0.001])
+    assert _request(cfg, max_cost_usd=10.0, lam=0.0).choose(est).tolist() == [1]  # 0.5 > the $0.01 cap
+
+
+def test_a_request_cannot_loosen_latency_aware_slo() -> None:
+    cfg = {"name": "latency_aware", "slo": "realtime"}  # 0.2 s, 2 s, 7B
+    p = _request(cfg, slo="research")  # model="router:latency_aware:research"
+    assert p.limits() == (0.2, 2.0, 7.0)
+    p = _request({"name": "latency_aware", "slo": "research"}, slo="realtime")
+    assert p.limits() == (0.2, 2.0, 7.0)
+    explicit = {"name": "latency_aware", "slo": None, "ttft_slo_s": 1.0, "latency_slo_s": 10.0}
+    assert _request(explicit, slo="research").limits()[:2] == (1.0, 10.0)
+    assert _request(explicit, ttft_slo_s=0.3).limits()[:2] == (0.3, 10.0)
+    est = make_est([[0.9, 0.6]], [0.0, 0.0], ttft=[[1.0, 0.1]], latency=[[3.0, 1.0]])
+    assert _request(cfg, slo="research").choose(est).tolist() == [1]
+
+
+def test_a_threshold_is_a_free_preference() -> None:
+    cfg = {"name": "threshold", "threshold": 0.1}
+    assert _request(cfg, threshold=-1.0).threshold == -1.0 and _request(cfg, threshold=5.0).threshold == 5.0
+    with pytest.raises(PolicyError, match="does not take the constraint 'budget_usd'"):
+        _request(cfg, budget_usd=1.0)

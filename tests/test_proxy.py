@@ -210,7 +210,7 @@ def test_malformed_requests_get_a_4xx_before_any_backend_call(proxy, backends, b
     before = sum(b.server.stats["chat"] for b in backends)
     r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
-    assert r.json()["error"]["message"] and r.json()["error"]["type"]
+    assert r.json()["error"]["message"] and r.json()["error"]["type"] and r.json()["error"]["code"]
     assert sum(b.server.stats["chat"] for b in backends) == before
 
 
@@ -288,14 +288,15 @@ def test_budget_cap_holds_across_a_proxy_restart(router, backends, tmp_path):
     for _ in range(2):  # the second engine is the restarted proxy on the same ledger file
         aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
         engine = RoutingEngine(
-            router, _catalog(*backends), policies, aliases=aliases, ledger=BudgetLedger(ledger_path)
-        )
+            router, _catalog(*backends), policies, aliases=aliases, ledger=BudgetLedger(ledger_path),
+            default_max_tokens=16,  # a bound that fits a few calls under the tiny cap
+        )  # fmt: skip
         with Served(create_app(engine)) as url:
             for _ in range(12):
                 statuses.append(httpx.post(f"{url}/v1/chat/completions", json=msg).status_code)
             spent = BudgetLedger(ledger_path).spent()
         assert spent <= 2e-5
-    assert 429 in statuses and statuses[-1] == 429
+    assert 200 in statuses[:12] and 429 in statuses and statuses[-1] == 429
     assert statuses[12:] == [429] * 12  # after the restart the spent budget is still spent
 
 
@@ -386,3 +387,88 @@ def test_concurrent_decisions_share_encoder_batches(router, backends):
     assert sum(calls) == 16 and len(calls) < 16  # batched, every prompt decided once
     alone = [router.route(p, allowed_models=engine.served, policy=layer) for p in prompts]
     assert [d.model for d in decisions] == [d.model for d in alone]
+
+
+# ------------------------------------------------------------------------------------ caps
+def test_a_client_cannot_lift_the_policy_cap_via_the_model_knob(router, backends):
+    policies = load_policy_configs()
+    policies["cost_aware"].update(budget_usd=2e-5, horizon=1000, hard_cap_usd=2e-5)
+    aliases = {m: ("fast" if m.startswith("qwen") else "big") for m in router.models}
+    engine = RoutingEngine(router, _catalog(*backends), policies, aliases=aliases,
+                           default_max_tokens=16)  # fmt: skip  # a bound that fits a few calls
+    msg = {
+        "model": "router:cost_aware:1e6",  # the knob asks for a $1M budget
+        "messages": [{"role": "user", "content": "Summarise: the cat sat on the mat."}],
+    }
+    with Served(create_app(engine)) as url:
+        statuses = [httpx.post(f"{url}/v1/chat/completions", json=msg).status_code for _ in range(12)]
+    assert statuses[-1] == 429 and 200 in statuses
+    assert engine.ledger.spent() <= 2e-5 and engine.ledger.reserved() == 0.0
+
+
+def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    """Every body at once (one connection each), the responses in order."""
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(bodies))) as c:
+            return await asyncio.gather(*(c.post(f"{url}/v1/chat/completions", json=b) for b in bodies))
+
+    return asyncio.run(go())
+
+
+def test_pass_through_is_booked_and_capped_under_concurrency(router, backends):
+    """A $0.001 operator budget, 24 concurrent pass-through calls to the pricey backend (each may
+    cost ~$0.0003 at the injected max_tokens): the spend never passes the cap, the refused get an
+    OpenAI-style 429 with Retry-After, and a routed request is refused once the budget is spent."""
+    from router_ml.decision.ledger import MemoryLedger
+
+    cap, ledger = 1e-3, MemoryLedger()
+    engine = _engine(router, _catalog(*backends), budget_usd=cap, default_max_tokens=16, ledger=ledger)
+    body = {"model": "big", "messages": [{"role": "user", "content": "Say something about caps."}]}
+    with Served(create_app(engine)) as url:
+        replies = _post_all(url, [body] * 24)
+        served = [r for r in replies if r.status_code == 200]
+        refused = [r for r in replies if r.status_code == 429]
+        assert len(served) + len(refused) == 24 and served and refused
+        err = refused[0].json()["error"]
+        assert (err["type"], err["code"]) == ("insufficient_quota", "budget_exhausted")
+        assert int(refused[0].headers["retry-after"]) >= 1
+        assert backends[1].server.last_request["max_tokens"] == 16  # the bound is real
+        spent = ledger.spent()
+        assert 0 < spent <= cap and ledger.count() == len(served) and ledger.reserved() == 0.0
+        bill = sum(r.json()["usage"]["prompt_tokens"] * 3e-6 + r.json()["usage"]["completion_tokens"] * 15e-6
+                   for r in served)  # fmt: skip
+        assert spent == pytest.approx(bill)  # every pass-through answer is booked at its bill
+        while True:  # spend what is left, then a routed request is refused as well
+            if httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 429:
+                break
+        routed = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "router:utility:0"})
+        assert routed.status_code == 429 and routed.json()["error"]["code"] == "budget_exhausted"
+    assert ledger.spent() <= cap
+
+
+def test_a_failed_call_releases_its_hold_and_an_open_circuit_answers_503(router, backends):
+    from router_ml.decision.ledger import MemoryLedger
+
+    fast = backends[0]
+    ledger = MemoryLedger()
+    engine = _engine(router, _catalog(*backends), budget_usd=1.0, ledger=ledger)
+    body = {"model": "fast", "messages": [{"role": "user", "content": "hello"}]}
+    fast.set_fault("error500", count=100)
+    try:
+        with Served(create_app(engine)) as url:
+            first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            assert first.status_code == 502 and first.json()["error"]["code"] == "backends_failed"
+            assert ledger.reserved() == 0.0 and ledger.count() == 0  # released, nothing booked
+            statuses = [first.status_code]
+            for _ in range(5):  # the breaker opens after repeated failures
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+                statuses.append(r.status_code)
+                if r.status_code == 503:
+                    break
+            assert r.status_code == 503, statuses
+            assert r.json()["error"]["code"] == "circuit_open" and 1 <= int(r.headers["retry-after"]) <= 5
+            assert ledger.reserved() == 0.0
+    finally:
+        fast.set_fault("ok")

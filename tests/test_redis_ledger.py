@@ -201,7 +201,7 @@ def test_duplicate_ids_from_threads_count_once(ledger: RedisLedger) -> None:
 
 def test_windows_and_sessions_match_memory_ledger(ledger: RedisLedger) -> None:
     rng = np.random.default_rng(0)
-    mem = MemoryLedger()
+    mem = MemoryLedger(resolution_s=1.0)  # whole-second timestamps: its buckets are exact here
     for i in range(300):  # out-of-order timestamps, sessions, retries
         rid = f"r{rng.integers(0, 200)}"
         ts = float(rng.integers(0, 1000))
@@ -219,9 +219,10 @@ def test_windows_and_sessions_match_memory_ledger(ledger: RedisLedger) -> None:
     ]:
         assert ledger.spent(since, until, session) == mem.spent(since, until, session)
         assert ledger.count(since, until, session) == mem.count(since, until, session)
-        pd.testing.assert_frame_equal(
-            ledger.entries(since, until, session), mem.entries(since, until, session)
-        )
+        rows = ledger.entries(since, until, session)
+        want = rows.groupby(["ts", "model"]).agg(cost_usd=("cost_usd", "sum"), count=("ts", "size"))
+        got = mem.entries(since, until, session).groupby(["ts", "model"])[["cost_usd", "count"]].sum()
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)
     ts = ledger.entries()["ts"]
     edge = float(ts.iloc[len(ts) // 2])
     assert ledger.count(since=edge) == int((ts >= edge).sum()), "since is inclusive"
@@ -271,3 +272,84 @@ def test_open_ledger_and_budget_shared_by_two_layers(server: RedisServer, tmp_pa
     assert replicas[1].record("gpt-4o-mini", cost_usd=0.0004, request_id="req-2")
     assert math.isclose(replicas[0].spent(), 0.0034, rel_tol=0, abs_tol=1e-12)
     assert replicas[0].spent() == replicas[1].spent() == 3_400_000 / NANO
+
+
+# ---------------------------------------------------------------------------------- reservations
+def test_reserve_settle_release_and_lapse(ledger: RedisLedger) -> None:
+    led = ledger
+    assert led.reserve("a", 0.25, 1.0) and led.reserve("b", 0.5, 1.0)
+    assert not led.reserve("c", 0.5, 1.0), "spent 0 + held 0.75 + 0.5 > 1"
+    assert led.reserved() == 0.75
+    assert led.record(0.125, "m", request_id="a")  # the record script settles a's hold
+    assert led.reserved() == 0.5 and led.spent() == 0.125
+    assert led.release("b") and not led.release("b")
+    assert led.reserve("c", 0.875, 1.0) and not led.reserve("d", 0.0625, 1.0)
+    assert led.release("c")
+    # holds lapse on the server's clock: a real 0.3 s ttl
+    assert led.reserve("e", 0.875, 1.0, ttl_s=0.3)
+    assert not led.reserve("f", 0.5, 1.0)
+    time.sleep(0.4)
+    assert led.reserved() == 0.0 and led.reserve("f", 0.5, 1.0)
+    led.release("f")
+    assert led.record(0.75, "m", request_id="old", ts=10.0)  # a past period's spend
+    assert not led.reserve("g", 0.25, 1.0) and led.reserve("g", 0.25, 1.0, since=3600.0)
+    assert led.reserve("h", 0.5, 0.5, session="team") and not led.reserve("i", 0.0625, 0.5, session="team")
+    assert led.reserved(session="team") == 0.5
+
+
+def _reserving_replica(url: str, namespace: str, worker: int, go: object, out: object) -> None:
+    led = RedisLedger(url, namespace=namespace)
+    go.wait(60)  # type: ignore[attr-defined]
+    held = [i for i in range(40) if led.reserve(f"{worker}-{i}", 1 / 64, 0.5)]
+    out.put(len(held))  # type: ignore[attr-defined]
+    go.wait(60)  # type: ignore[attr-defined]  # every replica has tried before any settles
+    for i in held[::2]:  # settle every other hold at its bound; the rest fail and release
+        led.record(1 / 64, "m", request_id=f"{worker}-{i}")
+    for i in held[1::2]:
+        led.release(f"{worker}-{i}")
+    led.close()
+
+
+def test_processes_racing_at_the_cap_never_exceed_it(server: RedisServer) -> None:
+    """Four replica processes, 40 tries each at a $0.5 cap in 1/64 steps: exactly 32 holds in all,
+    and after settling and releasing, spend + holds never passed the cap."""
+    ns = f"race-{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_reserving_replica, args=(server.url, ns, w, go, out)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    held = [out.get(timeout=5) for _ in procs]
+    led = RedisLedger(server.url, namespace=ns)
+    assert sum(held) == 32, held  # exactly the cap's worth, never more
+    settled = sum((h + 1) // 2 for h in held)
+    assert led.reserved() == 0.0 and led.spent() == settled / 64 <= 0.5
+    led.close()
+
+
+def test_reserve_sums_hour_totals_as_the_records_do(ledger: RedisLedger) -> None:
+    """A budget period starts on an hour: reserve reads the hour totals, which must agree with the
+    records (sessions too), and a version-1 namespace gains them when opened."""
+    for i in range(60):
+        ledger.record(_cost(i), "m", request_id=f"h{i}", ts=1800.0 * i + 17, session=["a", "b", None][i % 3])
+
+    def check(led: RedisLedger) -> None:
+        for since in (0.0, 3600.0, 36000.0, 7200.0 * 10):
+            for session in (None, "a"):
+                room = 0.25
+                cap = led.spent(since=since, session=session) + room
+                assert led.reserve("x", room, cap, since=since, session=session)
+                assert led.release("x")
+                assert not led.reserve("y", room + 1 / 64, cap, since=since, session=session)
+
+    check(ledger)
+    r = ledger._r
+    r.delete(ledger._k + "hours")  # what version 1 left: records, no hour totals
+    r.hset(ledger._k + "schema", "version", 1)
+    again = RedisLedger(ledger.url, namespace=ledger.namespace)
+    assert r.hget(ledger._k + "schema", "version") == "2"
+    check(again)
+    again.close()

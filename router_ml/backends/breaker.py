@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from router_ml.log_repeats import limit_repeats
+
+log = limit_repeats(logging.getLogger(__name__))
 
 
 class CircuitBreaker:
@@ -49,6 +51,16 @@ class CircuitBreaker:
                 return False
             now = self.clock()
             return now < until or (trial is not None and now - trial < self.cooldown_s)
+
+    def retry_in(self, name: str) -> float | None:
+        """Seconds until ``name`` takes a request again (its trial); None when it takes one now."""
+        with self._lock:
+            _, until, trial = self._get(name)
+            if until is None:
+                return None
+            now = self.clock()
+            wait = max(until - now, (trial + self.cooldown_s - now) if trial is not None else 0.0)
+            return wait if wait > 0 else None
 
     def allow(self, name: str) -> bool:
         """Whether a request may go to ``name`` now; in the half-open state this claims the one trial."""

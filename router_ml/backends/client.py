@@ -60,10 +60,11 @@ from router_ml.backends.streams import (
 )
 from router_ml.backends.transport import HttpCalls
 from router_ml.backends.vllm_metrics import scrape_vllm_metrics
+from router_ml.log_repeats import limit_repeats
 
 __all__ = ["BackendClient"]
 
-log = logging.getLogger(__name__)
+log = limit_repeats(logging.getLogger(__name__))
 T = TypeVar("T")
 
 

@@ -34,17 +34,32 @@ from router_ml.decision.ledger import MemoryLedger, period_start
 from router_ml.decision.policies import SLO_PRESETS, Policy
 from router_ml.decision.spec import ModelPool
 
-# per-request constraints a caller may pass to route(); each overrides the policy attribute of that name
-REQUEST_CONSTRAINTS = (
-    "lam",
-    "target_quality",
-    "max_cost_usd",
-    "ttft_slo_s",
-    "latency_slo_s",
-    "slo",
-    "budget_usd",
-    "threshold",
-)
+# Per-request limits: the operator's configuration is a ceiling, so a request may only TIGHTEN
+# them: effective = min(operator, request) (None on either side: no limit there). An ``slo`` preset
+# is read as its limits, tightened the same way.
+CEILINGS = ("budget_usd", "hard_cap_usd", "max_cost_usd", "ttft_slo_s", "latency_slo_s")
+# Per-request preferences that trade quality for cost inside those limits: free to set.
+PREFERENCES = ("lam", "target_quality", "threshold")
+# every constraint a caller may pass to route(); each sets the policy attribute of that name
+REQUEST_CONSTRAINTS = (*PREFERENCES, *CEILINGS, "slo")
+
+
+def _tighter(operator: float | None, request: Any, key: str) -> float | None:
+    """min(operator, request) for a limit; a request value that is no limit is refused."""
+    if request is None:
+        return operator
+    if isinstance(request, bool) or not isinstance(request, (int, float)) or not request >= 0:
+        raise PolicyError(f"constraint {key!r} must be a number >= 0, got {request!r}")
+    return float(request) if operator is None else min(float(operator), float(request))
+
+
+def _operator_limit(policy: Policy, key: str) -> float | None:
+    """The limit ``key`` as ``policy`` applies it now (an SLO preset's value where no explicit one)."""
+    if key == "hard_cap_usd" and hasattr(policy, "cap"):
+        return policy.cap
+    if key in ("ttft_slo_s", "latency_slo_s") and hasattr(policy, "limits"):
+        return policy.limits()[0 if key == "ttft_slo_s" else 1]
+    return getattr(policy, key)
 
 
 class DecisionLayer:
@@ -158,22 +173,49 @@ class DecisionLayer:
 
     # ---- decisions -----------------------------------------------------------------------
     def _policy_for(self, constraints: Mapping[str, Any]) -> Policy:
+        """The policy with a request's constraints applied: the one place the ceiling rule holds.
+
+        Limits (:data:`CEILINGS`, ``slo``) only tighten the operator's: effective = min(operator,
+        request), so ``router:cost_aware:1e6`` cannot lift a $1 budget, nor ``slo=research`` an
+        operator's ``realtime``. Preferences (:data:`PREFERENCES`) are set as given."""
         if not constraints:
             return self.policy
         unknown = set(constraints) - set(REQUEST_CONSTRAINTS)
         if unknown:
             raise PolicyError(f"unknown constraint(s) {sorted(unknown)}; known: {list(REQUEST_CONSTRAINTS)}")
+        for key in constraints:
+            if not hasattr(self.policy, key):
+                raise PolicyError(f"policy {self.policy.name!r} does not take the constraint {key!r}")
         policy = copy.copy(self.policy)
+        slo = constraints.get("slo")
+        if slo is not None:
+            if slo not in SLO_PRESETS:
+                raise PolicyError(f"unknown SLO preset {slo!r}; known: {sorted(SLO_PRESETS)}")
+            t, c, size = SLO_PRESETS[slo]
+            op = self.policy.limits()
+            policy.slo = slo
+            policy.ttft_slo_s, policy.latency_slo_s = _tighter(op[0], t, "slo"), _tighter(op[1], c, "slo")
+            if hasattr(policy, "max_params_b"):
+                policy.max_params_b = _tighter(op[2], size, "slo")  # inf: no size limit
         for key, value in constraints.items():
-            if not hasattr(policy, key):
-                raise PolicyError(f"policy {policy.name!r} does not take the constraint {key!r}")
-            setattr(policy, key, value)
-        if constraints.get("slo") is not None and constraints["slo"] not in SLO_PRESETS:
-            raise PolicyError(f"unknown SLO preset {constraints['slo']!r}; known: {sorted(SLO_PRESETS)}")
+            if key in CEILINGS:
+                setattr(policy, key, _tighter(_operator_limit(policy, key), value, key))
+            elif key != "slo":
+                setattr(policy, key, value)
         return policy
 
+    def spend_cap(self, constraints: Mapping[str, Any] | None = None) -> float | None:
+        """The hard spend cap of this layer's policy per period under ``constraints`` (None: its
+        policy has none): what a call's reservation is checked against, with the operator's."""
+        return self._policy_for(constraints or {}).spend_cap()
+
     def spent(self) -> float:
-        return float(self.ledger.spent(since=period_start(self.period), session=self.session))
+        """Spend of the current period so far, plus the reservations of calls still in flight
+        (here and in other replicas sharing the ledger): what a budgeted decision may not exceed."""
+        since = period_start(self.period)
+        return float(self.ledger.spent(since=since, session=self.session)) + float(
+            self.ledger.reserved(session=self.session)
+        )
 
     def count_input_tokens(self, prompts: Sequence[str]) -> np.ndarray:
         """``(n, m)`` input tokens of the prompts on each pool model: what :meth:`decide` needs of

@@ -84,12 +84,13 @@ class ChatRoute:
                     length = v.decode("latin-1")
             self.authorize(auth)
             if length and length.isdigit() and int(length) > settings.max_body_bytes:
-                raise ApiError(413, f"request body is {length} bytes; the limit is {settings.max_body_bytes}")
+                raise ApiError(413, f"request body is {length} bytes; the limit is {settings.max_body_bytes}",
+                               code="request_too_large")  # fmt: skip
             body = parse_body(await read_body(receive, settings.max_body_bytes), settings.max_body_bytes)
             outcome = await self.engine.complete(body, settings.max_prompt_chars, book_later=True)
         except ApiError as e:
             self.metrics.requests.labels(route, str(e.status)).inc()
-            await send_json(send, e.status, e.body())
+            await send_json(send, e.status, e.body(), e.headers)
             return
         except Exception as e:  # pragma: no cover - last resort, never a bare traceback
             log.exception("unexpected error")

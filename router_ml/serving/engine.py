@@ -9,6 +9,11 @@ in a worker thread so the event loop keeps serving, inline when nothing else is 
 fallback chain (:class:`~router_ml.backends.client.BackendClient`) -> book spend in the shared
 ledger, measured latency in the latency model, one line in the routing log and the metrics.
 
+With a spend cap (the operator's ``budget_usd`` per ``period``, or a budgeted policy's hard cap)
+every request, routed or pass-through, first reserves its cost bound in the ledger and is refused
+with a 429 when it does not fit; booking settles the hold, a failure releases it
+(:mod:`~router_ml.serving.budget`).
+
 ``aliases`` maps the router's model names onto catalog backends (a checkpoint trained on public
 models served by other names); router models with no backend are never chosen.
 """
@@ -20,6 +25,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -29,7 +35,7 @@ from typing import Any
 from router_ml.backends.capabilities import describe, exclusions, lacking
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
-from router_ml.backends.results import AllBackendsFailed, BackendError, BadRequest, ChatResult
+from router_ml.backends.results import AllBackendsFailed, BackendError, BadRequest, ChatResult, CircuitOpen
 from router_ml.backends.streams import ChatStream
 from router_ml.decision.base import BudgetExhausted, PolicyError, RoutingDecision
 from router_ml.decision.costs import CostModel, OutputLengthModel
@@ -37,6 +43,8 @@ from router_ml.decision.latency import LatencyModel
 from router_ml.decision.layer import DecisionLayer
 from router_ml.decision.measured import MeasuredFigures
 from router_ml.decision.policies import build_policy
+from router_ml.log_repeats import limit_repeats
+from router_ml.serving.budget import SpendGuard
 from router_ml.serving.chat_request import validate_chat
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
@@ -47,7 +55,7 @@ from router_ml.serving.engine_support import (
 from router_ml.serving.openai_errors import ApiError
 from router_ml.serving.request_needs import needs_of, passthrough_error, unservable_error
 
-log = logging.getLogger(__name__)
+log = limit_repeats(logging.getLogger(__name__))
 
 ROUTER_MODEL = "router"
 
@@ -66,6 +74,7 @@ class Outcome:
     decision_s: float = 0.0
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
     routed_prompt: str = ""  # the text the router classifies (:func:`~.chat_request.prompt_of`)
+    reserved_usd: float | None = None  # the cost bound held in the ledger until booked or released
 
 
 class RoutingEngine:
@@ -74,7 +83,11 @@ class RoutingEngine:
     ``policies``: name -> policy config (``router_ml/conf/policy`` entries); ``default_policy`` serves
     ``model="router"``; the policies are fitted at start-up (auto tiers, thresholds, the pacing
     curve) on the router's policy fit set (its checkpoint carries it) priced by this catalog;
-    ``max_batch``: the most prompts embedded in one encoder call when requests arrive together.
+    ``max_batch``: the most prompts embedded in one encoder call when requests arrive together;
+    ``budget_usd``: the operator's spend cap per ``period`` over every request, routed or
+    pass-through (None: only budgeted policies cap); ``default_max_tokens``: the output cap written
+    into a capped request that names none (so its cost bound holds); ``reservation_ttl_s``: how long
+    a hold outlives a replica that crashed.
     """
 
     def __init__(
@@ -90,6 +103,9 @@ class RoutingEngine:
         period: str = "day",
         on_finish: Callable[[Outcome], None] | None = None,
         max_batch: int = 32,
+        budget_usd: float | None = None,
+        default_max_tokens: int = 1024,
+        reservation_ttl_s: float = 600.0,
     ):
         from router_ml.decision.ledger import MemoryLedger
 
@@ -141,6 +157,8 @@ class RoutingEngine:
         self._fit()
         # backend latency observations also feed the router-name latency model
         self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
+        self.guard = SpendGuard(self.ledger, self.client, budget_usd, period, session, default_max_tokens,
+                                reservation_ttl_s)  # fmt: skip
         # the last /metrics figures of each vLLM backend (for /health and the next delta)
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
@@ -300,6 +318,12 @@ class RoutingEngine:
         outcome.headers = decision_headers(decision, outcome.decision_s)
         if decision is not None:
             outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
+        cap, reserved = self.guard.cap(layer, constraints), None
+        if cap is not None:  # hold the cost bound before any backend call (a 429 when it does not fit)
+            chain, reserved = self.guard.reserve(request_id, chain, payload, req["messages"], cap)
+            outcome.reserved_usd = reserved
+        if reserved is not None:  # the cost bound held for this call (what it may cost at most)
+            outcome.headers["x-router-reserved-usd"] = f"{reserved:.8f}"
         self._inflight += 1  # until _finish
         try:
             got = await self.client.chat_with_fallback(chain, payload, stream=stream)
@@ -308,11 +332,19 @@ class RoutingEngine:
             raise ApiError(e.status or 400, f"backend {e.backend} rejected the request: {e}") from None
         except (AllBackendsFailed, BackendError) as e:
             self._finish(outcome, prompt, error=e)
+            wait = [self.client.breaker.retry_in(n) for n in chain]
+            if all(w is not None for w in wait) and isinstance(getattr(e, "last", e), CircuitOpen):
+                raise ApiError(  # every backend rests: say when the first one takes a trial again
+                    503, f"backend(s) {chain} are resting after repeated failures: {e}", type="api_error",
+                    code="circuit_open", headers={"retry-after": str(max(1, math.ceil(min(wait))))},
+                ) from None  # fmt: skip
             raise ApiError(
                 502, f"no backend answered: {e}", type="api_error", code="backends_failed"
             ) from None
         except BaseException:  # cancelled (the client went away) or a bug: nothing to book
             self._inflight -= 1
+            if reserved is not None:
+                self.guard.release(request_id)
             raise
         if isinstance(got, ChatStream):
             outcome.stream = got
@@ -391,7 +423,9 @@ class RoutingEngine:
                 d if d is not None and d.model == router_name else router_name, cost, outcome.request_id
             )
         elif res is not None:  # a backend outside the router's pool: spend still counts
-            self.ledger.record(cost, served, request_id=outcome.request_id)
+            self.ledger.record(cost, served, request_id=outcome.request_id, session=self.guard.session)
+        if res is None and outcome.reserved_usd is not None:  # nothing answered: nothing to settle
+            self.guard.release(outcome.request_id)
         if self.routing_log is not None:
             try:
                 self.routing_log.log(

@@ -11,7 +11,9 @@ headers carry the decision (task, predicted quality, expected cost, reason, fall
 The chat route is a plain ASGI handler (:mod:`~router_ml.serving.asgi_chat`), ahead of FastAPI's
 middleware. Malformed requests get an OpenAI-style 4xx before any backend is called (body size limit
 included); a backend's 4xx is returned as is, never retried elsewhere; when no backend answers the
-client gets a 502. Optional bearer-key auth for the proxy itself (``api_key_env``: the NAME of the
+client gets a 502 (a 503 with ``Retry-After`` while every backend's circuit is open). With a spend
+cap every request reserves its cost bound first and gets a 429 ``budget_exhausted`` when it does not
+fit (:mod:`~router_ml.serving.budget`). Optional bearer-key auth for the proxy itself (``api_key_env``: the NAME of the
 env var holding the key).
 """
 
@@ -99,7 +101,7 @@ class Metrics:
 
 
 def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
 
 class _ProxyApp(FastAPI):
@@ -215,6 +217,8 @@ def build_engine(
     aliases: dict[str, str] | None = None,
     policy_dir: str | None = None,
     period: str = "day",
+    budget_usd: float | None = None,
+    default_max_tokens: int = 1024,
 ) -> RoutingEngine:
     """A :class:`RoutingEngine` from files: checkpoint, backend catalog and the policy configs
     (``policy_dir``; default: the package's own, ``router_ml/conf/policy/``)."""
@@ -237,4 +241,6 @@ def build_engine(
         routing_log=rlog,
         aliases=aliases,
         period=period,
+        budget_usd=budget_usd,
+        default_max_tokens=default_max_tokens,
     )

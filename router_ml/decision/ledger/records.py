@@ -62,3 +62,30 @@ def _entries_frame(rows: list[tuple]) -> pd.DataFrame:
             "meta": pd.Series([None if m is None else json.loads(m) for m in cols[5]], dtype="object"),
         }
     )
+
+
+#: How long a reservation holds by default: long enough for the slowest completion, short enough
+#: that a crashed replica's reservations stop blocking the budget soon after.
+RESERVATION_TTL_S = 600.0
+
+
+def _check_reservation(
+    request_id: str, amount_usd: float, cap_usd: float, ttl_s: float, session: str | None
+) -> tuple[str, float, float, float]:
+    """Validate one reservation; returns ``(request_id, amount, cap, ttl_s)``."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"a reservation needs a non-empty request_id string, got {request_id!r}")
+    out = []
+    for name, value in (("amount_usd", amount_usd), ("cap_usd", cap_usd), ("ttl_s", ttl_s)):
+        try:
+            x = float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be a number, got {value!r}") from err
+        if not math.isfinite(x) or x < 0 or (name == "ttl_s" and x == 0):
+            raise ValueError(
+                f"{name} must be finite and {'> 0' if name == 'ttl_s' else '>= 0'}, got {value!r}"
+            )
+        out.append(x)
+    if session is not None and not isinstance(session, str):
+        raise ValueError(f"session must be a string or None, got {session!r}")
+    return request_id, out[0], out[1], out[2]

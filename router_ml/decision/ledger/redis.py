@@ -9,6 +9,10 @@ them in one slot and the Lua scripts may touch them all)::
     {ns}:ledger:ts           sorted set of every record by ts; member "<seq:016d>|<nano>|<id>"
     {ns}:ledger:s:<session>  the same, per session
     {ns}:ledger:totals       hash: "n"/"c" (count, nano-dollars of all), "n:<s>"/"c:<s>" per session
+    {ns}:ledger:hours        hash: per UTC hour "<hour start>" and "<hour start>:<s>" -> nano-dollars,
+                             "max" -> the latest hour (what ``reserve`` sums over a budget period)
+    {ns}:ledger:res          hash: request id -> "<nano>|<expires>|<has session>|<session>" (holds)
+    {ns}:ledger:resexp       sorted set of the held request ids by expiry (unix s, server clock)
 
 Money is stored as **integer nano-dollars** (1e-9 $; a call is rounded to the nearest one when
 recorded), summed as integers: totals are exact and order-independent (exact up to $9M in a
@@ -17,7 +21,12 @@ model costs well under a micro-dollar. ``entries()`` reports ``nano / 1e9``, so
 ``spent() == fsum(entries().cost_usd)`` for any cost with at most 9 decimals.
 
 ``record`` is one Lua script: the existence check of ``r:<id>`` and every write happen atomically,
-so concurrent replicas recording the same ``request_id`` count it once. ``spent``/``count``
+so concurrent replicas recording the same ``request_id`` count it once; it also settles the
+request's reservation. ``reserve`` is one Lua script too: lapsed holds are dropped, then spend in
+the window (the hour totals from the period's start: O(hours), not O(records)) + every hold +
+the new amount is checked against the cap and the hold written, with no
+other command in between, so replicas racing at the cap never hold more than it together. Holds
+lapse on the Redis server's clock (``TIME``), so replicas with skewed clocks agree. ``spent``/``count``
 without a window read the running totals (O(1)); with ``since``/``until`` they sum the members of
 the window inside Redis (O(log n + k)). Durability is the server's: run it with
 ``appendonly yes`` (``appendfsync everysec`` loses at most ~1 s of records on power loss; a killed
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -35,15 +45,23 @@ from typing import Any
 
 import pandas as pd
 
-from router_ml.decision.ledger.records import LedgerError, _check_record, _entries_frame
+from router_ml.decision.ledger.records import (
+    RESERVATION_TTL_S,
+    LedgerError,
+    _check_record,
+    _check_reservation,
+    _entries_frame,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: hour totals (a version-1 namespace gains them when opened)
 APP = "router-ml-ledger"
 NANO = 1_000_000_000
 
-# KEYS: record hash, all zset, session zset, totals, seq
+# KEYS: record hash, all zset, session zset, totals, seq, holds hash, holds expiry zset, hours
 # ARGV: id, ts, nano, model, has_session, session, has_meta, meta, token
 _RECORD = """
+redis.call('HDEL', KEYS[6], ARGV[1])  -- settle the request's reservation
+redis.call('ZREM', KEYS[7], ARGV[1])
 local old = redis.call('HGET', KEYS[1], 'tok')
 if old then
   if old == ARGV[9] then return 1 end  -- our own write, retried after a lost reply
@@ -54,6 +72,11 @@ local member = string.format('%016d', seq) .. '|' .. ARGV[3] .. '|' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'ts', ARGV[2], 'model', ARGV[4], 'nano', ARGV[3], 'seq', seq, 'tok', ARGV[9])
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'meta', ARGV[8]) end
 redis.call('ZADD', KEYS[2], ARGV[2], member)
+local hour = string.format('%d', math.floor(tonumber(ARGV[2]) / 3600) * 3600)
+redis.call('HINCRBY', KEYS[8], hour, ARGV[3])
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[8], hour .. ':' .. ARGV[6], ARGV[3]) end
+local top = redis.call('HGET', KEYS[8], 'max')
+if (not top) or tonumber(hour) > tonumber(top) then redis.call('HSET', KEYS[8], 'max', hour) end
 redis.call('HINCRBY', KEYS[4], 'n', 1)
 redis.call('HINCRBY', KEYS[4], 'c', ARGV[3])
 if ARGV[5] == '1' then
@@ -62,6 +85,61 @@ if ARGV[5] == '1' then
   redis.call('HINCRBY', KEYS[4], 'n:' .. ARGV[6], 1)
   redis.call('HINCRBY', KEYS[4], 'c:' .. ARGV[6], ARGV[3])
 end
+return 1
+"""
+
+# KEYS: window zset, totals, holds hash, holds expiry zset, hours
+# ARGV: id, nano, ttl_s, now ('' = the server's clock), since ('' = no window), cap nano,
+#       has_session, session, since as a whole hour ('' = not on an hour) -> 1 (held) or 0 (refused)
+_RESERVE = """
+local now = tonumber(ARGV[4])
+if ARGV[4] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+for i = 1, #lapsed do redis.call('HDEL', KEYS[3], lapsed[i]) end
+if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now) end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+local spent = 0
+if ARGV[5] == '' then
+  local field = 'c'
+  if ARGV[7] == '1' then field = 'c:' .. ARGV[8] end
+  spent = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+else
+  local top = tonumber(redis.call('HGET', KEYS[5], 'max') or '')
+  local first = tonumber(ARGV[9])
+  if first and (not top or (top - first) / 3600 < 20000) then  -- sum the hour totals
+    local suffix = ''
+    if ARGV[7] == '1' then suffix = ':' .. ARGV[8] end
+    local h = first
+    while top and h <= top do
+      local fields = {}
+      while h <= top and #fields < 500 do
+        fields[#fields + 1] = string.format('%d', h) .. suffix
+        h = h + 3600
+      end
+      local vals = redis.call('HMGET', KEYS[5], unpack(fields))
+      for i = 1, #vals do if vals[i] then spent = spent + tonumber(vals[i]) end end
+    end
+  else  -- a window not on an hour: sum its records
+    local members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[5], '+inf')
+    for i = 1, #members do
+      spent = spent + tonumber(string.match(members[i], '^%d+|(%d+)|'))
+    end
+  end
+end
+local held = 0
+local holds = redis.call('HVALS', KEYS[3])
+for i = 1, #holds do
+  local nano, _, has, sess = string.match(holds[i], '^(%d+)|([^|]*)|(%d)|(.*)$')
+  if ARGV[7] ~= '1' or (has == '1' and sess == ARGV[8]) then held = held + tonumber(nano) end
+end
+if spent + held + tonumber(ARGV[2]) > tonumber(ARGV[6]) then return 0 end
+local expires = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. string.format('%.6f', expires) .. '|' .. ARGV[7] .. '|' .. ARGV[8])
+redis.call('ZADD', KEYS[4], expires, ARGV[1])
 return 1
 """
 
@@ -126,6 +204,7 @@ class RedisLedger:
         self._k = f"{{{namespace}}}:ledger:"
         self._record = self._r.register_script(_RECORD)
         self._window = self._r.register_script(_WINDOW)
+        self._reserve = self._r.register_script(_RESERVE)
         self._init_schema()
 
     def __reduce__(self) -> tuple[Any, ...]:  # a spawned worker reconnects from the arguments
@@ -167,6 +246,29 @@ class RedisLedger:
         if problem:
             self.close()
             raise LedgerError(f"redis ledger {redact_url(self.url)!r} cannot be used: {problem}")
+        if int(found.get("version", 0)) < SCHEMA_VERSION:
+            self._add_hour_totals()
+
+    def _add_hour_totals(self) -> None:
+        """Upgrade a version-1 namespace: hour totals from its records (replicas must be stopped)."""
+        hours: dict[str, int] = {}
+        with self._errors():
+            for zkey in self._r.scan_iter(match=self._k + "s:*"):
+                session = zkey[len(self._k) + 2 :]
+                for member, ts in self._r.zrange(zkey, 0, -1, withscores=True):
+                    key = f"{math.floor(ts / 3600) * 3600}:{session}"
+                    hours[key] = hours.get(key, 0) + int(member.split("|")[1])
+            for member, ts in self._r.zrange(self._zset(None), 0, -1, withscores=True):
+                key = str(math.floor(ts / 3600) * 3600)
+                hours[key] = hours.get(key, 0) + int(member.split("|")[1])
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(self._k + "hours")
+            if hours:
+                pipe.hset(self._k + "hours", mapping=hours)
+                top = max(int(k.split(":")[0]) for k in hours)
+                pipe.hset(self._k + "hours", "max", str(top))
+            pipe.hset(self._k + "schema", "version", SCHEMA_VERSION)
+            pipe.execute()
 
     def _zset(self, session: str | None) -> str:
         return self._k + ("ts" if session is None else f"s:{session}")
@@ -202,7 +304,12 @@ class RedisLedger:
         args = [rid, repr(when), str(nano), model, int(session is not None), session or ""]
         args += [int(meta_json is not None), meta_json or "", uuid.uuid4().hex]
         with self._errors():
-            return bool(self._record(keys=[*keys, self._k + "seq"], args=args))
+            return bool(
+                self._record(keys=[*keys, self._k + "seq", *self._holds(), self._k + "hours"], args=args)
+            )
+
+    def _holds(self) -> list[str]:
+        return [self._k + "res", self._k + "resexp"]
 
     def _totals(self, since: float | None, until: float | None, session: str | None) -> tuple[int, int]:
         lo, hi = _bound(since, "-inf", False), _bound(until, "+inf", True)
@@ -247,3 +354,48 @@ class RedisLedger:
                     row = (rid, float(h["ts"]), h["model"], int(h["nano"]) / NANO)
                     rows.append((*row, h.get("session"), h.get("meta")))
         return _entries_frame(rows)
+
+    # ------------------------------------------------------------------ reservations
+    def reserve(
+        self,
+        request_id: str,
+        amount_usd: float,
+        cap_usd: float,
+        since: float | None = None,
+        session: str | None = None,
+        ttl_s: float = RESERVATION_TTL_S,
+        now: float | None = None,
+    ) -> bool:
+        """Hold ``amount_usd`` for ``request_id`` if ``spent(since, session) + outstanding
+        reservations + amount <= cap_usd``, atomically across replicas (one Lua script); ``False``
+        (nothing held) otherwise. The hold lapses ``ttl_s`` after ``now`` (default: the Redis
+        server's clock); :meth:`record` settles it, :meth:`release` drops it."""
+        rid, amount, cap, ttl = _check_reservation(request_id, amount_usd, cap_usd, ttl_s, session)
+        keys = [self._zset(session), self._k + "totals", *self._holds(), self._k + "hours"]
+        args = [rid, str(math.ceil(amount * NANO)), repr(ttl), "" if now is None else repr(float(now))]
+        args += ["" if since is None else _bound(since, "-inf", False), str(math.floor(cap * NANO))]
+        args += [int(session is not None), session or ""]
+        aligned = since is not None and math.isfinite(since) and float(since) % 3600 == 0
+        args.append(str(int(since)) if aligned else "")
+        with self._errors():
+            return bool(self._reserve(keys=keys, args=args))
+
+    def release(self, request_id: str) -> bool:
+        """Drop ``request_id``'s reservation (its call failed); ``False`` when it held none."""
+        with self._errors():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hdel(self._k + "res", str(request_id)).zrem(self._k + "resexp", str(request_id))
+            return bool(pipe.execute()[0])
+
+    def reserved(self, session: str | None = None, now: float | None = None) -> float:
+        """$ held by reservations that have not lapsed (``session`` None: all); ``now`` default:
+        this machine's clock."""
+        now = time.time() if now is None else float(now)
+        with self._errors():
+            holds = self._r.hvals(self._k + "res")
+        total = 0
+        for h in holds:
+            nano, expires, has, sess = h.split("|", 3)
+            if float(expires) > now and (session is None or (has == "1" and sess == session)):
+                total += int(nano)
+        return total / NANO

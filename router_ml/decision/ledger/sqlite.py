@@ -1,23 +1,31 @@
 """The persistent spend ledger: :class:`BudgetLedger`, one row per request in SQLite (WAL, a busy
 timeout, one ``BEGIN IMMEDIATE`` transaction per write), safe across restarts and concurrent
-writers."""
+writers, with the reservations of calls in flight in the same file."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from router_ml.decision.ledger.records import COLUMNS, LedgerError, _check_record, _entries_frame
+from router_ml.decision.ledger.records import (
+    COLUMNS,
+    RESERVATION_TTL_S,
+    LedgerError,
+    _check_record,
+    _check_reservation,
+    _entries_frame,
+)
 from router_ml.sqlite_retry import retry_locked
 
 #: Schema version stored in ``PRAGMA user_version``; a newer file is refused, not guessed at.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id`` that marks a SQLite file as a router-ml spend ledger ("RMLG").
 APPLICATION_ID = 0x524D4C47
 _SCHEMA = [
@@ -32,6 +40,33 @@ _SCHEMA = [
     "CREATE INDEX spend_ts ON spend (ts)",
     "CREATE INDEX spend_session_ts ON spend (session, ts)",
     f"PRAGMA application_id = {APPLICATION_ID}",
+]
+# version 2: the reservations of calls in flight, and hour totals (kept by a trigger) that a
+# reservation sums over a budget period instead of every spend row of it; a version-1 file gains
+# both (totals backfilled) when opened
+_HOUR = "(CAST(NEW.ts / 3600 AS INTEGER) - (NEW.ts < 0 AND NEW.ts % 3600 != 0)) * 3600"
+_RESERVATIONS = [
+    """CREATE TABLE IF NOT EXISTS reservations (
+        request_id TEXT PRIMARY KEY,
+        amount_usd REAL NOT NULL CHECK (amount_usd >= 0),
+        expires REAL NOT NULL,
+        session TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS reservations_expires ON reservations (expires)",
+    """CREATE TABLE IF NOT EXISTS spend_hours (
+        hour INTEGER NOT NULL,
+        skey TEXT NOT NULL,  -- 's:<session>', or '-' for none
+        cost_usd REAL NOT NULL,
+        PRIMARY KEY (hour, skey)
+    )""",
+    f"""CREATE TRIGGER IF NOT EXISTS spend_hours_add AFTER INSERT ON spend BEGIN
+        INSERT INTO spend_hours (hour, skey, cost_usd)
+        VALUES ({_HOUR}, COALESCE('s:' || NEW.session, '-'), NEW.cost_usd)
+        ON CONFLICT (hour, skey) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd;
+    END""",
+    f"""INSERT INTO spend_hours (hour, skey, cost_usd)
+        SELECT {_HOUR.replace("NEW.", "")} AS h, COALESCE('s:' || session, '-') AS k, SUM(cost_usd)
+        FROM spend WHERE NOT EXISTS (SELECT 1 FROM spend_hours) GROUP BY h, k""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 ]
 
@@ -113,9 +148,13 @@ class BudgetLedger:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
                 if app_id == 0 and version == 0 and tables == 0:
-                    for stmt in _SCHEMA:
+                    for stmt in _SCHEMA + _RESERVATIONS:
                         conn.execute(stmt)
                     app_id, version = APPLICATION_ID, SCHEMA_VERSION
+                elif app_id == APPLICATION_ID and version == 1:  # upgrade in place: add reservations
+                    for stmt in _RESERVATIONS:
+                        conn.execute(stmt)
+                    version = SCHEMA_VERSION
             except BaseException:
                 _rollback(conn)
                 raise
@@ -162,7 +201,8 @@ class BudgetLedger:
         session: str | None = None,
         meta: Mapping | None = None,
     ) -> bool:
-        """Record one call's spend; ``False`` (and nothing changes) when ``request_id`` is already in."""
+        """Record one call's spend and settle its reservation (both in one transaction); ``False``
+        (and nothing changes but the reservation's release) when ``request_id`` is already in."""
         row = _check_record(cost_usd, model, request_id, ts, session, meta)
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -172,11 +212,13 @@ class BudgetLedger:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 row,
             )
+            inserted = cur.rowcount == 1
+            conn.execute("DELETE FROM reservations WHERE request_id = ?", (row[0],))
         except BaseException:
             _rollback(conn)
             raise
         conn.execute("COMMIT")
-        return cur.rowcount == 1
+        return inserted
 
     @staticmethod
     def _where(since: float | None, until: float | None, session: str | None) -> tuple[str, list]:
@@ -210,3 +252,74 @@ class BudgetLedger:
         where, args = self._where(since, until, session)
         sql = f"SELECT {', '.join(COLUMNS)} FROM spend{where} ORDER BY ts, rowid"
         return _entries_frame(self._conn().execute(sql, args).fetchall())
+
+    # ------------------------------------------------------------------ reservations
+    def reserve(
+        self,
+        request_id: str,
+        amount_usd: float,
+        cap_usd: float,
+        since: float | None = None,
+        session: str | None = None,
+        ttl_s: float = RESERVATION_TTL_S,
+        now: float | None = None,
+    ) -> bool:
+        """Hold ``amount_usd`` for ``request_id`` if ``spent(since, session) + outstanding
+        reservations + amount <= cap_usd``; ``False`` (nothing held) otherwise. Check and hold are
+        one ``BEGIN IMMEDIATE`` transaction, so concurrent writers (threads, processes) never hold
+        more than the cap together. The hold lapses after ``ttl_s`` (a crashed process's holds stop
+        counting); :meth:`record` settles it, :meth:`release` drops it."""
+        rid, amount, cap, ttl = _check_reservation(request_id, amount_usd, cap_usd, ttl_s, session)
+        now = time.time() if now is None else float(now)
+        if since is not None and float(since) % 3600 == 0:  # a period's start: sum its hour totals
+            sql = "SELECT COALESCE(SUM(cost_usd), 0.0) FROM spend_hours WHERE hour >= ?"
+            args: list = [int(since)]
+            if session is not None:
+                sql += " AND skey = ?"
+                args.append(f"s:{session}")
+        else:
+            where, args = self._where(since, None, session)
+            sql = f"SELECT COALESCE(SUM(cost_usd), 0.0) FROM spend{where}"
+        res_where = " AND session = ?" if session is not None else ""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM reservations WHERE expires <= ? OR request_id = ?", (now, rid))
+            spent = conn.execute(sql, args).fetchone()[0]
+            held = conn.execute(
+                f"SELECT COALESCE(SUM(amount_usd), 0.0) FROM reservations WHERE 1{res_where}",
+                [] if session is None else [session],
+            ).fetchone()[0]
+            ok = spent + held + amount <= cap * (1 + 1e-12)
+            if ok:
+                conn.execute(
+                    "INSERT INTO reservations (request_id, amount_usd, expires, session) VALUES (?, ?, ?, ?)",
+                    (rid, amount, now + ttl, session),
+                )
+        except BaseException:
+            _rollback(conn)
+            raise
+        conn.execute("COMMIT")
+        return bool(ok)
+
+    def release(self, request_id: str) -> bool:
+        """Drop ``request_id``'s reservation (its call failed); ``False`` when it held none."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute("DELETE FROM reservations WHERE request_id = ?", (str(request_id),))
+        except BaseException:
+            _rollback(conn)
+            raise
+        conn.execute("COMMIT")
+        return cur.rowcount == 1
+
+    def reserved(self, session: str | None = None, now: float | None = None) -> float:
+        """$ held by reservations that have not lapsed (``session`` None: all)."""
+        now = time.time() if now is None else float(now)
+        sql = "SELECT COALESCE(SUM(amount_usd), 0.0) FROM reservations WHERE expires > ?"
+        args: list = [now]
+        if session is not None:
+            sql += " AND session = ?"
+            args.append(session)
+        return float(self._conn().execute(sql, args).fetchone()[0])

@@ -95,6 +95,10 @@ class Policy:
     def resume(self, requests_done: int) -> None:
         """After a restart: ``requests_done`` requests of the current period are already booked."""
 
+    def spend_cap(self) -> float | None:
+        """The most this policy lets a period spend in all (None: no hard cap of its own)."""
+        return None
+
     def max_tokens_for(self, task: str) -> int | None:
         """The output cap a rule of this policy sets for ``task`` requests (None: the model's own)."""
         return None

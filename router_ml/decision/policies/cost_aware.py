@@ -24,7 +24,8 @@ class CostAwarePolicy(Policy):
     exact where the estimates carry one (``cost_upper``: the model's ``max_tokens``, which the proxy
     enforces); elsewhere it is the expected cost times ``bound_factor``, raised online to the largest
     actual/expected bill ratio seen, so the cap holds unless a bill exceeds every earlier ratio.
-    Knob: ``budget_usd``.
+    Knob: ``budget_usd``; a request may lower the budget and the hard cap, never raise them
+    (:meth:`DecisionLayer._policy_for <router_ml.decision.layer.DecisionLayer._policy_for>`).
     """
 
     name = "cost_aware"
@@ -57,6 +58,9 @@ class CostAwarePolicy(Policy):
     @property
     def cap(self) -> float:
         return self.budget_usd if self.hard_cap_usd is None else float(self.hard_cap_usd)
+
+    def spend_cap(self) -> float | None:
+        return self.cap
 
     def fit(self, est: Estimates) -> CostAwarePolicy:
         """Mean per-request cost of argmax(q - lambda c) for a log grid of lambda (the pacing curve)."""

@@ -1,0 +1,357 @@
+"""Caps that hold: concurrent requests at the edge of a budget, across proxy replicas (issue 15).
+
+    python -m experiments.bench_caps                          # trains a small router if needed
+    python -m experiments.bench_caps --ckpt CHECKPOINT --requests 64 --rounds 3 --turns 6
+
+Starts, as subprocesses stopped by PID: a real ``redis-server`` (``ROUTER_ML_REDIS_SERVER`` or the
+one on PATH), the project's loopback backend (behind two catalog entries: ``cheap`` at $0.1/$0.2
+and ``pricey`` at $3/$15 per 1M tokens) and ``router-ml serve`` replicas.
+
+1. **Spend at the edge of a budget**: ``--replicas`` (3) proxies share one Redis ledger and a
+   ``--budget-usd`` cap per day, of which ``--prespent`` (90 %) is already spent (one ledger row
+   for earlier traffic), so the burst lands at the edge; ``--requests`` (64) requests are sent at once, round-robin over the
+   replicas, half pass-through to ``pricey`` and half routed (``router:utility:0``, the best
+   model). The loopback answers slowly (``--delay-s`` per token) so that every request is in flight
+   together. Printed per round: spend (the ledger's), cap, the largest bound a request held
+   (``x-router-reserved-usd``), requests served / refused (429) / failed, and whether spend stayed
+   within cap + one bound. Without reservations, every request that started would be billed.
+2. **What a reservation costs**, in-process (robust to the machine's load): per ledger kind,
+   ``--micro`` requests booked with ``record`` alone and with ``SpendGuard.reserve`` (token count,
+   bound, the atomic check-and-hold) + ``record`` (the settle), in alternating blocks; median us.
+3. **Added latency of reservations**: one proxy without a cap and one with an unreachable cap
+   (every request reserves and settles), on the same ledger kind (``--ledgers``: memory, sqlite,
+   redis), measured in alternating turns (``--turns`` x ``--per-turn`` sequential requests per
+   path): p50 of pass-through and routed latency with and without the cap, and the difference.
+
+Writes ``outputs/bench/caps.json``. The machine's load moves wall times: rerun on a quiet machine
+and compare within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import numpy as np
+
+from experiments.bench_proxy import cpu_seconds
+from experiments.bench_servers import ROOT, Proc, ensure_checkpoint, stopping
+from router_ml.backends.local.launch_spec import free_port
+
+PROMPT = "Summarise in one line why budgets need hard caps (request {i})."
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
+    exe = os.environ.get("ROUTER_ML_REDIS_SERVER") or shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server not found (set ROUTER_ML_REDIS_SERVER)")
+    import redis
+
+    port = free_port()
+    log = open(tmp / "redis.log", "w")  # noqa: SIM115 - the child keeps it
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([exe, *args], stdout=log, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.exceptions.RedisError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {tmp / 'redis.log'}") from None
+            time.sleep(0.05)
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def write_catalog(tmp: Path, loop_url: str) -> Path:
+    path = tmp / "catalog.yaml"
+    entries = []
+    for name, pin, pout in (("cheap", 0.1, 0.2), ("pricey", 3.0, 15.0)):
+        entries.append(
+            f"  - name: {name}\n    kind: api\n    base_url: {loop_url}/v1\n    served_model_id: {name}\n"
+            f"    prices: {{input_per_mtok: {pin}, output_per_mtok: {pout}}}\n"
+            "    latency: {ttft_s: 0.05, tokens_per_s: 200}\n    first_token_timeout_s: 30\n"
+            "    timeout_s: 60\n"
+        )
+    path.write_text("backends:\n" + "".join(entries))
+    return path
+
+
+def start_proxy(name: str, ckpt: Path, catalog: Path, ledger: str, tmp: Path, extra: list[str]) -> Proc:
+    from router_ml.checkpoint import read_config
+
+    port = free_port()
+    models = read_config(ckpt)["models"]
+    aliases = [a for k, m in enumerate(models) for a in ("--alias", f"{m}={'pricey' if k % 2 else 'cheap'}")]
+    cmd = [sys.executable, "-m", "router_ml.cli", "serve", "--ckpt", str(ckpt), "--backends", str(catalog)]
+    cmd += ["--port", str(port), "--ledger", ledger, "--routing-log", "", *aliases, *extra]
+    proc = Proc(name, cmd, f"http://127.0.0.1:{port}/health", tmp / f"{name}.log")
+    proc.url = f"http://127.0.0.1:{port}/v1/chat/completions"  # type: ignore[attr-defined]
+    return proc
+
+
+async def burst(urls: list[str], n: int) -> list[dict[str, Any]]:
+    """``n`` requests at once, round-robin over ``urls``, half pass-through, half routed."""
+    limits = httpx.Limits(max_connections=n + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+
+        async def one(i: int) -> dict[str, Any]:
+            model = "pricey" if i % 2 == 0 else "router:utility:0"
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPT.format(i=i)}]}
+            r = await http.post(urls[i % len(urls)], json=body)
+            out = {"status": r.status_code, "route": "pass" if i % 2 == 0 else "routed"}
+            out["bound"] = float(r.headers.get("x-router-reserved-usd", "nan"))
+            if r.status_code == 200:
+                out["served"] = r.json().get("model")
+            else:
+                out["code"] = r.json()["error"].get("code")
+            return out
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def edge_of_budget(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, procs: dict) -> list[dict]:
+    import redis
+
+    from router_ml.decision.ledger.redis import RedisLedger
+
+    rproc, url = start_redis(tmp)
+    try:
+        catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
+        extra = ["--budget-usd", repr(args.budget_usd), "--period", "day"]
+        extra += ["--default-max-tokens", str(args.max_tokens)]
+        names = [f"replica{k}" for k in range(args.replicas)]
+        for name in names:
+            procs[name] = start_proxy(name, ckpt, catalog, url, tmp, extra)
+        for name in names:
+            procs[name].wait_ready(900)
+        urls = [procs[n].url for n in names]
+        httpx.post(f"{loop.base_url}/fault", json={"mode": "slow", "delay_s": args.delay_s})  # type: ignore[attr-defined]
+        rounds = []
+        for r in range(args.rounds):
+            redis.Redis.from_url(url).flushdb()  # a fresh budget per round
+            with RedisLedger(url) as ledger:
+                ledger.record(args.prespent * args.budget_usd, "earlier-traffic", request_id="earlier")
+            t0 = time.perf_counter()
+            got = asyncio.run(burst(urls, args.requests))
+            wall = time.perf_counter() - t0
+            ledger = RedisLedger(url)
+            spent, held = ledger.spent(), ledger.reserved()
+            ledger.close()
+            bounds = [g["bound"] for g in got if np.isfinite(g["bound"])]
+            row = {
+                "round": r,
+                "spent_usd": spent,
+                "cap_usd": args.budget_usd,
+                "max_bound_usd": max(bounds) if bounds else None,
+                "served": sum(g["status"] == 200 for g in got),
+                "refused_429": sum(g["status"] == 429 for g in got),
+                "failed": sum(g["status"] not in (200, 429) for g in got),
+                "served_pass": sum(g["status"] == 200 and g["route"] == "pass" for g in got),
+                "served_routed": sum(g["status"] == 200 and g["route"] == "routed" for g in got),
+                "held_after_usd": held,
+                "wall_s": wall,
+            }
+            row["within_cap"] = spent <= args.budget_usd + 1e-12
+            row["within_cap_plus_one_bound"] = spent <= args.budget_usd + (row["max_bound_usd"] or 0.0)
+            rounds.append(row)
+        httpx.post(f"{loop.base_url}/fault", json={"mode": "ok"})  # type: ignore[attr-defined]
+        for name in names:
+            procs.pop(name).stop()
+        return rounds
+    finally:
+        rproc.terminate()
+        rproc.wait(10)
+
+
+async def sequential(url: str, model: str, n: int, tag: str) -> list[float]:
+    out = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        for i in range(n):
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPT.format(i=f"{tag}-{i}")}]}
+            t0 = time.perf_counter()
+            r = await http.post(url, json=body)
+            out.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
+    return out
+
+
+def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, procs: dict) -> dict:
+    catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
+    results: dict[str, Any] = {}
+    for kind in args.ledgers:
+        rproc = None
+        if kind == "redis":
+            rproc, spec = start_redis(tmp)
+        elif kind == "sqlite":
+            spec = f"sqlite:{tmp / f'spend-{time.monotonic_ns()}.sqlite'}"
+        else:
+            spec = "memory"
+        try:
+            variants = {"no_cap": [], "cap": ["--budget-usd", "1e9", "--default-max-tokens", "64"]}
+            names = {v: f"lat-{kind}-{v}" for v in variants}
+            for v, extra in variants.items():
+                procs[names[v]] = start_proxy(names[v], ckpt, catalog, spec, tmp, extra)
+            for v in variants:
+                procs[names[v]].wait_ready(900)
+            times: dict[tuple[str, str], list[float]] = {}
+            cpu: dict[tuple[str, str], float] = {}
+            for turn in range(args.turns):
+                order = list(variants) if turn % 2 == 0 else list(variants)[::-1]
+                for v in order:
+                    for path, model in (("pass", "cheap"), ("routed", "router:utility:0")):
+                        url, pid = procs[names[v]].url, procs[names[v]].proc.pid
+                        c0 = cpu_seconds(pid)
+                        got = asyncio.run(sequential(url, model, args.per_turn, f"{kind}{turn}{v}{path}"))
+                        if turn > 0:  # the first turn warms up
+                            times.setdefault((v, path), []).extend(got)
+                            cpu[(v, path)] = cpu.get((v, path), 0.0) + cpu_seconds(pid) - c0
+            cell = {}
+            for path in ("pass", "routed"):
+                p50 = {v: float(np.median(times[(v, path)])) * 1000 for v in variants}
+                cell[path] = {
+                    "p50_ms_no_cap": p50["no_cap"],
+                    "p50_ms_cap": p50["cap"],
+                    "added_ms": p50["cap"] - p50["no_cap"],
+                    # the proxy process's CPU per request (user + system, from /proc): robust to load
+                    "cpu_ms_no_cap": cpu[("no_cap", path)] / len(times[("no_cap", path)]) * 1000,
+                    "cpu_ms_cap": cpu[("cap", path)] / len(times[("cap", path)]) * 1000,
+                    "n": len(times[("cap", path)]),
+                }
+            results[kind] = cell
+            for v in variants:
+                procs.pop(names[v]).stop()
+        finally:
+            if rproc is not None:
+                rproc.terminate()
+                rproc.wait(10)
+    return results
+
+
+def reservation_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
+    """Median microseconds per request of booking alone vs reserve + settle, per ledger kind."""
+    from router_ml.backends.catalog import Catalog
+    from router_ml.backends.client import BackendClient
+    from router_ml.decision.ledger import open_ledger
+    from router_ml.serving.budget import SpendGuard
+
+    entry = {"name": "cheap", "kind": "api", "base_url": "http://127.0.0.1:9/v1",
+             "prices": {"input_per_mtok": 0.1, "output_per_mtok": 0.2}}  # fmt: skip
+    client = BackendClient(Catalog.from_entries({"backends": [entry]}))
+    messages = [{"role": "user", "content": PROMPT.format(i=0)}]
+    out: dict[str, dict[str, float]] = {}
+    for kind in args.ledgers:
+        rproc = None
+        if kind == "redis":
+            rproc, spec = start_redis(tmp)
+        else:
+            spec = "memory" if kind == "memory" else f"sqlite:{tmp / f'micro-{time.monotonic_ns()}.sqlite'}"
+        try:
+            ledger = open_ledger(spec)
+            guard = SpendGuard(ledger, client, budget_usd=1e9, period="day")
+            per: dict[str, list[float]] = {"record": [], "reserve+settle": []}
+            n, block = 0, 100
+            for b in range(2 * max(1, args.micro // block)):
+                mode = "record" if b % 2 == 0 else "reserve+settle"
+                t = time.perf_counter()
+                for _ in range(block):
+                    rid = f"m{n}"
+                    n += 1
+                    if mode == "reserve+settle":
+                        guard.reserve(rid, ["cheap"], {}, messages, 1e9)
+                    ledger.record(1e-6, "cheap", request_id=rid)
+                per[mode].append((time.perf_counter() - t) / block * 1e6)
+            ledger.close()
+            rec, both = float(np.median(per["record"][1:])), float(np.median(per["reserve+settle"][1:]))
+            out[kind] = {"record_us": rec, "reserve_settle_us": both, "added_us": both - rec}
+        finally:
+            if rproc is not None:
+                rproc.terminate()
+                rproc.wait(10)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=None, help="router checkpoint (default: train a small one once)")
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget-usd", type=float, default=0.01)
+    ap.add_argument("--prespent", type=float, default=0.9, help="share of the cap spent before the burst")
+    ap.add_argument("--max-tokens", type=int, default=64, help="--default-max-tokens of the replicas")
+    ap.add_argument(
+        "--delay-s", type=float, default=0.02, help="loopback delay per token (keeps calls in flight)"
+    )
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--per-turn", type=int, default=20)
+    ap.add_argument(
+        "--ledgers", nargs="+", default=["memory", "sqlite", "redis"], choices=["memory", "sqlite", "redis"]
+    )
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-edge", action="store_true")
+    ap.add_argument("--micro", type=int, default=2000, help="requests per ledger kind in-process")
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "caps.json"))
+    args = ap.parse_args(argv)
+    ckpt = ensure_checkpoint(args.ckpt)
+    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "out"}}
+    with tempfile.TemporaryDirectory() as d, stopping({}) as procs:
+        tmp = Path(d)
+        lp = free_port()
+        loop = Proc("loopback", [sys.executable, "-m", "tests.fakes.loopback", "--port", str(lp)],
+                    f"http://127.0.0.1:{lp}/health", tmp / "loopback.log")  # fmt: skip
+        loop.base_url = f"http://127.0.0.1:{lp}"  # type: ignore[attr-defined]
+        procs["loopback"] = loop
+        loop.wait_ready(30)
+        report["edge"] = [] if args.skip_edge else edge_of_budget(args, ckpt, tmp, loop, procs)
+        if report["edge"]:
+            print(f"\n{args.requests} concurrent requests (half pass-through to 'pricey', half routed), "
+                  f"{args.replicas} replicas sharing one Redis ledger, cap ${args.budget_usd:g}/day, "
+                  f"{args.prespent:.0%} of it spent before:")  # fmt: skip
+            print(f"{'round':>5} {'spent $':>10} {'cap $':>8} {'max bound $':>12} {'served':>7} {'429':>5} "
+                  f"{'failed':>6} {'<= cap':>7} {'<= cap+bound':>13}")  # fmt: skip
+            for r in report["edge"]:
+                print(f"{r['round']:>5} {r['spent_usd']:>10.6f} {r['cap_usd']:>8.4f} {r['max_bound_usd'] or 0:>12.6f} "
+                      f"{r['served']:>7} {r['refused_429']:>5} {r['failed']:>6} {r['within_cap']!s:>7} "
+                      f"{r['within_cap_plus_one_bound']!s:>13}")  # fmt: skip
+        report["reservation_cost"] = reservation_cost(args, tmp)
+        print("\nwhat a reservation costs, in-process (median us per request over blocks of 100):")
+        print(f"{'ledger':>7} {'record':>8} {'reserve+settle':>15} {'added':>8}")
+        for kind, c in report["reservation_cost"].items():
+            print(f"{kind:>7} {c['record_us']:>8.1f} {c['reserve_settle_us']:>15.1f} {c['added_us']:>+8.1f}")
+        if not args.skip_latency:
+            report["latency"] = added_latency(args, ckpt, tmp, loop, procs)
+            print(f"\nadded latency of reservations (p50 ms, sequential, {args.turns - 1} alternating turns "
+                  f"x {args.per_turn} requests per path; the first turn warms up):")  # fmt: skip
+            print(f"{'ledger':>7} {'path':>7} {'no cap':>8} {'cap':>8} {'added':>8}   "
+                  f"{'CPU ms/req no cap':>17} {'cap':>6}")  # fmt: skip
+            for kind, cell in report["latency"].items():
+                for path, c in cell.items():
+                    print(f"{kind:>7} {path:>7} {c['p50_ms_no_cap']:>8.2f} {c['p50_ms_cap']:>8.2f} "
+                          f"{c['added_ms']:>+8.2f}   {c['cpu_ms_no_cap']:>17.2f} {c['cpu_ms_cap']:>6.2f}")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
