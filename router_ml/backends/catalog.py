@@ -12,7 +12,15 @@ One YAML file (or a directory of them, ``conf/backends/``) lists backends::
         prices: {gpu_hour_usd: 0.5, decode_tokens_per_s: 60}   # ModelSpec price fields
         latency: {ttft_s: 0.05, tokens_per_s: 65}              # ModelSpec latency priors
         context_window: 2048          # also max_tokens, tokenizer, params_b
+        capabilities: {tools: false, vision: false, json_mode: true}   # default: none
         launch: {engine: vllm, model: models/smollm2-135m, port: 8101}   # kind vllm only
+
+``capabilities`` says what the model accepts beyond plain chat: ``tools`` (function calling:
+``tools`` / ``tool_choice`` / ``functions``), ``vision`` (``image_url`` content parts), ``json_mode``
+(``response_format`` ``json_object`` / ``json_schema``). Each is off unless set: a model is trusted
+with a request kind only where the operator says so (a model without tool support ignores ``tools``
+and answers in prose, which the client cannot tell from a real answer).
+:mod:`~router_ml.backends.capabilities` matches them, and ``context_window``, against a request.
 
 Values may use OmegaConf interpolation (``${oc.env:ROUTER_ML_MODELS_DIR,models}``), resolved at load.
 Each entry is validated by the pydantic model :class:`BackendEntry` (its ``launch`` by
@@ -36,6 +44,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -92,6 +101,18 @@ class Latency(_Strict):
     tokens_per_s: Positive | None = None
 
 
+class Capabilities(_Strict):
+    """What a model accepts beyond plain chat; each off unless the catalog says so."""
+
+    tools: StrictBool = False
+    vision: StrictBool = False
+    json_mode: StrictBool = False
+
+    def names(self) -> frozenset[str]:
+        """The capabilities switched on, by name."""
+        return frozenset(k for k, v in self.model_dump().items() if v)
+
+
 class BackendEntry(_Strict):
     """One ``backends:`` entry of a catalog file, as written (see the module docstring)."""
 
@@ -110,6 +131,7 @@ class BackendEntry(_Strict):
     max_tokens: Annotated[StrictInt, Field(gt=0)] | None = None
     tokenizer: StrictStr | None = None
     params_b: Positive | None = None
+    capabilities: Capabilities = Capabilities()
     launch: Launch | None = None  # kind vllm only
 
     @field_validator("base_url")
@@ -179,6 +201,7 @@ class Backend:
     first_token_timeout_s: float = 10.0
     timeout_s: float = 120.0
     max_retries: int = 2
+    capabilities: frozenset[str] = frozenset()  # of "tools", "vision", "json_mode"
     launch: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def api_key(self) -> str | None:
@@ -221,7 +244,8 @@ def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
         entry = BackendEntry.model_validate(raw)
     except ValidationError as err:
         allowed = {(): list(FIELDS), ("prices",): list(Prices.model_fields),
-                   ("latency",): list(Latency.model_fields), ("launch",): list(LAUNCH_KEYS)}  # fmt: skip
+                   ("latency",): list(Latency.model_fields), ("launch",): list(LAUNCH_KEYS),
+                   ("capabilities",): list(Capabilities.model_fields)}  # fmt: skip
         raise CatalogError(f"{where}: {field_problem(err, allowed)}") from None
     prices = entry.prices.model_dump(exclude_none=True)
     latency = entry.latency.model_dump(exclude_none=True)
@@ -243,6 +267,7 @@ def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
         first_token_timeout_s=entry.first_token_timeout_s,
         timeout_s=entry.timeout_s,
         max_retries=entry.max_retries,
+        capabilities=entry.capabilities.names(),
         launch=dict(raw["launch"]) if entry.launch is not None else None,
     )
 

@@ -6,6 +6,14 @@ callback (given by :class:`~router_ml.backends.client.BackendClient`, which walk
 fallback chain) for the continuation: :func:`continuation_payload` builds the request (vLLM
 continues a prefilled assistant message, other servers are asked to continue) and
 :func:`overlap_to_strip` cuts any text the new backend repeats.
+
+A stream that has sent a tool-call delta is never resumed: a break after it raises
+:class:`~router_ml.backends.results.StreamInterrupted`. The continuation requests continue *text*
+(a prefilled assistant message, or a request to go on); a half-sent tool call (its ``id``, name and
+the first characters of its JSON arguments already with the client) has no such continuation, and
+another backend asked again would start a new call with a new id, or prose, which the client's
+accumulated ``tool_calls`` cannot absorb. Failing the stream tells the client to retry the turn
+cleanly; before the first delta, failures still fall back to the next backend.
 """
 
 from __future__ import annotations
@@ -50,6 +58,15 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
     return ""
+
+
+def tool_call_text(calls: Any) -> str:
+    """The generated text of ``tool_calls`` (whole or stream deltas): names and arguments, which
+    count as completion tokens when a backend reports no usage."""
+    if not isinstance(calls, list):
+        return ""
+    fns = [c.get("function") for c in calls if isinstance(c, Mapping)]
+    return "".join(f"{f.get('name') or ''}{f.get('arguments') or ''}" for f in fns if isinstance(f, Mapping))
 
 
 def prompt_text(messages: Any) -> str:
@@ -189,6 +206,8 @@ class Upstream:
                 content = delta.get("content")
                 if content:
                     self.text.append(content)
+                if delta.get("tool_calls"):  # counted as output, never sent on as text
+                    self.text.append(tool_call_text(delta["tool_calls"]))
                 if self.t_first is None and (
                     content or delta.get("tool_calls") or delta.get("reasoning_content")
                 ):
@@ -311,6 +330,7 @@ class ChatStream:
         ident: tuple[Any, Any] | None = None
         t_first: float | None = None
         resumed = False
+        tool_call = False  # a tool-call delta was sent: the stream is never resumed after that
         while True:
             up = self._up
             t_first = t_first or up.t_first
@@ -338,12 +358,16 @@ class ChatStream:
                     else:
                         ready = [chunk]
                     for c in ready:
-                        sent.append(_content_text((_delta(c) or {}).get("content")))
+                        d = _delta(c) or {}
+                        sent.append(_content_text(d.get("content")))
+                        tool_call = tool_call or bool(d.get("tool_calls") or d.get("function_call"))
                         yield c
                 if held:
                     joined = "".join(_content_text((_delta(c) or {}).get("content")) for c in held)
                     for c in _drop_prefix(held, overlap_to_strip(partial, joined, final=True) or 0):
-                        sent.append(_content_text((_delta(c) or {}).get("content")))
+                        d = _delta(c) or {}
+                        sent.append(_content_text(d.get("content")))
+                        tool_call = tool_call or bool(d.get("tool_calls") or d.get("function_call"))
                         yield c
                 segments.append(self._segment(up))
                 break
@@ -353,6 +377,12 @@ class ChatStream:
                 segments.append(self._segment(up))
                 state.errors.append(str(err))
                 state.last_error = err
+                if tool_call:
+                    raise StreamInterrupted(
+                        up.backend.name,
+                        f"stream broke inside a tool call, which is not resumed: {err.message}",
+                        "".join(sent),
+                    ) from err
                 if self._resume is None:
                     raise StreamInterrupted(
                         up.backend.name, f"stream broke mid-answer: {err.message}", "".join(sent)

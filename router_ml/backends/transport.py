@@ -34,7 +34,7 @@ from router_ml.backends.results import (
     parse_retry_after,
     transport_error,
 )
-from router_ml.backends.streams import Upstream, _content_text, prompt_text
+from router_ml.backends.streams import Upstream, _content_text, prompt_text, tool_call_text
 from router_ml.decision.spec import UnknownModelError
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ class HttpCalls:
         counted = not (isinstance(pt, int) and isinstance(ct, int))
         if counted:
             pt = self.count_tokens(backend, prompt_text(body.get("messages")))
-            ct = self.count_tokens(backend, text)
+            ct = self.count_tokens(backend, text + tool_call_text(message.get("tool_calls")))
         if self.latency_model is not None and ct >= 8 and backend.name in self.latency_model.pool:
             ttft_est = float(self.latency_model.ttft[self.latency_model.pool.index(backend.name)])
             if end - t > 1.25 * ttft_est:

@@ -58,23 +58,27 @@ class Decider:
             router.encoder = TimedEncoder(router.encoder)
         self.router, self.served, self.busy, self.max_batch = router, list(served), busy, max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-ml-decide")
-        self._pending: list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]] = []
+        self._pending: list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future, Any]] = []
         self._drainer: asyncio.Task | None = None
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
 
     def decide_many(
-        self, prompts: list[str], layer: DecisionLayer, constraints: dict[str, Any]
+        self,
+        prompts: list[str],
+        layer: DecisionLayer,
+        constraints: dict[str, Any],
+        allowed: Sequence[str] | None = None,
     ) -> list[Decided]:
-        """Decisions for prompts that share a policy and constraints: one encoder batch for a
-        stateless policy; one by one for a budgeted one (a refusal stays that request's own)."""
+        """Decisions for prompts that share a policy, constraints and candidate models (``allowed``,
+        default all served ones; the rest are infeasible): one encoder batch for a stateless policy;
+        one by one for a budgeted one (a refusal stays that request's own)."""
         enc = self.router.encoder
+        allowed = self.served if allowed is None else list(allowed)
         if not layer.policy.stateful:
             try:
-                got = self.router.route_batch(
-                    prompts, allowed_models=self.served, policy=layer, **constraints
-                )
+                got = self.router.route_batch(prompts, allowed_models=allowed, policy=layer, **constraints)
             except Exception as e:
                 return [(e, enc.last_s)] * len(prompts)
             return [(d, enc.last_s) for d in got]
@@ -83,7 +87,7 @@ class Decider:
             try:
                 out.append(
                     (
-                        self.router.route(p, allowed_models=self.served, policy=layer, **constraints),
+                        self.router.route(p, allowed_models=allowed, policy=layer, **constraints),
                         enc.last_s,
                     )
                 )
@@ -96,28 +100,36 @@ class Decider:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            groups: dict[tuple, list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future]]] = {}
+            groups: dict[tuple, list[tuple[str, DecisionLayer, dict[str, Any], asyncio.Future, Any]]] = {}
             for item in batch:
-                key = (id(item[1]), tuple(sorted((k, repr(v)) for k, v in item[2].items())))
+                key = (id(item[1]), tuple(sorted((k, repr(v)) for k, v in item[2].items())), item[4])
                 groups.setdefault(key, []).append(item)
             for items in groups.values():
                 prompts = [i[0] for i in items]
                 results = await loop.run_in_executor(
-                    self._executor, self.decide_many, prompts, items[0][1], items[0][2]
+                    self._executor, self.decide_many, prompts, items[0][1], items[0][2], items[0][4]
                 )
-                for (_, _, _, fut), res in zip(items, results, strict=True):
+                for (_, _, _, fut, _), res in zip(items, results, strict=True):
                     if not fut.done():
                         fut.set_result(res)
 
-    async def decide(self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]) -> Decided:
-        """``(decision or the exception deciding raised, encoder seconds)`` for one prompt."""
+    async def decide(
+        self,
+        prompt: str,
+        layer: DecisionLayer,
+        constraints: dict[str, Any],
+        allowed: Sequence[str] | None = None,
+    ) -> Decided:
+        """``(decision or the exception deciding raised, encoder seconds)`` for one prompt, among
+        ``allowed`` models (default: every served one)."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt, layer, constraints, fut))
+        allowed = None if allowed is None else tuple(allowed)
+        self._pending.append((prompt, layer, constraints, fut, allowed))
         if self._idle() and len(self._pending) == 1:
             await asyncio.sleep(0)  # requests that arrived together join this one's batch instead
             if self._idle() and len(self._pending) == 1 and self._pending[0][3] is fut:
                 self._pending.clear()
-                return self.decide_many([prompt], layer, constraints)[0]
+                return self.decide_many([prompt], layer, constraints, allowed)[0]
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await fut

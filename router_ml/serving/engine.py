@@ -1,7 +1,9 @@
 """The routing engine behind both the proxy and the in-process SDK.
 
 One request: validate -> resolve the ``model`` field (``"router"``, ``"router:<policy>[:<knob>]"``
-or a backend's own name, which bypasses routing) -> decide (LearnedRouter + DecisionLayer, micro-batched
+or a backend's own name, which bypasses routing) -> keep to the backends that have what the request
+needs (tools, image input, JSON mode, room in the context window: :mod:`~.request_needs`; a 400
+when none has) -> decide (LearnedRouter + DecisionLayer, micro-batched
 in a worker thread so the event loop keeps serving, inline when nothing else is in flight:
 :mod:`~router_ml.serving.decider`) -> call the chosen backend with the decision's
 fallback chain (:class:`~router_ml.backends.client.BackendClient`) -> book spend in the shared
@@ -30,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from router_ml.backends.capabilities import describe, exclusions, lacking
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
 from router_ml.backends.results import AllBackendsFailed, BackendError, BadRequest, ChatResult, CircuitOpen
@@ -50,6 +53,7 @@ from router_ml.serving.engine_support import (
     knob_value,
 )
 from router_ml.serving.openai_errors import ApiError
+from router_ml.serving.request_needs import needs_of, passthrough_error, unservable_error
 
 log = limit_repeats(logging.getLogger(__name__))
 
@@ -159,6 +163,9 @@ class RoutingEngine:
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
         self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
+        # a request no longer than this (prompt bytes + overhead + output) fits every context window
+        windows = [b.spec.context_window for b in catalog if b.spec.context_window is not None]
+        self._min_window = min(windows, default=float("inf"))
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -258,9 +265,13 @@ class RoutingEngine:
         return (await self._decide(prompt, layer, constraints))[0]
 
     async def _decide(
-        self, prompt: str, layer: DecisionLayer, constraints: dict[str, Any]
+        self,
+        prompt: str,
+        layer: DecisionLayer,
+        constraints: dict[str, Any],
+        allowed: list[str] | None = None,
     ) -> tuple[RoutingDecision, float]:
-        got, encode_s = await self.decider.decide(prompt, layer, constraints)
+        got, encode_s = await self.decider.decide(prompt, layer, constraints, allowed)
         try:
             if isinstance(got, BaseException):
                 raise got
@@ -286,10 +297,16 @@ class RoutingEngine:
         stream = req.get("stream", False)
         payload = {k: v for k, v in body.items() if k != "model"}
         decision, encode_s, t0 = None, 0.0, time.perf_counter()
+        excluded = self._excluded(req, body, model if route == "passthrough" else None)
         if route == "router":
-            decision, encode_s = await self._decide(prompt, layer, constraints)
-            # several router models may share one backend: each backend once, in the decision's order
+            allowed = [m for m in self.served if self.aliases[m] not in excluded] if excluded else None
+            decision, encode_s = await self._decide(prompt, layer, constraints, allowed)
+            if excluded:  # say which capability excluded which backends
+                decision.reason += f"; {describe(excluded)}"
+            # several router models may share one backend: each backend once, in the decision's order;
+            # never one that lacks a capability the request needs
             chain = list(dict.fromkeys(self.aliases[m] for m in [decision.model, *decision.fallbacks]))
+            chain = [b for b in chain if b not in excluded]
             if decision.max_tokens and not (
                 payload.get("max_tokens") or payload.get("max_completion_tokens")
             ):
@@ -344,6 +361,28 @@ class RoutingEngine:
                 " | ".join(got.errors)[:512].encode("ascii", "replace").decode()
             )
         return outcome
+
+    def _excluded(self, req: Any, body: Mapping[str, Any], passthrough: str | None) -> dict[str, list[str]]:
+        """``{backend: what it lacks}`` of the request's needs (tools, image input, JSON mode, room in
+        the context window) over the served backends; a plain request that fits every window
+        costs no more than reading its fields. Raises the 400 when the named backend
+        (``passthrough``), or every served one, lacks something."""
+        needs = needs_of(req, body, self._min_window)
+        if needs is None or (not needs.features and needs.fits(self._min_window)):
+            return {}
+        if passthrough is not None:
+            backend = self.catalog.get(passthrough)
+            missing = lacking(backend, needs, self.client.count_tokens)
+            if missing:
+                capable = [b.name for b in self.catalog if not lacking(b, needs, self.client.count_tokens)]
+                raise passthrough_error(passthrough, missing, needs, capable)
+            return {}
+        served = {self.aliases[m] for m in self.served}
+        backends = [b for b in self.catalog if b.name in served]  # in the catalog's order
+        excluded = exclusions(backends, needs, self.client.count_tokens)
+        if len(excluded) == len(backends):
+            raise unservable_error(needs, excluded)
+        return excluded
 
     def book(self, outcome: Outcome) -> None:
         """Book a finished answer that :meth:`complete` returned unbooked (``book_later``)."""

@@ -5,7 +5,8 @@ Routes: ``POST /v1/chat/completions`` (stream and not), ``GET /v1/models``, ``GE
 ``GET|POST /fault`` and ``GET|DELETE /arrivals`` (the log of chat requests received: arrival
 time in Unix seconds, the fault each met, how it ended; and every fault change). Answers are
 deterministic: ``"You said: <the last user message>. " +`` :data:`ANSWER_TAIL` (continuations of
-a partial answer get only its rest; see :mod:`tests.fakes.loopback.chat`).
+a partial answer get only its rest; a request with ``tools`` gets a tool call in OpenAI's wire
+format; see :mod:`tests.fakes.loopback.chat`).
 
 Faults (``--fault`` at start, or ``POST /fault {"mode": ..., "count": N, "duration_s": T, ...}``
 at run time) apply to chat requests only: ``ok``, ``error500``, ``error503`` / ``error429`` (with
@@ -40,7 +41,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tests.fakes.loopback.chat import ANSWER_TAIL, answer_rest, answer_text
+from tests.fakes.loopback.chat import ANSWER_TAIL, answer_rest, answer_text, tool_call
 from tests.fakes.loopback.faults import (
     FAULT_MODES,
     ArrivalLog,
@@ -63,6 +64,7 @@ __all__ = [
     "answer_text",
     "fault_window_figures",
     "main",
+    "tool_call",
 ]
 
 

@@ -1,7 +1,11 @@
 """The loopback server's chat route: deterministic answers, the faults applied, the wire bytes.
 
 Answers are ``"You said: <the last user message>. " +`` :data:`ANSWER_TAIL`, one whitespace-led
-word per token. A conversation that ends in an assistant message with ``continue_final_message:
+word per token (led by ``"I see N images. "`` when that message carries ``image_url`` parts, whose
+URLs must be http(s) or ``data:image/`` as OpenAI's are). A request with ``tools`` (and a
+``tool_choice`` other than ``"none"``) gets a tool call instead (:func:`tool_call`), in OpenAI's
+wire format: ``tool_calls`` with ``finish_reason: tool_calls``, streamed as an index/id/name delta
+and argument pieces of 8 characters (the "tokens" a ``cut_stream`` fault counts). A conversation that ends in an assistant message with ``continue_final_message:
 true`` (vLLM's prefill), or in a user message starting "Continue" right after an assistant
 message, gets only the rest of that answer, as a model that continues its partial answer would.
 :func:`serve_chat` answers one ``POST /v1/chat/completions`` for a
@@ -14,6 +18,7 @@ import asyncio
 import json
 import re
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +57,49 @@ def _role(message: Any) -> str | None:
     return message.get("role") if isinstance(message, Mapping) else None
 
 
+def _images(message: Any) -> list[str]:
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if not isinstance(content, list):
+        return []
+    return [p["image_url"]["url"] for p in content if isinstance(p, Mapping) and p.get("type") == "image_url"]
+
+
 def answer_text(messages: Sequence[Any]) -> str:
-    """The full deterministic answer to a conversation (an echo of its last user message)."""
-    user = next((_text(m) for m in reversed(messages) if _role(m) == "user"), "")
-    words = user.split()[:16]
-    return f"You said: {' '.join(words)}. {ANSWER_TAIL}" if words else ANSWER_TAIL
+    """The full deterministic answer to a conversation (an echo of its last user message, and how
+    many images it carried, if any)."""
+    last = next((m for m in reversed(messages) if _role(m) == "user"), None)
+    words = _text(last).split()[:16] if last is not None else []
+    seen = len(_images(last)) if last is not None else 0
+    images = f"I see {seen} image{'s' if seen > 1 else ''}. " if seen else ""
+    return f"{images}You said: {' '.join(words)}. {ANSWER_TAIL}" if words else images + ANSWER_TAIL
+
+
+def tool_call(req: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tool call a request with ``tools`` gets (None without tools, or with ``tool_choice:
+    "none"``): the function ``tool_choice`` names, else the first, with the arguments
+    ``{"query": <the last user message>}``; the id is derived from the conversation."""
+    tools, choice = req.get("tools"), req.get("tool_choice")
+    if not tools or choice == "none":
+        return None
+    name = choice["function"]["name"] if isinstance(choice, Mapping) else tools[0]["function"]["name"]
+    user = next((_text(m) for m in reversed(req["messages"]) if _role(m) == "user"), "")
+    args = json.dumps({"query": " ".join(user.split()[:16])})
+    ident = "call_" + format(zlib.crc32(json.dumps(req["messages"]).encode()), "08x")
+    return {"id": ident, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _bad_part(messages: Sequence[Any]) -> str | None:
+    """What is wrong with an image part, as OpenAI would say it (None: nothing)."""
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        for j, p in enumerate(content if isinstance(content, list) else []):
+            if isinstance(p, Mapping) and p.get("type") == "image_url":
+                url = (
+                    (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), Mapping) else None
+                )
+                if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:image/")):
+                    return f"messages[{i}].content[{j}].image_url.url: expected an http(s) or data:image/ URL"
+    return None
 
 
 def answer_rest(messages: Sequence[Any], continue_final: bool) -> str:
@@ -133,6 +176,9 @@ async def serve_chat(
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
         return _reject(entry, writer, 400, "'max_tokens' must be a positive integer", "invalid_request_error")
+    bad = _bad_part(messages)
+    if bad is not None:
+        return _reject(entry, writer, 400, bad, "invalid_request_error", "invalid_image_url")
     srv.last_request = req
     fault = srv.faults.take()
     mode = entry["mode"] = fault.mode
@@ -153,8 +199,13 @@ async def serve_chat(
             pass
         entry["outcome"] = "abandoned"
         return False
-    pieces = _TOKEN.findall(answer_rest(messages, bool(req.get("continue_final_message"))))
-    finish = "stop"
+    call = tool_call(req)
+    if call is not None:  # the arguments, in pieces of 8 characters, are the tokens
+        args = call["function"]["arguments"]
+        pieces, finish = [args[i : i + 8] for i in range(0, len(args), 8)], "tool_calls"
+    else:
+        pieces = _TOKEN.findall(answer_rest(messages, bool(req.get("continue_final_message"))))
+        finish = "stop"
     if max_tokens is not None and len(pieces) > max_tokens:
         pieces, finish = pieces[:max_tokens], "length"
     usage = {
@@ -169,9 +220,19 @@ async def serve_chat(
             opts = req.get("stream_options") or {}
             want_usage = srv.stream_usage and isinstance(opts, dict) and bool(opts.get("include_usage"))
             return await _stream(
-                srv, entry, reader, writer, fault, pieces, finish, usage if want_usage else None, ident, t0
+                srv,
+                entry,
+                reader,
+                writer,
+                fault,
+                pieces,
+                finish,
+                usage if want_usage else None,
+                ident,
+                t0,
+                call,
             )
-        return await _whole(srv, entry, reader, writer, fault, pieces, finish, usage, ident, t0)
+        return await _whole(srv, entry, reader, writer, fault, pieces, finish, usage, ident, t0, call)
     finally:
         srv.running -= 1
         if entry["outcome"] == "pending":  # cancelled (server stopping) or the connection broke
@@ -189,6 +250,7 @@ async def _whole(
     usage: dict[str, int],
     ident: tuple[str, int, str],
     t0: float,
+    call: dict[str, Any] | None = None,
 ) -> bool:
     """A non-stream answer (``slow``: all the token delays before it; ``cut_stream``: cut mid-body)."""
     cid, created, model = ident
@@ -204,7 +266,11 @@ async def _whole(
         entry["outcome"] = "bad_json"
         writer.write(response(200, b'{"id": "chatcmpl-broken", "choices": ['))
         return True
-    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+    if call is not None:  # OpenAI's shape: no content, the call with its whole arguments
+        fn = {**call["function"], "arguments": "".join(pieces)}
+        message = {"role": "assistant", "content": None, "tool_calls": [{**call, "function": fn}]}
+    choice = {"index": 0, "message": message}
     choice.update(logprobs=None, finish_reason=finish)
     out = {"id": cid, "object": "chat.completion", "created": created, "model": model}
     out.update(choices=[choice], usage=usage)
@@ -229,6 +295,7 @@ async def _stream(
     usage: dict[str, int] | None,
     ident: tuple[str, int, str],
     t0: float,
+    call: dict[str, Any] | None = None,
 ) -> bool:
     """An SSE answer, chunked (``slow``: a delay before each token; ``cut_stream``: closed after ``after``)."""
     cid, created, model = ident
@@ -249,7 +316,18 @@ async def _stream(
         return _event((head + json.dumps(delta, separators=(",", ":")) + tail).encode())
 
     mode, delay = fault.mode, fault.delay_s if fault.mode == "slow" else 0.0
-    writer.write(chunk({"role": "assistant", "content": ""}))
+
+    def delta(i: int, piece: str) -> dict[str, Any]:
+        """The delta of token ``i``: content, or (a tool call, OpenAI's wire format) the call's
+        index, id, type and name with the first piece of its arguments, then more arguments."""
+        if call is None:
+            return {"content": piece}
+        if i == 0:
+            fn = {"name": call["function"]["name"], "arguments": piece}
+            return {"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": fn}]}
+        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+    writer.write(chunk({"role": "assistant", "content": "" if call is None else None}))
     if mode == "bad_json":
         entry["outcome"] = "bad_json"
         writer.write(_event(b'{"id": "chatcmpl-broken", "choices": [{"delta": {"content": "x"'))
@@ -257,7 +335,7 @@ async def _stream(
         return True
     cut_at = min(fault.after, max(len(pieces) - 1, 0)) if mode == "cut_stream" else -1
     if not delay and cut_at < 0:  # all tokens at once, one write
-        writer.write(b"".join(chunk({"content": piece}) for piece in pieces))
+        writer.write(b"".join(chunk(delta(i, piece)) for i, piece in enumerate(pieces)))
         pieces = []
         srv.ttft[0] += time.perf_counter() - t0
         srv.ttft[1] += 1
@@ -272,7 +350,7 @@ async def _stream(
             if reader.at_eof():  # the client gave up on a slow stream
                 entry["outcome"] = "abandoned"
                 return False
-        writer.write(chunk({"content": piece}))
+        writer.write(chunk(delta(i, piece)))
         if i == 0:
             srv.ttft[0] += time.perf_counter() - t0
             srv.ttft[1] += 1
