@@ -202,7 +202,7 @@ def add_model(
     meta["added_models"] = [*meta.get("added_models", []), record]
     if spec is not None:
         meta["model_specs"] = {**meta.get("model_specs", {}), name: spec}
-    return LearnedRouter(
+    new = LearnedRouter(
         router.encoder,
         router.task_head,
         head,
@@ -210,6 +210,12 @@ def add_model(
         calibrator=calibrator,
         metadata=meta,
     )
+    if router.policy_fit is not None:  # the same prompts, predicted again with the new column
+        from router_ml.decision.fit_set import PolicyFitSet
+
+        fit = router.policy_fit
+        new.policy_fit = PolicyFitSet.of_router(new, fit.prompts, source=f"{fit.source}; {name} added")
+    return new
 
 
 def add_model_checkpoint(

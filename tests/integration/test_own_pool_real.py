@@ -123,6 +123,7 @@ def test_collect_score_train_add_a_model_and_serve(
     capsys.readouterr()
     router = LearnedRouter.from_pretrained(new_ckpt)
     assert router.models[-1] == NEW and len(router.models) == 3
+    assert router.policy_fit is not None and router.policy_fit.models == router.models  # the proxy fits on it
     old = LearnedRouter.from_pretrained(ckpt).predict_quality([p.prompt for p in prompts])
     new = router.predict_quality([p.prompt for p in prompts])
     assert (new[old.columns].to_numpy() == old.to_numpy()).all()  # the old columns are untouched
