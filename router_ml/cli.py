@@ -283,6 +283,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     summary = out.groupby("scorer").agg(rows=("score", "size"), mean_score=("score", "mean"),
                                         errors=("score_error", "count"), cost_usd=("score_cost_usd", "sum"))  # fmt: skip
     print(json.dumps({"path": str(dest), "by_scorer": summary.round(6).to_dict(orient="index")}, indent=2))
+    return 0
+
+
 def cmd_probe_set(args: argparse.Namespace) -> int:
     from router_ml.add_model import candidate_prompts, choose_probes
     from router_ml.router import LearnedRouter
