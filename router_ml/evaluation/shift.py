@@ -281,7 +281,12 @@ def _fit_guard(
     families = p_tr[ctx.family_by].astype(str).to_numpy()
     gparams = {"seed": ctx.seed, **(ctx.guard.get("params") or {})}
     g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
-    info = {"shrink": g.shrink_.tolist(), "cv_auroc": g.cv_auroc_, "cv_gain": g.cv_gain_.tolist()}
+    info = {
+        "shrink": g.shrink_.tolist(),
+        "margin": g.margin_.tolist(),
+        "cv_auroc": g.cv_auroc_,
+        "cv_gain": g.cv_gain_.tolist(),
+    }
     nov_va = np.zeros(0)
     policy = copy.deepcopy(policy)
     policy.risk = float(ctx.guard.get("risk", getattr(policy, "risk", 0.0)))
