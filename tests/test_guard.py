@@ -58,7 +58,8 @@ def _fit_predict_for(X: np.ndarray, Y: np.ndarray):
 @pytest.fixture(scope="module")
 def fitted():
     X, Y, fam = _families()
-    return NoveltyGuard(folds=3, coverage=0.8, n_bins=2).fit(X, Y, fam, _fit_predict_for(X, Y)), X, Y
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="margin")
+    return g.fit(X, Y, fam, _fit_predict_for(X, Y)), X, Y
 
 
 def test_guard_learns_novelty_and_a_margin_that_grows_with_it(fitted):
