@@ -114,12 +114,14 @@ def guard_lines(job: str, summary: dict) -> str:
         fits = g["fits"].values()
         w0 = [f["shrink"][0] for f in fits]
         w1 = [f["shrink"][1] for f in fits]
+        mg = [f.get("margin", [0.0, 0.0, 0.0]) for f in fits]
+        margins = "; ".join(f"{a:.2f}+{b:.1f}*(nu-{t:.2f})+" for a, b, t in mg)
         out.append(
             f"{job} {head}: novelty AUROC {g['novelty_auroc']:.3f} (mean novelty held-out "
             f"{g['novelty_test_mean']:.2f} vs in-distribution {g['novelty_id_mean']:.2f}); interval "
             f"coverage (nominal {g['coverage_nominal']:.2f}) per model {min(cov.values()):.3f}..{max(cov.values()):.3f}, "
             f"worst gap {g['coverage_worst_gap_pts']:.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
-            f"w_novel {min(w1):.2f}..{max(w1):.2f} over {len(w0)} folds"
+            f"w_novel {min(w1):.2f}..{max(w1):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}"
         )
     return "\n".join(out) + ("\n" if out else "")
 

@@ -47,7 +47,7 @@ class LearnedRouter:
     (a fitted ``TaskClassifier``), ``quality_head`` (a fitted quality predictor with
     ``predict(X) -> (n, n_models)``), ``models`` (column order of the quality head),
     ``calibrator`` (optional, fitted), ``guard`` (optional, a fitted
-    :class:`~router_ml.predictors.guard.NoveltyGuard`: novelty, shrinkage toward the pool prior and
+    :class:`~router_ml.predictors.guard.NoveltyGuard`: novelty, a margin before leaving the pool prior's model (or shrinkage toward the prior) and
     quality intervals), ``metadata`` (what ``router.json`` records),
     ``policy_fit`` (optional: the :class:`~router_ml.decision.fit_set.PolicyFitSet` a decision layer
     fits its policies on; a checkpoint carries it so that a proxy needs no data of the project's).
@@ -125,7 +125,8 @@ class LearnedRouter:
 
     def predict_quality(self, prompts: str | Sequence[str]) -> pd.DataFrame:
         """A row per prompt, a column per model, values in [0, 1] (calibrated when a calibrator is
-        set, shrunk toward the pool prior by novelty when a guard is)."""
+        set, guarded by novelty when a guard is: every model but the pool prior's lowered by the
+        novelty margin)."""
         items = _check_prompts(prompts)
         X = self.embed(items)
         q = self._quality_from_embeddings(X, texts=items)

@@ -314,6 +314,11 @@ def fit_router(
         metrics["time/guard_train_s"] = time.perf_counter() - t0
         metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
         metrics["cv/guard_shrink_in_distribution"], metrics["cv/guard_shrink_novel"] = guard.shrink_.tolist()
+        (
+            metrics["cv/guard_margin_base"],
+            metrics["cv/guard_margin_slope"],
+            metrics["cv/guard_margin_floor"],
+        ) = guard.margin_.tolist()
 
     best = best_single_model(Y_tr)
     metrics["train/best_single_model_index"] = float(best)

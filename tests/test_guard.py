@@ -1,7 +1,10 @@
-"""NoveltyGuard (novelty, shrinkage toward the pool prior, conformal intervals) and what carries it:
+"""NoveltyGuard (novelty, a novelty-dependent margin before leaving the pool prior's model, or shrinkage
+toward the pool prior, conformal intervals) and what carries it:
 the decision, the risk-averse utility policy, the proxy header. Synthetic data: fast tier."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -55,25 +58,57 @@ def _fit_predict_for(X: np.ndarray, Y: np.ndarray):
 @pytest.fixture(scope="module")
 def fitted():
     X, Y, fam = _families()
-    return NoveltyGuard(folds=3, coverage=0.8, n_bins=2).fit(X, Y, fam, _fit_predict_for(X, Y)), X, Y
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="margin")
+    return g.fit(X, Y, fam, _fit_predict_for(X, Y)), X, Y
 
 
-def test_guard_learns_novelty_and_shrinks_unseen_prompts_to_the_prior(fitted):
+def test_guard_learns_novelty_and_a_margin_that_grows_with_it(fitted):
     g, X, Y = fitted
     np.testing.assert_allclose(g.prior_, np.nanmean(Y, axis=0))
     assert g.cv_auroc_ > 0.8  # clusters: out-of-family prompts are far from every training cluster
-    w0, w1 = g.shrink_
-    assert 0.0 <= w0 <= w1 <= 1.0
+    np.testing.assert_array_equal(g.shrink_, [0.0, 0.0])  # margin mode: the head's estimates are kept
+    a, b, t = g.margin_
+    assert a >= 0.0 and b >= 0.0 and 0.0 <= t <= 1.0
     far = X[:5] + 40.0  # nowhere near any training family
     near = X[:5]
     assert (g.novelty(far) > g.novelty(near)).all()
-    q = np.tile([0.1, 0.95], (5, 1))  # a head confidently wrong about model 1
+    assert (g.margin(g.novelty(far)) >= g.margin(g.novelty(near))).all()
+    q = np.tile([0.1, 0.95], (5, 1))  # a head confident about model 1, the prior's loser
     out = g.transform(far, q)
-    assert (out.shrink > 0.5).all()
-    assert (np.argmax(out.quality, axis=1) == g.prior_model).all() or w1 < 1.0
+    overrode = np.argmax(out.quality, axis=1) != np.argmax(q, axis=1)
+    assert (np.argmax(out.quality, axis=1)[overrode] == g.prior_model).all()
+    np.testing.assert_array_equal(out.shrink, overrode.astype(float))
+    assert g.cv_gain_.shape == (2,) and np.isfinite(g.cv_gain_).all()
     # the interval holds its estimate and sits in [0, 1]
     assert (out.lower <= out.quality + 1e-12).all() and (out.quality <= out.upper + 1e-12).all()
-    assert out.lower.min() >= 0.0 and out.upper.max() <= 1.0
+    assert out.lower.min() >= 0.0
+
+
+def test_margin_keeps_the_head_or_the_prior_never_a_third_model(fitted):
+    g = copy.deepcopy(fitted[0])
+    g.prior_ = np.array([0.6, 0.5, 0.4])  # model 0 is the prior's pick
+    g.shrink_, g.margin_ = np.zeros(2), np.array([0.05, 0.5, 0.2])  # m(nu) = 0.05 + 0.5 max(nu - 0.2, 0)
+    q = np.array([[0.5, 0.9, 0.6], [0.58, 0.60, 0.62], [0.5, 0.6, 0.9], [0.9, 0.1, 0.1]])
+    nu = np.array([0.1, 0.1, 0.9, 0.9])  # margins 0.05, 0.05, 0.40, 0.40
+    out, w = g._apply(q, nu)
+    # row 0: advantage 0.4 > 0.05, the head's pick; row 1: 0.04 < 0.05, back to the prior's model
+    # (not model 1, which is neither the head's nor the prior's pick); row 2: 0.4 is not > 0.4 at
+    # this novelty; row 3: the head already picks the prior's model
+    assert np.argmax(out, axis=1).tolist() == [1, 0, 0, 0]
+    assert w.tolist() == [0.0, 1.0, 1.0, 0.0]
+    np.testing.assert_allclose(out[:, 0], q[:, 0])  # the prior's model keeps the head's estimate
+
+
+def test_shrink_mode_shrinks_unseen_prompts_to_the_prior():
+    X, Y, fam = _families()
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="shrink").fit(X, Y, fam, _fit_predict_for(X, Y))
+    w0, w1 = g.shrink_
+    assert 0.0 <= w0 <= w1 <= 1.0 and not np.any(g.margin_)
+    far = X[:5] + 40.0
+    out = g.transform(far, np.tile([0.1, 0.95], (5, 1)))
+    assert (out.shrink > 0.5).all()
+    with pytest.raises(ValueError, match="mode"):
+        NoveltyGuard(mode="blend")
 
 
 def test_guard_state_round_trip_predicts_the_same(fitted):
@@ -88,6 +123,19 @@ def test_guard_state_round_trip_predicts_the_same(fitted):
     state["halfwidth"] = state["halfwidth"][:1]
     with pytest.raises(ValueError, match="halfwidth"):
         NoveltyGuard(**g.get_params()).load_state_dict(state)
+
+
+def test_guard_saved_before_the_margin_loads_and_only_shrinks(fitted):
+    g, X, _ = fitted
+    state = g.state_dict()
+    del state["margin"]  # what a checkpoint written before the margin holds
+    state["shrink"] = np.array([0.2, 0.8])
+    old = NoveltyGuard(**g.get_params()).load_state_dict(state)
+    assert not np.any(old.margin_)
+    q = np.tile([0.1, 0.95], (len(X), 1))
+    out = old.transform(X, q)
+    w = 0.2 + 0.6 * out.novelty
+    np.testing.assert_allclose(out.quality, (1 - w[:, None]) * q + w[:, None] * old.prior_[None, :])
 
 
 def test_guard_needs_two_families():

@@ -52,7 +52,7 @@ class RoutingDecision:
 class Uncertainty:
     """What a router's :class:`~router_ml.predictors.guard.NoveltyGuard` adds to ``n`` decisions over
     the ``m`` candidate models: ``novelty`` (n,), ``shrink`` (n,) the prior's weight in the
-    quality, ``lower`` / ``upper`` (n, m) the interval of each predicted quality, and
+    quality (1 where the guard's novelty margin overruled the head's pick), ``lower`` / ``upper`` (n, m) the interval of each predicted quality, and
     ``prior_model`` the model the conservative prior alone would pick (the best single model)."""
 
     novelty: np.ndarray

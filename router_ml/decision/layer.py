@@ -356,7 +356,8 @@ class DecisionLayer:
 
 def with_uncertainty(d: RoutingDecision, u: Uncertainty, i: int, models: Sequence[str]) -> RoutingDecision:
     """Carry row ``i`` of ``u`` (over ``models``) into ``d``: novelty, intervals, and a reason that
-    says when the estimates leaned mostly on the pool prior (shrink weight >= 0.5) and the
+    says when the guard leaned on the pool prior (weight >= 0.5: its estimates mostly the prior's,
+    or the head's pick overruled for not beating the prior's model by the novelty margin) and the
     decision landed on the prior's own pick, the best single model."""
     nov, w = float(u.novelty[i]), float(u.shrink[i])
     lo, hi = u.lower[i].tolist(), u.upper[i].tolist()
@@ -365,9 +366,9 @@ def with_uncertainty(d: RoutingDecision, u: Uncertainty, i: int, models: Sequenc
     d.fell_back_to_prior = w >= 0.5 and d.model == u.prior_model
     if d.fell_back_to_prior:
         d.reason += (
-            f"; novel prompt (novelty {nov:.2f}): estimates {w:.0%} the pool prior, "
+            f"; novel prompt (novelty {nov:.2f}): prior weight {w:.0%}, "
             f"fell back to the prior's best model {u.prior_model}"
         )
     elif w >= 0.5:
-        d.reason += f"; novel prompt (novelty {nov:.2f}): estimates {w:.0%} the pool prior"
+        d.reason += f"; novel prompt (novelty {nov:.2f}): prior weight {w:.0%}"
     return d

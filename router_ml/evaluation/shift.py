@@ -232,7 +232,12 @@ def fold_scores(
                 g, nov_va, info = guard
                 gd = g.transform(X_te, q)
                 q, lower = gd.quality, gd.lower
-                raw = q - policy.risk * (q - gd.lower)  # routed: argmax of what the policy ranks by
+                # routed: argmax of what the policy ranks by, with the guard on the head's own
+                # (uncalibrated) output as the unguarded row routes by and as the guard was fitted,
+                # so the two rows differ by the guard alone (an isotonic calibrator flattens scores
+                # into ties and moves the argmax by itself)
+                gr = g.transform(X_te, raw)
+                raw = gr.quality - policy.risk * (gr.quality - gr.lower)
                 fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
                 fs.covered[hname] = np.where(
                     np.isnan(Y_te), np.nan, (Y_te >= gd.lower - 1e-9) & (Y_te <= gd.upper + 1e-9)
@@ -281,7 +286,12 @@ def _fit_guard(
     families = p_tr[ctx.family_by].astype(str).to_numpy()
     gparams = {"seed": ctx.seed, **(ctx.guard.get("params") or {})}
     g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
-    info = {"shrink": g.shrink_.tolist(), "cv_auroc": g.cv_auroc_, "cv_gain": g.cv_gain_.tolist()}
+    info = {
+        "shrink": g.shrink_.tolist(),
+        "margin": g.margin_.tolist(),
+        "cv_auroc": g.cv_auroc_,
+        "cv_gain": g.cv_gain_.tolist(),
+    }
     nov_va = np.zeros(0)
     policy = copy.deepcopy(policy)
     policy.risk = float(ctx.guard.get("risk", getattr(policy, "risk", 0.0)))

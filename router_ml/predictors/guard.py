@@ -1,4 +1,4 @@
-"""A router that knows when it does not know: novelty, shrinkage toward the pool prior, intervals.
+"""A router that knows when it does not know: novelty, a margin before leaving the prior, intervals.
 
 :class:`NoveltyGuard` sits after a quality head (and its calibrator). Per prompt it gives
 
@@ -8,14 +8,25 @@
   embeddings, and the top probability and entropy of a linear classifier over the training
   families. A logistic regression on these features is fitted to tell out-of-family prompts
   (family-grouped cross-validation) from in-distribution ones (random folds);
-- quality shrunk toward the conservative prior ``prior_`` (the training pool's per-model mean
-  quality, whose argmax is the best single model)::
+- a decision guard against the conservative prior ``prior_`` (the training pool's per-model mean
+  quality, whose argmax is the best single model). In ``mode="margin"`` the head's
+  estimates are kept, but every model other than the prior's is lowered by a novelty margin::
+
+      m(nu) = a + b * max(nu - t, 0);  q'_j = q_j - m(nu) for j != prior model
+
+  so the router keeps the head's pick only where its predicted advantage over the best single
+  model exceeds ``m(nu)``, and otherwise routes to the best single model: never a third model that
+  is neither (pulling estimates part-way toward the prior can pick one). Below the novelty floor
+  ``t`` the margin is the constant ``a`` (in distribution nothing else changes). ``(a, b, t)`` are
+  chosen on a grid (``t`` among quantiles of the in-distribution novelty) to maximise the routed
+  quality of the out-of-fold predictions (in-distribution plus out-of-family, losses on held-out
+  families counted more), so the margin is fitted by CV on held-out families, never hand-set.
+  ``mode="shrink"`` (the default: it measured better under leave-one-family-out, README; and a
+  checkpoint saved before the margin existed) blends instead::
 
       w = clip(w_id + (w_novel - w_id) * novelty, 0, 1);  q' = (1 - w) * q + w * prior
 
-  with ``(w_id, w_novel)`` chosen on a grid to maximise the routed quality of the out-of-fold
-  predictions (in-distribution plus out-of-family, losses on held-out families counted more), so
-  the shrinkage strength is fitted by CV on held-out families, never hand-set;
+  with ``(w_id, w_novel)`` chosen by the same objective;
 - a split-conformal interval per model: ``q' ± halfwidth_[bin, j]``, the finite-sample
   ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that novelty bin (the
   intervals widen with novelty where the errors do).
@@ -47,6 +58,11 @@ from router_ml.predictors.base import BasePredictor, check_state, few_rows_blas
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: margin grid (quality points on [0, 1]): base ``a`` and slope ``b`` of m(nu) = a + b * max(nu - t, 0)
+MARGIN_BASE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+MARGIN_SLOPE = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+#: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
+FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
 
 
 def _unit(A: np.ndarray) -> np.ndarray:
@@ -89,13 +105,14 @@ class Guarded:
 
 
 class NoveltyGuard(BasePredictor):
-    """Novelty score, shrinkage toward the pool prior and per-model conformal intervals (module doc).
+    """Novelty score, a margin before leaving the pool prior's model (or shrinkage toward the prior) and
+    per-model conformal intervals (module doc).
 
     Params: ``k`` neighbours for the density feature; ``folds`` of the family-grouped and of the
     random CV; ``coverage`` nominal coverage of the intervals; ``n_bins`` novelty bins of the
     conformal table; ``max_bank`` training embeddings kept for the distance features (a seeded
     subsample above it); ``family_loss_weight`` extra weight of out-of-family losses in the
-    shrinkage objective; ``seed``.
+    margin / shrinkage objective; ``mode`` ``"margin"`` (decide) or ``"shrink"`` (blend); ``seed``.
     """
 
     name = "novelty_shrinkage"
@@ -108,14 +125,18 @@ class NoveltyGuard(BasePredictor):
         n_bins: int = 3,
         max_bank: int = 8192,
         family_loss_weight: float = 2.0,
+        mode: str = "shrink",
         seed: int = 0,
     ):
+        if mode not in ("margin", "shrink"):
+            raise ValueError(f"NoveltyGuard: mode must be 'margin' or 'shrink', got {mode!r}")
         self.k = k
         self.folds = folds
         self.coverage = coverage
         self.n_bins = n_bins
         self.max_bank = max_bank
         self.family_loss_weight = family_loss_weight
+        self.mode = mode
         self.seed = seed
 
     # ---- features ------------------------------------------------------------------------------
@@ -202,22 +223,50 @@ class NoveltyGuard(BasePredictor):
         nu_i, nu_f = self._novelty(Fi), self._novelty(Ff)
         self.cv_auroc_ = float(roc_auc_score(lab, np.r_[nu_i, nu_f]))
 
-        # shrinkage strength: the (w_id, w_novel) of the grid with the best out-of-fold routing
         self.prior_ = np.nan_to_num(np.nanmean(Y, axis=0), nan=0.0)
         fam_rows = [fam == f for f in names]
-        best_obj, best_w = -np.inf, (0.0, 0.0)
-        for w0 in GRID:
-            for w1 in (w for w in GRID if w >= w0):
-                gi = routed_gain(self._shrink(Qi, nu_i, w0, w1), Y, bi)
-                gf = routed_gain(self._shrink(Qf, nu_f, w0, w1), Y, bf)
-                per_fam = np.array([gf[r].mean() for r in fam_rows])
-                obj = gi.mean() + gf.mean() + self.family_loss_weight * np.minimum(per_fam, 0.0).mean()
-                if obj > best_obj + 1e-12:
-                    best_obj, best_w = obj, (w0, w1)
-        self.shrink_ = np.asarray(best_w, np.float64)
+
+        def objective(gi: np.ndarray, gf: np.ndarray) -> float:
+            per_fam = np.array([gf[r].mean() for r in fam_rows])
+            return gi.mean() + gf.mean() + self.family_loss_weight * np.minimum(per_fam, 0.0).mean()
+
+        if self.mode == "shrink":
+            # shrinkage strength: the (w_id, w_novel) of the grid with the best out-of-fold routing
+            best_obj, best_w = -np.inf, (0.0, 0.0)
+            for w0 in GRID:
+                for w1 in (w for w in GRID if w >= w0):
+                    obj = objective(
+                        routed_gain(self._shrink(Qi, nu_i, w0, w1), Y, bi),
+                        routed_gain(self._shrink(Qf, nu_f, w0, w1), Y, bf),
+                    )
+                    if obj > best_obj + 1e-12:
+                        best_obj, best_w = obj, (w0, w1)
+            self.shrink_, self.margin_ = np.asarray(best_w, np.float64), np.zeros(3)
+        else:
+            # decide, don't blend: keep the head's pick only where its predicted advantage over the
+            # prior's model (the fold's best single model) exceeds m(nu) = a + b * max(nu - t, 0)
+            sw = {}
+            for kind, (Q, nu, b) in {"i": (Qi, nu_i, bi), "f": (Qf, nu_f, bf)}.items():
+                r = np.arange(len(Q))
+                pick = np.argmax(Q, axis=1)
+                adv = Q[r, pick] - Q[r, b]
+                sw[kind] = (nu, adv, routed_gain(Q, Y, b))
+            floors = np.r_[0.0, np.quantile(nu_i, FLOOR_QUANTILES)]
+            best_obj, best_m = -np.inf, (0.0, 0.0, 0.0)
+            for a in MARGIN_BASE:
+                for bslope in MARGIN_SLOPE:
+                    for t in floors if bslope > 0 else (0.0,):
+                        g = {
+                            kind: np.where(adv > a + bslope * np.maximum(nu - t, 0.0), gh, 0.0)
+                            for kind, (nu, adv, gh) in sw.items()
+                        }
+                        obj = objective(g["i"], g["f"])
+                        if obj > best_obj + 1e-12:
+                            best_obj, best_m = obj, (a, bslope, float(t))
+            self.shrink_, self.margin_ = np.zeros(2), np.asarray(best_m, np.float64)
         self.cv_gain_ = np.array(
             [
-                routed_gain(self._shrink(Q, nu, *best_w), Y, b).mean()
+                routed_gain(self._apply(Q, nu, b)[0], Y, b).mean()
                 for Q, nu, b in ((Qi, nu_i, bi), (Qf, nu_f, bf))
             ]
         )
@@ -225,7 +274,7 @@ class NoveltyGuard(BasePredictor):
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
         R = np.abs(
-            np.vstack([Y, Y]) - np.vstack([self._shrink(Qi, nu_i, *best_w), self._shrink(Qf, nu_f, *best_w)])
+            np.vstack([Y, Y]) - np.vstack([self._apply(Qi, nu_i, bi)[0], self._apply(Qf, nu_f, bf)[0]])
         )
         self.bin_edges_ = (
             np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
@@ -253,6 +302,33 @@ class NoveltyGuard(BasePredictor):
         w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)[:, None]
         return (1.0 - w) * Q + w * self.prior_[None, :]
 
+    def margin(self, nu: np.ndarray) -> np.ndarray:
+        """(n,) the advantage over the prior's model that the head's pick needs at novelty ``nu``."""
+        a, b, t = (float(v) for v in self.margin_)
+        return a + b * np.maximum(np.asarray(nu, np.float64) - t, 0.0)
+
+    def _apply(
+        self, Q: np.ndarray, nu: np.ndarray, prior: np.ndarray | int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(guarded quality, weight of the prior)`` for the
+        head's quality ``Q (n, m)`` at novelty ``nu (n,)``: shrunk toward the prior, then every model
+        but the prior's (column ``prior``, default :attr:`prior_model`) lowered by the margin, so the
+        argmax is the head's pick where its advantage exceeds the margin and the prior's otherwise
+        (never a third model). The weight is 1 where the margin overrode the head's pick."""
+        w0, w1 = (float(v) for v in self.shrink_)
+        w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)
+        q = (1.0 - w[:, None]) * np.asarray(Q, np.float64) + w[:, None] * self.prior_[None, :]
+        if not np.any(self.margin_):
+            return q, w
+        r = np.arange(len(q))
+        p = np.broadcast_to(np.asarray(self.prior_model if prior is None else prior, np.int64), (len(q),))
+        m = self.margin(nu)
+        out = q - m[:, None]
+        out[r, p] = q[r, p]
+        pick = np.argmax(q, axis=1)
+        overrode = (pick != p) & (np.argmax(out, axis=1) == p)
+        return out, np.where(overrode, 1.0, w)
+
     def novelty(self, X: np.ndarray) -> np.ndarray:
         """(n,) novelty of the prompts with embeddings ``X (n, d)``."""
         self._check_fitted("bank_")
@@ -262,9 +338,7 @@ class NoveltyGuard(BasePredictor):
         """Shrunk quality, novelty, shrink weight and interval for ``X (n, d)`` and the head's
         (calibrated) ``quality (n, m)``."""
         nu = self.novelty(X)
-        w0, w1 = (float(v) for v in self.shrink_)
-        w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)
-        q = (1.0 - w[:, None]) * np.asarray(quality, np.float64) + w[:, None] * self.prior_[None, :]
+        q, w = self._apply(quality, nu)
         h = self.halfwidth_[np.searchsorted(self.bin_edges_, nu, side="right")]
         return Guarded(q, nu, w, np.clip(q - h, 0.0, 1.0), np.clip(q + h, 0.0, 1.0))
 
@@ -284,6 +358,7 @@ class NoveltyGuard(BasePredictor):
         "nov_intercept_",
         "prior_",
         "shrink_",
+        "margin_",
         "bin_edges_",
         "halfwidth_",
         "cv_gain_",
@@ -306,12 +381,14 @@ class NoveltyGuard(BasePredictor):
             "nov_intercept": (1,),
             "prior": (None,),
             "shrink": (2,),
+            "margin": (3,),
             "bin_edges": (max(self.n_bins - 1, 0),),
             "halfwidth": (self.n_bins, None),
             "cv_gain": (2,),
             "cv_auroc": (1,),
         }
-        st = check_state(state, shapes, "NoveltyGuard")
+        # a guard saved before the margin existed only shrinks: no margin
+        st = check_state({"margin": np.zeros(3), **state}, shapes, "NoveltyGuard")
         for k in self._STATE:
             setattr(self, k, np.asarray(st[k.rstrip("_")], dtype=np.float32 if k == "bank_" else np.float64))
         self.fam_coef_ = self.fam_coef_.astype(np.float32)
