@@ -6,6 +6,10 @@ router-ml info CHECKPOINT                                      # what a checkpoi
 router-ml train data=llmrouter predictor=knn                   # = python -m experiments.train ...
 router-ml collect prompts=my_prompts.jsonl spend_cap_usd=2     # = python -m experiments.collect ...
 router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml   # the OpenAI-compatible proxy
+router-ml serve ... --keys-db .router-ml/keys.sqlite          # requests must carry a virtual API key
+router-ml keys create alice --budget-usd 5 --period day --rpm 60 --tpm 100000 --models cheap --team ml
+router-ml keys list | revoke alice | usage [alice]            # (--keys-db PATH or redis://... as serve's)
+router-ml keys team ml --budget-usd 50 --period month         # a team budget on top of its keys' own
 router-ml models up --backends conf/backends/local.yaml       # start the local vLLM / llama.cpp pool
 router-ml models down                                         # stop it (by the recorded PIDs)
 router-ml data list                                           # each public data set: source, size, present?
@@ -138,9 +142,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         period=args.period,
         budget_usd=args.budget_usd,
         default_max_tokens=args.default_max_tokens,
+        keys=args.keys_db,
     )
     app = create_app(engine, ProxySettings(api_key_env=args.api_key_env, max_body_bytes=args.max_body_bytes))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from router_ml.serving.keys import Team, key_usage, open_key_store
+
+    with open_key_store(args.keys_db) as store:
+        if args.action == "create":
+            if not args.name:
+                raise ValueError("router-ml keys create: name the key (router-ml keys create NAME ...)")
+            models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+            key, secret = store.create_key(
+                args.name, budget_usd=args.budget_usd, period=args.period or "day", rpm=args.rpm,
+                tpm=args.tpm, models=models, team=args.team,
+            )  # fmt: skip
+            # the secret is shown this once: the store keeps only its hash
+            print(json.dumps({"key": secret, **key.to_dict()}, indent=2))
+            print("store the key now: it cannot be shown again", file=sys.stderr)
+        elif args.action == "list":
+            print(json.dumps({"keys": [k.to_dict() for k in store.list_keys()],
+                              "teams": [t.to_dict() for t in store.list_teams()]}, indent=2))  # fmt: skip
+        elif args.action == "revoke":
+            if not args.name:
+                raise ValueError("router-ml keys revoke: name the key (its name or id)")
+            print(json.dumps(store.revoke(args.name).to_dict(), indent=2))
+        elif args.action == "usage":
+            keys = [store.get_key(args.name)] if args.name else store.list_keys()
+            print(json.dumps([key_usage(store, k) for k in keys], indent=2))
+        else:  # team
+            if not args.name:
+                raise ValueError("router-ml keys team: name the team")
+            team = store.set_team(Team(args.name, args.budget_usd, args.period or "month"))
+            print(json.dumps(team.to_dict(), indent=2))
     return 0
 
 
@@ -377,6 +415,35 @@ def main(argv: list[str] | None = None) -> int:
         "--api-key-env", default=None, help="NAME of the env var holding the proxy's own key"
     )
     p_serve.add_argument("--max-body-bytes", type=int, default=512 * 1024)
+    p_serve.add_argument(
+        "--keys-db", default=None,
+        help="virtual API key store (a path, sqlite:<path> or redis://...; see `router-ml keys`): "
+        "requests must then carry one of its keys",
+    )  # fmt: skip
+    p_keys = sub.add_parser(
+        "keys", help="create, list, revoke virtual API keys, show their usage, set team budgets"
+    )
+    p_keys.add_argument("action", choices=["create", "list", "revoke", "usage", "team"])
+    p_keys.add_argument("name", nargs="?", help="the key's (or, for `team`, the team's) name")
+    p_keys.add_argument(
+        "--keys-db",
+        default=".router-ml/keys.sqlite",
+        help="the key store: a path, sqlite:<path> or redis://...",
+    )
+    p_keys.add_argument("--budget-usd", type=float, default=None, help="budget per --period (default: none)")
+    p_keys.add_argument(
+        "--period",
+        default=None,
+        help="budget period: hour, day, week, month (default: day for keys, month for teams)",
+    )
+    p_keys.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
+    p_keys.add_argument(
+        "--tpm", type=int, default=None, help="tokens per minute, input + output (default: unlimited)"
+    )
+    p_keys.add_argument(
+        "--models", default=None, help="comma-separated backends the key may use (default: all)"
+    )
+    p_keys.add_argument("--team", default=None, help="the key's team (its budget applies on top)")
     p_models = sub.add_parser("models", help="start or stop the local model servers of a catalog")
     p_models.add_argument("action", choices=["up", "down"])
     p_models.add_argument("names", nargs="*", help="backend names (default: every local backend)")
@@ -433,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "route": cmd_route,
         "info": cmd_info,
         "serve": cmd_serve,
+        "keys": cmd_keys,
         "models": cmd_models,
         "data": cmd_data,
         "score": cmd_score,

@@ -67,14 +67,15 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
 class ChatRoute:
     """The ASGI callable for ``POST /v1/chat/completions`` of one proxy app.
 
-    ``authorize(header)`` raises :class:`ApiError` for a bad ``Authorization`` header; ``metrics``
+    ``authorize(header)`` raises :class:`ApiError` for a bad ``Authorization`` header and returns
+    the request's virtual API key (None without a key store); ``metrics``
     is the app's :class:`~router_ml.serving.proxy.Metrics`; ``settings`` its ``ProxySettings``."""
 
-    def __init__(self, engine: Any, metrics: Any, settings: Any, authorize: Callable[[str], None]) -> None:
+    def __init__(self, engine: Any, metrics: Any, settings: Any, authorize: Callable[[str], Any]) -> None:
         self.engine, self.metrics, self.settings, self.authorize = engine, metrics, settings, authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route, settings = "unknown", self.settings
+        route, settings, key = "unknown", self.settings, None
         try:
             auth, length = "", None
             for k, v in scope["headers"]:
@@ -82,14 +83,15 @@ class ChatRoute:
                     auth = v.decode("latin-1")
                 elif k == b"content-length":
                     length = v.decode("latin-1")
-            self.authorize(auth)
+            key = self.authorize(auth)
             if length and length.isdigit() and int(length) > settings.max_body_bytes:
                 raise ApiError(413, f"request body is {length} bytes; the limit is {settings.max_body_bytes}",
                                code="request_too_large")  # fmt: skip
             body = parse_body(await read_body(receive, settings.max_body_bytes), settings.max_body_bytes)
-            outcome = await self.engine.complete(body, settings.max_prompt_chars, book_later=True)
+            outcome = await self.engine.complete(body, settings.max_prompt_chars, book_later=True, key=key)
         except ApiError as e:
             self.metrics.requests.labels(route, str(e.status)).inc()
+            self.metrics.keyed(key, e.status)
             await send_json(send, e.status, e.body(), e.headers)
             return
         except Exception as e:  # pragma: no cover - last resort, never a bare traceback
@@ -98,6 +100,7 @@ class ChatRoute:
             await send_json(send, err.status, err.body())
             return
         self.metrics.requests.labels(outcome.route, "200").inc()
+        self.metrics.keyed(key, 200)
         if outcome.stream is None:
             try:
                 raw = outcome.result.raw

@@ -23,6 +23,7 @@ import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from router_ml.decision.ledger import LedgerError, period_start
@@ -58,6 +59,24 @@ def seconds_to_next_period(period: str, now: float | None = None) -> float | Non
         return None
     nxt = period_start(period, start + _PERIOD_STEP_S[period])
     return max(0.0, float(nxt) - now)
+
+
+@dataclass(frozen=True)
+class BudgetScope:
+    """One budget a request reserves against: ``cap_usd`` per ``period`` over ``session`` of
+    ``ledger``. The proxy's cap is one; a virtual key's and its team's budgets are others
+    (:mod:`~router_ml.serving.keys`). Scopes sharing one ledger hold under distinct ids
+    (``request_id + suffix``)."""
+
+    label: str  # how the 429 names it: "the proxy's", "key 'alice''s"
+    ledger: Any
+    cap_usd: float | None  # None: no cap, the spend is only booked (a key's usage)
+    period: str
+    session: str | None
+    suffix: str = ""
+
+    def hold_id(self, request_id: str) -> str:
+        return request_id + self.suffix
 
 
 class SpendGuard:
@@ -100,6 +119,15 @@ class SpendGuard:
     ) -> list[float]:
         """The cost bound of the request on each backend of ``chain`` (USD); writes the default
         ``max_tokens`` into ``payload`` when neither it nor the backend sets one."""
+        return self.plan(chain, payload, messages)[0]
+
+    def plan(
+        self, chain: Sequence[str], payload: dict[str, Any], messages: Sequence[Mapping]
+    ) -> tuple[list[float], int]:
+        """``(cost bound per backend of chain in USD, token bound)``: the token bound is the most
+        input tokens over the chain's tokenizers (+ the template's) plus the most output tokens,
+        what a tokens-per-minute limit admits. Writes the default ``max_tokens`` into ``payload``
+        when neither it nor the backend sets one."""
         out_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if not out_tokens:
             out_tokens = self.client.catalog.get(chain[0]).spec.max_tokens or self.default_max_tokens
@@ -115,7 +143,7 @@ class SpendGuard:
                 counted[key] = self.client.count_tokens(backend, text)
             cost = self.client.cost(name, counted[key] + overhead, int(out_tokens))
             bounds.append(float(cost) if cost is not None else 0.0)
-        return bounds
+        return bounds, max(counted.values()) + overhead + int(out_tokens)
 
     def reserve(
         self,
@@ -123,39 +151,82 @@ class SpendGuard:
         chain: list[str],
         payload: dict[str, Any],
         messages: Sequence[Mapping],
-        cap: float,
+        cap: float | None,
+        scopes: Sequence[BudgetScope] = (),
     ) -> tuple[list[str], float]:
-        """Hold the request's bound over ``chain``; ``(chain, bound)``. When the whole chain does
-        not fit but the backends no pricier than the first do, the chain is cut to those. A 429
-        :class:`ApiError` when nothing fits; a 503 when the ledger cannot be reached (the cap cannot
-        be checked, so nothing is spent)."""
-        bounds = self.bounds(chain, payload, messages)
+        """Hold the request's bound over ``chain``; ``(chain, bound)`` (:meth:`hold` with the
+        bounds of :meth:`plan`)."""
+        return self.hold(request_id, chain, self.plan(chain, payload, messages)[0], cap, scopes)
+
+    def scope(self, cap: float) -> BudgetScope:
+        """The operator's cap as a :class:`BudgetScope` of this guard's ledger."""
+        return BudgetScope("the proxy's", self.ledger, cap, self.period, self.session)
+
+    def hold(
+        self,
+        request_id: str,
+        chain: list[str],
+        bounds: Sequence[float],
+        cap: float | None,
+        scopes: Sequence[BudgetScope] = (),
+    ) -> tuple[list[str], float]:
+        """Hold the request's bound over ``chain`` in every scope: ``scopes`` (a key's and its
+        team's budgets), then the proxy's ``cap`` (None: none); ``(chain, bound)``. When the whole
+        chain does not fit but the backends no pricier than the first do, the chain is cut to
+        those. Each scope's check-and-hold is atomic (its ledger's :meth:`reserve`); when a later
+        scope refuses, the earlier holds are released. A 429 :class:`ApiError` naming the scope
+        that refused when nothing fits; a 503 when a ledger cannot be reached (the cap cannot be
+        checked, so nothing is spent)."""
+        every = [*scopes, *([self.scope(cap)] if cap is not None else [])]
         tries = [(chain, max(bounds))]
         cheaper = [n for n, b in zip(chain, bounds, strict=True) if b <= bounds[0]]
         if len(cheaper) < len(chain):
             tries.append((cheaper, bounds[0]))
-        since = period_start(self.period)
+        refused = every[-1] if every else None
         for names, bound in tries:
+            held: list[BudgetScope] = []
             try:
-                ok = self.ledger.reserve(
-                    request_id, bound, cap, since=since, session=self.session, ttl_s=self.ttl_s
-                )
+                for sc in every:
+                    if sc.cap_usd is None:
+                        continue
+                    if not sc.ledger.reserve(
+                        sc.hold_id(request_id), bound, sc.cap_usd, since=period_start(sc.period),
+                        session=sc.session, ttl_s=self.ttl_s,
+                    ):  # fmt: skip
+                        refused = sc
+                        break
+                    held.append(sc)
+                else:
+                    return names, bound
             except LedgerError as e:
+                self.release(request_id, held)
                 raise ApiError(503, f"the spend ledger cannot be reached, so no call is made: {e}",
                                type="api_error", code="ledger_unavailable") from None  # fmt: skip
-            if ok:
-                return names, bound
-        wait = seconds_to_next_period(self.period)
+            self.release(request_id, held)
+        assert refused is not None
+        wait = seconds_to_next_period(refused.period)
         raise ApiError(
             429,
-            f"budget exhausted: this request may cost up to ${bounds[0]:.6f} and the ${cap:g} cap of "
-            f"the {self.period} is spent or held by calls in flight",
+            f"budget exhausted: this request may cost up to ${bounds[0]:.6f} and {refused.label} "
+            f"${refused.cap_usd:g} budget of the {refused.period} is spent or held by calls in flight",
             type="insufficient_quota",
             code="budget_exhausted",
             headers={} if wait is None else {"retry-after": str(max(1, math.ceil(wait)))},
         )
 
-    def release(self, request_id: str) -> None:
-        """Drop the hold of a call that failed (a ledger that cannot be reached lets it lapse)."""
-        with contextlib.suppress(LedgerError):
-            self.ledger.release(request_id)
+    def settle(self, request_id: str, scopes: Sequence[BudgetScope], cost_usd: float, model: str) -> None:
+        """Book a finished call's bill in each of ``scopes`` (settling their holds); the proxy's
+        own scope is booked by the engine with the decision."""
+        for sc in scopes:
+            sc.ledger.record(cost_usd, model, request_id=sc.hold_id(request_id), session=sc.session)
+
+    def release(self, request_id: str, scopes: Sequence[BudgetScope] | None = None) -> None:
+        """Drop the holds of a call that failed: in ``scopes``, or (None) the proxy's own (a ledger
+        that cannot be reached lets them lapse)."""
+        for ledger, rid in (
+            [(self.ledger, request_id)]
+            if scopes is None
+            else [(s.ledger, s.hold_id(request_id)) for s in scopes]
+        ):
+            with contextlib.suppress(LedgerError):
+                ledger.release(rid)

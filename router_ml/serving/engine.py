@@ -44,7 +44,7 @@ from router_ml.decision.layer import DecisionLayer
 from router_ml.decision.measured import MeasuredFigures
 from router_ml.decision.policies import build_policy
 from router_ml.log_repeats import limit_repeats
-from router_ml.serving.budget import SpendGuard
+from router_ml.serving.budget import BudgetScope, SpendGuard
 from router_ml.serving.chat_request import validate_chat
 from router_ml.serving.decider import Decider
 from router_ml.serving.engine_support import (
@@ -75,6 +75,9 @@ class Outcome:
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
     routed_prompt: str = ""  # the text the router classifies (:func:`~.chat_request.prompt_of`)
     reserved_usd: float | None = None  # the cost bound held in the ledger until booked or released
+    key: Any | None = None  # the virtual API key the request came with (:mod:`~.keys`)
+    scopes: list[BudgetScope] = field(default_factory=list)  # the key's and its team's budgets
+    rate_admitted: bool = False  # the request holds a place in its key's rate window
 
 
 class RoutingEngine:
@@ -87,7 +90,8 @@ class RoutingEngine:
     ``budget_usd``: the operator's spend cap per ``period`` over every request, routed or
     pass-through (None: only budgeted policies cap); ``default_max_tokens``: the output cap written
     into a capped request that names none (so its cost bound holds); ``reservation_ttl_s``: how long
-    a hold outlives a replica that crashed.
+    a hold outlives a replica that crashed; ``keys``: a :class:`~router_ml.serving.keys.KeyGate`
+    (requests then must carry one of its virtual API keys).
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class RoutingEngine:
         budget_usd: float | None = None,
         default_max_tokens: int = 1024,
         reservation_ttl_s: float = 600.0,
+        keys: Any | None = None,
     ):
         from router_ml.decision.ledger import MemoryLedger
 
@@ -128,6 +133,7 @@ class RoutingEngine:
         self.ledger = ledger if ledger is not None else MemoryLedger()
         self.routing_log = routing_log
         self.on_finish = on_finish
+        self.keys = keys
         # request ids: a random prefix per process start and a counter (unique across restarts and
         # replicas without an os.urandom call per request, which costs ~10 us right after the encoder)
         self._id_prefix, self._ids = secrets.token_hex(8), itertools.count()
@@ -283,9 +289,17 @@ class RoutingEngine:
 
     # ---- one request ---------------------------------------------------------------------------
     async def complete(
-        self, body: Mapping[str, Any], max_prompt_chars: int = 200_000, book_later: bool = False
+        self,
+        body: Mapping[str, Any],
+        max_prompt_chars: int = 200_000,
+        book_later: bool = False,
+        key: Any | None = None,
     ) -> Outcome:
         """Validate, route and call; a stream is returned open (iterate ``outcome.stream``).
+
+        ``key``: the virtual API key the request came with (``keys.authenticate``), checked by the
+        engine's ``keys`` (:class:`~router_ml.serving.keys.KeyGate`): its models bound the candidates, its rate
+        limits admit the request, its and its team's budgets are held with the proxy's cap.
 
         A finished answer is booked (spend, latency, routing log, metrics) before this returns;
         with ``book_later`` the caller books it with :meth:`book` once the answer is on its way
@@ -298,11 +312,25 @@ class RoutingEngine:
         payload = {k: v for k, v in body.items() if k != "model"}
         decision, encode_s, t0 = None, 0.0, time.perf_counter()
         excluded = self._excluded(req, body, model if route == "passthrough" else None)
+        gate = self.keys
+        if key is not None and key.models:  # the key's models are a ceiling on the candidates
+            if route == "passthrough" and not key.allows([model]):
+                raise gate.forbidden(key, model)
+            excluded = dict(excluded)
+            for m in self.served:
+                if not key.allows([m, self.aliases[m]]):
+                    excluded.setdefault(self.aliases[m], []).append("api_key")
+            if route == "router" and all(self.aliases[m] in excluded for m in self.served):
+                raise gate.forbidden(key, model)
         if route == "router":
             allowed = [m for m in self.served if self.aliases[m] not in excluded] if excluded else None
             decision, encode_s = await self._decide(prompt, layer, constraints, allowed)
-            if excluded:  # say which capability excluded which backends
-                decision.reason += f"; {describe(excluded)}"
+            if excluded:  # say which capability (or the key) excluded which backends
+                said = describe(excluded)
+                decision.reason += f"; {said}" if said else ""
+                by_key = [b for b, why in excluded.items() if "api_key" in why]
+                if by_key:
+                    decision.reason += f"; API key {key.name!r} excluded {', '.join(by_key)}"
             # several router models may share one backend: each backend once, in the decision's order;
             # never one that lacks a capability the request needs
             chain = list(dict.fromkeys(self.aliases[m] for m in [decision.model, *decision.fallbacks]))
@@ -319,9 +347,26 @@ class RoutingEngine:
         if decision is not None:
             outcome.headers["x-router-encode-ms"] = f"{encode_s * 1000:.2f}"
         cap, reserved = self.guard.cap(layer, constraints), None
-        if cap is not None:  # hold the cost bound before any backend call (a 429 when it does not fit)
-            chain, reserved = self.guard.reserve(request_id, chain, payload, req["messages"], cap)
+        if key is not None:
+            outcome.key, outcome.scopes = key, gate.scopes(key)
+        capped = [sc for sc in outcome.scopes if sc.cap_usd is not None]
+        if cap is not None or capped or (key is not None and key.tpm is not None):
+            # admit under the key's rate limits, then hold the cost bound in every budget before
+            # any backend call (a 429 when either does not fit)
+            bounds, tokens = self.guard.plan(chain, payload, req["messages"])
+            if key is not None and gate.limited(key):
+                gate.admit(key, request_id, tokens)
+                outcome.rate_admitted = True
+            try:
+                chain, reserved = self.guard.hold(request_id, chain, bounds, cap, outcome.scopes)
+            except ApiError:
+                if outcome.rate_admitted:
+                    gate.release(key, request_id)
+                raise
             outcome.reserved_usd = reserved
+        elif key is not None and gate.limited(key):  # rpm alone: no token bound needed
+            gate.admit(key, request_id, 0)
+            outcome.rate_admitted = True
         if reserved is not None:  # the cost bound held for this call (what it may cost at most)
             outcome.headers["x-router-reserved-usd"] = f"{reserved:.8f}"
         self._inflight += 1  # until _finish
@@ -343,8 +388,7 @@ class RoutingEngine:
             ) from None
         except BaseException:  # cancelled (the client went away) or a bug: nothing to book
             self._inflight -= 1
-            if reserved is not None:
-                self.guard.release(request_id)
+            self._release(outcome)
             raise
         if isinstance(got, ChatStream):
             outcome.stream = got
@@ -383,6 +427,14 @@ class RoutingEngine:
         if len(excluded) == len(backends):
             raise unservable_error(needs, excluded)
         return excluded
+
+    def _release(self, outcome: Outcome) -> None:
+        """Drop every hold of a request that reached no backend (budgets, its key's rate window)."""
+        if outcome.reserved_usd is not None:
+            self.guard.release(outcome.request_id)
+            self.guard.release(outcome.request_id, outcome.scopes)
+        if outcome.rate_admitted:
+            self.keys.release(outcome.key, outcome.request_id)
 
     def book(self, outcome: Outcome) -> None:
         """Book a finished answer that :meth:`complete` returned unbooked (``book_later``)."""
@@ -424,8 +476,13 @@ class RoutingEngine:
             )
         elif res is not None:  # a backend outside the router's pool: spend still counts
             self.ledger.record(cost, served, request_id=outcome.request_id, session=self.guard.session)
-        if res is None and outcome.reserved_usd is not None:  # nothing answered: nothing to settle
-            self.guard.release(outcome.request_id)
+        if res is None:  # nothing answered: nothing to settle
+            self._release(outcome)
+        elif outcome.key is not None:  # the key's and its team's spend and tokens
+            self.guard.settle(outcome.request_id, outcome.scopes, cost, served or "unknown")
+            if outcome.rate_admitted:
+                used = (res.prompt_tokens or 0) + (res.completion_tokens or 0)
+                self.keys.settle(outcome.key, outcome.request_id, used)
         if self.routing_log is not None:
             try:
                 self.routing_log.log(

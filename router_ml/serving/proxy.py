@@ -13,8 +13,10 @@ middleware. Malformed requests get an OpenAI-style 4xx before any backend is cal
 included); a backend's 4xx is returned as is, never retried elsewhere; when no backend answers the
 client gets a 502 (a 503 with ``Retry-After`` while every backend's circuit is open). With a spend
 cap every request reserves its cost bound first and gets a 429 ``budget_exhausted`` when it does not
-fit (:mod:`~router_ml.serving.budget`). Optional bearer-key auth for the proxy itself (``api_key_env``: the NAME of the
-env var holding the key).
+fit (:mod:`~router_ml.serving.budget`). Auth: virtual API keys from a key store (the engine's
+``keys``: per-key budgets, rate limits and models, :mod:`~router_ml.serving.keys`; ``/metrics``
+counts requests, spend and tokens per key), or one bearer key for the proxy itself (``api_key_env``:
+the NAME of the env var holding it).
 """
 
 from __future__ import annotations
@@ -82,6 +84,21 @@ class Metrics:
         self.decision_time = Histogram(
             "router_ml_decision_seconds", "Time to decide (embedding + policy)", buckets=LATENCY_BUCKETS, registry=r
         )  # fmt: skip
+        # per virtual API key, labelled by its name and public id (never its secret)
+        self.key_requests = Counter(
+            "router_ml_key_requests", "Requests by API key and HTTP status", ["key", "key_id", "status"], registry=r
+        )  # fmt: skip
+        self.key_spend = Counter(
+            "router_ml_key_spend_usd", "Spend in USD by API key", ["key", "key_id", "team"], registry=r
+        )
+        self.key_tokens = Counter(
+            "router_ml_key_tokens", "Tokens used (input + output) by API key", ["key", "key_id"], registry=r
+        )
+
+    def keyed(self, key: Any, status: int) -> None:
+        """Count one answer to a request of ``key`` (None: no key)."""
+        if key is not None:
+            self.key_requests.labels(key.name, key.id, str(status)).inc()
 
     def finished(self, outcome: Outcome) -> None:
         res = outcome.result
@@ -90,6 +107,12 @@ class Metrics:
             self.decision_time.observe(outcome.decision_s)
         if res is None:
             return
+        if outcome.key is not None:
+            key = outcome.key
+            self.key_spend.labels(key.name, key.id, key.team or "").inc(res.cost_usd or 0.0)
+            self.key_tokens.labels(key.name, key.id).inc(
+                (res.prompt_tokens or 0) + (res.completion_tokens or 0)
+            )
         self.served.labels(res.backend).inc()
         if len(res.tried) > 1:
             self.fallbacks.inc()
@@ -126,6 +149,8 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
     key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     if settings.api_key_env and not key:
         raise ValueError(f"proxy auth: env var {settings.api_key_env!r} is not set")
+    if settings.api_key_env and engine.keys is not None:
+        raise ValueError("proxy auth: give either a key store (virtual API keys) or api_key_env, not both")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,15 +166,19 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
             poller.cancel()
         await engine.aclose()
 
-    def authorize(given: str) -> None:
-        """``given``: the request's ``Authorization`` header ("" when absent)."""
+    def authorize(given: str) -> Any:
+        """``given``: the request's ``Authorization`` header ("" when absent); the request's
+        virtual API key when the engine has a key store, else None."""
+        if engine.keys is not None:
+            return engine.keys.authenticate(given)
         if key is None:
-            return
+            return None
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), key.encode()):
             raise ApiError(
                 401, "invalid or missing proxy API key", type="authentication_error", code="invalid_api_key"
             )
+        return None
 
     app = _ProxyApp(
         ChatRoute(engine, metrics, settings, authorize),
@@ -219,14 +248,26 @@ def build_engine(
     period: str = "day",
     budget_usd: float | None = None,
     default_max_tokens: int = 1024,
+    keys: str | None = None,
 ) -> RoutingEngine:
     """A :class:`RoutingEngine` from files: checkpoint, backend catalog and the policy configs
-    (``policy_dir``; default: the package's own, ``router_ml/conf/policy/``)."""
+    (``policy_dir``; default: the package's own, ``router_ml/conf/policy/``); ``keys``: a key
+    store (a path, ``sqlite:<path>`` or ``redis://...``), whose virtual API keys requests must carry."""
     from router_ml.backends.catalog import Catalog
     from router_ml.decision.ledger import open_ledger
     from router_ml.router import LearnedRouter
     from router_ml.serving.engine_support import load_policy_configs
 
+    gate = None
+    if keys:
+        from router_ml.serving.keys import KeyGate, open_key_store
+
+        if ledger and _same_file(ledger, keys):
+            raise ValueError(
+                f"the key store {keys!r} is the spend ledger {ledger!r}: key spend would count twice in the "
+                "proxy's cap; give the keys their own file"
+            )
+        gate = KeyGate(open_key_store(keys))
     rlog = None
     if routing_log:
         from router_ml.serving.routing_log import RoutingLog
@@ -243,4 +284,18 @@ def build_engine(
         period=period,
         budget_usd=budget_usd,
         default_max_tokens=default_max_tokens,
+        keys=gate,
     )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when two ledger / key store specs name the same SQLite file."""
+    from pathlib import Path
+
+    def path(spec: str) -> Path | None:
+        if spec.startswith(("redis://", "rediss://", "unix://")) or spec in ("memory", ""):
+            return None
+        return Path(spec.removeprefix("sqlite:")).expanduser().resolve()
+
+    pa = path(a)
+    return pa is not None and pa == path(b)
