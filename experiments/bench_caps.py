@@ -23,6 +23,15 @@ and ``pricey`` at $3/$15 per 1M tokens) and ``router-ml serve`` replicas.
    redis), measured in alternating turns (``--turns`` x ``--per-turn`` sequential requests per
    path): p50 of pass-through and routed latency with and without the cap, and the difference.
 
+4. **Virtual keys at the edge** (``--skip-keys`` to leave out): ``--replicas`` proxies share one
+   Redis key store (``--keys-db redis://...``); one key allows ``--key-rpm`` requests a minute,
+   another has a ``--key-budget-usd`` budget; ``--requests`` concurrent requests per key, half
+   pass-through to ``pricey``, half routed. Printed per round: served, refused (429 by code), served
+   beyond the key's limit (must be 0), the key's spend vs its budget.
+5. **Added latency of the key check** (+ its budget reservation and rate admission): one proxy
+   without keys and one whose requests carry a key with a budget, rpm and tpm it never reaches, per
+   key store (``--key-stores``: sqlite, redis), in alternating turns, as in 3.
+
 Writes ``outputs/bench/caps.json``. The machine's load moves wall times: rerun on a quiet machine
 and compare within one run only.
 """
@@ -106,10 +115,12 @@ def start_proxy(name: str, ckpt: Path, catalog: Path, ledger: str, tmp: Path, ex
     return proc
 
 
-async def burst(urls: list[str], n: int) -> list[dict[str, Any]]:
-    """``n`` requests at once, round-robin over ``urls``, half pass-through, half routed."""
+async def burst(urls: list[str], n: int, secret: str | None = None) -> list[dict[str, Any]]:
+    """``n`` requests at once, round-robin over ``urls``, half pass-through, half routed (with the
+    virtual key ``secret``, if given)."""
     limits = httpx.Limits(max_connections=n + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    headers = {"authorization": f"Bearer {secret}"} if secret else None
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
 
         async def one(i: int) -> dict[str, Any]:
             model = "pricey" if i % 2 == 0 else "router:utility:0"
@@ -180,9 +191,10 @@ def edge_of_budget(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, 
         rproc.wait(10)
 
 
-async def sequential(url: str, model: str, n: int, tag: str) -> list[float]:
+async def sequential(url: str, model: str, n: int, tag: str, secret: str | None = None) -> list[float]:
     out = []
-    async with httpx.AsyncClient(timeout=60) as http:
+    headers = {"authorization": f"Bearer {secret}"} if secret else None
+    async with httpx.AsyncClient(timeout=60, headers=headers) as http:
         for i in range(n):
             body = {"model": model, "messages": [{"role": "user", "content": PROMPT.format(i=f"{tag}-{i}")}]}
             t0 = time.perf_counter()
@@ -234,6 +246,121 @@ def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, p
                     "cpu_ms_no_cap": cpu[("no_cap", path)] / len(times[("no_cap", path)]) * 1000,
                     "cpu_ms_cap": cpu[("cap", path)] / len(times[("cap", path)]) * 1000,
                     "n": len(times[("cap", path)]),
+                }
+            results[kind] = cell
+            for v in variants:
+                procs.pop(names[v]).stop()
+        finally:
+            if rproc is not None:
+                rproc.terminate()
+                rproc.wait(10)
+    return results
+
+
+def keys_at_the_edge(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, procs: dict) -> list[dict]:
+    """Rounds of ``--requests`` concurrent requests per key over replicas sharing a Redis key store."""
+    import redis
+
+    from router_ml.serving.keys import key_usage, open_key_store
+
+    rproc, url = start_redis(tmp)
+    try:
+        catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
+        extra = ["--keys-db", url, "--default-max-tokens", str(args.max_tokens)]
+        names = [f"keyed{k}" for k in range(args.replicas)]
+        for name in names:
+            procs[name] = start_proxy(name, ckpt, catalog, "memory", tmp, extra)
+        for name in names:
+            procs[name].wait_ready(900)
+        urls = [procs[n].url for n in names]
+        httpx.post(f"{loop.base_url}/fault", json={"mode": "slow", "delay_s": args.delay_s})  # type: ignore[attr-defined]
+        rounds = []
+        for r in range(args.rounds):
+            redis.Redis.from_url(url).flushdb()  # fresh keys, windows and spend per round
+            with open_key_store(url) as store:
+                _, rpm_secret = store.create_key("rpm-key", rpm=args.key_rpm)
+                budget_key, budget_secret = store.create_key("budget-key", budget_usd=args.key_budget_usd)
+            t0 = time.perf_counter()
+            by_rpm = asyncio.run(burst(urls, args.requests, rpm_secret))
+            by_budget = asyncio.run(burst(urls, args.requests, budget_secret))
+            wall = time.perf_counter() - t0
+            with open_key_store(url) as store:
+                usage = key_usage(store, budget_key)
+            bounds = [g["bound"] for g in by_budget if np.isfinite(g["bound"])]
+            served_rpm = sum(g["status"] == 200 for g in by_rpm)
+            rounds.append({
+                "round": r,
+                "rpm": args.key_rpm,
+                "rpm_served": served_rpm,
+                "rpm_refused_429": sum(g["status"] == 429 and g.get("code") == "rate_limit_exceeded" for g in by_rpm),
+                "rpm_failed": sum(g["status"] not in (200, 429) for g in by_rpm),
+                "rpm_served_beyond_limit": max(0, served_rpm - args.key_rpm),
+                "budget_usd": args.key_budget_usd,
+                "budget_spent_usd": usage["spent_usd"],
+                "budget_held_after_usd": usage["held_usd"],
+                "budget_max_bound_usd": max(bounds) if bounds else None,
+                "budget_served": sum(g["status"] == 200 for g in by_budget),
+                "budget_refused_429": sum(g["status"] == 429 and g.get("code") == "budget_exhausted" for g in by_budget),
+                "budget_failed": sum(g["status"] not in (200, 429) for g in by_budget),
+                "budget_within": usage["spent_usd"] <= args.key_budget_usd + 1e-12,
+                "wall_s": wall,
+            })  # fmt: skip
+        httpx.post(f"{loop.base_url}/fault", json={"mode": "ok"})  # type: ignore[attr-defined]
+        for name in names:
+            procs.pop(name).stop()
+        return rounds
+    finally:
+        rproc.terminate()
+        rproc.wait(10)
+
+
+def key_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, procs: dict) -> dict:
+    """p50 latency and CPU per request without keys and with a key (budget, rpm, tpm all checked)."""
+    from router_ml.serving.keys import open_key_store
+
+    catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
+    results: dict[str, Any] = {}
+    for kind in args.key_stores:
+        rproc = None
+        if kind == "redis":
+            rproc, spec = start_redis(tmp)
+        else:
+            spec = f"sqlite:{tmp / f'keys-{time.monotonic_ns()}.sqlite'}"
+        try:
+            with open_key_store(spec) as store:
+                _, secret = store.create_key("bench", budget_usd=1e9, rpm=10**9, tpm=10**12)
+            variants = {"no_keys": ["--default-max-tokens", "64"],
+                        "keys": ["--keys-db", spec, "--default-max-tokens", "64"]}  # fmt: skip
+            names = {v: f"keylat-{kind}-{v}" for v in variants}
+            for v, extra in variants.items():
+                procs[names[v]] = start_proxy(names[v], ckpt, catalog, "memory", tmp, extra)
+            for v in variants:
+                procs[names[v]].wait_ready(900)
+            times: dict[tuple[str, str], list[float]] = {}
+            cpu: dict[tuple[str, str], float] = {}
+            for turn in range(args.turns):
+                order = list(variants) if turn % 2 == 0 else list(variants)[::-1]
+                for v in order:
+                    for path, model in (("pass", "cheap"), ("routed", "router:utility:0")):
+                        url, pid = procs[names[v]].url, procs[names[v]].proc.pid
+                        c0 = cpu_seconds(pid)
+                        tag = f"k{kind}{turn}{v}{path}"
+                        got = asyncio.run(
+                            sequential(url, model, args.per_turn, tag, secret if v == "keys" else None)
+                        )
+                        if turn > 0:  # the first turn warms up
+                            times.setdefault((v, path), []).extend(got)
+                            cpu[(v, path)] = cpu.get((v, path), 0.0) + cpu_seconds(pid) - c0
+            cell = {}
+            for path in ("pass", "routed"):
+                p50 = {v: float(np.median(times[(v, path)])) * 1000 for v in variants}
+                cell[path] = {
+                    "p50_ms_no_keys": p50["no_keys"],
+                    "p50_ms_keys": p50["keys"],
+                    "added_ms": p50["keys"] - p50["no_keys"],
+                    "cpu_ms_no_keys": cpu[("no_keys", path)] / len(times[("no_keys", path)]) * 1000,
+                    "cpu_ms_keys": cpu[("keys", path)] / len(times[("keys", path)]) * 1000,
+                    "n": len(times[("keys", path)]),
                 }
             results[kind] = cell
             for v in variants:
@@ -307,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-edge", action="store_true")
+    ap.add_argument("--skip-keys", action="store_true", help="leave out the virtual-key figures (4, 5)")
+    ap.add_argument("--skip-micro", action="store_true", help="leave out the in-process reservation cost (2)")
+    ap.add_argument("--key-rpm", type=int, default=20, help="the rate-limited key's requests per minute")
+    ap.add_argument("--key-budget-usd", type=float, default=0.005, help="the budgeted key's budget per day")
+    ap.add_argument("--key-stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])
     ap.add_argument("--micro", type=int, default=2000, help="requests per ledger kind in-process")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "caps.json"))
     args = ap.parse_args(argv)
@@ -331,11 +463,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['round']:>5} {r['spent_usd']:>10.6f} {r['cap_usd']:>8.4f} {r['max_bound_usd'] or 0:>12.6f} "
                       f"{r['served']:>7} {r['refused_429']:>5} {r['failed']:>6} {r['within_cap']!s:>7} "
                       f"{r['within_cap_plus_one_bound']!s:>13}")  # fmt: skip
-        report["reservation_cost"] = reservation_cost(args, tmp)
-        print("\nwhat a reservation costs, in-process (median us per request over blocks of 100):")
-        print(f"{'ledger':>7} {'record':>8} {'reserve+settle':>15} {'added':>8}")
-        for kind, c in report["reservation_cost"].items():
-            print(f"{kind:>7} {c['record_us']:>8.1f} {c['reserve_settle_us']:>15.1f} {c['added_us']:>+8.1f}")
+        if not args.skip_micro:
+            report["reservation_cost"] = reservation_cost(args, tmp)
+            print("\nwhat a reservation costs, in-process (median us per request over blocks of 100):")
+            print(f"{'ledger':>7} {'record':>8} {'reserve+settle':>15} {'added':>8}")
+            for kind, c in report["reservation_cost"].items():
+                print(
+                    f"{kind:>7} {c['record_us']:>8.1f} {c['reserve_settle_us']:>15.1f} {c['added_us']:>+8.1f}"
+                )
         if not args.skip_latency:
             report["latency"] = added_latency(args, ckpt, tmp, loop, procs)
             print(f"\nadded latency of reservations (p50 ms, sequential, {args.turns - 1} alternating turns "
@@ -346,6 +481,26 @@ def main(argv: list[str] | None = None) -> int:
                 for path, c in cell.items():
                     print(f"{kind:>7} {path:>7} {c['p50_ms_no_cap']:>8.2f} {c['p50_ms_cap']:>8.2f} "
                           f"{c['added_ms']:>+8.2f}   {c['cpu_ms_no_cap']:>17.2f} {c['cpu_ms_cap']:>6.2f}")  # fmt: skip
+        if not args.skip_keys:
+            report["keys_edge"] = keys_at_the_edge(args, ckpt, tmp, loop, procs)
+            print(f"\nvirtual keys: {args.requests} concurrent requests per key (half pass-through to 'pricey', "
+                  f"half routed), {args.replicas} replicas sharing one Redis key store:")  # fmt: skip
+            print(f"{'round':>5} {'rpm':>4} {'served':>7} {'429':>5} {'failed':>6} {'beyond':>7}   "
+                  f"{'budget $':>9} {'spent $':>10} {'max bound $':>12} {'served':>7} {'429':>5} {'failed':>6} {'<= budget':>9}")  # fmt: skip
+            for r in report["keys_edge"]:
+                print(f"{r['round']:>5} {r['rpm']:>4} {r['rpm_served']:>7} {r['rpm_refused_429']:>5} {r['rpm_failed']:>6} "
+                      f"{r['rpm_served_beyond_limit']:>7}   {r['budget_usd']:>9.4f} {r['budget_spent_usd']:>10.6f} "
+                      f"{r['budget_max_bound_usd'] or 0:>12.6f} {r['budget_served']:>7} {r['budget_refused_429']:>5} "
+                      f"{r['budget_failed']:>6} {r['budget_within']!s:>9}")  # fmt: skip
+            report["keys_latency"] = key_latency(args, ckpt, tmp, loop, procs)
+            print(f"\nadded latency of the key check + budget reservation + rate admission (p50 ms, sequential, "
+                  f"{args.turns - 1} alternating turns x {args.per_turn} requests per path):")  # fmt: skip
+            print(f"{'store':>7} {'path':>7} {'no keys':>8} {'keys':>8} {'added':>8}   "
+                  f"{'CPU ms/req no keys':>18} {'keys':>6}")  # fmt: skip
+            for kind, cell in report["keys_latency"].items():
+                for path, c in cell.items():
+                    print(f"{kind:>7} {path:>7} {c['p50_ms_no_keys']:>8.2f} {c['p50_ms_keys']:>8.2f} "
+                          f"{c['added_ms']:>+8.2f}   {c['cpu_ms_no_keys']:>18.2f} {c['cpu_ms_keys']:>6.2f}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -86,6 +86,21 @@ def test_past_the_rate_limit_a_429_with_retry_after(keyed):
     assert _client(url, secret).chat.completions.create(model="fast", messages=MSG, max_tokens=50).usage
 
 
+def test_a_stream_settles_the_keys_tokens_and_spend(keyed):
+    url, store = keyed
+    key, secret = store.create_key("streamer", tpm=100_000, budget_usd=1.0)
+    chunks = list(
+        _client(url, secret).chat.completions.create(model="fast", messages=MSG, max_tokens=200, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    requests, tokens = store.rate_usage(key)
+    assert requests == 1 and 0 < tokens < 200  # the bound (input + 200) was replaced by the usage
+    assert (
+        store.ledger.spent(session=f"key:{key.id}") > 0
+        and store.ledger.reserved(session=f"key:{key.id}") == 0
+    )
+
+
 def test_no_request_lifts_a_key_or_team_budget(keyed, backends):  # noqa: F811
     url, store = keyed
     store.set_team(Team("ml", budget_usd=2e-3, period="day"))

@@ -15,6 +15,12 @@ starts again).
 
 The cap is the smaller of the operator's ``budget_usd`` per ``period`` and the hard cap of a
 budgeted policy (``cost_aware``), itself only ever tightened by a request.
+
+Further budgets are further scopes (:class:`BudgetScope`) of the same reserve -> settle -> release: a
+virtual API key's and its team's (:mod:`~router_ml.serving.keys`), each a session of the key store's
+ledger. :meth:`SpendGuard.hold` holds the bound in every scope (each check-and-hold atomic in its
+ledger; a refusal releases the holds already taken), :meth:`SpendGuard.settle` books the bill in
+each, :meth:`SpendGuard.release` drops them.
 """
 
 from __future__ import annotations

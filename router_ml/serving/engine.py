@@ -357,13 +357,14 @@ class RoutingEngine:
             if key is not None and gate.limited(key):
                 gate.admit(key, request_id, tokens)
                 outcome.rate_admitted = True
-            try:
-                chain, reserved = self.guard.hold(request_id, chain, bounds, cap, outcome.scopes)
-            except ApiError:
-                if outcome.rate_admitted:
-                    gate.release(key, request_id)
-                raise
-            outcome.reserved_usd = reserved
+            if cap is not None or capped:
+                try:
+                    chain, reserved = self.guard.hold(request_id, chain, bounds, cap, outcome.scopes)
+                except ApiError:
+                    if outcome.rate_admitted:
+                        gate.release(key, request_id)
+                    raise
+                outcome.reserved_usd = reserved
         elif key is not None and gate.limited(key):  # rpm alone: no token bound needed
             gate.admit(key, request_id, 0)
             outcome.rate_admitted = True
@@ -479,7 +480,10 @@ class RoutingEngine:
         if res is None:  # nothing answered: nothing to settle
             self._release(outcome)
         elif outcome.key is not None:  # the key's and its team's spend and tokens
-            self.guard.settle(outcome.request_id, outcome.scopes, cost, served or "unknown")
+            try:
+                self.guard.settle(outcome.request_id, outcome.scopes, cost, served or "unknown")
+            except Exception:  # a key store out of reach: its holds lapse after their ttl
+                log.exception("key spend of %s could not be booked", outcome.request_id)
             if outcome.rate_admitted:
                 used = (res.prompt_tokens or 0) + (res.completion_tokens or 0)
                 self.keys.settle(outcome.key, outcome.request_id, used)
