@@ -28,7 +28,10 @@ and ``pricey`` at $3/$15 per 1M tokens) and ``router-ml serve`` replicas.
    another has a ``--key-budget-usd`` budget; ``--requests`` concurrent requests per key, half
    pass-through to ``pricey``, half routed. Printed per round: served, refused (429 by code), served
    beyond the key's limit (must be 0), the key's spend vs its budget.
-5. **Added latency of the key check** (+ its budget reservation and rate admission): one proxy
+5. **What a key check costs**, in-process (robust to the machine's load): per key store, median us
+   per request of each step a keyed request takes (authenticate, its budget scopes, the token and
+   cost bound, rate admission, budget hold, then settling both), ``--micro`` requests.
+6. **Added latency of the key check** (+ its budget reservation and rate admission): one proxy
    without keys and one whose requests carry a key with a budget, rpm and tpm it never reaches, per
    key store (``--key-stores``: sqlite, redis), in alternating turns, as in 3.
 
@@ -372,6 +375,60 @@ def key_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, pro
     return results
 
 
+def key_check_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
+    """Median microseconds per request of each step of a keyed request, per key store."""
+    from router_ml.backends.catalog import Catalog
+    from router_ml.backends.client import BackendClient
+    from router_ml.decision.ledger import MemoryLedger
+    from router_ml.serving.budget import SpendGuard
+    from router_ml.serving.keys import KeyGate, open_key_store
+
+    entry = {"name": "cheap", "kind": "api", "base_url": "http://127.0.0.1:9/v1",
+             "prices": {"input_per_mtok": 0.1, "output_per_mtok": 0.2}}  # fmt: skip
+    client = BackendClient(Catalog.from_entries({"backends": [entry]}))
+    guard = SpendGuard(MemoryLedger(), client)
+    messages = [{"role": "user", "content": PROMPT.format(i=0)}]
+    out: dict[str, dict[str, float]] = {}
+    for kind in args.key_stores:
+        rproc = None
+        if kind == "redis":
+            rproc, spec = start_redis(tmp)
+        else:
+            spec = f"sqlite:{tmp / f'keys-micro-{time.monotonic_ns()}.sqlite'}"
+        try:
+            store = open_key_store(spec)
+            gate = KeyGate(store)
+            _, secret = store.create_key("bench", budget_usd=1e9, rpm=10**9, tpm=10**12, team="t")
+            steps: dict[str, list[float]] = {}
+            for i in range(args.micro):
+                rid, t = f"m{i}", [time.perf_counter()]
+                key = gate.authenticate(f"Bearer {secret}")
+                t.append(time.perf_counter())
+                scopes = gate.scopes(key)
+                t.append(time.perf_counter())
+                bounds, tokens = guard.plan(["cheap"], {}, messages)
+                t.append(time.perf_counter())
+                gate.admit(key, rid, tokens)
+                t.append(time.perf_counter())
+                guard.hold(rid, ["cheap"], bounds, None, scopes)
+                t.append(time.perf_counter())
+                guard.settle(rid, scopes, 1e-6, "cheap")
+                gate.settle(key, rid, 30)
+                t.append(time.perf_counter())
+                names = ("authenticate", "scopes", "plan", "admit", "hold", "settle")
+                for name, a, b in zip(names, t, t[1:], strict=True):
+                    steps.setdefault(name, []).append(b - a)
+            store.close()
+            skip = min(100, args.micro // 5)  # the first requests warm up
+            out[kind] = {k: float(np.median(v[skip:])) * 1e6 for k, v in steps.items()}
+            out[kind]["total"] = sum(out[kind].values())
+        finally:
+            if rproc is not None:
+                rproc.terminate()
+                rproc.wait(10)
+    return out
+
+
 def reservation_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, float]]:
     """Median microseconds per request of booking alone vs reserve + settle, per ledger kind."""
     from router_ml.backends.catalog import Catalog
@@ -436,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-edge", action="store_true")
     ap.add_argument("--skip-keys", action="store_true", help="leave out the virtual-key figures (4, 5)")
     ap.add_argument("--skip-micro", action="store_true", help="leave out the in-process reservation cost (2)")
+    ap.add_argument("--skip-keys-edge", action="store_true", help="leave out the virtual keys' edge (4)")
+    ap.add_argument("--skip-key-latency", action="store_true", help="leave out the key check's latency (6)")
     ap.add_argument("--key-rpm", type=int, default=20, help="the rate-limited key's requests per minute")
     ap.add_argument("--key-budget-usd", type=float, default=0.005, help="the budgeted key's budget per day")
     ap.add_argument("--key-stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])
@@ -482,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kind:>7} {path:>7} {c['p50_ms_no_cap']:>8.2f} {c['p50_ms_cap']:>8.2f} "
                           f"{c['added_ms']:>+8.2f}   {c['cpu_ms_no_cap']:>17.2f} {c['cpu_ms_cap']:>6.2f}")  # fmt: skip
         if not args.skip_keys:
-            report["keys_edge"] = keys_at_the_edge(args, ckpt, tmp, loop, procs)
+            report["keys_edge"] = (
+                [] if args.skip_keys_edge else keys_at_the_edge(args, ckpt, tmp, loop, procs)
+            )
             print(f"\nvirtual keys: {args.requests} concurrent requests per key (half pass-through to 'pricey', "
                   f"half routed), {args.replicas} replicas sharing one Redis key store:")  # fmt: skip
             print(f"{'round':>5} {'rpm':>4} {'served':>7} {'429':>5} {'failed':>6} {'beyond':>7}   "
@@ -492,7 +553,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['rpm_served_beyond_limit']:>7}   {r['budget_usd']:>9.4f} {r['budget_spent_usd']:>10.6f} "
                       f"{r['budget_max_bound_usd'] or 0:>12.6f} {r['budget_served']:>7} {r['budget_refused_429']:>5} "
                       f"{r['budget_failed']:>6} {r['budget_within']!s:>9}")  # fmt: skip
-            report["keys_latency"] = key_latency(args, ckpt, tmp, loop, procs)
+            report["key_check_cost"] = key_check_cost(args, tmp)
+            print(
+                "\nwhat a key check costs, in-process (median us per request; a key with a budget, a team, rpm, tpm):"
+            )
+            names = ("authenticate", "scopes", "plan", "admit", "hold", "settle", "total")
+            print(f"{'store':>7} " + " ".join(f"{n:>12}" for n in names))
+            for kind, c in report["key_check_cost"].items():
+                print(f"{kind:>7} " + " ".join(f"{c[n]:>12.1f}" for n in names))
+            if args.skip_key_latency:
+                report["keys_latency"] = {}
+            else:
+                report["keys_latency"] = key_latency(args, ckpt, tmp, loop, procs)
             print(f"\nadded latency of the key check + budget reservation + rate admission (p50 ms, sequential, "
                   f"{args.turns - 1} alternating turns x {args.per_turn} requests per path):")  # fmt: skip
             print(f"{'store':>7} {'path':>7} {'no keys':>8} {'keys':>8} {'added':>8}   "

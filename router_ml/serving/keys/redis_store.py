@@ -8,6 +8,7 @@ Layout under the namespace ``ns`` (default ``router-ml-keys``; every key carries
     {ns}:teams           hash: team name -> the team's record (JSON)
     {ns}:rl:<id>:t       sorted set: request id -> admitted at (the Redis server's clock)
     {ns}:rl:<id>:n       hash: request id -> tokens (the bound, then the actual usage)
+    {ns}:rl:<id>:s       counter: the sum of that hash (what a tpm check reads)
     {ns}:ledger:...      a RedisLedger: the keys' and teams' spend, sessions key:<id> / team:<name>
 
 The rate check (:mod:`~router_ml.serving.keys.window`: a sliding-window log) drops the entries older
@@ -25,8 +26,10 @@ from router_ml.decision.ledger.redis import RedisLedger
 from router_ml.serving.keys.records import ApiKey, Team, check_name, hash_secret, new_key_id, new_secret
 from router_ml.serving.keys.window import RATE_WINDOW_S, RateVerdict
 
-# KEYS: times zset, tokens hash; ARGV: request id, tokens, rpm ('' none), tpm ('' none), window s,
-# now ('' = the server's clock) -> {1} admitted, or {0, limit, retry-after s ('' = never)}
+# KEYS: times zset, tokens hash, tokens sum; ARGV: request id, tokens, rpm ('' none), tpm ('' none),
+# window s, now ('' = the server's clock) -> {1} admitted, or {0, limit, retry-after s ('' = never)}.
+# The sum of the window's tokens is kept as a counter, so an admission costs O(log n + expired),
+# not a pass over the window; only a refusal by tpm walks it (for Retry-After).
 _ADMIT = """
 local now = tonumber(ARGV[6])
 if ARGV[6] == '' then
@@ -35,51 +38,63 @@ if ARGV[6] == '' then
 end
 local window = tonumber(ARGV[5])
 local cutoff = now - window
-local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-for i = 1, #old do redis.call('HDEL', KEYS[2], old[i]) end
-if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff) end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local n = #entries / 2
+local function drop(ids)
+  for i = 1, #ids, 1000 do
+    local part = {unpack(ids, i, math.min(i + 999, #ids))}
+    local vals = redis.call('HMGET', KEYS[2], unpack(part))
+    local gone = 0
+    for j = 1, #vals do if vals[j] then gone = gone + tonumber(vals[j]) end end
+    redis.call('HDEL', KEYS[2], unpack(part))
+    redis.call('ZREM', KEYS[1], unpack(part))
+    if gone ~= 0 then redis.call('INCRBY', KEYS[3], -gone) end
+  end
+end
+drop(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff))
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then drop({ARGV[1]}) end
+local n = redis.call('ZCARD', KEYS[1])
 local need = tonumber(ARGV[2])
 if ARGV[3] ~= '' then
   local rpm = tonumber(ARGV[3])
   if n + 1 > rpm then
-    local ts = tonumber(entries[2 * (n - rpm) + 2])
-    return {0, 'rpm', string.format('%.3f', math.max(0, ts + window - now))}
+    local first = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
+    return {0, 'rpm', string.format('%.3f', math.max(0, tonumber(first[2]) + window - now))}
   end
 end
 if ARGV[4] ~= '' then
   local tpm = tonumber(ARGV[4])
-  local tokens = {}
-  local used = 0
-  for i = 1, n do
-    tokens[i] = tonumber(redis.call('HGET', KEYS[2], entries[2 * i - 1]) or '0')
-    used = used + tokens[i]
-  end
+  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
   if used + need > tpm then
     if need > tpm then return {0, 'tpm', ''} end
+    local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
     local freed = 0
-    for i = 1, n do
-      freed = freed + tokens[i]
+    for i = 1, #entries, 2 do
+      freed = freed + tonumber(redis.call('HGET', KEYS[2], entries[i]) or '0')
       if used - freed + need <= tpm then
-        return {0, 'tpm', string.format('%.3f', math.max(0, tonumber(entries[2 * i]) + window - now))}
+        return {0, 'tpm', string.format('%.3f', math.max(0, tonumber(entries[i + 1]) + window - now))}
       end
     end
+    return {0, 'tpm', string.format('%.3f', window)}
   end
 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], need)
+redis.call('INCRBY', KEYS[3], need)
 local ttl = math.ceil(window * 2)
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
 return {1}
 """
 
-# KEYS: tokens hash; ARGV: request id, tokens -> settles only an admitted, unexpired entry
+# KEYS: tokens hash, tokens sum; ARGV: request id, tokens ('' = release: the entry leaves)
 _SETTLE = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('INCRBY', KEYS[2], -tonumber(old))
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - tonumber(old))
+end
 return 1
 """
 
@@ -179,7 +194,7 @@ class RedisKeyStore:
 
     # ------------------------------------------------------------------ rate windows
     def _rl(self, key: ApiKey) -> list[str]:
-        return [self._k + f"rl:{key.id}:t", self._k + f"rl:{key.id}:n"]
+        return [self._k + f"rl:{key.id}:t", self._k + f"rl:{key.id}:n", self._k + f"rl:{key.id}:s"]
 
     def admit_rate(self, key: ApiKey, request_id: str, tokens: int, now: float | None = None) -> RateVerdict:
         """Admit one request of ``tokens`` (its token bound) if the key's last minute leaves room
@@ -208,14 +223,15 @@ class RedisKeyStore:
     def release_rate(self, key: ApiKey, request_id: str) -> None:
         """A request that reached no backend leaves the window."""
         if key.rpm is not None or key.tpm is not None:
-            times, tokens = self._rl(key)
+            times, *rest = self._rl(key)
             with self._errors():
-                self._r.pipeline(transaction=True).zrem(times, request_id).hdel(tokens, request_id).execute()
+                self._settle(keys=rest, args=[request_id, ""])
+                self._r.zrem(times, request_id)
 
     def rate_usage(self, key: ApiKey, now: float | None = None) -> tuple[int, int]:
         """``(requests, tokens)`` of the key in the last minute (``now``: this machine's clock)."""
         now = time.time() if now is None else float(now)
-        times, tokens = self._rl(key)
+        times, tokens, _ = self._rl(key)
         with self._errors():
             ids = self._r.zrangebyscore(times, f"({now - RATE_WINDOW_S!r}", "+inf")
             vals = self._r.hmget(tokens, ids) if ids else []

@@ -175,10 +175,15 @@ class SqliteKeyStore:
                 "DELETE FROM rate_events WHERE key_id = ? AND (ts <= ? OR request_id = ?)",
                 (key.id, now - RATE_WINDOW_S, request_id),
             )
-            window = conn.execute(
-                "SELECT ts, tokens FROM rate_events WHERE key_id = ? ORDER BY ts", (key.id,)
-            ).fetchall()
-            verdict = verdict_of(key, window, int(tokens), now)
+            n, used = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_events WHERE key_id = ?", (key.id,)
+            ).fetchone()
+            verdict = RateVerdict(True)
+            if (key.rpm is not None and n + 1 > key.rpm) or (key.tpm is not None and used + tokens > key.tpm):
+                window = conn.execute(  # refused: when would it fit?
+                    "SELECT ts, tokens FROM rate_events WHERE key_id = ? ORDER BY ts", (key.id,)
+                ).fetchall()
+                verdict = verdict_of(key, window, int(tokens), now)
             if verdict.ok:
                 conn.execute(
                     "INSERT INTO rate_events (key_id, request_id, ts, tokens) VALUES (?, ?, ?, ?)",
