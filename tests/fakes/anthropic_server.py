@@ -293,6 +293,9 @@ class AnthropicServer(LoopbackServer):
         if seq is not None:
             text, reason = text[: text.find(seq)], "stop_sequence"
         pieces = _TOKEN.findall(text)
+        tail = text[len("".join(pieces)) :]  # whitespace before a stop sequence stays in the answer
+        if tail:
+            pieces = [*pieces[:-1], pieces[-1] + tail] if pieces else [tail]
         if len(pieces) > req["max_tokens"]:
             pieces, reason, seq = pieces[: req["max_tokens"]], "max_tokens", None
         return [{"type": "text", "text": "".join(pieces)}], [pieces], reason, seq
