@@ -281,7 +281,12 @@ def _entry(**kw):
 def test_catalog_fields_build_urls_and_headers(monkeypatch):
     cat = Catalog.from_entries(
         [
-            _entry(name="claude", api="anthropic", max_tokens=1024, headers={"anthropic-beta": "x-2025"}),
+            _entry(
+                name="claude",
+                api="anthropic",
+                max_tokens=1024,
+                headers={"anthropic-beta": "token-efficient-tools-2025-02-19"},
+            ),
             _entry(
                 name="az",
                 api="azure",
@@ -296,6 +301,7 @@ def test_catalog_fields_build_urls_and_headers(monkeypatch):
     )
     claude, az, oa = cat.get("claude"), cat.get("az"), cat.get("oa")
     assert claude.chat_url == "https://api.example.com/v1/messages" and claude.api_version == "2023-06-01"
+    assert claude.extra_headers() == {"anthropic-beta": "token-efficient-tools-2025-02-19"}
     assert az.chat_url == (
         "https://api.example.com/openai/deployments/chat%20prod/chat/completions?api-version=2024-10-21"
     )
@@ -319,6 +325,7 @@ def test_catalog_fields_build_urls_and_headers(monkeypatch):
         (_entry(kind="vllm", api="azure", api_version="v"), "needs kind 'api'"),
         (_entry(headers={"X-Key": "sk-ant-abcdefghijklmnop"}), "header 'X-Key' looks like a literal secret"),
         (_entry(headers={"X-Bad": "a\r\nInjected: 1"}), "line break"),
+        (_entry(headers={"X-Token": "3f9aB71cE02d94aa5b6c7d8e9f0a1b2c"}), "looks like a literal secret"),
         (_entry(headers={"x-api-key": "v"}), "'x-api-key' is set by router-ml"),
         (_entry(headers={"Bad Name": "v"}), "not a valid header name"),
         (_entry(headers={"X-T": {"env": "not-a-name"}}), "must be an environment variable name"),

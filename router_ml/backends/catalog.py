@@ -194,7 +194,7 @@ class BackendEntry(_Strict):
                 out[name] = EnvRef(env=value["env"])
             elif not isinstance(value, str):
                 raise Hidden(f"header {name!r}: the value must be a string or {{env: NAME}}")
-            elif looks_like_secret(value) or "\r" in value or "\n" in value:
+            elif _secret_in_header(value) or "\r" in value or "\n" in value:
                 raise Hidden(
                     f"header {name!r} looks like a literal secret or holds a line break (value not "
                     "shown): give {env: NAME}, the environment variable that holds it"
@@ -353,6 +353,15 @@ def looks_like_secret(value: str) -> bool:
         return True
     # long mixed-case alphanumeric runs are keys; env var names are conventionally UPPER_SNAKE
     return len(value) >= 24 and bool(re.search(r"[a-z]", value)) and bool(re.search(r"\d", value))
+
+
+def _secret_in_header(value: str) -> bool:
+    """A header value shaped like a key: a key's prefix, or a run of 24+ letters and digits mixed
+    (a token), unlike the hyphenated words of ``anthropic-beta: prompt-caching-2024-07-31``."""
+    if value.startswith(_SECRET_PREFIXES):
+        return True
+    runs = re.findall(r"[A-Za-z0-9_+/=]{24,}", value)
+    return any(re.search(r"[A-Za-z]", r) and re.search(r"\d", r) for r in runs)
 
 
 def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
