@@ -10,6 +10,7 @@ full tier (the router is trained in-process).
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -87,8 +88,21 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
-def _last_log(log_path) -> dict:
-    return json.loads(log_path.read_text().splitlines()[-1])
+def _lines(log_path) -> list[str]:
+    return log_path.read_text().splitlines() if log_path.exists() else []
+
+
+def _log_of(log_path, marker: str) -> dict:
+    """The routing-log line of the request whose prompt carries ``marker`` (prompts are logged in
+    full here): the proxy books an answer once it is sent, so the line may land a moment after the
+    client has the response."""
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        found = [json.loads(x) for x in _lines(log_path) if marker in x]
+        if found:
+            return found[-1]
+        time.sleep(0.01)
+    raise AssertionError(f"no routing-log line for {marker!r}")
 
 
 USER = [{"role": "user", "content": "hello proxy"}]
@@ -117,15 +131,17 @@ def test_cached_tokens_reach_the_client_and_the_bill(proxy):
     client = _client(url)
     system = {"role": "system", "content": [{"type": "text", "text": "House rules, long. " * 12,
                                              "cache_control": {"type": "ephemeral"}}]}  # fmt: skip
-    messages = [system, {"role": "user", "content": "cache me"}]
-    first = client.chat.completions.create(model="claude", messages=messages)
-    first_bill = _last_log(log_path)["cost_usd"]
+    first = client.chat.completions.create(
+        model="claude", messages=[system, {"role": "user", "content": "cache me: call-1"}]
+    )
+    first_bill = _log_of(log_path, "call-1")["cost_usd"]
     chunks = list(
         client.chat.completions.create(
-            model="claude", messages=messages, stream=True, stream_options={"include_usage": True}
+            model="claude", messages=[system, {"role": "user", "content": "cache me: call-2"}], stream=True,
+            stream_options={"include_usage": True},
         )
-    )
-    second_bill = _last_log(log_path)["cost_usd"]
+    )  # fmt: skip
+    second_bill = _log_of(log_path, "call-2")["cost_usd"]
     usage = chunks[-1].usage
     cached = usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens_details.cached_tokens == 0 and cached > 0
