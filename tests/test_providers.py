@@ -176,6 +176,18 @@ def test_untranslatable_requests_name_the_field(payload, problem):
         wire.to_messages(full, "m", 10, False)
 
 
+def test_empty_messages_are_dropped_and_turns_of_one_role_merged():
+    msgs = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": "  "}, {"type": "text", "text": "second"}]},
+    ]
+    body = wire.to_messages({"messages": msgs}, "m", 10, False)
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}
+    ]
+
+
 def test_a_prefill_loses_its_trailing_whitespace():
     msgs = [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two "}]
     body = wire.to_messages({"messages": msgs}, "m", 10, False)

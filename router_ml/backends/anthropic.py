@@ -9,8 +9,9 @@ an assistant's ``tool_calls`` become ``tool_use`` blocks and ``tool`` messages `
 blocks of the next user turn; ``max_tokens`` (required there: the request's, else the catalog's),
 ``stop``, ``temperature``, ``top_p``, ``stream`` and ``user`` (``metadata.user_id``) are carried;
 a ``cache_control`` on a content part or a tool passes through (Anthropic's prompt caching).
-Fields the API has no word for (``n`` > 1, ``logprobs``, ``response_format``...) are refused or
-left out as :data:`REFUSED` says.
+Fields whose meaning the API cannot keep (``n`` > 1, ``logprobs``...: :data:`REFUSED`) get a
+:class:`TranslationError`; the rest it has no word for (``seed``, penalties, ``response_format``,
+``stream_options``...) are left out. Messages left empty are dropped (the API refuses empty text).
 
 :func:`to_chat_completion` translates an answer back (text and ``tool_use`` blocks -> content and
 ``tool_calls``; :data:`FINISH` maps ``stop_reason``), :class:`StreamTranslator` the SSE events of a
@@ -47,7 +48,6 @@ FINISH = {
 #: Chat Completions fields the Messages API cannot honour: refused with a 400 (when set to other than
 #: their default), rather than silently answered differently
 REFUSED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None, "audio": None}
-_DROPPED = ("frequency_penalty", "presence_penalty", "seed", "response_format", "service_tier")
 
 
 class TranslationError(ValueError):
@@ -85,12 +85,12 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [_text_block(content)] if content else []
+        return [_text_block(content)] if content.strip() else []
     out = []
     for j, part in enumerate(content if isinstance(content, list) else []):
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text":
-            if part.get("text"):
+            if isinstance(part.get("text"), str) and part["text"].strip():
                 out.append(_text_block(part["text"], part))
         elif kind == "image_url":
             out.append(_image_block(part, f"{where}.content[{j}]"))
@@ -127,7 +127,9 @@ def _system_and_turns(messages: Sequence[Any]) -> tuple[list[dict[str, Any]], li
     turns: list[dict[str, Any]] = []
 
     def add(role: str, blocks: list[dict[str, Any]]) -> None:
-        if turns and turns[-1]["role"] == role:
+        if not blocks:  # an empty message: the API refuses empty text, and it says nothing
+            return
+        if turns and turns[-1]["role"] == role:  # the API wants user and assistant alternating
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
@@ -148,10 +150,6 @@ def _system_and_turns(messages: Sequence[Any]) -> tuple[list[dict[str, Any]], li
             add("user", [_tool_result(m, where)])
         else:
             raise TranslationError(f"{where}.role: {role!r} has no Messages API form")
-    for t in turns:  # a turn left empty (content "" or None) would be refused upstream
-        if not t["content"]:
-            t["content"] = [_text_block(" ")] if t["role"] == "user" else []
-    turns = [t for t in turns if t["content"]]
     last = turns[-1] if turns else None
     if last is not None and last["role"] == "assistant":  # a prefill: no trailing whitespace allowed
         blocks = last["content"]

@@ -373,6 +373,8 @@ class ChatStream:
             t_first = t_first or up.t_first
             held: list[dict[str, Any]] | None = [] if resumed and not _uses_prefill(up.backend) else None
             partial = "".join(sent)
+            # the Messages API got the prefill without its trailing whitespace, which the client has
+            trim = resumed and up.backend.api == "anthropic" and partial[-1:].isspace()
             try:
                 async for chunk in up.chunks():
                     if not chunk.get("choices"):
@@ -383,6 +385,16 @@ class ChatStream:
                     if resumed and delta is not None and "role" in delta:
                         delta.pop("role")
                         if not delta.get("content") and not chunk["choices"][0].get("finish_reason"):
+                            continue
+                    if (
+                        trim
+                        and delta is not None
+                        and isinstance(delta.get("content"), str)
+                        and delta["content"]
+                    ):
+                        delta["content"], trim = delta["content"].lstrip(), False
+                        if not delta["content"] and not chunk["choices"][0].get("finish_reason"):
+                            trim = True  # all whitespace: keep trimming the next one
                             continue
                     if held is not None:
                         held.append(chunk)

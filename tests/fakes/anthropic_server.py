@@ -94,6 +94,8 @@ def _check_block(b: Any, where: str, role: str) -> None:
         raise Invalid(f"{where}.type: block type {kind!r} is not allowed in a {role} message")
     if kind == "text" and not isinstance(b.get("text"), str):
         raise Invalid(f"{where}.text: Field required")
+    if kind == "text" and not b["text"].strip():
+        raise Invalid("messages: text content blocks must contain non-whitespace text")
     if kind == "image":
         src = b.get("source") or {}
         if src.get("type") == "base64":
