@@ -332,6 +332,10 @@ def test_catalog_fields_build_urls_and_headers(monkeypatch):
         (_entry(api="bedrock"), "field 'api' = 'bedrock'"),
         (_entry(api="anthropic"), "field 'max_tokens' is missing: api 'anthropic'"),
         (_entry(api="azure"), "field 'api_version' is missing"),
+        (
+            _entry(api="anthropic", max_tokens=8, capabilities={"json_mode": True}),
+            "field 'capabilities.json_mode': api 'anthropic' has no response_format",
+        ),
         (_entry(deployment="d"), "field 'deployment' is only for api 'azure'"),
         (_entry(api_version="2024-10-21"), "field 'api_version' is only for"),
         (_entry(kind="vllm", api="azure", api_version="v"), "needs kind 'api'"),

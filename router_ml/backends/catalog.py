@@ -254,6 +254,11 @@ class BackendEntry(_Strict):
             raise ValueError("field 'api_version' is only for api 'azure' or 'anthropic'")
         if self.api == "azure" and not self.api_version:
             raise ValueError("field 'api_version' is missing: api 'azure' needs one, e.g. '2024-10-21'")
+        if self.api == "anthropic" and self.capabilities.json_mode:
+            raise ValueError(
+                "field 'capabilities.json_mode': api 'anthropic' has no response_format (the Messages "
+                "API would answer in prose), so JSON-mode requests must not be routed there"
+            )
         if self.api == "anthropic" and self.max_tokens is None:
             raise ValueError(
                 "field 'max_tokens' is missing: api 'anthropic' needs it (the Messages API requires "
