@@ -14,6 +14,24 @@ One YAML file (or a directory of them, ``conf/backends/``) lists backends::
         context_window: 2048          # also max_tokens, tokenizer, params_b
         capabilities: {tools: false, vision: false, json_mode: true}   # default: none
         launch: {engine: vllm, model: models/smollm2-135m, port: 8101}   # kind vllm only
+        api: openai                   # the wire format: openai (default) | anthropic | azure
+        headers: {OpenAI-Organization: org-x, X-Gateway-Token: {env: GATEWAY_TOKEN}}   # extra headers
+
+``api`` selects how a request reaches the backend: ``openai`` (Chat Completions,
+``{base_url}/chat/completions``, ``Authorization: Bearer``), ``anthropic`` (the native Messages API,
+``{base_url}/v1/messages`` with ``base_url`` the server root such as ``https://api.anthropic.com``,
+``x-api-key`` and ``anthropic-version: {api_version}`` (default ``2023-06-01``); ``max_tokens`` is
+required, as the Messages API needs one for requests that name none; translated by
+:mod:`~router_ml.backends.anthropic`) or ``azure`` (Azure OpenAI:
+``{base_url}/openai/deployments/{deployment}/chat/completions?api-version={api_version}``, the
+``api-key`` header; ``deployment`` defaults to ``served_model_id``, ``api_version`` is required).
+``kind`` is ``api`` for both. ``headers`` adds headers to every request to the backend: a value is
+a literal string, or ``{env: NAME}`` for a secret read from the environment at call time (the
+same rule as ``api_key_env``: a value shaped like a key is refused).
+``prices.cached_input_per_mtok`` prices the prompt tokens a provider served from its prompt cache
+(``prompt_tokens_details.cached_tokens``; Anthropic's ``cache_read_input_tokens``) and
+``prices.cache_write_per_mtok`` the ones it wrote to it (Anthropic's ``cache_creation_input_tokens``);
+unset, they cost ``input_per_mtok``: a discount is the operator's to state, never guessed.
 
 ``capabilities`` says what the model accepts beyond plain chat: ``tools`` (function calling:
 ``tools`` / ``tool_choice`` / ``functions``), ``vision`` (``image_url`` content parts), ``json_mode``
@@ -38,7 +56,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -59,6 +77,14 @@ from router_ml.backends.local.launch_spec import LAUNCH_KEYS, Launch
 from router_ml.decision.spec import ModelPool, ModelSpec, PoolConfigError, UnknownModelError
 
 KINDS = ("vllm", "api")
+APIS = ("openai", "anthropic", "azure")  # wire formats
+ANTHROPIC_VERSION = "2023-06-01"  # the anthropic-version header unless api_version says otherwise
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+# headers the transport or the api sets: a catalog cannot override them
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection", "authorization",
+     "api-key", "x-api-key", "anthropic-version"}
+)  # fmt: skip
 SPEC_KIND = {"vllm": "local", "api": "api"}  # catalog kind -> ModelSpec kind
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # prefixes of real API keys (OpenAI, Anthropic, Groq, Hugging Face, GitHub, Google, xAI, Stripe-style)
@@ -92,6 +118,8 @@ class Prices(_Strict):
     gpu_hour_usd: NonNegative | None = None
     decode_tokens_per_s: Positive | None = None
     prefill_cost_ratio: NonNegative | None = None
+    cached_input_per_mtok: NonNegative | None = None  # prompt tokens read from a provider's cache
+    cache_write_per_mtok: NonNegative | None = None  # prompt tokens written to it (Anthropic)
 
 
 class Latency(_Strict):
@@ -111,6 +139,13 @@ class Capabilities(_Strict):
     def names(self) -> frozenset[str]:
         """The capabilities switched on, by name."""
         return frozenset(k for k, v in self.model_dump().items() if v)
+
+
+@dataclass(frozen=True)
+class EnvRef:
+    """A header value read from the environment at call time: ``{env: NAME}`` in the catalog."""
+
+    env: str
 
 
 class BackendEntry(_Strict):
@@ -133,6 +168,40 @@ class BackendEntry(_Strict):
     params_b: Positive | None = None
     capabilities: Capabilities = Capabilities()
     launch: Launch | None = None  # kind vllm only
+    api: Literal["openai", "anthropic", "azure"] = "openai"
+    headers: dict[StrictStr, Any] = Field(default_factory=dict)  # value: str | {env: NAME}
+    deployment: StrictStr | None = None  # api azure only
+    api_version: StrictStr | None = None  # api azure (required) and anthropic
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, Any]) -> dict[str, str | EnvRef]:
+        out: dict[str, str | EnvRef] = {}
+        for name, value in v.items():
+            if not _HEADER_NAME.match(name):
+                raise Hidden(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise Hidden(
+                    f"{name!r} is set by router-ml (the api's own auth and framing headers); "
+                    "give the key with api_key_env"
+                )
+            if isinstance(value, Mapping) and set(value) == {"env"} and isinstance(value["env"], str):
+                if not _ENV_NAME.match(value["env"]):
+                    raise Hidden(
+                        f"header {name!r}: env {value['env']!r} must be an environment variable name "
+                        "like GATEWAY_TOKEN"
+                    )
+                out[name] = EnvRef(env=value["env"])
+            elif not isinstance(value, str):
+                raise Hidden(f"header {name!r}: the value must be a string or {{env: NAME}}")
+            elif _secret_in_header(value) or "\r" in value or "\n" in value:
+                raise Hidden(
+                    f"header {name!r} looks like a literal secret or holds a line break (value not "
+                    "shown): give {env: NAME}, the environment variable that holds it"
+                )
+            else:
+                out[name] = value
+        return out
 
     @field_validator("base_url")
     @classmethod
@@ -177,6 +246,24 @@ class BackendEntry(_Strict):
             raise ValueError(
                 f"field 'launch.port' = {self.launch.port}: differs from the base_url port {port}"
             )
+        if self.api != "openai" and self.kind != "api":
+            raise ValueError(f"field 'api' = {self.api!r} needs kind 'api' (a provider's endpoint)")
+        if self.deployment is not None and self.api != "azure":
+            raise ValueError("field 'deployment' is only for api 'azure'")
+        if self.api_version is not None and self.api == "openai":
+            raise ValueError("field 'api_version' is only for api 'azure' or 'anthropic'")
+        if self.api == "azure" and not self.api_version:
+            raise ValueError("field 'api_version' is missing: api 'azure' needs one, e.g. '2024-10-21'")
+        if self.api == "anthropic" and self.capabilities.json_mode:
+            raise ValueError(
+                "field 'capabilities.json_mode': api 'anthropic' has no response_format (the Messages "
+                "API would answer in prose), so JSON-mode requests must not be routed there"
+            )
+        if self.api == "anthropic" and self.max_tokens is None:
+            raise ValueError(
+                "field 'max_tokens' is missing: api 'anthropic' needs it (the Messages API requires "
+                "max_tokens; it is sent when a request names none)"
+            )
         return self
 
 
@@ -203,6 +290,12 @@ class Backend:
     max_retries: int = 2
     capabilities: frozenset[str] = frozenset()  # of "tools", "vision", "json_mode"
     launch: Mapping[str, Any] | None = field(default=None, compare=False)
+    api: str = "openai"  # one of APIS
+    headers: Mapping[str, str | EnvRef] = field(default_factory=dict, compare=False)
+    deployment: str | None = None  # azure: the deployment name (default: served_model_id)
+    api_version: str | None = None  # azure: api-version; anthropic: anthropic-version
+    cached_input_per_mtok: float | None = None  # None: cached prompt tokens cost the input price
+    cache_write_per_mtok: float | None = None
 
     def api_key(self) -> str | None:
         """The key from ``os.environ[api_key_env]``, read at call time; ``None`` if unset or empty."""
@@ -210,8 +303,39 @@ class Backend:
             return None
         return os.environ.get(self.api_key_env) or None
 
+    def extra_headers(self) -> dict[str, str]:
+        """The catalog's ``headers``, ``{env: NAME}`` values read now; :class:`MissingSecret` names
+        a variable that is unset or empty."""
+        out = {}
+        for name, value in self.headers.items():
+            if isinstance(value, EnvRef):
+                got = os.environ.get(value.env)
+                if not got:
+                    raise MissingSecret(
+                        f"header {name!r} reads the environment variable {value.env}, which is unset or empty"
+                    )
+                value = got
+            out[name] = value
+        return out
+
+    def secrets(self) -> list[str]:
+        """The secret values sent to the backend now (the key, ``{env: ...}`` headers): what must
+        never be echoed into errors or logs."""
+        found = [
+            self.api_key(),
+            *(os.environ.get(v.env) for v in self.headers.values() if isinstance(v, EnvRef)),
+        ]
+        return [s for s in found if s]
+
     @property
     def chat_url(self) -> str:
+        """Where a chat request goes, by ``api``."""
+        if self.api == "anthropic":
+            return f"{self.base_url}/v1/messages"
+        if self.api == "azure":
+            deployment = quote(self.deployment or self.served_model_id, safe="")
+            version = quote(self.api_version or "", safe="")
+            return f"{self.base_url}/openai/deployments/{deployment}/chat/completions?api-version={version}"
         return f"{self.base_url}/chat/completions"
 
     @property
@@ -220,7 +344,12 @@ class Backend:
         return self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
 
     def __repr__(self) -> str:  # no spec dump, never a key
-        return f"Backend({self.name!r}, kind={self.kind!r}, base_url={self.base_url!r})"
+        api = "" if self.api == "openai" else f", api={self.api!r}"
+        return f"Backend({self.name!r}, kind={self.kind!r}{api}, base_url={self.base_url!r})"
+
+
+class MissingSecret(RuntimeError):
+    """A secret the catalog names (by its environment variable) is not set at call time."""
 
 
 def looks_like_secret(value: str) -> bool:
@@ -229,6 +358,15 @@ def looks_like_secret(value: str) -> bool:
         return True
     # long mixed-case alphanumeric runs are keys; env var names are conventionally UPPER_SNAKE
     return len(value) >= 24 and bool(re.search(r"[a-z]", value)) and bool(re.search(r"\d", value))
+
+
+def _secret_in_header(value: str) -> bool:
+    """A header value shaped like a key: a key's prefix, or a run of 24+ letters and digits mixed
+    (a token), unlike the hyphenated words of ``anthropic-beta: prompt-caching-2024-07-31``."""
+    if value.startswith(_SECRET_PREFIXES):
+        return True
+    runs = re.findall(r"[A-Za-z0-9_+/=]{24,}", value)
+    return any(re.search(r"[A-Za-z]", r) and re.search(r"\d", r) for r in runs)
 
 
 def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
@@ -248,6 +386,10 @@ def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
                    ("capabilities",): list(Capabilities.model_fields)}  # fmt: skip
         raise CatalogError(f"{where}: {field_problem(err, allowed)}") from None
     prices = entry.prices.model_dump(exclude_none=True)
+    cached_in, cache_write = (
+        prices.pop("cached_input_per_mtok", None),
+        prices.pop("cache_write_per_mtok", None),
+    )
     latency = entry.latency.model_dump(exclude_none=True)
     limits = {f: getattr(entry, f) for f in ("context_window", "max_tokens", "tokenizer", "params_b")}
     try:
@@ -269,6 +411,12 @@ def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
         max_retries=entry.max_retries,
         capabilities=entry.capabilities.names(),
         launch=dict(raw["launch"]) if entry.launch is not None else None,
+        api=entry.api,
+        headers=dict(entry.headers),
+        deployment=entry.deployment,
+        api_version=entry.api_version or (ANTHROPIC_VERSION if entry.api == "anthropic" else None),
+        cached_input_per_mtok=cached_in,
+        cache_write_per_mtok=cache_write,
     )
 
 

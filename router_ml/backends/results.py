@@ -17,7 +17,7 @@ from router_ml.backends.catalog import Backend
 
 T = TypeVar("T")
 
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})  # 529: Anthropic overloaded
 
 
 class BackendError(Exception):
@@ -75,7 +75,8 @@ class ChatResult:
     """One finished answer. ``ttft_s`` / ``latency_s`` count from the start of the call (retries and
     fallbacks included); ``ttft_s`` is None for non-stream calls. ``usage_source``: "upstream" or
     "counted" (tokenizer); ``tried``: backends a request was sent to, in order; ``errors``: why the
-    ones before ``backend`` were left."""
+    ones before ``backend`` were left. ``cached_tokens`` / ``cache_write_tokens``: of the prompt
+    tokens, those the provider read from / wrote to its prompt cache (priced apart)."""
 
     backend: str
     text: str
@@ -91,6 +92,8 @@ class ChatResult:
     usage_source: str = "upstream"
     tried: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass
@@ -109,6 +112,20 @@ async def _within(aw: Awaitable[T], seconds: float) -> T:
         async with asyncio.timeout(seconds):
             return await aw
     return await asyncio.wait_for(aw, seconds)
+
+
+def cache_tokens(usage: Any) -> tuple[int, int]:
+    """(prompt tokens read from the provider's cache, prompt tokens written to it) of an OpenAI-style
+    ``usage``: ``prompt_tokens_details.cached_tokens`` (OpenAI, Azure, and Anthropic's
+    ``cache_read_input_tokens`` once translated) and ``cache_creation_input_tokens`` (Anthropic)."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    details = usage.get("prompt_tokens_details")
+    read = details.get("cached_tokens") if isinstance(details, dict) else None
+    write = usage.get("cache_creation_input_tokens")
+    return (read if isinstance(read, int) and read > 0 else 0), (
+        write if isinstance(write, int) and write > 0 else 0
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:

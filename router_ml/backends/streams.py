@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 import orjson
 
+from router_ml.backends.anthropic import StreamError, StreamTranslator
 from router_ml.backends.catalog import Backend
 from router_ml.backends.results import (
     BackendError,
@@ -36,6 +37,7 @@ from router_ml.backends.results import (
     StreamInterrupted,
     _CallState,
     _within,
+    cache_tokens,
     transport_error,
 )
 
@@ -139,12 +141,19 @@ def continuation_payload(
 
 
 def _uses_prefill(backend: Backend) -> bool:
-    """vLLM servers continue a final assistant message; llama.cpp and API backends are asked to."""
+    """vLLM servers and Anthropic's Messages API continue a final assistant message; llama.cpp and
+    OpenAI-style API backends are asked to."""
+    if backend.api == "anthropic":
+        return True
     return backend.kind == "vllm" and (backend.launch or {}).get("engine", "vllm") == "vllm"
 
 
 class Upstream:
-    """One open streaming response: chunks read up to the first content (``prime``), then the rest."""
+    """One open streaming response: chunks read up to the first content (``prime``), then the rest.
+
+    An Anthropic stream's events are translated into chunks on the way in
+    (:class:`~router_ml.backends.anthropic.StreamTranslator`); ``message_stop`` plays ``[DONE]``.
+    """
 
     def __init__(self, backend: Backend, body: dict, resp: httpx.Response, t_start: float) -> None:
         self.backend, self.body, self.resp, self.t_start = backend, body, resp, t_start
@@ -155,13 +164,17 @@ class Upstream:
         self.finish: str | None = None
         self.text: list[str] = []
         self.done = self.saw_done = False
+        self.translator = StreamTranslator() if backend.api == "anthropic" else None
+        self.pending: list[dict[str, Any]] = []  # chunks translated from one event, not yet taken
 
     def _broken(self, why: str) -> BackendError:
         return BackendError(self.backend.name, why, retryable=True)
 
     async def _next(self) -> dict[str, Any] | None:
         """The next chunk; None at a clean end; BackendError when the stream breaks."""
-        while not self.done:
+        while self.pending or not self.done:
+            if self.pending:
+                return self._take(self.pending.pop(0))
             try:
                 line = await self.lines.__anext__()
             except StopAsyncIteration:
@@ -193,29 +206,42 @@ class Upstream:
                 raise self._broken("stream carried invalid JSON") from None
             if not isinstance(chunk, dict):
                 raise self._broken("stream carried a non-object event")
+            if self.translator is not None:
+                try:
+                    self.pending.extend(self.translator.feed(chunk))
+                except StreamError as err:
+                    self.done = True
+                    raise self._broken(f"error event in stream: {err}") from None
+                if self.translator.done:
+                    self.done = self.saw_done = True
+                continue
             if chunk.get("error") and not chunk.get("choices"):
                 err = chunk["error"]
                 raise self._broken(
                     f"error event in stream: {err.get('message') if isinstance(err, dict) else err}"
                 )
-            if chunk.get("usage"):
-                self.usage = chunk["usage"]
-            choices = chunk.get("choices") or []
-            if choices and isinstance(choices[0], dict) and choices[0].get("index", 0) == 0:
-                delta = choices[0].get("delta") or {}
-                content = delta.get("content")
-                if content:
-                    self.text.append(content)
-                if delta.get("tool_calls"):  # counted as output, never sent on as text
-                    self.text.append(tool_call_text(delta["tool_calls"]))
-                if self.t_first is None and (
-                    content or delta.get("tool_calls") or delta.get("reasoning_content")
-                ):
-                    self.t_first = time.perf_counter()
-                if choices[0].get("finish_reason"):
-                    self.finish = choices[0]["finish_reason"]
-            return chunk
+            return self._take(chunk)
         return None
+
+    def _take(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """Account for one chunk (usage, text, first-token time, finish) and return it."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices") or []
+        if choices and isinstance(choices[0], dict) and choices[0].get("index", 0) == 0:
+            delta = choices[0].get("delta") or {}
+            content = delta.get("content")
+            if content:
+                self.text.append(content)
+            if delta.get("tool_calls"):  # counted as output, never sent on as text
+                self.text.append(tool_call_text(delta["tool_calls"]))
+            if self.t_first is None and (
+                content or delta.get("tool_calls") or delta.get("reasoning_content")
+            ):
+                self.t_first = time.perf_counter()
+            if choices[0].get("finish_reason"):
+                self.finish = choices[0]["finish_reason"]
+        return chunk
 
     async def prime(self) -> None:
         """Read (and keep) chunks until the first content arrives or the stream ends."""
@@ -251,7 +277,14 @@ class StreamHost(Protocol):
 
     def count_tokens(self, backend: Backend, text: str) -> int: ...
 
-    def cost(self, name: str, prompt_tokens: float, completion_tokens: float) -> float | None: ...
+    def cost(
+        self,
+        name: str,
+        prompt_tokens: float,
+        completion_tokens: float,
+        cached_tokens: float = 0,
+        cache_write_tokens: float = 0,
+    ) -> float | None: ...
 
     def observe(self, name: str, ttft_s: float | None, tokens_per_s: float | None) -> None: ...
 
@@ -268,6 +301,8 @@ class _Segment:
     completion_tokens: int
     counted: bool
     cost: float | None
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class ChatStream:
@@ -318,10 +353,12 @@ class ChatStream:
         usage = up.usage or {}
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
         counted = not (isinstance(pt, int) and isinstance(ct, int))
+        cached, written = (0, 0) if counted else cache_tokens(usage)
         if counted:
             pt = self._host.count_tokens(up.backend, prompt_text(up.body.get("messages")))
             ct = self._host.count_tokens(up.backend, "".join(up.text))
-        return _Segment(up.backend.name, pt, ct, counted, self._host.cost(up.backend.name, pt, ct))
+        cost = self._host.cost(up.backend.name, pt, ct, cached, written)
+        return _Segment(up.backend.name, pt, ct, counted, cost, cached, written)
 
     async def _run(self) -> AsyncIterator[dict[str, Any]]:
         host, state = self._host, self._state
@@ -336,6 +373,8 @@ class ChatStream:
             t_first = t_first or up.t_first
             held: list[dict[str, Any]] | None = [] if resumed and not _uses_prefill(up.backend) else None
             partial = "".join(sent)
+            # the Messages API got the prefill without its trailing whitespace, which the client has
+            trim = resumed and up.backend.api == "anthropic" and partial[-1:].isspace()
             try:
                 async for chunk in up.chunks():
                     if not chunk.get("choices"):
@@ -346,6 +385,16 @@ class ChatStream:
                     if resumed and delta is not None and "role" in delta:
                         delta.pop("role")
                         if not delta.get("content") and not chunk["choices"][0].get("finish_reason"):
+                            continue
+                    if (
+                        trim
+                        and delta is not None
+                        and isinstance(delta.get("content"), str)
+                        and delta["content"]
+                    ):
+                        delta["content"], trim = delta["content"].lstrip(), False
+                        if not delta["content"] and not chunk["choices"][0].get("finish_reason"):
+                            trim = True  # all whitespace: keep trimming the next one
                             continue
                     if held is not None:
                         held.append(chunk)
@@ -421,13 +470,18 @@ class ChatStream:
             usage_source="counted" if any(s.counted for s in segments) else "upstream",
             tried=state.tried,
             errors=state.errors,
+            cached_tokens=segments[0].cached_tokens,
+            cache_write_tokens=segments[0].cache_write_tokens,
         )
         if self._want_usage:
-            usage = {
+            usage: dict[str, Any] = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             }
+            if segments[0].cached_tokens or segments[0].cache_write_tokens:
+                usage["prompt_tokens_details"] = {"cached_tokens": segments[0].cached_tokens}
+                usage["cache_creation_input_tokens"] = segments[0].cache_write_tokens
             ident = ident or (None, None)
             yield {
                 "id": ident[0],

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
+from router_ml.backends import anthropic
 from router_ml.backends.breaker import CircuitBreaker
-from router_ml.backends.catalog import Backend, Catalog
+from router_ml.backends.catalog import Backend, Catalog, MissingSecret
 from router_ml.backends.http11 import FastHTTP
 from router_ml.backends.results import (
     RETRYABLE_STATUS,
@@ -31,6 +32,7 @@ from router_ml.backends.results import (
     ChatResult,
     _CallState,
     _within,
+    cache_tokens,
     parse_retry_after,
     transport_error,
 )
@@ -134,11 +136,32 @@ class HttpCalls:
             return 0
         return int(build_token_counter(backend.spec.tokenizer, backend.spec.kind).count([text])[0])
 
-    def cost(self, name: str, prompt_tokens: float, completion_tokens: float) -> float | None:
+    def cost(
+        self,
+        name: str,
+        prompt_tokens: float,
+        completion_tokens: float,
+        cached_tokens: float = 0,
+        cache_write_tokens: float = 0,
+    ) -> float | None:
+        """The bill of a call, USD; of its ``prompt_tokens``, ``cached_tokens`` were read from the
+        provider's prompt cache and ``cache_write_tokens`` written to it, each at the catalog's
+        price for them (``prices.cached_input_per_mtok`` / ``cache_write_per_mtok``; unset: the
+        input price). None for a backend outside the cost model."""
         try:
-            return self.cost_model.cost(name, prompt_tokens, completion_tokens)
+            bill = self.cost_model.cost(name, prompt_tokens, completion_tokens)
         except UnknownModelError:
             return None
+        if (cached_tokens or cache_write_tokens) and name in self.catalog:
+            b = self.catalog.get(name)
+            pin = self.cost_model.pool.input_price[self.cost_model.pool.index(name)]
+            for tokens, price in (
+                (cached_tokens, b.cached_input_per_mtok),
+                (cache_write_tokens, b.cache_write_per_mtok),
+            ):
+                if tokens and price is not None:
+                    bill += tokens * (price - pin) / 1e6
+        return float(bill)
 
     def observe(self, name: str, ttft_s: float | None, tokens_per_s: float | None) -> None:
         """Feed a call's TTFT and decode speed to the latency model (if any)."""
@@ -153,14 +176,40 @@ class HttpCalls:
 
     # -------------------------------------------------------------------------------- HTTP
     def _headers(self, backend: Backend) -> dict[str, str]:
+        """The request headers by ``backend.api`` (its auth header), the catalog's extra ones after."""
         headers = {"Content-Type": "application/json"}
         key = backend.api_key()
-        if key:
+        if backend.api == "anthropic":
+            headers["anthropic-version"] = backend.api_version or ""
+            if key:
+                headers["x-api-key"] = key
+        elif backend.api == "azure":
+            if key:
+                headers["api-key"] = key
+        elif key:
             headers["Authorization"] = f"Bearer {key}"
+        if backend.headers:
+            try:
+                extra = backend.extra_headers()
+            except MissingSecret as err:
+                raise BackendError(backend.name, str(err)) from None
+            if any("\r" in v or "\n" in v for v in extra.values()):
+                raise BackendError(backend.name, "an extra header's value holds a line break")
+            headers.update(extra)
         return headers
 
     @staticmethod
     def _body(backend: Backend, payload: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+        """The upstream request body in the backend's wire format (``api``)."""
+        if backend.api == "anthropic":
+            try:
+                return anthropic.to_messages(
+                    payload, backend.served_model_id, backend.spec.max_tokens, stream
+                )
+            except anthropic.TranslationError as err:
+                raise BadRequest(
+                    backend.name, f"cannot translate to the Messages API: {err}", status=400
+                ) from None
         body = dict(payload)
         body["model"], body["stream"] = backend.served_model_id, stream
         if stream:
@@ -177,9 +226,8 @@ class HttpCalls:
         except (ValueError, AttributeError):
             pass
         text = text.strip()[:300]
-        key = backend.api_key()
-        if key and key in text:  # never let an upstream echo the key into our errors or logs
-            text = text.replace(key, "***")
+        for secret in backend.secrets():  # never let an upstream echo a key into our errors or logs
+            text = text.replace(secret, "***")
         message = f"HTTP {status}: {text}"
         if 400 <= status < 500 and status not in (408, 409, 429):
             return BadRequest(backend.name, message, status=status)
@@ -259,16 +307,20 @@ class HttpCalls:
             raise self._status_error(backend, resp)
         try:
             data = orjson.loads(resp.content)
+            if backend.api == "anthropic":
+                data = anthropic.to_chat_completion(data)
             choice = data["choices"][0]
             message = choice.get("message") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            what = "a Messages API message" if backend.api == "anthropic" else "a chat.completion"
             raise BackendError(
-                backend.name, "answer is not a chat.completion JSON", status=200, retryable=True
+                backend.name, f"answer is not {what} JSON", status=200, retryable=True
             ) from None
         text = _content_text(message.get("content"))
         usage = data.get("usage") or {}
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
         counted = not (isinstance(pt, int) and isinstance(ct, int))
+        cached, written = (0, 0) if counted else cache_tokens(usage)
         if counted:
             pt = self.count_tokens(backend, prompt_text(body.get("messages")))
             ct = self.count_tokens(backend, text + tool_call_text(message.get("tool_calls")))
@@ -285,9 +337,11 @@ class HttpCalls:
             ttft_s=None,
             latency_s=end - state.t0,
             tokens_per_s=ct / (end - t) if end > t else None,
-            cost_usd=self.cost(backend.name, pt, ct),
+            cost_usd=self.cost(backend.name, pt, ct, cached, written),
             attempts=state.attempts,
             raw=data,
+            cached_tokens=cached,
+            cache_write_tokens=written,
             usage_source="counted" if counted else "upstream",
             tried=state.tried,
             errors=state.errors,

@@ -72,10 +72,12 @@ class LoopbackThread:
     """A :class:`LoopbackServer` on its own event loop in a daemon thread, for synchronous callers.
 
     ``with LoopbackThread(fault=...) as srv: ...``; ``srv.server`` is the server (``stats``, ``fault``).
+    ``server_cls``: a subclass that speaks another wire format (:mod:`tests.fakes.anthropic_server`,
+    :mod:`tests.fakes.azure_server`).
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        self.server = LoopbackServer(**kwargs)
+    def __init__(self, server_cls: type[LoopbackServer] = LoopbackServer, **kwargs: Any) -> None:
+        self.server = server_cls(**kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -86,6 +88,10 @@ class LoopbackThread:
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
     def set_fault(self, mode: str = "ok", **params: Any) -> Fault:
         """Switch the server's fault (on its loop); ``params`` as in :class:`Fault`."""

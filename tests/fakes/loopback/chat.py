@@ -179,7 +179,7 @@ async def serve_chat(
     bad = _bad_part(messages)
     if bad is not None:
         return _reject(entry, writer, 400, bad, "invalid_request_error", "invalid_image_url")
-    srv.last_request = req
+    srv.last_request, srv.last_headers = req, headers
     fault = srv.faults.take()
     mode = entry["mode"] = fault.mode
     if mode != "ok":
@@ -304,6 +304,8 @@ async def _stream(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
+    for obj in srv.stream_preamble:  # e.g. Azure's prompt_filter_results chunk (choices: [])
+        writer.write(_event(obj))
 
     # every chunk shares its envelope: format it once, json-encode only the delta (fast path)
     head = (

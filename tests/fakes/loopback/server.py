@@ -59,6 +59,8 @@ class LoopbackServer:
         self.max_body_bytes = max_body_bytes
         self.stats: Counter[str] = Counter()
         self.last_request: dict[str, Any] | None = None  # the last chat body, for tests
+        self.last_headers: dict[str, str] = {}  # the last chat request's headers (lower-case names)
+        self.stream_preamble: list[dict[str, Any]] = []  # events sent before a stream's first chunk
         self.running = 0  # chat requests being answered
         self.ttft = [0.0, 0]  # server-side time to first token: sum, count
         self._ids = 0
@@ -156,7 +158,8 @@ class LoopbackServer:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = await reader.readexactly(length) if length else b""
                 self.stats["requests"] += 1
-                keep = await self._dispatch(method, path.split("?", 1)[0], headers, body, reader, writer)
+                path, _, query = path.partition("?")
+                keep = await self._dispatch(method, path, headers, body, reader, writer, query)
                 await writer.drain()
                 if not keep or headers.get("connection", "").lower() == "close":
                     return
@@ -177,8 +180,9 @@ class LoopbackServer:
         body: bytes,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        query: str = "",
     ) -> bool:
-        """Answer one request; False closes the connection."""
+        """Answer one request (``query``: the target's query string); False closes the connection."""
         if path in ("/fault", "/arrivals"):
             writer.write(self._admin(method, path, body))
             return True
