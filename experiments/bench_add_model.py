@@ -75,7 +75,7 @@ def load(data: str, max_prompts: int | None, seed: int):
 
 
 def routed(pred: np.ndarray, Y: np.ndarray) -> float:
-    from router_ml.evaluation.metrics import routed_scores
+    from router_ml.metrics import routed_scores
 
     return float(np.nanmean(routed_scores(pred, Y)))
 
