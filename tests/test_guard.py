@@ -206,7 +206,7 @@ def test_proxy_header_reports_novelty():
 
 
 def test_a_guard_carried_to_an_added_model_keeps_the_trained_columns_and_is_cautious_on_the_new(fitted):
-    g, X, Y = fitted
+    g, X, _ = fitted
     g2 = g.with_added_models([0.3])
     assert g2.prior_.shape == (3,) and g2.prior_[2] == 0.3
     np.testing.assert_array_equal(g2.prior_[:2], g.prior_)

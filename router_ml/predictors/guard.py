@@ -358,7 +358,9 @@ class NoveltyGuard(BasePredictor):
         self._check_fitted("bank_")
         prior = np.asarray(prior, dtype=np.float64).ravel()
         if not len(prior) or not np.isfinite(prior).all() or (prior < 0).any() or (prior > 1).any():
-            raise ValueError(f"NoveltyGuard.with_added_models: prior must be finite values in [0, 1], got {prior}")
+            raise ValueError(
+                f"NoveltyGuard.with_added_models: prior must be finite values in [0, 1], got {prior}"
+            )
         out = type(self)(**self.get_params())
         state = {k: np.array(v, copy=True) for k, v in self.state_dict().items()}
         state["prior"] = np.append(state["prior"], prior)
