@@ -2,6 +2,8 @@
 
     python -m experiments.bench_add_model                                  # mmlu_pro (4,000 prompts) + zeroeval
     python -m experiments.bench_add_model --data mmlu_pro --max-prompts 4000 --ks 25 50 100 200
+    python -m experiments.bench_add_model --data zeroeval --max-prompts 0 --ks 100 --pool-sizes 4 \
+        --methods ridge+bank ridge+family --seed 1                          # variants, another split
     python -m experiments.bench_add_model --replot outputs/bench_add_model/bench_add_model.json \
         --plot data/results/add_model.png                                   # redraw the figure
 
@@ -20,7 +22,9 @@ never tested on). For each held-out model h:
   ``router-ml add-model`` fit: a ridge on the existing columns' predictions shrunk to their mean,
   plus the probes' residuals smoothed over the 50 nearest probes), ``ridge`` (without the residual
   correction), ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank``
-  (kNN over the probes alone: k = min(10, K), distance weights).
+  (kNN over the probes alone: k = min(10, K), distance weights); opt-in (``--methods``):
+  ``ridge+family`` (the ridge plus the probes' mean residual per family, shrunk to 0; the families a
+  3-means of the router part's embeddings) and ``ridge+family+bank``.
 - pools: ``--pool-sizes 4`` = 10 random pools of 4 other models per held-out model (a user's own
   pool); ``0`` = every other model (there the argmax gains only from the single best model, so
   the share is a ratio of near-zero numbers).
@@ -46,6 +50,10 @@ import numpy as np
 
 KS = (25, 50, 100, 200)
 METHODS = ("ridge+bank", "ridge", "shift", "bank")
+#: opt-in variants (``--methods``): per-family intercepts of the ridge residuals, the families a
+#: k-means (FAMILIES clusters) of the router part's embeddings; ``+bank`` adds the residual smoother
+EXTRA_METHODS = ("ridge+family", "ridge+family+bank")
+FAMILIES, FAMILY_TAU = 3, 10.0
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -75,16 +83,16 @@ def load(data: str, max_prompts: int | None, seed: int):
 
 
 def routed(pred: np.ndarray, Y: np.ndarray) -> float:
-    from router_ml.evaluation.metrics import routed_scores
+    from router_ml.metrics import routed_scores
 
     return float(np.nanmean(routed_scores(pred, Y)))
 
 
-def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test) -> np.ndarray:
+def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test, centroids=None) -> np.ndarray:
     """The new model's predicted quality on the test prompts ``(n_test,)``, from its probe scores
     ``y_probe (K,)``; ``P_probe (K, m)`` / ``P_test (n, m)`` the existing columns' predictions.
     ``ridge+bank`` is what ``ProbedQualityPredictor.add_model`` fits (its two functions, on the
-    kNN columns of this pool)."""
+    kNN columns of this pool). ``centroids (c, d)`` unit-norm family centres (``ridge+family``)."""
     from router_ml.predictors import KnnQualityPredictor, ProbedQualityPredictor
     from router_ml.predictors.probed import ALPHAS, bank_correction, fit_probe_column
 
@@ -96,15 +104,30 @@ def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test) -> np.nda
         return bank.fit(X_probe, y_probe[:, None]).predict(X_test)[:, 0]
     coef, _, _ = fit_probe_column(P_probe, y_probe, (1e12,) if method == "shift" else ALPHAS)
     q = P_test @ coef[:-1] + coef[-1]
-    if method == "ridge+bank":
+    resid = y_probe - np.clip(P_probe @ coef[:-1] + coef[-1], 0.0, 1.0)
+    if method.startswith("ridge+family"):  # per-family mean residual, shrunk to 0 by FAMILY_TAU
+        fam_p, fam_t = (np.argmax(unit(A) @ centroids.T, axis=1) for A in (X_probe, X_test))
+        off = np.array(
+            [resid[fam_p == f].sum() / ((fam_p == f).sum() + FAMILY_TAU) for f in range(len(centroids))]
+        )
+        q, resid = q + off[fam_t], resid - off[fam_p]
+    if method.endswith("+bank"):
         d = ProbedQualityPredictor()
-        resid = y_probe - np.clip(P_probe @ coef[:-1] + coef[-1], 0.0, 1.0)
         q = q + bank_correction(unit(X_test), unit(X_probe), resid, d.bank_k, d.bank_tau)
     return np.clip(q, 0.0, 1.0)
 
 
 def one_model(
-    h: int, split: dict, pred: dict, ks, pool_size: int, n_pools: int, n_random: int, seed: int
+    h: int,
+    split: dict,
+    pred: dict,
+    ks,
+    pool_size: int,
+    n_pools: int,
+    n_random: int,
+    seed: int,
+    methods=METHODS,
+    centroids=None,
 ) -> dict:
     """Held-out model ``h``: per pool of ``pool_size`` other models (``n_pools`` random ones, or
     every other model when ``pool_size`` is 0), the without / full / probes routed qualities."""
@@ -138,10 +161,10 @@ def one_model(
                 "random": [rng.choice(len(seen), kk, replace=False) for _ in range(n_random)],
             }
             for how, sets in draws.items():
-                for method in METHODS:
+                for method in methods:
                     qs = []
                     for idx in sets:
-                        new = add_column(method, P_pool[idx], ys[idx], Xs[idx], Xt, P_test)
+                        new = add_column(method, P_pool[idx], ys[idx], Xs[idx], Xt, P_test, centroids)
                         qs.append(routed(np.column_stack([P_test, new]), Yt[:, both]))
                     res["probes"][f"{k}/{how}/{method}"] = float(np.mean(qs))
         out.append(res)
@@ -173,18 +196,18 @@ def summarise(rows: dict[str, dict], n_boot: int, seed: int) -> dict:
     return out
 
 
-def table_md(title: str, summary: dict, ks) -> str:
+def table_md(title: str, summary: dict, ks, methods=METHODS) -> str:
     lines = [
         f"### {title}: {summary['n_models']} held-out models, {summary['n_pairs']} (model, pool) pairs, "
         f"mean full-retrain gain {summary['mean_full_gain_pts']:.2f} pts",
         "",
-        "| K | probes | " + " | ".join(f"{m}: share of full gain [95% CI]" for m in METHODS) + " |",
-        "|---|---|" + "---|" * len(METHODS),
+        "| K | probes | " + " | ".join(f"{m}: share of full gain [95% CI]" for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
     ]
     for k in ks:
         for how in ("informative", "random"):
             cells = []
-            for m in METHODS:
+            for m in methods:
                 s = summary["shares"][f"{k}/{how}/{m}"]
                 cells.append(f"{100 * s['share']:.0f}% [{100 * s['ci'][0]:.0f}, {100 * s['ci'][1]:.0f}]")
             lines.append(f"| {k} | {how} | " + " | ".join(cells) + " |")
@@ -246,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--n-pools", type=int, default=10, help="random pools per held-out model")
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=[*METHODS, *EXTRA_METHODS],
+        help="how the new column is fitted (the first is what add-model does)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench_add_model")
     ap.add_argument("--plot", default=None, help="also write the figure here (.png)")
@@ -261,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         models, split = load(data, cap or None, args.seed)
         head = KnnQualityPredictor(k=100, weights="distance").fit(*split["router"][:2])
         pred = {"pool": head.predict(split["pool"][0]), "test": head.predict(split["test"][0])}
+        centroids = None
+        if any(m.startswith("ridge+family") for m in args.methods):
+            from sklearn.cluster import KMeans
+
+            Xr = split["router"][0] / np.linalg.norm(split["router"][0], axis=1, keepdims=True)
+            c = KMeans(FAMILIES, n_init=3, random_state=args.seed).fit(Xr).cluster_centers_
+            centroids = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
         order = np.argsort(np.nanmean(split["router"][1], axis=0))
         held = order
         if args.max_models:
@@ -271,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = {}
             for h in tqdm(held.tolist(), desc=f"{data}, pools of {pool_size or 'all'}: held-out models"):
                 rows[models[h]] = one_model(
-                    h, split, pred, args.ks, pool_size, args.n_pools, args.n_random, args.seed
-                )
+                    h, split, pred, args.ks, pool_size, args.n_pools, args.n_random, args.seed,
+                    args.methods, centroids,
+                )  # fmt: skip
             summary = summarise(rows, args.n_boot, args.seed)
             title = (
                 f"{data}, pool = {pool_size} random other models + the new one"
@@ -280,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 else f"{data}, pool = every other model + the new one"
             )
             report[data][f"pool_{pool_size}"] = {"summary": summary, "per_model": rows}
-            md.append(table_md(title, summary, args.ks) + f"\n\nprompts: {sizes}\n")
+            md.append(table_md(title, summary, args.ks, args.methods) + f"\n\nprompts: {sizes}\n")
             (out_dir / "bench_add_model.json").write_text(json.dumps(report, indent=2) + "\n")
             (out_dir / "bench_add_model.md").write_text("\n".join(md))
             print(md[-1], flush=True)

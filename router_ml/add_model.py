@@ -199,6 +199,17 @@ def add_model(
         f"smoothed over the {head.bank_k} most similar probes; calibrator column: identity",
         "note": "metrics above were measured before this model was added",
     }
+    guard = None
+    if router.guard is not None:
+        # the guard's pool prior needs the new model's mean quality: the probe mean (its only
+        # observed outcomes); its interval is the widest of the trained models' (see
+        # NoveltyGuard.with_added_models)
+        prior = float(np.nanmean(scores))
+        guard = router.guard.with_added_models([prior])
+        record["guard"] = (
+            f"carried: the new model's prior mean = its probe mean ({prior:.4f}), its conformal "
+            "half-width = the widest of the trained models'"
+        )
     meta["added_models"] = [*meta.get("added_models", []), record]
     if spec is not None:
         meta["model_specs"] = {**meta.get("model_specs", {}), name: spec}
@@ -209,6 +220,7 @@ def add_model(
         [*router.models, name],
         calibrator=calibrator,
         metadata=meta,
+        guard=guard,
     )
     if router.policy_fit is not None:  # the same prompts, predicted again with the new column
         from router_ml.decision.fit_set import PolicyFitSet

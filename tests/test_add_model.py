@@ -229,6 +229,8 @@ def router_without_one(tmp_path_factory, embedding_cache):
     held = table.groupby("model")["score"].mean().idxmax()
     cfg["data"]["models"] = sorted(set(table["model"]) - {held})
     cfg["name"] = "test-add-model"
+    # trained with the novelty guard, which add-model must carry to the new model
+    cfg["guard"] = {"enabled": True, "family_by": "source_task", "params": {"folds": 3}}
     run = tmp_path_factory.mktemp("addmodel")
     train(cfg, run_dir=run)
     return run / "checkpoint", held, table
@@ -264,6 +266,11 @@ def test_add_model_cli_end_to_end(router_without_one, tmp_path, capsys):
         type(new.quality_head).name == "probed" and new.metadata["model_specs"][held]["output_per_mtok"] > 0
     )
     assert f"`{held}` was added from 60 probe prompts" in (out / "README.md").read_text()
+    # the guard is carried: the trained models' priors as they were, the new one's the probe mean
+    assert old.guard is not None and new.guard is not None
+    probe_mean = scored[scored["model"] == held].groupby("prompt")["score"].mean().mean()
+    np.testing.assert_array_equal(new.guard.prior_[:-1], old.guard.prior_)
+    assert new.guard.prior_[-1] == pytest.approx(probe_mean) and "carried" in report["added"]["guard"]
     test = [p for p in prompts if p not in set(probes["prompt"])][:200]
     q_old, q_new = old.predict_quality(test), new.predict_quality(test)
     assert np.array_equal(q_new[old.models].to_numpy(), q_old.to_numpy())  # bit for bit
@@ -274,6 +281,9 @@ def test_add_model_cli_end_to_end(router_without_one, tmp_path, capsys):
     truth = table[(table["model"] == held)].set_index("prompt")["score"]
     from sklearn.metrics import roc_auc_score
 
-    assert roc_auc_score(truth.loc[test].to_numpy(), q_new[held].to_numpy()) > 0.55
+    # (the head's own column: predict_quality applies the guard, a shrink toward the prior whose
+    # weight varies per prompt with novelty)
+    column = new.quality_head.predict(new.embed(test))[:, -1]
+    assert roc_auc_score(truth.loc[test].to_numpy(), column) > 0.55
     assert main(["add-model", "--ckpt", str(out), "--probes", str(tmp_path / "scores.parquet"),
                  "--model", held, "--out", str(tmp_path / "again")]) == 2  # already in the pool  # fmt: skip

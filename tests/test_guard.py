@@ -203,3 +203,23 @@ def test_proxy_header_reports_novelty():
     assert "x-router-novelty" not in decision_headers(d, 0.001)
     d.novelty = 0.8734
     assert decision_headers(d, 0.001)["x-router-novelty"] == "0.873"
+
+
+def test_a_guard_carried_to_an_added_model_keeps_the_trained_columns_and_is_cautious_on_the_new(fitted):
+    g, X, _ = fitted
+    g2 = g.with_added_models([0.3])
+    assert g2.prior_.shape == (3,) and g2.prior_[2] == 0.3
+    np.testing.assert_array_equal(g2.prior_[:2], g.prior_)
+    np.testing.assert_array_equal(g2.halfwidth_[:, :2], g.halfwidth_)
+    np.testing.assert_array_equal(g2.halfwidth_[:, 2], g.halfwidth_.max(axis=1))  # the widest interval
+    assert g2.prior_model == g.prior_model and g.prior_.shape == (2,)  # the original is unchanged
+    q = np.tile([0.5, 0.6, 0.55], (5, 1))
+    a, b = g.transform(X[:5], q[:, :2]), g2.transform(X[:5], q)
+    np.testing.assert_array_equal(a.novelty, b.novelty)
+    # a new column that never wins leaves the trained columns' guarded figures as they were
+    np.testing.assert_allclose(g2.transform(X[:5], np.c_[q[:, :2], np.zeros(5)]).quality[:, :2], a.quality)
+    assert b.quality.shape == (5, 3) and (b.lower <= b.upper).all()
+    g3 = NoveltyGuard.load_state_dict(NoveltyGuard(**g2.get_params()), g2.state_dict())  # saved and read back
+    np.testing.assert_array_equal(g3.halfwidth_, g2.halfwidth_)
+    with pytest.raises(ValueError, match="prior must be finite values in"):
+        g.with_added_models([1.5])

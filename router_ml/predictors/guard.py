@@ -347,6 +347,27 @@ class NoveltyGuard(BasePredictor):
         """Column of the conservative prior's best model (the training pool's best single model)."""
         return int(np.argmax(self.prior_))
 
+    def with_added_models(self, prior: Sequence[float]) -> NoveltyGuard:
+        """A copy for a pool that gained ``len(prior)`` models (appended columns, e.g. added from
+        probes), with ``prior`` their conservative prior mean quality (what the pool prior holds for
+        the trained models: their mean score). The novelty score and the shrink / margin parameters
+        read no model column and stay as they are; a new column's conformal half-width per novelty
+        bin is the widest of the trained columns' (its errors were never measured out of fold, so it
+        gets the most cautious interval). The trained columns keep the same arrays.
+        """
+        self._check_fitted("bank_")
+        prior = np.asarray(prior, dtype=np.float64).ravel()
+        if not len(prior) or not np.isfinite(prior).all() or (prior < 0).any() or (prior > 1).any():
+            raise ValueError(
+                f"NoveltyGuard.with_added_models: prior must be finite values in [0, 1], got {prior}"
+            )
+        out = type(self)(**self.get_params())
+        state = {k: np.array(v, copy=True) for k, v in self.state_dict().items()}
+        state["prior"] = np.append(state["prior"], prior)
+        wide = state["halfwidth"].max(axis=1, keepdims=True)
+        state["halfwidth"] = np.hstack([state["halfwidth"], np.repeat(wide, len(prior), axis=1)])
+        return out.load_state_dict(state)
+
     # ---- persistence ---------------------------------------------------------------------------
     _STATE = (
         "bank_",
