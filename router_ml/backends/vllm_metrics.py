@@ -184,14 +184,15 @@ def apply_vllm_metrics(
     name: str,
     current: Mapping[str, float | None],
     previous: Mapping[str, float | None] | None = None,
+    net_of_queue: bool = True,
 ) -> tuple[float | None, float | None]:
     """Feed ``latency_model`` the mean TTFT and decode speed of the requests vLLM finished between
-    two scrapes (``previous`` None: since the server started). The TTFT fed is net of the time
-    those requests waited in vLLM's queue where vLLM exports it: the live queue is counted by
-    :func:`vllm_queue_load`, and counting past queueing in the static estimate too would count it
-    twice. Returns (ttft_s, tokens_per_s) observed, None where no request finished."""
+    two scrapes (``previous`` None: since the server started). With ``net_of_queue`` the TTFT fed
+    is net of the time those requests waited in vLLM's queue where vLLM exports it: the live queue
+    is counted by :func:`vllm_queue_load`, and counting past queueing in the static estimate too
+    would count it twice. Returns (ttft_s, tokens_per_s) observed, None where no request finished."""
     ttft, itl = window_mean("ttft", current, previous), window_mean("itl", current, previous)
-    queued = window_mean("queue", current, previous)
+    queued = window_mean("queue", current, previous) if net_of_queue else None
     if ttft is not None and queued is not None and ttft - queued > 0:
         ttft -= queued
     ttft = ttft if ttft else None

@@ -88,8 +88,8 @@ class RoutingEngine:
     pass-through (None: only budgeted policies cap); ``default_max_tokens``: the output cap written
     into a capped request that names none (so its cost bound holds); ``reservation_ttl_s``: how long
     a hold outlives a replica that crashed; ``queue_aware``: the live queues of vLLM backends raise
-    their models' first-token estimates (:meth:`refresh_vllm_metrics`; off: their finished requests'
-    figures only).
+    their models' first-token estimates (:meth:`refresh_vllm_metrics`; off: only the figures of their
+    finished requests feed them, queueing included, as before).
     """
 
     def __init__(
@@ -221,7 +221,7 @@ class RoutingEngine:
                 self._set_load(backend.name, None)
                 continue
             previous = self.vllm_seen.get(backend.name)
-            apply_vllm_metrics(self.client.latency_model, backend.name, current, previous)
+            apply_vllm_metrics(self.client.latency_model, backend.name, current, previous, self.queue_aware)
             self._set_load(backend.name, vllm_queue_load(backend.name, current, previous))
             self.vllm_seen[backend.name] = current
         return dict(self.vllm_seen)
