@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from router_ml import LearnedRouter
-from router_ml.backends.vllm_metrics import recent_mean, vllm_queue_load, vllm_stats
+from router_ml.backends.vllm_metrics import apply_vllm_metrics, recent_mean, vllm_queue_load, vllm_stats
 from router_ml.decision import DecisionLayer, ModelPool, build_policy
 from router_ml.decision.latency import LatencyModel
 from router_ml.decision.queue import queue_load
@@ -113,6 +113,19 @@ def test_missing_figures_give_no_estimate():
     assert got.prefill_s == 0 and got.queue_s == pytest.approx(4 * 2.0)  # running 0 counts as 1 slot
     s = vllm_stats("# HELP nothing\n")
     assert vllm_queue_load("v", s, at=0.0) is None
+
+
+def test_finished_requests_feed_their_unqueued_first_token_time(stats):
+    """Between the peak and the drained page the burst's requests finished after waiting ~5 s in
+    the queue: queue-aware, the static estimate learns their prefill time, not their queued TTFT
+    (the live queue is counted separately); without, it learns the queued TTFT, as before."""
+    pool = ModelPool.simulated()
+    name = pool.names[0]
+    sat, drained = stats["saturated"], stats["drained"]
+    net, _ = apply_vllm_metrics(LatencyModel(pool), name, drained, sat)
+    raw, _ = apply_vllm_metrics(LatencyModel(pool), name, drained, sat, net_of_queue=False)
+    assert net == pytest.approx(recent_mean("prefill", drained, sat)) and net < 0.5
+    assert raw == pytest.approx(recent_mean("ttft", drained, sat)) and raw > 2.0
 
 
 # ----------------------------------------------------------------------------- the latency model

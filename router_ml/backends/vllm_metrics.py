@@ -188,13 +188,13 @@ def apply_vllm_metrics(
 ) -> tuple[float | None, float | None]:
     """Feed ``latency_model`` the mean TTFT and decode speed of the requests vLLM finished between
     two scrapes (``previous`` None: since the server started). With ``net_of_queue`` the TTFT fed
-    is net of the time those requests waited in vLLM's queue where vLLM exports it: the live queue
-    is counted by :func:`vllm_queue_load`, and counting past queueing in the static estimate too
-    would count it twice. Returns (ttft_s, tokens_per_s) observed, None where no request finished."""
-    ttft, itl = window_mean("ttft", current, previous), window_mean("itl", current, previous)
-    queued = window_mean("queue", current, previous) if net_of_queue else None
-    if ttft is not None and queued is not None and ttft - queued > 0:
-        ttft -= queued
+    is the unqueued one where vLLM exports it: the mean prefill time of those requests (from their
+    scheduling to their first token), because the live queue is counted by
+    :func:`vllm_queue_load`, and counting past queueing in the static estimate too would count it
+    twice. Returns (ttft_s, tokens_per_s) observed, None where no request finished."""
+    itl = window_mean("itl", current, previous)
+    unqueued = net_of_queue and current.get("prefill_count") is not None
+    ttft = window_mean("prefill" if unqueued else "ttft", current, previous)
     ttft = ttft if ttft else None
     tps = 1.0 / itl if itl else None
     latency_model.observe(name, ttft, tps)
