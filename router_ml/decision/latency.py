@@ -249,34 +249,35 @@ class LatencyModel:
                 loads[j] = load
             self._loads = loads
 
-    def loads(self, now: float | None = None) -> dict[str, QueueLoad]:
-        """Model -> the live load that raises its first-token estimate now (fresh, requests
-        waiting or the KV cache full, and slower than the static estimate): what a decision's
-        reason reports. A server with nobody waiting keeps the static estimate (its finished
-        requests' figures feed that)."""
-        loads = self._loads
-        if not loads:
-            return {}
-        now = time.monotonic() if now is None else now
-        ttft = self._ttft
-        names = self.pool.names
+    def _in_effect(self, ttft: np.ndarray, now: float) -> dict[int, QueueLoad]:
+        """Column -> the live load that raises its TTFT: fresh, requests waiting or the KV cache
+        full, and slower than the static ``ttft`` (m,)."""
         return {
-            names[j]: load
-            for j, load in loads.items()
+            j: load
+            for j, load in self._loads.items()
             if load.loaded and now - load.at <= self.load_max_age_s and load.ttft_s > ttft[j]
         }
 
+    def loads(self, now: float | None = None) -> dict[str, QueueLoad]:
+        """Model -> the live load that raises its first-token estimate now: what a decision's
+        reason reports. A server with nobody waiting keeps the static estimate (its finished
+        requests' figures feed that)."""
+        if not self._loads:
+            return {}
+        got = self._in_effect(self._ttft, time.monotonic() if now is None else now)
+        return {self.pool.names[j]: load for j, load in got.items()}
+
     def _live_ttft(self, ttft: np.ndarray) -> np.ndarray:
-        """``ttft`` (m,) raised by the fresh live loads (a copy when any applies)."""
-        loads = self._loads
-        if not loads:
+        """``ttft`` (m,) raised by the live loads in effect (a copy when any applies)."""
+        if not self._loads:
             return ttft
-        now, out = time.monotonic(), None
-        for j, load in loads.items():
-            if load.loaded and now - load.at <= self.load_max_age_s and load.ttft_s > ttft[j]:
-                out = ttft.copy() if out is None else out
-                out[j] = load.ttft_s
-        return ttft if out is None else out
+        got = self._in_effect(ttft, time.monotonic())
+        if not got:
+            return ttft
+        ttft = ttft.copy()
+        for j, load in got.items():
+            ttft[j] = load.ttft_s
+        return ttft
 
     def expected(self, output_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``output_tokens`` (n, m) -> (ttft (n, m), completion = ttft + out / tokens_per_s (n, m)).
