@@ -13,7 +13,9 @@ are served by the busy vLLM (backend ``vllm-busy``), the small ones by the idle 
 each policy under a 2 s first-token SLO. ``--cores split`` binds each server to one core, as if
 they ran on two machines.
 
-Phase ``idle``: ``--before`` routed requests to each proxy, nothing else running. Phase
+The routed prompts are the project's labelled prompts that the router sends to the busy vLLM when
+nothing is loaded (``--prompts busy-bound``; ``all`` takes every prompt): the requests whose move
+is measured. Phase ``idle``: ``--before`` routed requests to each proxy, nothing else running. Phase
 ``saturated``: ``--load`` clients keep streaming to vLLM directly (another tenant), so its
 queue stays full; ``--saturated`` routed requests go to each proxy, alternating (same conditions
 for both). Phase ``drained``: the tenant stops, vLLM's queue empties, ``--drained`` more requests
@@ -60,27 +62,43 @@ def llamacpp_launch(n_threads: int) -> dict:
     }
 
 
-def start_proxy(ckpt: Path, vllm: LocalServer, idle: LocalServer, queue_aware: bool):
-    """A proxy in a thread: (url, engine, uvicorn server)."""
-    import uvicorn
-
+def build_engine(ckpt: Path, vllm_url: str, idle_url: str, queue_aware: bool):
+    """The routing engine both proxies run: the same router, catalog and policies."""
     from router_ml.backends.catalog import Catalog
     from router_ml.router import LearnedRouter
     from router_ml.serving.engine import RoutingEngine
-    from router_ml.serving.proxy import ProxySettings, create_app
 
     same = {"served_model_id": SERVED_ID, "prices": {"gpu_hour_usd": 0.1, "decode_tokens_per_s": 100},
             "latency": {"ttft_s": 0.1, "tokens_per_s": 30}, "first_token_timeout_s": 120, "timeout_s": 300,
             "max_retries": 0}  # fmt: skip
     catalog = Catalog.from_entries(
-        {"backends": [{"name": "vllm-busy", "kind": "vllm", "base_url": vllm.base_url, **same},
-                      {"name": "idle", "kind": "vllm", "base_url": idle.base_url, **same}]}
+        {"backends": [{"name": "vllm-busy", "kind": "vllm", "base_url": vllm_url, **same},
+                      {"name": "idle", "kind": "vllm", "base_url": idle_url, **same}]}
     )  # fmt: skip
     router = LearnedRouter.from_pretrained(ckpt)
-    # the small models on the idle server, the strong ones on vLLM (so an idle vLLM gets most requests)
+    # the small models on the idle server, the strong ones on the busy vLLM
     aliases = {m: "idle" if "1.5b" in m or "7b" in m else "vllm-busy" for m in router.models}
-    engine = RoutingEngine(router, catalog, POLICIES, default_policy="latency_aware", aliases=aliases,
-                           queue_aware=queue_aware)  # fmt: skip
+    return RoutingEngine(router, catalog, POLICIES, default_policy="latency_aware", aliases=aliases,
+                         queue_aware=queue_aware)  # fmt: skip
+
+
+def busy_bound(ckpt: Path, policy: str, prompts: list[str], n: int = 200) -> list[str]:
+    """The prompts (of the first ``n``) that the router, on static estimates (no load anywhere),
+    sends to the busy vLLM: the requests whose move the benchmark measures."""
+    engine = build_engine(ckpt, "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1", queue_aware=False)
+    decisions = engine.router.route_batch(
+        prompts[:n], allowed_models=engine.served, policy=engine.layers[policy]
+    )
+    return [p for p, d in zip(prompts, decisions, strict=False) if engine.aliases[d.model] == "vllm-busy"]
+
+
+def start_proxy(ckpt: Path, vllm: LocalServer, idle: LocalServer, queue_aware: bool):
+    """A proxy in a thread: (url, engine, uvicorn server)."""
+    import uvicorn
+
+    from router_ml.serving.proxy import ProxySettings, create_app
+
+    engine = build_engine(ckpt, vllm.base_url, idle.base_url, queue_aware)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, ProxySettings(metrics_poll_s=0.5)),
                                            host="127.0.0.1", port=port, log_level="warning"))  # fmt: skip
@@ -197,6 +215,8 @@ def main() -> None:
     p.add_argument("--load", type=int, default=6, help="concurrent tenant streams to vLLM")
     p.add_argument("--max-num-seqs", type=int, default=2)
     p.add_argument("--settle-s", type=float, default=5.0)
+    p.add_argument("--prompts", choices=["busy-bound", "all"], default="busy-bound",
+                   help="busy-bound: only prompts the router sends to the busy vLLM when nothing is loaded")  # fmt: skip
     p.add_argument("--idle", choices=["vllm", "llamacpp"], default="vllm", help="the idle server's engine")
     p.add_argument("--cores", choices=["split", "shared"], default="split",
                    help="split: the busy vLLM bound to core 0, the idle server to core 1 (1 thread), as on two machines; "
@@ -209,6 +229,11 @@ def main() -> None:
 
     ckpt = ensure_checkpoint(a.ckpt)
     prompts = load_labelled("project")["prompt"].sample(frac=1.0, random_state=0).tolist()
+    if a.prompts == "busy-bound":
+        prompts = busy_bound(ckpt, a.policy, prompts)
+        print(
+            f"{len(prompts)} of the first 200 prompts go to the busy vLLM when nothing is loaded", flush=True
+        )
     logs = ROOT / "outputs" / "bench" / "queue"
     split = a.cores == "split"
     vllm_cfg = vllm_launch(a.max_num_seqs)
