@@ -69,8 +69,9 @@ def _kv_cache_tokens(families: list) -> float | None:
     return total
 
 
-# The request histograms the queue-aware first-token estimate reads (key -> vLLM metric names):
-# time a request runs (prefill + decode), its prefill, its wait in the queue, its tokens.
+# The request histograms read (key -> vLLM metric names, the first exported wins): first-token
+# time and seconds per output token (the live latency feed), and for the queue-aware estimate the
+# time a request runs (prefill + decode), its prefill, its wait in the queue and its tokens.
 HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "ttft": ("vllm:time_to_first_token_seconds",),
     "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
