@@ -20,7 +20,11 @@ returns the active count (Mixtral 8x7B: 12.9B, 8x22B: 39B). A model whose size i
 (closed APIs) gets the 70B prior: an assumption, not a measurement.
 
 **Live estimates**: :class:`LatencyModel` moves each model's TTFT and seconds-per-token by an
-exponentially weighted moving average toward observed calls.
+exponentially weighted moving average toward observed calls. **Live load**: a local server's
+queue (:class:`~router_ml.decision.queue.QueueLoad`, from vLLM's metrics) raises the TTFT of the
+models it serves while it is fresh (:meth:`LatencyModel.set_load`), so a saturated server loses
+traffic at once instead of after its slow answers have moved the average; a stale or missing load
+leaves the static estimate.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import math
 import os
 import re
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +45,7 @@ import pandas as pd
 from router_ml.paths import source_dir
 
 if TYPE_CHECKING:
+    from router_ml.decision.queue import QueueLoad
     from router_ml.decision.spec import ModelPool
 
 LLMPERF_FOLDER = "llmperf_latency"
@@ -169,15 +175,22 @@ class LatencyModel:
     ``alpha`` is the weight of a new observation (0 < alpha <= 1); ``data_dir`` is where the
     llmperf priors are read for specs without ``ttft_s`` / ``tokens_per_s``. Decode speed is averaged as
     seconds per token, so the expected completion time is an average of observed times.
+    ``load_max_age_s``: how long a server's live load (:meth:`set_load`) counts after its scrape.
     """
 
     def __init__(
-        self, pool: ModelPool, alpha: float = 0.2, data_dir: str | os.PathLike | None = None
+        self,
+        pool: ModelPool,
+        alpha: float = 0.2,
+        data_dir: str | os.PathLike | None = None,
+        load_max_age_s: float = 30.0,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
             raise ValueError(f"LatencyModel: alpha = {alpha!r} must be in (0, 1]")
         self.pool = pool
         self.alpha = float(alpha)
+        self.load_max_age_s = float(load_max_age_s)
+        self._loads: dict[int, QueueLoad] = {}  # pool column -> its server's last live load
         ttft, tps = [], []
         for spec in pool:
             prior = None
@@ -224,8 +237,53 @@ class LatencyModel:
                 self._spt = spt
             self._n[j] += 1
 
+    def set_load(self, model: str, load: QueueLoad | None) -> None:
+        """The live load of the server behind ``model`` (None: forget it, the static estimate
+        stands): while fresh, its first-token estimate raises ``model``'s (:meth:`expected`)."""
+        j = self.pool.index(model)  # UnknownModelError
+        with self._lock:
+            loads = dict(self._loads)  # a new dict: readers hold the old one without a lock
+            if load is None:
+                loads.pop(j, None)
+            else:
+                loads[j] = load
+            self._loads = loads
+
+    def _in_effect(self, ttft: np.ndarray, now: float) -> dict[int, QueueLoad]:
+        """Column -> the live load that raises its TTFT: fresh, requests waiting or the KV cache
+        full, and slower than the static ``ttft`` (m,)."""
+        return {
+            j: load
+            for j, load in self._loads.items()
+            if load.loaded and now - load.at <= self.load_max_age_s and load.ttft_s > ttft[j]
+        }
+
+    def loads(self, now: float | None = None) -> dict[str, QueueLoad]:
+        """Model -> the live load that raises its first-token estimate now: what a decision's
+        reason reports. A server with nobody waiting keeps the static estimate (its finished
+        requests' figures feed that)."""
+        if not self._loads:
+            return {}
+        got = self._in_effect(self._ttft, time.monotonic() if now is None else now)
+        return {self.pool.names[j]: load for j, load in got.items()}
+
+    def _live_ttft(self, ttft: np.ndarray) -> np.ndarray:
+        """``ttft`` (m,) raised by the live loads in effect (a copy when any applies)."""
+        if not self._loads:
+            return ttft
+        got = self._in_effect(ttft, time.monotonic())
+        if not got:
+            return ttft
+        ttft = ttft.copy()
+        for j, load in got.items():
+            ttft[j] = load.ttft_s
+        return ttft
+
     def expected(self, output_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``output_tokens`` (n, m) -> (ttft (n, m), completion = ttft + out / tokens_per_s (n, m))."""
+        """``output_tokens`` (n, m) -> (ttft (n, m), completion = ttft + out / tokens_per_s (n, m)).
+
+        A model whose server reported a fresh live load (:meth:`set_load`) gets the larger of
+        its static TTFT and the queue-aware one."""
         out = np.asarray(output_tokens, dtype="float64")
         if out.ndim != 2 or out.shape[1] != len(self.pool):
             raise ValueError(
@@ -233,12 +291,15 @@ class LatencyModel:
             )
         with self._lock:
             ttft, spt = self._ttft, self._spt  # read-only: observe() replaces them
+        ttft = self._live_ttft(ttft)
         return ttft[None, :].repeat(len(out), axis=0), ttft + out * spt
 
     def snapshot(self) -> pd.DataFrame:
-        """One row per model: model, ttft_s, tokens_per_s, n_observed, source ("prior" | "live")."""
+        """One row per model: model, ttft_s, tokens_per_s, n_observed, source ("prior" | "live"),
+        queue_ttft_s (the first-token estimate a fresh live load raised it to; None: none)."""
         with self._lock:
             ttft, spt, n = self._ttft.copy(), self._spt.copy(), self._n.copy()
+        loads = self.loads()
         return pd.DataFrame(
             {
                 "model": self.pool.names,
@@ -246,6 +307,9 @@ class LatencyModel:
                 "tokens_per_s": 1.0 / spt,
                 "n_observed": n,
                 "source": np.where(n > 0, "live", "prior"),
+                "queue_ttft_s": pd.Series(
+                    [loads[m].ttft_s if m in loads else None for m in self.pool.names], dtype=object
+                ),
             }
         )
 

@@ -292,7 +292,21 @@ class DecisionLayer:
         if uncertainty is not None:
             for i, d in enumerate(out):
                 with_uncertainty(d, uncertainty, i, models)
+        queued = self._queue_note(fitted)
+        if queued:
+            for d in out:
+                d.reason += queued
         return out
+
+    def _queue_note(self, fitted: Sequence[str]) -> str:
+        """What the live queues of local servers did to the first-token estimates of ``fitted``
+        (``"; queue-aware TTFT: vllm-a: 12 waiting, 2 running, KV 91% -> TTFT est 4.2 s"``),
+        "" when no fresh load raised any."""
+        loads = self.latency_model.loads()
+        if not loads:
+            return ""
+        seen = dict.fromkeys(loads[m].describe() for m in fitted if m in loads)  # each server once
+        return f"; queue-aware TTFT: {'; '.join(seen)}" if seen else ""
 
     def _decision(
         self,

@@ -91,7 +91,9 @@ class RoutingEngine:
     pass-through (None: only budgeted policies cap); ``default_max_tokens``: the output cap written
     into a capped request that names none (so its cost bound holds); ``reservation_ttl_s``: how long
     a hold outlives a replica that crashed; ``keys``: a :class:`~router_ml.serving.keys.KeyGate`
-    (requests then must carry one of its virtual API keys).
+    (requests then must carry one of its virtual API keys); ``queue_aware``: the live queues of vLLM
+    backends raise their models' first-token estimates (:meth:`refresh_vllm_metrics`; off: only the
+    figures of their finished requests feed them, queueing included, as before).
     """
 
     def __init__(
@@ -111,9 +113,11 @@ class RoutingEngine:
         default_max_tokens: int = 1024,
         reservation_ttl_s: float = 600.0,
         keys: Any | None = None,
+        queue_aware: bool = True,
     ):
         from router_ml.decision.ledger import MemoryLedger
 
+        self.queue_aware = queue_aware
         self.router, self.catalog = router, catalog
         self.aliases = {m: (aliases or {}).get(m, m) for m in router.models}
         for model, backend in self.aliases.items():
@@ -203,11 +207,14 @@ class RoutingEngine:
             layer.fit(est)
 
     async def refresh_vllm_metrics(self) -> dict[str, dict[str, float | None]]:
-        """One pass over the vLLM backends' ``/metrics``: the TTFT and decode speed of the requests
-        each finished since the last pass feed the latency model (so latency-aware policies see the
-        live server, queueing included); queue depth and KV-cache use are kept for ``/health``.
-        A backend that does not answer is skipped."""
-        from router_ml.backends.vllm_metrics import apply_vllm_metrics
+        """One pass over the vLLM backends' ``/metrics``: the TTFT (net of queueing) and decode
+        speed of the requests each finished since the last pass feed the latency model; with
+        ``queue_aware``, its waiting and running requests and KV-cache use give the first-token
+        estimate of the models it serves now (:func:`~router_ml.backends.vllm_metrics.vllm_queue_load`),
+        so latency-aware policies move traffic off a saturated server. Queue depth and KV-cache use
+        are kept for ``/health``. A backend that does not answer is skipped, and its live load
+        dropped (the static estimate stands)."""
+        from router_ml.backends.vllm_metrics import apply_vllm_metrics, vllm_queue_load
 
         for backend in self.catalog:
             engine = (backend.launch or {}).get("engine", "vllm")
@@ -217,12 +224,19 @@ class RoutingEngine:
                 current = await self.client.scrape_metrics(backend.name)
             except Exception as e:  # down, or not a vLLM server
                 log.debug("no /metrics from %s: %s", backend.name, e)
+                self._set_load(backend.name, None)
                 continue
-            apply_vllm_metrics(
-                self.client.latency_model, backend.name, current, self.vllm_seen.get(backend.name)
-            )
+            previous = self.vllm_seen.get(backend.name)
+            apply_vllm_metrics(self.client.latency_model, backend.name, current, previous, self.queue_aware)
+            self._set_load(backend.name, vllm_queue_load(backend.name, current, previous))
             self.vllm_seen[backend.name] = current
         return dict(self.vllm_seen)
+
+    def _set_load(self, backend: str, load: Any) -> None:
+        """The live load of ``backend`` onto the router models it serves (None: forget it)."""
+        for model in self.client.latency_model.by_backend.get(backend, []):
+            if model in self.pool:
+                self.latency_model.set_load(model, load if self.queue_aware else None)
 
     async def poll_vllm_metrics(self, interval_s: float = 10.0) -> None:
         """:meth:`refresh_vllm_metrics` every ``interval_s`` until cancelled."""

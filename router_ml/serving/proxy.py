@@ -156,11 +156,12 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.collect()
         gc.freeze()  # start-up objects leave the collector's generations: no long full-GC pauses
-        poller = (
-            asyncio.create_task(engine.poll_vllm_metrics(settings.metrics_poll_s))
-            if settings.metrics_poll_s
-            else None
-        )
+        poller = None
+        if settings.metrics_poll_s:
+            # a live queue counts for three polls (5 s at least: a poll can be late on a busy host);
+            # a scrape that fails drops it at once
+            engine.latency_model.load_max_age_s = max(3 * settings.metrics_poll_s, 5.0)
+            poller = asyncio.create_task(engine.poll_vllm_metrics(settings.metrics_poll_s))
         yield
         if poller is not None:
             poller.cancel()
