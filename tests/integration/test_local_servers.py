@@ -33,7 +33,7 @@ from router_ml.backends.local.launch_spec import (
     free_port,
 )
 from router_ml.backends.local.launcher import models_down, models_up
-from router_ml.backends.local.local_server import LocalServer
+from router_ml.backends.local.local_server import LocalServer, group_members
 
 SERVED_ID = "smollm2-135m"  # as in conftest.py
 
@@ -243,6 +243,29 @@ def test_stop_reaches_workers_of_a_killed_server(tmp_path, fake_engine):
     while not _gone(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(worker)
+
+
+def test_models_down_stops_the_orphans_of_a_dead_server(tmp_path, fake_engine):
+    """The vLLM case: the API server's recorded PID is killed, its engine worker lives on in the
+    group; ``models down`` (another process, no handle on the server) finds and stops it."""
+    fake_engine["env"]["FAKE_WORKER"] = "1"
+    state = tmp_path / "state"
+    (server,) = models_up(StandInCatalog([_backend("a", fake_engine)]), state=state, timeout=30)
+    log = state / "logs" / "a.log"
+    worker = int(re.search(r"worker pid (\d+)", log.read_text()).group(1))
+    recorded = json.loads((state / "servers.json").read_text())["a"]
+    assert recorded["pgid"] == server.pid == os.getpgid(worker)
+    os.kill(server.pid, signal.SIGKILL)
+    server._proc.wait(timeout=5)  # reaped: its PID is gone, only the orphaned worker is left
+    assert not _gone(worker)
+    with pytest.raises(LaunchError, match="already running as process group"):
+        models_up(StandInCatalog([_backend("a", fake_engine)]), state=state, timeout=30)
+    code = f"from router_ml.backends.local.launcher import models_down; print(models_down(state={str(state)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "['a']"
+    assert _gone(worker)
+    assert group_members(server.pid) == []
+    assert models_down(state=state) == []  # nothing left to stop
 
 
 def test_exit_before_ready_reports_code_and_last_log_lines(tmp_path, fake_engine):

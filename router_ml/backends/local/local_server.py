@@ -1,8 +1,9 @@
-"""One local model server process: started in its own process group, watched, stopped by PID.
+"""One local model server process: started in its own process group, watched, stopped as a group.
 
 :class:`LocalServer` is a :class:`~router_ml.backends.local.launch_spec.LaunchSpec` (the checked launch
 mapping and its command) with a life cycle: ``start()``, ``wait_ready()`` (polls ``/v1/models``),
-``stop()`` (SIGTERM, then SIGKILL, to the whole group). :func:`terminate` stops any PID the same way.
+``stop()`` (SIGTERM, then SIGKILL, to the whole group, found in ``/proc`` even when the server
+itself is already dead: :func:`stop_group`). :func:`terminate` stops any PID the same way.
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ def start_ticks(pid: int) -> int | None:
     return None
 
 
+def group_members(pgid: int, since_ticks: int | None = None) -> list[int]:
+    """The live processes of process group ``pgid`` (its leader may be dead), read from ``/proc``.
+
+    ``since_ticks``: keep only processes started at or after that start time (clock ticks since
+    boot), so that a group id reused by a later, unrelated session is never taken for the server's.
+    """
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            # fields after the name: state ppid pgrp session ... starttime (index 19)
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                if since_ticks is None or int(fields[19]) >= since_ticks:
+                    out.append(int(entry.name))
+    return sorted(out)
+
+
 def _tail(path: Path, n: int = 20) -> str:
     with contextlib.suppress(OSError):
         lines = path.read_text(errors="replace").splitlines()[-n:]
@@ -76,6 +96,7 @@ class LocalServer(LaunchSpec):
         self.ready_s: float | None = None  # seconds from start() to the first answer of /v1/models
         self._proc: subprocess.Popen | None = None
         self._started_at: float | None = None
+        self._ticks: int | None = None  # the server's start time (clock ticks): names its group for good
 
     def __repr__(self) -> str:
         return f"LocalServer({self.name!r}, engine={self.engine!r}, port={self.port}, pid={self.pid})"
@@ -98,6 +119,7 @@ class LocalServer(LaunchSpec):
                 start_new_session=True,
             )
         self.pid, self.ready_s, self._started_at = self._proc.pid, None, time.monotonic()
+        self._ticks = start_ticks(self.pid)
         return self
 
     def is_running(self) -> bool:
@@ -142,10 +164,16 @@ class LocalServer(LaunchSpec):
             time.sleep(interval)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the server's process group, then SIGKILL after ``timeout`` s; a stopped server is a no-op."""
+        """SIGTERM the server's process group, then SIGKILL after ``timeout`` s; a stopped server is a no-op.
+
+        The group is stopped also when the server itself is already dead: vLLM's engine and worker
+        processes outlive a killed API server in its group."""
         if self.pid is None:
             return
-        terminate(self.pid, timeout, alive=self.is_running, group=self._proc is not None, name=self.name)
+        if self._proc is not None:
+            stop_group(self.pid, self._ticks, timeout, name=self.name)
+        else:
+            terminate(self.pid, timeout, alive=self.is_running, group=False, name=self.name)
         if self._proc is not None:
             self._proc.wait(timeout=1)
 
@@ -166,6 +194,7 @@ class LocalServer(LaunchSpec):
         return {
             "pid": self.pid, "engine": self.engine, "host": self.host, "port": self.port, "base_url": self.base_url,
             "served_model_id": self.served_model_id, "log": str(self.log_path), "start_ticks": start_ticks(self.pid or -1),
+            "pgid": self.pid,  # start_new_session: the server leads its own group, workers included
         }  # fmt: skip
 
 
@@ -201,3 +230,29 @@ def terminate(
             os.killpg(pid, signal.SIGKILL)
     if alive():
         raise LaunchError(f"server {name!r}: pid {pid} survived SIGKILL")
+
+
+def stop_group(
+    pgid: int, since_ticks: int | None = None, timeout: float = 10.0, *, name: str = ""
+) -> list[int]:
+    """Stop every process of group ``pgid``, whether or not its leader still runs: SIGTERM to the
+    group, SIGKILL after ``timeout`` s to what is left; returns the PIDs that were found.
+
+    ``since_ticks`` (the leader's recorded start time) skips a group id that a later session reuses.
+    Raises :class:`LaunchError` when a member survives SIGKILL.
+    """
+    found = group_members(pgid, since_ticks)
+    if not found:
+        return []
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not group_members(pgid, since_ticks):
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while group_members(pgid, since_ticks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    left = group_members(pgid, since_ticks)
+    if left:
+        raise LaunchError(f"server {name!r}: processes {left} of group {pgid} survived SIGKILL")
+    return found
