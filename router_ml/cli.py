@@ -117,10 +117,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from router_ml.predictors.base import one_blas_thread_for_good
-    from router_ml.serving.proxy import ProxySettings, build_engine, create_app
+    from router_ml.serving.proxy import ProxySettings, build_engine, create_app, serve
 
     # Every BLAS product the proxy makes is one prompt or a micro-batch of a few: one thread, as
     # few_rows_blas would set per call anyway (set once here, those calls have nothing to switch)
@@ -140,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
     )
     app = create_app(engine, ProxySettings(api_key_env=args.api_key_env, max_body_bytes=args.max_body_bytes))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    serve(app, host=args.host, port=args.port)  # prints the address it listens on
     return 0
 
 

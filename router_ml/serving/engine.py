@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from router_ml.backends.capabilities import describe, exclusions, lacking
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
@@ -75,6 +77,7 @@ class Outcome:
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
     routed_prompt: str = ""  # the text the router classifies (:func:`~.chat_request.prompt_of`)
     reserved_usd: float | None = None  # the cost bound held in the ledger until booked or released
+    error: BaseException | None = None  # why a stream failed or ended early (None: it completed)
 
 
 class RoutingEngine:
@@ -159,8 +162,10 @@ class RoutingEngine:
         self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
         self.guard = SpendGuard(self.ledger, self.client, budget_usd, period, session, default_max_tokens,
                                 reservation_ttl_s)  # fmt: skip
-        # the last /metrics figures of each vLLM backend (for /health and the next delta)
+        # the last /metrics figures of each vLLM backend (for /health and the next delta); a backend
+        # whose check or scrape failed is out of it and marked in backend_health
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
+        self.backend_health: dict[str, dict[str, Any]] = {}  # local backend -> its last check
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
         self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
         # a request no longer than this (prompt bytes + overhead + output) fits every context window
@@ -197,26 +202,53 @@ class RoutingEngine:
             layer.fit(est)
 
     async def refresh_vllm_metrics(self) -> dict[str, dict[str, float | None]]:
-        """One pass over the vLLM backends' ``/metrics``: the TTFT and decode speed of the requests
+        """One pass over the local backends (kind ``vllm``): a health check of each (``/v1/models``)
+        and, of vLLM servers, a scrape of ``/metrics``. The TTFT and decode speed of the requests
         each finished since the last pass feed the latency model (so latency-aware policies see the
         live server, queueing included); queue depth and KV-cache use are kept for ``/health``.
-        A backend that does not answer is skipped."""
+        A backend whose check or scrape fails is marked in :attr:`backend_health` and its last
+        metrics are dropped from :attr:`vllm_seen` (stale figures are never served as live)."""
         from router_ml.backends.vllm_metrics import apply_vllm_metrics
 
         for backend in self.catalog:
+            if backend.kind != "vllm":
+                continue
+            name, now = backend.name, time.time()
             engine = (backend.launch or {}).get("engine", "vllm")
-            if backend.kind != "vllm" or engine != "vllm":
-                continue
+            current = None
             try:
-                current = await self.client.scrape_metrics(backend.name)
-            except Exception as e:  # down, or not a vLLM server
-                log.debug("no /metrics from %s: %s", backend.name, e)
+                await self.client.check_health(name)
+            except Exception as e:  # down
+                self._mark_unhealthy(name, e, now, "check")
                 continue
-            apply_vllm_metrics(
-                self.client.latency_model, backend.name, current, self.vllm_seen.get(backend.name)
-            )
-            self.vllm_seen[backend.name] = current
+            if engine == "vllm":
+                try:
+                    current = await self.client.scrape_metrics(name)
+                except Exception as e:  # a server without /metrics (404: llama.cpp) is just unmeasured
+                    if not (isinstance(e, httpx.HTTPStatusError) and e.response.status_code == 404):
+                        self._mark_unhealthy(name, e, now, "metrics")
+                        continue
+            prev = self.backend_health.get(name) or {}
+            self.backend_health[name] = {"status": "ok", "checked_at": now, "last_ok_at": now,
+                                         "metrics": current is not None}  # fmt: skip
+            if prev.get("status") not in (None, "ok"):
+                log.warning("backend %r is healthy again", name)
+            if current is not None:
+                apply_vllm_metrics(self.client.latency_model, name, current, self.vllm_seen.get(name))
+                self.vllm_seen[name] = current
         return dict(self.vllm_seen)
+
+    def _mark_unhealthy(self, name: str, err: BaseException, now: float, what: str) -> None:
+        """Record that ``name``'s health check or metrics scrape failed; forget its stale metrics."""
+        prev = self.backend_health.get(name) or {}
+        failed = "down" if what == "check" or isinstance(err, httpx.TransportError) else "metrics_failed"
+        if prev.get("status") in (None, "ok"):
+            log.warning("backend %r: %s (%s: %s)", name, failed, type(err).__name__, err)
+        self.backend_health[name] = {
+            "status": failed, "error": f"{type(err).__name__}: {err}"[:300], "checked_at": now,
+            "last_ok_at": prev.get("last_ok_at"), "metrics": False,
+        }  # fmt: skip
+        self.vllm_seen.pop(name, None)
 
     async def poll_vllm_metrics(self, interval_s: float = 10.0) -> None:
         """:meth:`refresh_vllm_metrics` every ``interval_s`` until cancelled."""
@@ -406,24 +438,37 @@ class RoutingEngine:
             error = e
             raise
         finally:
-            outcome.result = outcome.stream.result
-            await outcome.stream.aclose()
+            await outcome.stream.aclose()  # an abandoned stream counts what it generated here
+            outcome.result = outcome.stream.result  # partial when it failed: booked as generated
+            outcome.error = error
             self._finish(outcome, prompt, error=error)
+
+    def _booked_model(self, d: RoutingDecision | None, served: str | None) -> str | None:
+        """The model a call is booked under: the decided one when its backend served the call,
+        else the first of the decision's fallbacks that the serving backend stands for, else the
+        first router model aliased to it (a pass-through), else the backend's own name."""
+        if served is None:
+            return None
+        for m in ([d.model, *d.fallbacks] if d is not None else []):
+            if self.aliases.get(m) == served:
+                return m
+        return next((m for m, b in self.aliases.items() if b == served), served)
 
     def _finish(self, outcome: Outcome, prompt: str, error: BaseException | None = None) -> None:
         """Book spend, latency, the routing log line and the metrics of a finished request."""
         self._inflight -= 1
         res, d = outcome.result, outcome.decision
         served = res.backend if res is not None else None
-        router_name = next((m for m, b in self.aliases.items() if b == served), served) if served else None
+        router_name = self._booked_model(d, served)
         cost = res.cost_usd if res is not None and res.cost_usd is not None else 0.0
         if res is not None and router_name in self.pool:
             layer = outcome.layer or self.layers[self.default_policy]
-            layer.record(
-                d if d is not None and d.model == router_name else router_name, cost, outcome.request_id
-            )
+            decided = d if d is not None and d.model == router_name else router_name
+            layer.record(decided, cost, outcome.request_id, backend=served)
         elif res is not None:  # a backend outside the router's pool: spend still counts
-            self.ledger.record(cost, served, request_id=outcome.request_id, session=self.guard.session)
+            self.ledger.record(
+                cost, served, request_id=outcome.request_id, session=self.guard.session, backend=served
+            )
         if res is None and outcome.reserved_usd is not None:  # nothing answered: nothing to settle
             self.guard.release(outcome.request_id)
         if self.routing_log is not None:
