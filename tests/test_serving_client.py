@@ -23,6 +23,7 @@ import pytest
 from router_ml.backends.breaker import CircuitBreaker
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
+from router_ml.backends.prompt_tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from router_ml.backends.results import (
     AllBackendsFailed,
     BackendError,
@@ -32,7 +33,6 @@ from router_ml.backends.results import (
     StreamInterrupted,
     parse_retry_after,
 )
-from router_ml.backends.prompt_tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from router_ml.backends.streams import CONTINUE_PROMPT, overlap_to_strip
 from router_ml.backends.vllm_metrics import MetricsParseError, apply_vllm_metrics, vllm_stats
 from router_ml.decision.latency import LatencyModel
@@ -135,7 +135,10 @@ def test_a_stream_without_usage_is_counted_with_the_tokenizer():
     assert res.usage_source == "counted"
     assert res.completion_tokens == math.ceil(len(EXPECTED) / 4)  # tokenizer "approx": ceil(chars / 4)
     # no chat template on disk for this backend: the text, plus the template's documented estimate
-    assert res.prompt_tokens == math.ceil(len(MESSAGES[0]["content"]) / 4) + TOKENS_PER_MESSAGE + REPLY_PRIMING_TOKENS
+    assert (
+        res.prompt_tokens
+        == math.ceil(len(MESSAGES[0]["content"]) / 4) + TOKENS_PER_MESSAGE + REPLY_PRIMING_TOKENS
+    )
     assert chunks[-1]["usage"]["completion_tokens"] == res.completion_tokens
     assert math.isclose(res.cost_usd, (res.prompt_tokens + 2 * res.completion_tokens) / 1e6)
 

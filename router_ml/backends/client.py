@@ -48,12 +48,12 @@ from typing import Any, TypeVar
 from router_ml.backends.catalog import Backend
 from router_ml.backends.results import (
     AllBackendsFailed,
-    server_key,
     BackendError,
     BadRequest,
     ChatResult,
     CircuitOpen,
     _CallState,
+    server_key,
 )
 from router_ml.backends.streams import (
     ChatStream,
@@ -288,7 +288,9 @@ class BackendClient(HttpCalls):
         """GET ``<base_url>/models`` of a catalog backend; raises (``httpx`` errors) unless it answers 200."""
         backend = self.catalog.get(name)
         resp = await self.http.get(
-            f"{backend.base_url}/models", headers=self._headers(backend), timeout=backend.connect_timeout_s + 1
+            f"{backend.base_url}/models",
+            headers=self._headers(backend),
+            timeout=backend.connect_timeout_s + 1,
         )
         resp.raise_for_status()
 

@@ -34,10 +34,7 @@ REPLY_PRIMING_TOKENS = 3
 def template_dir(backend: Any) -> str | None:
     """The folder of the backend model's own Hugging Face tokenizer, or None."""
     spec_tok = getattr(backend.spec, "tokenizer", None)
-    if isinstance(spec_tok, str) and spec_tok.startswith("hf:"):
-        candidates = [spec_tok[3:]]
-    else:
-        candidates = []
+    candidates = [spec_tok[3:]] if isinstance(spec_tok, str) and spec_tok.startswith("hf:") else []
     launch = backend.launch or {}
     if launch.get("engine", "vllm") == "vllm" and isinstance(launch.get("model"), str):
         candidates.append(launch["model"])

@@ -317,7 +317,9 @@ class HttpCalls:
             errors=state.errors,
         )
 
-    async def _open(self, backend: Backend, body: dict[str, Any], deadline_s: float | None = None) -> Upstream:
+    async def _open(
+        self, backend: Backend, body: dict[str, Any], deadline_s: float | None = None
+    ) -> Upstream:
         """One stream attempt, returned once the first content arrived (or the stream ended)
         within ``deadline_s`` (default: the backend's ``first_token_timeout_s``)."""
         deadline_s = backend.first_token_timeout_s if deadline_s is None else deadline_s

@@ -444,14 +444,13 @@ class RoutingEngine:
             self._finish(outcome, prompt, error=error)
 
     def _booked_model(self, d: RoutingDecision | None, served: str | None) -> str | None:
-        """The model a call is booked under: the decided one when its backend served the call,
-        else the first of the decision's fallbacks that the serving backend stands for, else the
-        first router model aliased to it (a pass-through), else the backend's own name."""
+        """The model a call is booked under (the ledger's ``model``; ``backend`` says who served
+        it): the one the router decided on, also when a fallback served the call; for a
+        pass-through, the first router model aliased to the backend named (else its own name)."""
         if served is None:
             return None
-        for m in ([d.model, *d.fallbacks] if d is not None else []):
-            if self.aliases.get(m) == served:
-                return m
+        if d is not None and d.model in self.pool:
+            return d.model
         return next((m for m, b in self.aliases.items() if b == served), served)
 
     def _finish(self, outcome: Outcome, prompt: str, error: BaseException | None = None) -> None:
@@ -463,8 +462,7 @@ class RoutingEngine:
         cost = res.cost_usd if res is not None and res.cost_usd is not None else 0.0
         if res is not None and router_name in self.pool:
             layer = outcome.layer or self.layers[self.default_policy]
-            decided = d if d is not None and d.model == router_name else router_name
-            layer.record(decided, cost, outcome.request_id, backend=served)
+            layer.record(d if d is not None else router_name, cost, outcome.request_id, backend=served)
         elif res is not None:  # a backend outside the router's pool: spend still counts
             self.ledger.record(
                 cost, served, request_id=outcome.request_id, session=self.guard.session, backend=served

