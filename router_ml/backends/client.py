@@ -285,14 +285,18 @@ class BackendClient(HttpCalls):
         return await self._walk(chain, index + 1, open_one, state, bad_request_stops=False)
 
     async def check_health(self, name: str) -> None:
-        """GET ``<base_url>/models`` of a catalog backend; raises (``httpx`` errors) unless it answers 200."""
+        """GET ``<server root>/health`` of a catalog backend (vLLM answers 200 while its engine
+        runs); raises (``httpx`` errors) when the server does not answer or answers 5xx. A server
+        without the route (404: llama.cpp) counts as alive: it answered. Not ``/v1/models``, which
+        llama-cpp-python serves under its model lock, cutting a running stream short."""
         backend = self.catalog.get(name)
         resp = await self.http.get(
-            f"{backend.base_url}/models",
+            f"{backend.root_url}/health",
             headers=self._headers(backend),
             timeout=backend.connect_timeout_s + 1,
         )
-        resp.raise_for_status()
+        if resp.status_code >= 500:
+            resp.raise_for_status()
 
     async def scrape_metrics(self, name: str) -> dict[str, float | None]:
         """:func:`scrape_vllm_metrics` of a catalog backend (its server root)."""

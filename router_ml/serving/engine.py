@@ -77,7 +77,6 @@ class Outcome:
     prompt: str | None = None  # set while a finished answer waits to be booked (``book_later``)
     routed_prompt: str = ""  # the text the router classifies (:func:`~.chat_request.prompt_of`)
     reserved_usd: float | None = None  # the cost bound held in the ledger until booked or released
-    error: BaseException | None = None  # why a stream failed or ended early (None: it completed)
 
 
 class RoutingEngine:
@@ -202,7 +201,7 @@ class RoutingEngine:
             layer.fit(est)
 
     async def refresh_vllm_metrics(self) -> dict[str, dict[str, float | None]]:
-        """One pass over the local backends (kind ``vllm``): a health check of each (``/v1/models``)
+        """One pass over the local backends (kind ``vllm``): a health check of each (``/health``)
         and, of vLLM servers, a scrape of ``/metrics``. The TTFT and decode speed of the requests
         each finished since the last pass feed the latency model (so latency-aware policies see the
         live server, queueing included); queue depth and KV-cache use are kept for ``/health``.
@@ -440,7 +439,6 @@ class RoutingEngine:
         finally:
             await outcome.stream.aclose()  # an abandoned stream counts what it generated here
             outcome.result = outcome.stream.result  # partial when it failed: booked as generated
-            outcome.error = error
             self._finish(outcome, prompt, error=error)
 
     def _booked_model(self, d: RoutingDecision | None, served: str | None) -> str | None:

@@ -41,7 +41,7 @@ FAKE_SERVER = """
 import argparse, json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 p = argparse.ArgumentParser()
-for flag in ("--model", "--model_alias", "--host", "--port", "--n_ctx", "--n_threads"):
+for flag in ("--model", "--model_alias", "--host", "--port", "--n_ctx", "--n_threads", "--interrupt_requests"):
     p.add_argument(flag)
 a, _ = p.parse_known_args()
 if os.environ.get("FAKE_EXIT"):
@@ -142,6 +142,7 @@ def test_llamacpp_command_defaults_and_overrides(monkeypatch):
     cmd = LocalServer.from_launch("m", launch, "m-id").command()
     assert cmd[1:3] == ["-m", "llama_cpp.server"]
     assert cmd[cmd.index("--model_alias") + 1] == "m-id" and cmd[cmd.index("--n_threads") + 1] == "2"
+    assert cmd[cmd.index("--interrupt_requests") + 1] == "False"  # a new request must not end a stream
     cmd = LocalServer.from_launch("m", {**launch, "args": ["--n_threads", "4"]}).command()
     assert cmd.count("--n_threads") == 1 and cmd[-2:] == ["--n_threads", "4"]
 
