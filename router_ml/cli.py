@@ -11,7 +11,7 @@ router-ml keys create alice --budget-usd 5 --period day --rpm 60 --tpm 100000 --
 router-ml keys list | revoke alice | usage [alice]            # (--keys-db PATH or redis://... as serve's)
 router-ml keys team ml --budget-usd 50 --period month         # a team budget on top of its keys' own
 router-ml models up --backends conf/backends/local.yaml       # start the local vLLM / llama.cpp pool
-router-ml models down                                         # stop it (by the recorded PIDs)
+router-ml models down                                         # stop it (its recorded process groups)
 router-ml data list                                           # each public data set: source, size, present?
 router-ml data fetch llmrouter                                # download its raw files, build into the cache
 router-ml data build llmrouter --raw RAW_DIR --out OUT_DIR    # rebuild from upstream raw files
@@ -121,10 +121,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from router_ml.predictors.base import one_blas_thread_for_good
-    from router_ml.serving.proxy import ProxySettings, build_engine, create_app
+    from router_ml.serving.proxy import ProxySettings, build_engine, create_app, serve
 
     # Every BLAS product the proxy makes is one prompt or a micro-batch of a few: one thread, as
     # few_rows_blas would set per call anyway (set once here, those calls have nothing to switch)
@@ -145,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keys=args.keys_db,
     )
     app = create_app(engine, ProxySettings(api_key_env=args.api_key_env, max_body_bytes=args.max_body_bytes))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    serve(app, host=args.host, port=args.port)  # prints the address it listens on
     return 0
 
 

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from router_ml.backends.catalog import Catalog
+from router_ml.backends.prompt_tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from router_ml.collect import runner
 from router_ml.collect.pacing import (
     BackendLimit,
@@ -310,7 +311,10 @@ def test_max_tokens_is_tightened_to_the_backend_and_usage_counted_when_absent(tm
     assert set(table["max_tokens"]) == {4} and set(table["finish_reason"]) == {"length"}
     assert (table["usage_source"] == "counted").all()
     counter = build_token_counter("approx")
-    assert table["input_tokens"].tolist() == counter.count(table["prompt"].tolist()).tolist()
+    # no chat template on disk for this backend: the prompt's tokens plus the template estimate
+    # (one user message: TOKENS_PER_MESSAGE, and REPLY_PRIMING_TOKENS for the reply)
+    overhead = TOKENS_PER_MESSAGE + REPLY_PRIMING_TOKENS
+    assert table["input_tokens"].tolist() == (counter.count(table["prompt"].tolist()) + overhead).tolist()
     assert table["output_tokens"].tolist() == counter.count(table["answer"].tolist()).tolist()
 
 

@@ -51,7 +51,7 @@ def test_records_survive_restart(tmp_path: Path) -> None:
         assert not again.record(9.0, "gpt-4o", request_id="r1"), "a retry after a restart is not counted"
         assert again.spent() == 1.75
         rows = again.entries()
-    assert list(rows.columns) == ["request_id", "ts", "model", "cost_usd", "session", "meta"]
+    assert list(rows.columns) == ["request_id", "ts", "model", "cost_usd", "session", "meta", "backend"]
     assert rows["request_id"].tolist()[:2] == ["r1", "r2"]
     assert len(rows["request_id"].iloc[2]) == 32  # uuid4 hex
     assert rows["ts"].tolist() == [100.0, 200.0, 300.0]
@@ -278,7 +278,7 @@ def test_memory_ledger_matches_sqlite(tmp_path: Path) -> None:
             .reset_index()
         )
         got = mem.entries(since, until, session)
-        assert list(got.columns) == ["ts", "model", "cost_usd", "session", "count"]
+        assert list(got.columns) == ["ts", "model", "cost_usd", "session", "count", "backend"]
         key = ["ts", "session", "model"]
         got = got.fillna({"session": ""}).sort_values(key).reset_index(drop=True)
         want = want.fillna({"session": ""}).sort_values(key).reset_index(drop=True)
@@ -305,7 +305,7 @@ def test_memory_ledger_keeps_aggregates_not_rows() -> None:
 def test_open_ledger(tmp_path: Path) -> None:
     assert isinstance(open_ledger(None), MemoryLedger)
     empty = open_ledger(None).entries()
-    assert list(empty.columns) == ["ts", "model", "cost_usd", "session", "count"] and empty.empty
+    assert list(empty.columns) == ["ts", "model", "cost_usd", "session", "count", "backend"] and empty.empty
     assert isinstance(open_ledger("memory"), MemoryLedger)
     ledger = open_ledger(f"sqlite:{tmp_path / 'a.sqlite'}")
     assert isinstance(ledger, BudgetLedger) and ledger.path == tmp_path / "a.sqlite"
@@ -434,3 +434,38 @@ def test_holds_survive_a_restart_and_a_version_1_file_is_upgraded(tmp_path: Path
         assert not upgraded.reserve("c", 0.8, 1.0, since=0.0) and upgraded.reserve("c", 0.75, 1.0, since=0.0)
     with sqlite3.connect(old) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_each_record_keeps_the_serving_backend_next_to_the_decided_model(tmp_path: Path) -> None:
+    with BudgetLedger(tmp_path / "l.sqlite") as disk:
+        mem = MemoryLedger()
+        for ledger in (disk, mem):
+            assert ledger.record(0.25, "qwen-7b", request_id="r1", ts=10.0, backend="smollm2-vllm")
+            assert ledger.record(0.5, "qwen-7b", request_id="r2", ts=20.0, backend="smollm2-llamacpp")
+            assert ledger.record(1.0, "gpt-4o", request_id="r3", ts=30.0)  # no backend given
+            with pytest.raises(ValueError, match="backend must be a non-empty string"):
+                ledger.record(1.0, "gpt-4o", request_id="r4", backend="")
+        rows = disk.entries()
+        assert rows["model"].tolist() == ["qwen-7b", "qwen-7b", "gpt-4o"]
+        assert rows["backend"].tolist() == ["smollm2-vllm", "smollm2-llamacpp", None]
+        agg = mem.entries().sort_values("cost_usd")
+        assert agg["backend"].tolist() == ["smollm2-vllm", "smollm2-llamacpp", None]
+        assert agg["count"].tolist() == [1, 1, 1]
+
+
+def test_a_version_2_ledger_gains_the_backend_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    old = tmp_path / "v2.sqlite"
+    with BudgetLedger(old) as ledger:  # write a current file, then turn it back into version 2
+        ledger.record(0.25, "m", request_id="x", ts=1.0, backend="b")
+    with sqlite3.connect(old) as db:
+        db.execute("ALTER TABLE spend DROP COLUMN backend")
+        db.execute("PRAGMA user_version = 2")
+    with sqlite3.connect(old) as db:
+        assert "backend" not in [r[1] for r in db.execute("PRAGMA table_info(spend)")]
+    with BudgetLedger(old) as upgraded:
+        assert upgraded.spent() == 0.25
+        assert upgraded.record(0.5, "m", request_id="y", ts=2.0, backend="b2")
+        rows = upgraded.entries()
+    assert rows["request_id"].tolist() == ["x", "y"] and rows["backend"].tolist() == [None, "b2"]
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

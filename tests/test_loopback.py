@@ -208,6 +208,6 @@ def test_local_servers_are_launch_specs_and_the_fake_server_exposes_its_parts():
     ):
         assert hasattr(loopback, name)
     spec = launch_spec.LaunchSpec.from_launch("x", {"engine": "llamacpp", "model": "m.gguf", "port": 9})
-    assert spec.command()[-4:] == ["--n_ctx", "2048", "--n_threads", "2"]
+    assert spec.command()[-6:] == ["--n_ctx", "2048", "--n_threads", "2", "--interrupt_requests", "False"]
     with pytest.raises(launch_spec.LaunchConfigError, match="'port'"):
         local_server.LocalServer.from_launch("x", {"model": "m", "port": 0})

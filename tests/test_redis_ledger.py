@@ -353,3 +353,11 @@ def test_reserve_sums_hour_totals_as_the_records_do(ledger: RedisLedger) -> None
     assert r.hget(ledger._k + "schema", "version") == "2"
     check(again)
     again.close()
+
+
+def test_each_record_keeps_the_serving_backend(ledger: RedisLedger) -> None:
+    assert ledger.record(0.25, "qwen-7b", request_id="r1", ts=10.0, backend="smollm2-vllm")
+    assert ledger.record(0.5, "qwen-7b", request_id="r2", ts=20.0)  # as written before backends were kept
+    rows = ledger.entries()
+    assert rows["model"].tolist() == ["qwen-7b", "qwen-7b"]
+    assert rows["backend"].tolist() == ["smollm2-vllm", None]

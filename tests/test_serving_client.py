@@ -23,6 +23,7 @@ import pytest
 from router_ml.backends.breaker import CircuitBreaker
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
+from router_ml.backends.prompt_tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from router_ml.backends.results import (
     AllBackendsFailed,
     BackendError,
@@ -133,9 +134,57 @@ def test_a_stream_without_usage_is_counted_with_the_tokenizer():
     chunks, res = run(main())
     assert res.usage_source == "counted"
     assert res.completion_tokens == math.ceil(len(EXPECTED) / 4)  # tokenizer "approx": ceil(chars / 4)
-    assert res.prompt_tokens == math.ceil(len(MESSAGES[0]["content"]) / 4)
+    # no chat template on disk for this backend: the text, plus the template's documented estimate
+    assert (
+        res.prompt_tokens
+        == math.ceil(len(MESSAGES[0]["content"]) / 4) + TOKENS_PER_MESSAGE + REPLY_PRIMING_TOKENS
+    )
     assert chunks[-1]["usage"]["completion_tokens"] == res.completion_tokens
     assert math.isclose(res.cost_usd, (res.prompt_tokens + 2 * res.completion_tokens) / 1e6)
+
+
+def _smollm2_dir() -> Path:
+    folder = Path(os.environ.get("ROUTER_ML_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
+    folder = folder / "smollm2-135m"
+    if not (folder / "tokenizer_config.json").is_file():
+        pytest.skip(f"SmolLM2's tokenizer is not on disk ({folder}): bash scripts/setup_local_models.sh")
+    return folder
+
+
+def test_a_stream_without_usage_counts_its_prompt_through_the_chat_template():
+    """A local vLLM model's tokenizer is on disk: the prompt is counted as the server counts it,
+    with the template's role markers and SmolLM2's default system prompt (38 tokens for a message
+    of 9), and a prefilled continuation without a new assistant header."""
+    folder = _smollm2_dir()
+    messages = [{"role": "user", "content": "Write three short sentences about the sea."}]
+
+    async def main():
+        async with LoopbackServer(stream_usage=False) as srv:
+            cat = _catalog([srv.port], tokenizer=f"hf:{folder}")
+            async with BackendClient(cat) as client:
+                stream = await client.stream("b0", {"messages": messages, "max_tokens": 8})
+                [c async for c in stream]
+                cont = {"messages": [*messages, {"role": "assistant", "content": "The sea"}],
+                        "continue_final_message": True}  # fmt: skip
+                return stream.result, client.count_prompt(cat.get("b0"), cont), cat.get("b0")
+
+    res, cont_tokens, backend = run(main(), timeout=60)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert res.usage_source == "counted"
+    assert res.prompt_tokens == len(tok(ids, add_special_tokens=False)["input_ids"]) == 38
+    assert res.prompt_tokens > 3 * count_tokens_of(backend, messages[0]["content"])
+    cont = tok.apply_chat_template(
+        [*messages, {"role": "assistant", "content": "The sea"}], continue_final_message=True, tokenize=False
+    )
+    assert cont.endswith("assistant\nThe sea")  # continued in place, no second assistant header
+    assert cont_tokens == len(tok(cont, add_special_tokens=False)["input_ids"]) == 38 + 2
+
+
+def count_tokens_of(backend, text: str) -> int:
+    return BackendClient(Catalog([backend])).count_tokens(backend, text)
 
 
 def test_retry_after_is_honoured_and_a_long_one_trips_the_circuit():
@@ -546,3 +595,92 @@ def test_the_official_openai_client_speaks_to_the_loopback_server():
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == EXPECTED
     assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
     assert [m.id for m in models] == ["loop"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_fallback_chain_skips_a_second_name_for_a_server_already_tried(stream):
+    """b0 and b1 are two catalog names for one server: when it fails, b1 is not tried (it would
+    fail the same way), b2 on another server answers."""
+
+    async def main():
+        async with LoopbackServer() as a, LoopbackServer() as c:
+            cat = _catalog([a.port, a.port, c.port])
+            a.set_fault("error500")
+            async with BackendClient(cat) as client:
+                got = await client.chat_with_fallback(["b0", "b1", "b2"], PAYLOAD, stream=stream)
+                if stream:
+                    [x async for x in got]
+                    got = got.result
+                return got, a.stats["chat"], c.stats["chat"]
+
+    res, a_calls, c_calls = run(main())
+    assert res.backend == "b2" and res.tried == ["b0", "b2"]
+    assert a_calls == 2 and c_calls == 1  # b0 once plus its one retry; b1 never
+    assert any("'b1': skipped, its server" in e for e in res.errors)
+
+
+@pytest.mark.parametrize("prefill_rate, resumes", [(1e9, False), (20.0, True)])
+def test_a_resumed_streams_first_token_deadline_grows_with_its_prefill(prefill_rate, resumes):
+    """The fallback takes 0.5 s to its first token, over its 0.3 s first-token deadline: the
+    continuation (prompt + answer so far, ~40 tokens) at 20 prefill tokens/s buys it ~2 s more;
+    at a rate that adds nothing it misses the deadline and the stream fails."""
+
+    async def main():
+        async with LoopbackServer() as a, LoopbackServer() as b:
+            cat = _catalog([a.port, b.port], prefill_tokens_per_s=prefill_rate)
+            a.set_fault("cut_stream", after=5)
+            b.set_fault("slow", delay_s=0.5)
+            async with BackendClient(cat) as client:
+                stream = await client.chat_with_fallback(["b0", "b1"], PAYLOAD, stream=True)
+                chunks = []
+                try:
+                    async for x in stream:
+                        chunks.append(x)
+                except AllBackendsFailed as err:
+                    return None, err, stream.result
+                return _content(chunks), None, stream.result
+
+    text, err, res = run(main(), timeout=60)
+    if resumes:
+        assert text == EXPECTED and res.backend == "b1" and res.finish_reason == "stop"
+    else:
+        assert text is None and "no first token within 0.3 s" in str(err)
+
+
+def test_a_stream_that_fails_mid_answer_is_settled_with_the_tokens_generated():
+    """Every backend fails after the first one broke: the stream raises, and its result still
+    counts the tokens the first backend generated (counted from the text: no usage came) and
+    their cost, with no finish_reason."""
+
+    async def main():
+        async with LoopbackServer(stream_usage=False) as a:
+            cat = _catalog([a.port, _free_port()])
+            a.set_fault("cut_stream", after=6)
+            async with BackendClient(cat) as client:
+                stream = await client.chat_with_fallback(["b0", "b1"], PAYLOAD, stream=True)
+                chunks = []
+                with pytest.raises(AllBackendsFailed):
+                    async for x in stream:
+                        chunks.append(x)
+                await stream.aclose()
+                return _content(chunks), stream.result
+
+    text, res = run(main())
+    assert res is not None and res.finish_reason is None and res.text == text
+    assert len(text.split()) == 6 and res.completion_tokens == math.ceil(len(text) / 4) > 0
+    assert res.cost_usd > 0
+    assert res.cost_usd == pytest.approx((res.prompt_tokens + 2 * res.completion_tokens) / 1e6)
+
+
+def test_an_abandoned_stream_is_settled_with_what_it_generated():
+    async def main():
+        async with LoopbackServer(stream_usage=False) as a, BackendClient(_catalog([a.port])) as client:
+            a.set_fault("slow", delay_s=0.02)
+            stream = await client.stream("b0", PAYLOAD)
+            got = [await stream.__anext__() for _ in range(4)]
+            await stream.aclose()  # the caller went away
+            return _content(got), stream.result
+
+    text, res = run(main())
+    assert text and res is not None and res.finish_reason is None
+    assert res.completion_tokens >= math.ceil(len(text) / 4) and res.cost_usd > 0

@@ -9,6 +9,7 @@ One YAML file (or a directory of them, ``conf/backends/``) lists backends::
         served_model_id: smollm2-135m # the "model" sent upstream (default: name)
         api_key_env: null             # the NAME of the env var with the key, never the key
         first_token_timeout_s: 5      # also connect_timeout_s, timeout_s, max_retries
+        prefill_tokens_per_s: 400     # optional: a resumed stream's deadline grows by its prefill
         prices: {gpu_hour_usd: 0.5, decode_tokens_per_s: 60}   # ModelSpec price fields
         latency: {ttft_s: 0.05, tokens_per_s: 65}              # ModelSpec latency priors
         context_window: 2048          # also max_tokens, tokenizer, params_b
@@ -160,6 +161,7 @@ class BackendEntry(_Strict):
     first_token_timeout_s: Seconds = 10.0
     timeout_s: Seconds = 120.0
     max_retries: Annotated[StrictInt, Field(ge=0)] = 2
+    prefill_tokens_per_s: Positive | None = None
     prices: Prices = Prices()
     latency: Latency = Latency()
     context_window: Annotated[StrictInt, Field(gt=0)] | None = None
@@ -288,6 +290,7 @@ class Backend:
     first_token_timeout_s: float = 10.0
     timeout_s: float = 120.0
     max_retries: int = 2
+    prefill_tokens_per_s: float | None = None  # extends a resumed stream's first-token deadline
     capabilities: frozenset[str] = frozenset()  # of "tools", "vision", "json_mode"
     launch: Mapping[str, Any] | None = field(default=None, compare=False)
     api: str = "openai"  # one of APIS
@@ -409,6 +412,7 @@ def _backend_from_mapping(raw: Any, source: str, index: int) -> Backend:
         first_token_timeout_s=entry.first_token_timeout_s,
         timeout_s=entry.timeout_s,
         max_retries=entry.max_retries,
+        prefill_tokens_per_s=entry.prefill_tokens_per_s,
         capabilities=entry.capabilities.names(),
         launch=dict(raw["launch"]) if entry.launch is not None else None,
         api=entry.api,

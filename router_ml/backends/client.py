@@ -13,13 +13,16 @@ Failure handling, in the spirit of LiteLLM's router (retries, cooldown, fallback
   (seconds or an HTTP date) on 429/503 is honoured up to ``retry_after_cap_s``, and trips the
   backend's circuit for that long.
 - **First-token deadline**: a stream must deliver content within ``first_token_timeout_s``; a
-  non-stream answer within that plus ``max_tokens`` decoded at half the expected speed. A hang
+  resumed stream within that plus the time to prefill its continuation (the prompt and the answer
+  so far) at ``prefill_tokens_per_s`` (else the expected decode speed); a non-stream answer within
+  ``first_token_timeout_s`` plus ``max_tokens`` decoded at half the expected speed. A hang
   becomes a retryable :class:`BackendTimeout` after that, not after the whole-request ``timeout_s``.
 - **Circuit breaker** (:class:`CircuitBreaker`): ``fail_threshold`` consecutive failures open a
   backend for ``cooldown_s``; then one trial request decides.
 - **Fallback** (:meth:`BackendClient.chat_with_fallback`): backends in order, skipping open
-  circuits. A backend with a fallback after it is retried only for HTTP status errors
-  (``retries_before_fallback``), never for a timeout, a refused connection or a Retry-After
+  circuits and backends whose server (base URL) this request already tried: two catalog names for
+  one local server fail together, and a second try only spends the time the next server needs. A
+  backend with a fallback after it is retried only for HTTP status errors (``retries_before_fallback``), never for a timeout, a refused connection or a Retry-After
   (the next backend is faster). An upstream 4xx other than 408/409/429 is a :class:`BadRequest`:
   raised at once, never retried, never sent to another backend.
 - **Stream resume**: when a stream breaks after content was sent, the next backend continues the
@@ -50,6 +53,7 @@ from router_ml.backends.results import (
     ChatResult,
     CircuitOpen,
     _CallState,
+    server_key,
 )
 from router_ml.backends.streams import (
     ChatStream,
@@ -157,7 +161,17 @@ class BackendClient(HttpCalls):
         """
         for i in range(start, len(chain)):
             backend = self.catalog.get(chain[i])
-            can_fall_back = any(not self.breaker.is_open(n) for n in chain[i + 1 :])
+            server = server_key(backend)
+            if server in state.servers:  # another name for a server this request already tried
+                state.errors.append(
+                    f"backend {backend.name!r}: skipped, its server {server} was already tried"
+                )
+                continue
+            state.servers.add(server)
+            can_fall_back = any(
+                not self.breaker.is_open(n) and server_key(self.catalog.get(n)) not in state.servers
+                for n in chain[i + 1 :]
+            )
             retries = (
                 min(backend.max_retries, self.retries_before_fallback)
                 if can_fall_back
@@ -259,14 +273,30 @@ class BackendClient(HttpCalls):
                 payload, partial, _uses_prefill(backend), self.count_tokens(backend, partial)
             )
             body = self._body(backend, cont, stream=True)
+            # the continuation prefills the prompt and the answer so far before its first token
+            deadline = self.first_token_deadline(backend, self.count_prompt(backend, body))
             return await self._attempts(
-                backend, lambda: self._open(backend, body), retries, can_fall_back, state, False
+                backend, lambda: self._open(backend, body, deadline), retries, can_fall_back, state, False
             )
 
         if index + 1 >= len(chain):
             last = state.last_error
             raise AllBackendsFailed(chain, [*state.errors, "no backend left to resume on"], last)
         return await self._walk(chain, index + 1, open_one, state, bad_request_stops=False)
+
+    async def check_health(self, name: str) -> None:
+        """GET ``<server root>/health`` of a catalog backend (vLLM answers 200 while its engine
+        runs); raises (``httpx`` errors) when the server does not answer or answers 5xx. A server
+        without the route (404: llama.cpp) counts as alive: it answered. Not ``/v1/models``, which
+        llama-cpp-python serves under its model lock, cutting a running stream short."""
+        backend = self.catalog.get(name)
+        resp = await self.http.get(
+            f"{backend.root_url}/health",
+            headers=self._headers(backend),
+            timeout=backend.connect_timeout_s + 1,
+        )
+        if resp.status_code >= 500:
+            resp.raise_for_status()
 
     async def scrape_metrics(self, name: str) -> dict[str, float | None]:
         """:func:`scrape_vllm_metrics` of a catalog backend (its server root)."""

@@ -103,9 +103,16 @@ class _CallState:
     tried: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     last_error: BackendError | None = None
+    servers: set[str] = field(default_factory=set)  # server_key() of every backend tried
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def server_key(backend: Backend) -> str:
+    """The server a backend reaches: its base URL, lower-cased, without a trailing ``/`` (two
+    catalog entries with the same key are one server, or one launch)."""
+    return backend.base_url.rstrip("/").lower()
+
+
 async def _within(aw: Awaitable[T], seconds: float) -> T:
     """``await aw`` or raise ``asyncio.TimeoutError`` after ``seconds``."""
     if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per call

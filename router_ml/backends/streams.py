@@ -71,13 +71,6 @@ def tool_call_text(calls: Any) -> str:
     return "".join(f"{f.get('name') or ''}{f.get('arguments') or ''}" for f in fns if isinstance(f, Mapping))
 
 
-def prompt_text(messages: Any) -> str:
-    """The text of a conversation that counts as prompt tokens (contents, one message per line)."""
-    if not isinstance(messages, list):
-        return ""
-    return "\n".join(_content_text(m.get("content")) for m in messages if isinstance(m, Mapping))
-
-
 def overlap_to_strip(partial: str, new: str, final: bool = False) -> int | None:
     """How many leading characters of a continuation ``new`` repeat the end of ``partial``.
 
@@ -277,6 +270,8 @@ class StreamHost(Protocol):
 
     def count_tokens(self, backend: Backend, text: str) -> int: ...
 
+    def count_prompt(self, backend: Backend, body: Mapping[str, Any]) -> int: ...
+
     def cost(
         self,
         name: str,
@@ -331,6 +326,12 @@ class ChatStream:
         self._want_usage = isinstance(opts, Mapping) and bool(opts.get("include_usage"))
         self.result: ChatResult | None = None
         self.tried = state.tried
+        # what was sent and what each upstream produced, kept so that a stream that fails or is
+        # abandoned part-way is still booked with the tokens generated (:meth:`_settle`)
+        self._sent: list[str] = []
+        self._segments: list[_Segment] = []
+        self._counted: Upstream | None = None  # the last upstream whose segment is in _segments
+        self._t_first: float | None = None
         self._gen = self._run()
 
     def __aiter__(self) -> ChatStream:
@@ -342,6 +343,8 @@ class ChatStream:
     async def aclose(self) -> None:
         await self._gen.aclose()
         await self._up.aclose()
+        if self.result is None:  # abandoned before its end (the client went away): book what came
+            self._settle(self._up, complete=False)
 
     async def __aenter__(self) -> ChatStream:
         return self
@@ -349,28 +352,67 @@ class ChatStream:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def _count(self, up: Upstream) -> None:
+        """Add ``up``'s segment (its usage, else its text counted) once."""
+        if self._counted is not up:
+            self._segments.append(self._segment(up))
+            self._counted = up
+
     def _segment(self, up: Upstream) -> _Segment:
         usage = up.usage or {}
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
         counted = not (isinstance(pt, int) and isinstance(ct, int))
         cached, written = (0, 0) if counted else cache_tokens(usage)
         if counted:
-            pt = self._host.count_tokens(up.backend, prompt_text(up.body.get("messages")))
+            pt = self._host.count_prompt(up.backend, up.body)
             ct = self._host.count_tokens(up.backend, "".join(up.text))
         cost = self._host.cost(up.backend.name, pt, ct, cached, written)
         return _Segment(up.backend.name, pt, ct, counted, cost, cached, written)
 
+    def _settle(self, up: Upstream, complete: bool) -> None:
+        """Fill :attr:`result` from the segments so far (``up``'s included): the whole answer
+        (``complete``) or the part generated before the stream failed or was abandoned, whose
+        ``finish_reason`` is None and whose tokens and cost are what the backends produced."""
+        if self.result is not None:
+            return
+        state = self._state
+        self._count(up)
+        segments, end = self._segments, time.perf_counter()
+        last, t_first = segments[-1], self._t_first
+        completion_tokens = sum(s.completion_tokens for s in segments)
+        costs = [s.cost for s in segments]
+        if complete and up.t_first is not None:
+            decode = end - up.t_first
+            tps = last.completion_tokens / decode if decode and last.completion_tokens > 1 else None
+            self._host.observe(up.backend.name, up.t_first - up.t_start, tps)
+        self.result = ChatResult(
+            backend=up.backend.name,
+            text="".join(self._sent),
+            finish_reason=up.finish if complete else None,
+            prompt_tokens=segments[0].prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft_s=None if t_first is None else t_first - state.t0,
+            latency_s=end - state.t0,
+            tokens_per_s=completion_tokens / (end - t_first) if t_first and end > t_first else None,
+            cost_usd=None if any(c is None for c in costs) else sum(costs),
+            attempts=state.attempts,
+            usage_source="counted" if any(s.counted for s in segments) else "upstream",
+            tried=state.tried,
+            errors=state.errors,
+            cached_tokens=segments[0].cached_tokens,
+            cache_write_tokens=segments[0].cache_write_tokens,
+        )
+
     async def _run(self) -> AsyncIterator[dict[str, Any]]:
         host, state = self._host, self._state
-        sent: list[str] = []
-        segments: list[_Segment] = []
+        sent = self._sent
         ident: tuple[Any, Any] | None = None
         t_first: float | None = None
         resumed = False
         tool_call = False  # a tool-call delta was sent: the stream is never resumed after that
         while True:
             up = self._up
-            t_first = t_first or up.t_first
+            t_first = self._t_first = t_first or up.t_first
             held: list[dict[str, Any]] | None = [] if resumed and not _uses_prefill(up.backend) else None
             partial = "".join(sent)
             # the Messages API got the prefill without its trailing whitespace, which the client has
@@ -418,21 +460,23 @@ class ChatStream:
                         sent.append(_content_text(d.get("content")))
                         tool_call = tool_call or bool(d.get("tool_calls") or d.get("function_call"))
                         yield c
-                segments.append(self._segment(up))
+                self._count(up)
                 break
             except BackendError as err:
                 await up.aclose()
                 host.breaker.record(up.backend.name, False)
-                segments.append(self._segment(up))
+                self._count(up)
                 state.errors.append(str(err))
                 state.last_error = err
                 if tool_call:
+                    self._settle(up, complete=False)
                     raise StreamInterrupted(
                         up.backend.name,
                         f"stream broke inside a tool call, which is not resumed: {err.message}",
                         "".join(sent),
                     ) from err
                 if self._resume is None:
+                    self._settle(up, complete=False)
                     raise StreamInterrupted(
                         up.backend.name, f"stream broke mid-answer: {err.message}", "".join(sent)
                     ) from err
@@ -442,37 +486,17 @@ class ChatStream:
                     sum(map(len, sent)),
                     err.message,
                 )
-                self._up = await self._resume("".join(sent))
+                try:
+                    self._up = await self._resume("".join(sent))
+                except BaseException:  # no backend left: book the part that was generated
+                    self._settle(up, complete=False)
+                    raise
                 resumed = True
         await up.aclose()
         host.breaker.record(up.backend.name, True)
-        end = time.perf_counter()
-        last = segments[-1]
-        prompt_tokens = segments[0].prompt_tokens
-        completion_tokens = sum(s.completion_tokens for s in segments)
-        costs = [s.cost for s in segments]
-        ttft = None if t_first is None else t_first - state.t0
-        decode = None if up.t_first is None else end - up.t_first
-        if up.t_first is not None:
-            tps = last.completion_tokens / decode if decode and last.completion_tokens > 1 else None
-            host.observe(up.backend.name, up.t_first - up.t_start, tps)
-        self.result = ChatResult(
-            backend=up.backend.name,
-            text="".join(sent),
-            finish_reason=up.finish,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            ttft_s=ttft,
-            latency_s=end - state.t0,
-            tokens_per_s=completion_tokens / (end - t_first) if t_first and end > t_first else None,
-            cost_usd=None if any(c is None for c in costs) else sum(costs),
-            attempts=state.attempts,
-            usage_source="counted" if any(s.counted for s in segments) else "upstream",
-            tried=state.tried,
-            errors=state.errors,
-            cached_tokens=segments[0].cached_tokens,
-            cache_write_tokens=segments[0].cache_write_tokens,
-        )
+        self._settle(up, complete=True)
+        prompt_tokens, completion_tokens = self.result.prompt_tokens, self.result.completion_tokens
+        segments = self._segments
         if self._want_usage:
             usage: dict[str, Any] = {
                 "prompt_tokens": prompt_tokens,

@@ -36,7 +36,7 @@ from router_ml.backends.results import (
     parse_retry_after,
     transport_error,
 )
-from router_ml.backends.streams import Upstream, _content_text, prompt_text, tool_call_text
+from router_ml.backends.streams import Upstream, _content_text, tool_call_text
 from router_ml.decision.spec import UnknownModelError
 
 if TYPE_CHECKING:
@@ -135,6 +135,21 @@ class HttpCalls:
         if not text:
             return 0
         return int(build_token_counter(backend.spec.tokenizer, backend.spec.kind).count([text])[0])
+
+    def count_prompt(self, backend: Backend, body: Mapping[str, Any]) -> int:
+        """Prompt tokens of a request ``body`` on ``backend``, chat template included
+        (:func:`~router_ml.backends.prompt_tokens.count_prompt_tokens`)."""
+        from router_ml.backends.prompt_tokens import count_prompt_tokens
+
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return 0
+        return count_prompt_tokens(
+            backend,
+            messages,
+            lambda text: self.count_tokens(backend, text),
+            continue_final_message=bool(body.get("continue_final_message")),
+        )
 
     def cost(
         self,
@@ -248,6 +263,15 @@ class HttpCalls:
             return backend.timeout_s
         return min(backend.timeout_s, backend.first_token_timeout_s + max_tokens / (0.5 * tps))
 
+    def first_token_deadline(self, backend: Backend, prefill_tokens: int = 0) -> float:
+        """Seconds a stream may take to its first token: ``first_token_timeout_s`` plus the time to
+        prefill ``prefill_tokens`` (a resumed stream's prompt and the answer so far) at the
+        backend's ``prefill_tokens_per_s``, else at its expected decode speed (prefill is at least
+        that fast, so the deadline is never cut short); at most ``timeout_s``."""
+        rate = backend.prefill_tokens_per_s or self._expected_tps(backend)
+        extra = prefill_tokens / rate if rate and prefill_tokens > 0 else 0.0
+        return min(backend.timeout_s, backend.first_token_timeout_s + extra)
+
     def _route(self, backend: Backend) -> tuple[httpx.URL, bool]:
         got = self._routes.get(backend.name)
         if got is None:
@@ -322,7 +346,7 @@ class HttpCalls:
         counted = not (isinstance(pt, int) and isinstance(ct, int))
         cached, written = (0, 0) if counted else cache_tokens(usage)
         if counted:
-            pt = self.count_tokens(backend, prompt_text(body.get("messages")))
+            pt = self.count_prompt(backend, body)
             ct = self.count_tokens(backend, text + tool_call_text(message.get("tool_calls")))
         if self.latency_model is not None and ct >= 8 and backend.name in self.latency_model.pool:
             ttft_est = float(self.latency_model.ttft[self.latency_model.pool.index(backend.name)])
@@ -347,11 +371,15 @@ class HttpCalls:
             errors=state.errors,
         )
 
-    async def _open(self, backend: Backend, body: dict[str, Any]) -> Upstream:
-        """One stream attempt, returned once the first content arrived (or the stream ended)."""
+    async def _open(
+        self, backend: Backend, body: dict[str, Any], deadline_s: float | None = None
+    ) -> Upstream:
+        """One stream attempt, returned once the first content arrived (or the stream ended)
+        within ``deadline_s`` (default: the backend's ``first_token_timeout_s``)."""
+        deadline_s = backend.first_token_timeout_s if deadline_s is None else deadline_s
 
         async def first_token() -> Upstream:
-            resp = await self._request(backend, body, backend.first_token_timeout_s)
+            resp = await self._request(backend, body, deadline_s)
             try:
                 if resp.status_code != 200:
                     await resp.aread()
@@ -365,9 +393,9 @@ class HttpCalls:
 
         t = time.perf_counter()
         try:
-            return await _within(first_token(), backend.first_token_timeout_s)
+            return await _within(first_token(), deadline_s)
         except TimeoutError:
-            msg = f"no first token within {backend.first_token_timeout_s:g} s"
+            msg = f"no first token within {deadline_s:.3g} s"
             raise BackendTimeout(backend.name, msg, retryable=True) from None
         except httpx.HTTPError as err:
             raise transport_error(backend, err) from None

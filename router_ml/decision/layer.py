@@ -353,13 +353,16 @@ class DecisionLayer:
         request_id: str | None = None,
         ttft_s: float | None = None,
         tokens_per_s: float | None = None,
+        backend: str | None = None,
     ) -> bool:
-        """Book a finished call: spend into the ledger (idempotent per ``request_id``), the bill
-        into the pacing policy, measured latency into the latency model."""
+        """Book a finished call: spend into the ledger (idempotent per ``request_id``; ``backend``:
+        the catalog backend that served it, kept next to the model), the bill into the pacing
+        policy, measured latency into the latency model."""
         model = decision.model if isinstance(decision, RoutingDecision) else decision
         if model not in self.pool:
             raise PolicyError(f"cannot record spend for unknown model {model!r}")
-        new = self.ledger.record(cost_usd, model, request_id=request_id, session=self.session)
+        extra = {} if backend is None else {"backend": backend}
+        new = self.ledger.record(cost_usd, model, request_id=request_id, session=self.session, **extra)
         if new:
             expected = decision.expected_cost_usd if isinstance(decision, RoutingDecision) else None
             self.policy.observe_cost(float(expected if expected is not None else cost_usd), float(cost_usd))

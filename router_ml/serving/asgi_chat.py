@@ -4,7 +4,12 @@ FastAPI's middleware stack, dependency solving and response classes cost about a
 proxy's CPU per request; this handler reads the body itself, answers with ``orjson``-encoded bytes
 and streams server-sent events directly. The proxy app (:func:`~router_ml.serving.proxy.create_app`)
 sends this one route here and everything else through FastAPI. A client that disconnects mid-stream
-cancels the upstream stream at once (the request is still booked).
+cancels the upstream stream at once (the request is still booked, with the tokens generated).
+
+A stream's ``router_ml_requests`` count is taken when it ends, by how it ended: ``200`` when it
+completed, the status of the error it carries in-band (``502``) when every backend failed
+mid-stream, ``499`` when the client went away: a failed stream is never counted as a success
+although its HTTP status line, sent with the first token, said 200.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 JSON_TYPE = (b"content-type", b"application/json")
+#: the ``status`` label of a stream the client left before its end (nginx's "client closed request")
+STATUS_CLIENT_GONE = "499"
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -99,9 +106,9 @@ class ChatRoute:
             err = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
             await send_json(send, err.status, err.body())
             return
-        self.metrics.requests.labels(outcome.route, "200").inc()
-        self.metrics.keyed(key, 200)
         if outcome.stream is None:
+            self.metrics.requests.labels(outcome.route, "200").inc()
+            self.metrics.keyed(key, 200)
             try:
                 raw = outcome.result.raw
                 raw = dict(raw) if isinstance(raw, dict) else {}
@@ -128,14 +135,17 @@ class ChatRoute:
                     return
 
         watcher = asyncio.create_task(watch())
+        status = STATUS_CLIENT_GONE  # counted under this unless the stream ends one of the ways below
         try:
             try:
                 async for chunk in self.engine.iterate(outcome, prompt):
                     await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
+                status = "200"
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # every backend failed mid-stream: tell the client in-band
                 err = ApiError(502, f"stream failed: {e}", type="api_error", code="backends_failed")
+                status = str(err.status)
                 await send({"type": "http.response.body", "body": sse(err.body()), "more_body": True})
             finished = True
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
@@ -145,3 +155,5 @@ class ChatRoute:
             main.uncancel()  # the client went away: engine.iterate booked the request
         finally:
             watcher.cancel()
+            self.metrics.requests.labels(outcome.route, status).inc()
+            self.metrics.keyed(outcome.key, int(status))

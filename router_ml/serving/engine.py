@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from router_ml.backends.capabilities import describe, exclusions, lacking
 from router_ml.backends.catalog import Catalog
 from router_ml.backends.client import BackendClient
@@ -169,8 +171,10 @@ class RoutingEngine:
         self.client = BackendClient(catalog, latency_model=AliasedLatency(self.latency_model, self.aliases))
         self.guard = SpendGuard(self.ledger, self.client, budget_usd, period, session, default_max_tokens,
                                 reservation_ttl_s)  # fmt: skip
-        # the last /metrics figures of each vLLM backend (for /health and the next delta)
+        # the last /metrics figures of each vLLM backend (for /health and the next delta); a backend
+        # whose check or scrape failed is out of it and marked in backend_health
         self.vllm_seen: dict[str, dict[str, float | None]] = {}
+        self.backend_health: dict[str, dict[str, Any]] = {}  # local backend -> its last check
         self._inflight = 0  # requests waiting on a backend or streaming (decisions go inline when 0)
         self.decider = Decider(router, self.served, lambda: self._inflight > 0, max_batch=max_batch)
         # a request no longer than this (prompt bytes + overhead + output) fits every context window
@@ -207,29 +211,47 @@ class RoutingEngine:
             layer.fit(est)
 
     async def refresh_vllm_metrics(self) -> dict[str, dict[str, float | None]]:
-        """One pass over the vLLM backends' ``/metrics``: the TTFT (net of queueing) and decode
-        speed of the requests each finished since the last pass feed the latency model; with
+        """One pass over the local backends (kind ``vllm``): a health check of each (``/health``)
+        and, of vLLM servers, a scrape of ``/metrics``. The TTFT (net of queueing) and decode speed
+        of the requests each finished since the last pass feed the latency model; with
         ``queue_aware``, its waiting and running requests and KV-cache use give the first-token
         estimate of the models it serves now (:func:`~router_ml.backends.vllm_metrics.vllm_queue_load`),
         so latency-aware policies move traffic off a saturated server. Queue depth and KV-cache use
-        are kept for ``/health``. A backend that does not answer is skipped, and its live load
-        dropped (the static estimate stands)."""
+        are kept for ``/health``. A backend whose check or scrape fails is marked in
+        :attr:`backend_health`, its last metrics are dropped from :attr:`vllm_seen` (stale figures
+        are never served as live) and so is its live load (the static estimate stands)."""
         from router_ml.backends.vllm_metrics import apply_vllm_metrics, vllm_queue_load
 
         for backend in self.catalog:
+            if backend.kind != "vllm":
+                continue
+            name, now = backend.name, time.time()
             engine = (backend.launch or {}).get("engine", "vllm")
-            if backend.kind != "vllm" or engine != "vllm":
-                continue
+            current = None
             try:
-                current = await self.client.scrape_metrics(backend.name)
-            except Exception as e:  # down, or not a vLLM server
-                log.debug("no /metrics from %s: %s", backend.name, e)
-                self._set_load(backend.name, None)
+                await self.client.check_health(name)
+            except Exception as e:  # down
+                self._mark_unhealthy(name, e, now, "check")
                 continue
-            previous = self.vllm_seen.get(backend.name)
-            apply_vllm_metrics(self.client.latency_model, backend.name, current, previous, self.queue_aware)
-            self._set_load(backend.name, vllm_queue_load(backend.name, current, previous))
-            self.vllm_seen[backend.name] = current
+            if engine == "vllm":
+                try:
+                    current = await self.client.scrape_metrics(name)
+                except Exception as e:  # a server without /metrics (404: llama.cpp) is just unmeasured
+                    if not (isinstance(e, httpx.HTTPStatusError) and e.response.status_code == 404):
+                        self._mark_unhealthy(name, e, now, "metrics")
+                        continue
+            prev = self.backend_health.get(name) or {}
+            self.backend_health[name] = {"status": "ok", "checked_at": now, "last_ok_at": now,
+                                         "metrics": current is not None}  # fmt: skip
+            if prev.get("status") not in (None, "ok"):
+                log.warning("backend %r is healthy again", name)
+            if current is not None:
+                previous = self.vllm_seen.get(name)
+                apply_vllm_metrics(self.client.latency_model, name, current, previous, self.queue_aware)
+                self._set_load(name, vllm_queue_load(name, current, previous))
+                self.vllm_seen[name] = current
+            else:
+                self._set_load(name, None)
         return dict(self.vllm_seen)
 
     def _set_load(self, backend: str, load: Any) -> None:
@@ -237,6 +259,19 @@ class RoutingEngine:
         for model in self.client.latency_model.by_backend.get(backend, []):
             if model in self.pool:
                 self.latency_model.set_load(model, load if self.queue_aware else None)
+
+    def _mark_unhealthy(self, name: str, err: BaseException, now: float, what: str) -> None:
+        """Record that ``name``'s health check or metrics scrape failed; forget its stale metrics."""
+        prev = self.backend_health.get(name) or {}
+        failed = "down" if what == "check" or isinstance(err, httpx.TransportError) else "metrics_failed"
+        if prev.get("status") in (None, "ok"):
+            log.warning("backend %r: %s (%s: %s)", name, failed, type(err).__name__, err)
+        self.backend_health[name] = {
+            "status": failed, "error": f"{type(err).__name__}: {err}"[:300], "checked_at": now,
+            "last_ok_at": prev.get("last_ok_at"), "metrics": False,
+        }  # fmt: skip
+        self.vllm_seen.pop(name, None)
+        self._set_load(name, None)
 
     async def poll_vllm_metrics(self, interval_s: float = 10.0) -> None:
         """:meth:`refresh_vllm_metrics` every ``interval_s`` until cancelled."""
@@ -473,24 +508,34 @@ class RoutingEngine:
             error = e
             raise
         finally:
-            outcome.result = outcome.stream.result
-            await outcome.stream.aclose()
+            await outcome.stream.aclose()  # an abandoned stream counts what it generated here
+            outcome.result = outcome.stream.result  # partial when it failed: booked as generated
             self._finish(outcome, prompt, error=error)
+
+    def _booked_model(self, d: RoutingDecision | None, served: str | None) -> str | None:
+        """The model a call is booked under (the ledger's ``model``; ``backend`` says who served
+        it): the one the router decided on, also when a fallback served the call; for a
+        pass-through, the first router model aliased to the backend named (else its own name)."""
+        if served is None:
+            return None
+        if d is not None and d.model in self.pool:
+            return d.model
+        return next((m for m, b in self.aliases.items() if b == served), served)
 
     def _finish(self, outcome: Outcome, prompt: str, error: BaseException | None = None) -> None:
         """Book spend, latency, the routing log line and the metrics of a finished request."""
         self._inflight -= 1
         res, d = outcome.result, outcome.decision
         served = res.backend if res is not None else None
-        router_name = next((m for m, b in self.aliases.items() if b == served), served) if served else None
+        router_name = self._booked_model(d, served)
         cost = res.cost_usd if res is not None and res.cost_usd is not None else 0.0
         if res is not None and router_name in self.pool:
             layer = outcome.layer or self.layers[self.default_policy]
-            layer.record(
-                d if d is not None and d.model == router_name else router_name, cost, outcome.request_id
-            )
+            layer.record(d if d is not None else router_name, cost, outcome.request_id, backend=served)
         elif res is not None:  # a backend outside the router's pool: spend still counts
-            self.ledger.record(cost, served, request_id=outcome.request_id, session=self.guard.session)
+            self.ledger.record(
+                cost, served, request_id=outcome.request_id, session=self.guard.session, backend=served
+            )
         if res is None:  # nothing answered: nothing to settle
             self._release(outcome)
         elif outcome.key is not None:  # the key's and its team's spend and tokens

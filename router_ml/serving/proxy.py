@@ -3,7 +3,9 @@
     router-ml serve --ckpt CHECKPOINT --backends conf/backends/local.yaml [--policy utility] [--port 8000]
 
 Endpoints: ``POST /v1/chat/completions`` (SSE streaming and not), ``GET /v1/models`` (router entries
-and backends), ``GET /health``, ``GET /metrics`` (Prometheus). ``model="router"`` routes with the
+and backends), ``GET /health`` (``status`` "degraded" and the failing backend under ``checks`` while
+a local server's health check or metrics scrape fails; its stale metrics are dropped), ``GET /metrics``
+(Prometheus; a stream is counted when it ends, a failed one under its in-band error's status). ``model="router"`` routes with the
 default policy, ``model="router:<policy>[:<knob>]"`` picks policy and knob per request, a backend's
 own name passes through. The response's ``model`` is the backend that answered; ``x-router-*``
 headers carry the decision (task, predicted quality, expected cost, reason, fallbacks).
@@ -220,10 +222,17 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
         breaker = engine.client.breaker
         backends = {name: breaker.state(name) for name in engine.catalog.names}
         latency = engine.latency_model.snapshot().to_dict(orient="records")
+        now = time.time()
+        checks = {
+            name: {**h, "checked_s_ago": round(now - h["checked_at"], 3)}
+            for name, h in engine.backend_health.items()
+        }
         return JSONResponse(
             {
-                "status": "ok",
+                # "degraded" while a local backend's health check or metrics scrape fails
+                "status": "ok" if all(h["status"] == "ok" for h in checks.values()) else "degraded",
                 "backends": backends,
+                "checks": checks,
                 "policies": sorted(engine.layers),
                 "latency": latency,
                 "vllm": engine.vllm_seen,
@@ -235,6 +244,30 @@ def create_app(engine: RoutingEngine, settings: ProxySettings | None = None) -> 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run ``app`` with uvicorn until stopped. Once it listens, the address (the port bound, also
+    for ``port=0``) is printed on stderr and logged: uvicorn's own start-up lines are off (its
+    log level is ``warning``), and an operator must see where the proxy answers."""
+    import sys
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if not self.started:
+                return
+            for srv in getattr(self, "servers", []):
+                for sock in srv.sockets:
+                    addr = sock.getsockname()
+                    where = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                    line = f"router-ml proxy listening on http://{where}:{addr[1]} (POST {CHAT_PATH})"
+                    print(line, file=sys.stderr, flush=True)
+                    log.info(line)
+
+    _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
 
 
 def build_engine(

@@ -33,7 +33,7 @@ from router_ml.backends.local.launch_spec import (
     free_port,
 )
 from router_ml.backends.local.launcher import models_down, models_up
-from router_ml.backends.local.local_server import LocalServer
+from router_ml.backends.local.local_server import LocalServer, group_members
 
 SERVED_ID = "smollm2-135m"  # as in conftest.py
 
@@ -41,7 +41,7 @@ FAKE_SERVER = """
 import argparse, json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 p = argparse.ArgumentParser()
-for flag in ("--model", "--model_alias", "--host", "--port", "--n_ctx", "--n_threads"):
+for flag in ("--model", "--model_alias", "--host", "--port", "--n_ctx", "--n_threads", "--interrupt_requests"):
     p.add_argument(flag)
 a, _ = p.parse_known_args()
 if os.environ.get("FAKE_EXIT"):
@@ -142,6 +142,7 @@ def test_llamacpp_command_defaults_and_overrides(monkeypatch):
     cmd = LocalServer.from_launch("m", launch, "m-id").command()
     assert cmd[1:3] == ["-m", "llama_cpp.server"]
     assert cmd[cmd.index("--model_alias") + 1] == "m-id" and cmd[cmd.index("--n_threads") + 1] == "2"
+    assert cmd[cmd.index("--interrupt_requests") + 1] == "False"  # a new request must not end a stream
     cmd = LocalServer.from_launch("m", {**launch, "args": ["--n_threads", "4"]}).command()
     assert cmd.count("--n_threads") == 1 and cmd[-2:] == ["--n_threads", "4"]
 
@@ -235,14 +236,75 @@ def test_stop_reaches_workers_of_a_killed_server(tmp_path, fake_engine):
     server.wait_ready(timeout=30)
     worker = int(re.search(r"worker pid (\d+)", log.read_text()).group(1))
     assert not _gone(worker)
+    _kill_watchdog(server.record())  # so that stop() alone must reach the worker
     os.kill(server.pid, signal.SIGKILL)  # the leader dies; its worker lives on in the group
-    time.sleep(0.2)
+    time.sleep(0.5)
     assert not _gone(worker)
     server.stop()
     deadline = time.monotonic() + 5
     while not _gone(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(worker)
+
+
+def _kill_watchdog(record: dict[str, Any]) -> None:
+    pid = record["watchdog_pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_the_watchdog_stops_the_orphans_of_a_killed_server(tmp_path, fake_engine):
+    """The vLLM case: the API server's PID is killed (not its group); its engine worker would live
+    on as an orphan. The watchdog started beside it stops the group within about a second, with no
+    call to stop() or models down."""
+    fake_engine["env"]["FAKE_WORKER"] = "1"
+    log = tmp_path / "b.log"
+    server = LocalServer.from_launch("b", fake_engine, log_path=log).start()
+    try:
+        server.wait_ready(timeout=30)
+        worker = int(re.search(r"worker pid (\d+)", log.read_text()).group(1))
+        watchdog = server.record()["watchdog_pid"]
+        assert os.getpgid(watchdog) != server.pid  # not in the group it stops
+        os.kill(server.pid, signal.SIGKILL)
+        t = time.monotonic()
+        while not _gone(worker) and time.monotonic() - t < 10:
+            time.sleep(0.05)
+        assert _gone(worker)
+        assert group_members(server.pid) == []
+        while not _gone(watchdog) and time.monotonic() - t < 10:  # it exits after saying so
+            time.sleep(0.05)
+        assert "is gone; stopped its group" in log.read_text()
+    finally:
+        server.stop()
+
+
+def test_models_down_stops_the_orphans_of_a_dead_server(tmp_path, fake_engine):
+    """The API server's recorded PID is killed and its watchdog is gone too (killed with it): the
+    engine worker lives on in the group; ``models down`` (another process, no handle on the
+    server) finds and stops it."""
+    fake_engine["env"]["FAKE_WORKER"] = "1"
+    state = tmp_path / "state"
+    (server,) = models_up(StandInCatalog([_backend("a", fake_engine)]), state=state, timeout=30)
+    log = state / "logs" / "a.log"
+    worker = int(re.search(r"worker pid (\d+)", log.read_text()).group(1))
+    recorded = json.loads((state / "servers.json").read_text())["a"]
+    assert recorded["pgid"] == server.pid == os.getpgid(worker)
+    _kill_watchdog(recorded)
+    os.kill(server.pid, signal.SIGKILL)
+    server._proc.wait(timeout=5)  # reaped: its PID is gone, only the orphaned worker is left
+    assert not _gone(worker)
+    with pytest.raises(LaunchError, match="already running as process group"):
+        models_up(StandInCatalog([_backend("a", fake_engine)]), state=state, timeout=30)
+    code = (
+        f"from router_ml.backends.local.launcher import models_down; print(models_down(state={str(state)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "['a']"
+    assert _gone(worker)
+    assert group_members(server.pid) == []
+    assert models_down(state=state) == []  # nothing left to stop
 
 
 def test_exit_before_ready_reports_code_and_last_log_lines(tmp_path, fake_engine):

@@ -9,7 +9,8 @@ engine ``vllm``      ``<python> -m vllm.entrypoints.openai.api_server --model DI
                      --host H --port P ARGS`` (or ``vllm serve DIR ...`` when only the ``vllm`` executable
                      is found), with ``HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1``;
 engine ``llamacpp``  ``<python> -m llama_cpp.server --model GGUF --model_alias ID --host H --port P
-                     --n_ctx N --n_threads T ARGS``.
+                     --n_ctx N --n_threads T --interrupt_requests False ARGS`` (its default, True,
+                     ends a running stream whenever another request arrives).
 
 Other keys: ``host`` (default 127.0.0.1), ``python`` (the interpreter; default ``$ROUTER_ML_VLLM_PYTHON``
 / ``$ROUTER_ML_LLAMACPP_PYTHON``, else the venv of scripts/setup_local_models.sh (``.venv-vllm`` /
@@ -230,7 +231,14 @@ class LaunchSpec:
         flags.update(
             {
                 k: v
-                for k, v in (("--n_ctx", self.n_ctx), ("--n_threads", self.n_threads))
+                for k, v in (
+                    ("--n_ctx", self.n_ctx),
+                    ("--n_threads", self.n_threads),
+                    # llama-cpp-python cuts a running stream short (an empty answer, then [DONE])
+                    # whenever another request arrives, /v1/models included: the proxy's requests
+                    # queue instead
+                    ("--interrupt_requests", "False"),
+                )
                 if k not in self.args
             }
         )

@@ -3,9 +3,11 @@
 :func:`models_up` starts every local backend of a catalog (kind ``vllm`` with a ``launch``
 mapping, see :mod:`router_ml.backends.local.launch_spec`) as a
 :class:`~router_ml.backends.local.local_server.LocalServer`, records each in ``.router-ml/servers.json``
-(``$ROUTER_ML_STATE_DIR``) and waits until all answer; :func:`models_down` stops them by PID from
-any process. Logs go to ``.router-ml/logs/<name>.log``. The launch block and its errors live in
-:mod:`~router_ml.backends.local.launch_spec`, the server process in
+(``$ROUTER_ML_STATE_DIR``: PID, process group and start time) and waits until all answer;
+:func:`models_down` stops them from any process, as process groups: vLLM's engine and worker
+processes are found and stopped also when the API server's own PID is already dead. Nothing is
+ever stopped by name. Logs go to ``.router-ml/logs/<name>.log``. The launch block and its errors
+live in :mod:`~router_ml.backends.local.launch_spec`, the server process in
 :mod:`~router_ml.backends.local.local_server`.
 """
 
@@ -22,7 +24,14 @@ from router_ml.backends.local.launch_spec import (
     LaunchError,
     state_dir,
 )
-from router_ml.backends.local.local_server import LocalServer, pid_alive, start_ticks, terminate
+from router_ml.backends.local.local_server import LocalServer
+from router_ml.backends.local.process_group import (
+    GroupSurvivedError,
+    group_members,
+    pid_alive,
+    start_ticks,
+    stop_group,
+)
 
 if TYPE_CHECKING:
     from router_ml.backends.catalog import Backend, Catalog
@@ -59,6 +68,23 @@ def _update_pids(
         tmp.replace(path)
 
 
+def _group_of(rec: Mapping[str, Any]) -> tuple[int, int | None] | None:
+    """``(pgid, start ticks)`` of a recorded server whose processes may still run; None when its
+    PID now names another process (the server died and the PID was reused: its group, which held
+    that number, is then empty, so nothing of it can be left)."""
+    pid, ticks = int(rec["pid"]), rec.get("start_ticks")
+    if pid_alive(pid) and ticks is not None and start_ticks(pid) not in (None, ticks):
+        return None
+    if not pid_alive(pid) and ticks is None:
+        return None  # no start time to tell the server's survivors from a reused group id
+    return int(rec.get("pgid") or pid), ticks
+
+
+def _running(rec: Mapping[str, Any]) -> bool:
+    group = _group_of(rec)
+    return group is not None and bool(group_members(*group))
+
+
 def local_backends(catalog: Catalog, names: Sequence[str] | None = None) -> list[Backend]:
     """The catalog's startable backends (kind ``vllm`` with ``launch``), or ``names`` checked to be so."""
     if names is None:
@@ -84,13 +110,14 @@ def models_up(
     On any failure the servers started by this call are stopped again and the error is raised.
     """
     path = _pid_file(state)
-    running = {k: v for k, v in _read_pids(path).items() if pid_alive(int(v["pid"]))}
+    running = {k: v for k, v in _read_pids(path).items() if _running(v)}
     servers = []
     for backend in local_backends(catalog, names):
         if backend.name in running:
+            rec = running[backend.name]
             raise LaunchError(
-                f"backend {backend.name!r} is already running as pid {running[backend.name]['pid']} "
-                f"(per {str(path)!r}); run models_down first"
+                f"backend {backend.name!r} is already running as process group "
+                f"{rec.get('pgid') or rec['pid']} (per {str(path)!r}); run models_down first"
             )
         servers.append(
             LocalServer.from_backend(backend, log_path=state_dir(state) / "logs" / f"{backend.name}.log")
@@ -113,9 +140,12 @@ def models_up(
 def models_down(
     names: Sequence[str] | None = None, *, state: str | os.PathLike | None = None, timeout: float = 10.0
 ) -> list[str]:
-    """Stop the servers recorded in the PID file (all, or ``names``), from any process; return their names.
+    """Stop the servers recorded in the PID file (all, or ``names``), from any process; return the
+    names of those that had processes left.
 
-    A PID whose start time no longer matches the recorded one (the server died and the PID was
+    Each server is stopped as its process group (SIGTERM, then SIGKILL after ``timeout`` s), found
+    in ``/proc``: vLLM's engine and workers are stopped also when the API server's PID is dead. A
+    PID whose start time no longer matches the recorded one (the server died and the PID was
     reused) is dropped from the file without a signal.
     """
     path = _pid_file(state)
@@ -127,11 +157,11 @@ def models_down(
         )
     stopped = []
     for name in names or sorted(records):
-        rec = records[name]
-        pid = int(rec["pid"])
-        ticks = rec.get("start_ticks")
-        if pid_alive(pid) and (ticks is None or start_ticks(pid) in (None, ticks)):
-            terminate(pid, timeout, name=name)
-            stopped.append(name)
+        group = _group_of(records[name])
+        try:
+            if group is not None and stop_group(*group, timeout, name=name):
+                stopped.append(name)
+        except GroupSurvivedError as e:
+            raise LaunchError(str(e)) from None
         _update_pids(path, drop=[name])
     return stopped

@@ -1,8 +1,10 @@
-"""One local model server process: started in its own process group, watched, stopped by PID.
+"""One local model server process: started in its own process group, watched, stopped as a group.
 
 :class:`LocalServer` is a :class:`~router_ml.backends.local.launch_spec.LaunchSpec` (the checked launch
 mapping and its command) with a life cycle: ``start()``, ``wait_ready()`` (polls ``/v1/models``),
-``stop()`` (SIGTERM, then SIGKILL, to the whole group). :func:`terminate` stops any PID the same way.
+``stop()`` (SIGTERM, then SIGKILL, to the whole group, found in ``/proc`` even when the server
+itself is already dead). Beside each server runs a watchdog that stops the group as soon as the
+server is gone (:mod:`~router_ml.backends.local.process_group`). :func:`terminate` stops any PID.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,26 +29,15 @@ from router_ml.backends.local.launch_spec import (
     ServerNotReadyError,
     state_dir,
 )
+from router_ml.backends.local.process_group import (
+    GroupSurvivedError,
+    group_members,
+    pid_alive,
+    start_ticks,
+    stop_group,
+)
 
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie has exited even though kill(0) succeeds
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): with the PID, it names one process for good."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    return None
+__all__ = ["LocalServer", "group_members", "pid_alive", "start_ticks", "stop_group", "terminate"]
 
 
 def _tail(path: Path, n: int = 20) -> str:
@@ -76,6 +68,8 @@ class LocalServer(LaunchSpec):
         self.ready_s: float | None = None  # seconds from start() to the first answer of /v1/models
         self._proc: subprocess.Popen | None = None
         self._started_at: float | None = None
+        self._ticks: int | None = None  # the server's start time (clock ticks): names its group for good
+        self._watchdog: subprocess.Popen | None = None  # stops the group when the server dies
 
     def __repr__(self) -> str:
         return f"LocalServer({self.name!r}, engine={self.engine!r}, port={self.port}, pid={self.pid})"
@@ -98,7 +92,36 @@ class LocalServer(LaunchSpec):
                 start_new_session=True,
             )
         self.pid, self.ready_s, self._started_at = self._proc.pid, None, time.monotonic()
+        self._ticks = start_ticks(self.pid)
+        self._watchdog = self._start_watchdog()
         return self
+
+    def _start_watchdog(self) -> subprocess.Popen | None:
+        """The process that stops this server's group once the server is gone (killed by PID,
+        crashed): vLLM's engine and workers would otherwise live on as orphans. In a session of
+        its own, so that it outlives the process that started the server (``models up``)."""
+        if self.pid is None or self._ticks is None:
+            return None
+        root = str(Path(__file__).resolve().parents[3])  # where router_ml is imported from
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        }
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "router_ml.backends.local.process_group",
+                    str(self.pid),
+                    str(self._ticks),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     def is_running(self) -> bool:
         if self.pid is None:
@@ -142,12 +165,23 @@ class LocalServer(LaunchSpec):
             time.sleep(interval)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the server's process group, then SIGKILL after ``timeout`` s; a stopped server is a no-op."""
+        """SIGTERM the server's process group, then SIGKILL after ``timeout`` s; a stopped server is a no-op.
+
+        The group is stopped also when the server itself is already dead: vLLM's engine and worker
+        processes outlive a killed API server in its group."""
         if self.pid is None:
             return
-        terminate(self.pid, timeout, alive=self.is_running, group=self._proc is not None, name=self.name)
         if self._proc is not None:
+            try:
+                stop_group(self.pid, self._ticks, timeout, name=self.name)
+            except GroupSurvivedError as e:
+                raise LaunchError(str(e)) from None
             self._proc.wait(timeout=1)
+        else:
+            terminate(self.pid, timeout, alive=self.is_running, group=False, name=self.name)
+        if self._watchdog is not None:  # it exits once the group is gone
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(timeout=5)
 
     def __enter__(self) -> LocalServer:
         self.start()
@@ -166,6 +200,8 @@ class LocalServer(LaunchSpec):
         return {
             "pid": self.pid, "engine": self.engine, "host": self.host, "port": self.port, "base_url": self.base_url,
             "served_model_id": self.served_model_id, "log": str(self.log_path), "start_ticks": start_ticks(self.pid or -1),
+            "pgid": self.pid,  # start_new_session: the server leads its own group, workers included
+            "watchdog_pid": self._watchdog.pid if self._watchdog is not None else None,
         }  # fmt: skip
 
 

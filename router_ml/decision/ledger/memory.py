@@ -16,8 +16,8 @@ import pandas as pd
 
 from router_ml.decision.ledger.records import RESERVATION_TTL_S, _check_record, _check_reservation
 
-#: the columns of :meth:`MemoryLedger.entries`: one row per (bucket, session, model)
-AGGREGATE_COLUMNS = ["ts", "model", "cost_usd", "session", "count"]
+#: the columns of :meth:`MemoryLedger.entries`: one row per (bucket, session, model, backend)
+AGGREGATE_COLUMNS = ["ts", "model", "cost_usd", "session", "count", "backend"]
 
 
 class _Buckets:
@@ -62,8 +62,8 @@ class MemoryLedger:
     """The :class:`BudgetLedger` interface in bounded memory (thread-safe).
 
     It keeps **aggregates, not rows**: per ``resolution_s`` bucket (default one hour, UTC-aligned)
-    and per session, the count and the sum of the calls, and per (bucket, session, model) the same
-    for :meth:`entries`. Memory grows with the number of buckets x sessions x models, not with
+    and per session, the count and the sum of the calls, and per (bucket, session, model, backend)
+    the same for :meth:`entries`. Memory grows with the number of buckets x sessions x models, not with
     traffic. A record counts in a window when its bucket's start lies in ``[since, until)``: exact
     for bounds on bucket boundaries, which every budget period's start is (hour, day, week, month;
     ``period_start``); finer bounds are rounded down to their bucket. ``meta`` is not kept.
@@ -83,7 +83,7 @@ class MemoryLedger:
         self._ids: OrderedDict[str, None] = OrderedDict()
         self._all = _Buckets()
         self._by_session: dict[str | None, _Buckets] = {}
-        self._by_model: dict[tuple[float, str | None, str], list] = {}  # -> [count, cost]
+        self._by_model: dict[tuple[float, str | None, str, str | None], list] = {}  # -> [count, cost]
         self._res: dict[str, tuple[float, float, str | None]] = {}  # id -> (amount, expires, session)
 
     def __repr__(self) -> str:
@@ -100,10 +100,14 @@ class MemoryLedger:
         ts: float | None = None,
         session: str | None = None,
         meta: Mapping | None = None,
+        backend: str | None = None,
     ) -> bool:
         """Record one call's spend (settling its reservation, if any); ``False`` (and nothing
-        changes but the reservation's release) when ``request_id`` was recorded recently."""
-        rid, when, model, cost, session, _ = _check_record(cost_usd, model, request_id, ts, session, meta)
+        changes but the reservation's release) when ``request_id`` was recorded recently.
+        ``model``: the model decided on; ``backend``: the catalog backend that served it."""
+        rid, when, model, cost, session, _, backend = _check_record(
+            cost_usd, model, request_id, ts, session, meta, backend
+        )
         start = self._bucket(when)
         with self._lock:
             self._res.pop(rid, None)
@@ -114,7 +118,7 @@ class MemoryLedger:
                 self._ids.popitem(last=False)
             self._all.add(start, cost)
             self._by_session.setdefault(session, _Buckets()).add(start, cost)
-            agg = self._by_model.setdefault((start, session, model), [0, 0.0])
+            agg = self._by_model.setdefault((start, session, model, backend), [0, 0.0])
             agg[0] += 1
             agg[1] += cost
         return True
@@ -143,17 +147,18 @@ class MemoryLedger:
     def entries(
         self, since: float | None = None, until: float | None = None, session: str | None = None
     ) -> pd.DataFrame:
-        """Aggregates, not rows: one row per (bucket, session, model) in the window, oldest first,
-        columns ``ts`` (the bucket's start), ``model``, ``cost_usd`` (their sum), ``session``, ``count``."""
+        """Aggregates, not rows: one row per (bucket, session, model, backend) in the window, oldest
+        first, columns ``ts`` (the bucket's start), ``model``, ``cost_usd`` (their sum), ``session``,
+        ``count``, ``backend``."""
         with self._lock:
             rows = [
-                (start, model, agg[1], sess, agg[0])
-                for (start, sess, model), agg in self._by_model.items()
+                (start, model, agg[1], sess, agg[0], backend)
+                for (start, sess, model, backend), agg in self._by_model.items()
                 if (since is None or start >= since)
                 and (until is None or start < until)
                 and (session is None or sess == session)
             ]
-        rows.sort(key=lambda r: (r[0], "" if r[3] is None else r[3], r[1]))
+        rows.sort(key=lambda r: (r[0], "" if r[3] is None else r[3], r[1], r[5] or ""))
         cols = list(zip(*rows, strict=True)) if rows else [()] * len(AGGREGATE_COLUMNS)
         return pd.DataFrame(
             {
@@ -162,6 +167,7 @@ class MemoryLedger:
                 "cost_usd": np.asarray(cols[2], dtype="float64"),
                 "session": pd.Series(cols[3], dtype="object"),
                 "count": np.asarray(cols[4], dtype="int64"),
+                "backend": pd.Series(cols[5], dtype="object"),
             }
         )
 

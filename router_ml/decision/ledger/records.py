@@ -12,7 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["request_id", "ts", "model", "cost_usd", "session", "meta"]
+#: ``model``: the model the router decided on (or the backend named by a pass-through request);
+#: ``backend``: the catalog backend that served the call (None in rows written before it was kept)
+COLUMNS = ["request_id", "ts", "model", "cost_usd", "session", "meta", "backend"]
 
 
 class LedgerError(ValueError):
@@ -26,8 +28,10 @@ def _check_record(
     ts: float | None,
     session: str | None,
     meta: Mapping | None,
-) -> tuple[str, float, str, float, str | None, str | None]:
-    """Validate one record; returns the row ``(request_id, ts, model, cost, session, meta_json)``."""
+    backend: str | None = None,
+) -> tuple[str, float, str, float, str | None, str | None, str | None]:
+    """Validate one record; returns the row ``(request_id, ts, model, cost, session, meta_json,
+    backend)``."""
     try:
         cost = float(cost_usd)
     except (TypeError, ValueError) as err:
@@ -46,11 +50,13 @@ def _check_record(
         raise ValueError(f"meta must be a JSON-serialisable mapping: {err}") from err
     if session is not None and not isinstance(session, str):
         raise ValueError(f"session must be a string or None, got {session!r}")
-    return rid, when, model, cost, session, meta_json
+    if backend is not None and (not isinstance(backend, str) or not backend):
+        raise ValueError(f"backend must be a non-empty string or None, got {backend!r}")
+    return rid, when, model, cost, session, meta_json, backend
 
 
 def _entries_frame(rows: list[tuple]) -> pd.DataFrame:
-    """Rows ``(request_id, ts, model, cost, session, meta_json)`` -> the ``entries()`` frame."""
+    """Rows ``(request_id, ts, model, cost, session, meta_json, backend)`` -> the ``entries()`` frame."""
     cols = list(zip(*rows, strict=True)) if rows else [()] * len(COLUMNS)
     return pd.DataFrame(
         {
@@ -60,6 +66,7 @@ def _entries_frame(rows: list[tuple]) -> pd.DataFrame:
             "cost_usd": np.asarray(cols[3], dtype="float64"),
             "session": pd.Series(cols[4], dtype="object"),  # None = no session (kept as None)
             "meta": pd.Series([None if m is None else json.loads(m) for m in cols[5]], dtype="object"),
+            "backend": pd.Series(cols[6], dtype="object"),  # None: not recorded (an older row)
         }
     )
 

@@ -5,7 +5,7 @@ them in one slot and the Lua scripts may touch them all)::
 
     {ns}:ledger:schema       hash: app, version (a namespace holding anything else is refused)
     {ns}:ledger:seq          counter: insertion order (ties in ts keep it, as BudgetLedger's rowid)
-    {ns}:ledger:r:<id>       hash per record: ts, model, nano, seq[, session][, meta]
+    {ns}:ledger:r:<id>       hash per record: ts, model, nano, seq[, session][, meta][, backend]
     {ns}:ledger:ts           sorted set of every record by ts; member "<seq:016d>|<nano>|<id>"
     {ns}:ledger:s:<session>  the same, per session
     {ns}:ledger:totals       hash: "n"/"c" (count, nano-dollars of all), "n:<s>"/"c:<s>" per session
@@ -58,7 +58,7 @@ APP = "router-ml-ledger"
 NANO = 1_000_000_000
 
 # KEYS: record hash, all zset, session zset, totals, seq, holds hash, holds expiry zset, hours
-# ARGV: id, ts, nano, model, has_session, session, has_meta, meta, token
+# ARGV: id, ts, nano, model, has_session, session, has_meta, meta, token, backend ('' for none)
 _RECORD = """
 redis.call('HDEL', KEYS[6], ARGV[1])  -- settle the request's reservation
 redis.call('ZREM', KEYS[7], ARGV[1])
@@ -71,6 +71,7 @@ local seq = redis.call('INCR', KEYS[5])
 local member = string.format('%016d', seq) .. '|' .. ARGV[3] .. '|' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'ts', ARGV[2], 'model', ARGV[4], 'nano', ARGV[3], 'seq', seq, 'tok', ARGV[9])
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'meta', ARGV[8]) end
+if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'backend', ARGV[10]) end
 redis.call('ZADD', KEYS[2], ARGV[2], member)
 local hour = string.format('%d', math.floor(tonumber(ARGV[2]) / 3600) * 3600)
 redis.call('HINCRBY', KEYS[8], hour, ARGV[3])
@@ -294,15 +295,17 @@ class RedisLedger:
         ts: float | None = None,
         session: str | None = None,
         meta: Mapping | None = None,
+        backend: str | None = None,
     ) -> bool:
-        """Record one call's spend; ``False`` (and nothing changes) when ``request_id`` is already in."""
-        rid, when, model, cost, session, meta_json = _check_record(
-            cost_usd, model, request_id, ts, session, meta
+        """Record one call's spend; ``False`` (and nothing changes) when ``request_id`` is already in.
+        ``model``: the model decided on; ``backend``: the catalog backend that served it."""
+        rid, when, model, cost, session, meta_json, backend = _check_record(
+            cost_usd, model, request_id, ts, session, meta, backend
         )
         nano = round(cost * NANO)
         keys = [self._k + f"r:{rid}", self._zset(None), self._zset(session), self._k + "totals"]
         args = [rid, repr(when), str(nano), model, int(session is not None), session or ""]
-        args += [int(meta_json is not None), meta_json or "", uuid.uuid4().hex]
+        args += [int(meta_json is not None), meta_json or "", uuid.uuid4().hex, backend or ""]
         with self._errors():
             return bool(
                 self._record(keys=[*keys, self._k + "seq", *self._holds(), self._k + "hours"], args=args)
@@ -341,7 +344,7 @@ class RedisLedger:
         self, since: float | None = None, until: float | None = None, session: str | None = None
     ) -> pd.DataFrame:
         """The records in the window, oldest first (ties in insertion order): columns ``request_id,
-        ts, model, cost_usd, session, meta`` as :meth:`BudgetLedger.entries`."""
+        ts, model, cost_usd, session, meta, backend`` as :meth:`BudgetLedger.entries`."""
         lo, hi = _bound(since, "-inf", False), _bound(until, "+inf", True)
         rows: list[tuple] = []
         with self._errors():
@@ -352,7 +355,7 @@ class RedisLedger:
                     pipe.hgetall(self._k + f"r:{rid}")
                 for rid, h in zip(ids[start : start + 1000], pipe.execute(), strict=True):
                     row = (rid, float(h["ts"]), h["model"], int(h["nano"]) / NANO)
-                    rows.append((*row, h.get("session"), h.get("meta")))
+                    rows.append((*row, h.get("session"), h.get("meta"), h.get("backend")))
         return _entries_frame(rows)
 
     # ------------------------------------------------------------------ reservations

@@ -25,7 +25,7 @@ from router_ml.decision.ledger.records import (
 from router_ml.sqlite_retry import retry_locked
 
 #: Schema version stored in ``PRAGMA user_version``; a newer file is refused, not guessed at.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: ``PRAGMA application_id`` that marks a SQLite file as a router-ml spend ledger ("RMLG").
 APPLICATION_ID = 0x524D4C47
 _SCHEMA = [
@@ -67,8 +67,11 @@ _RESERVATIONS = [
     f"""INSERT INTO spend_hours (hour, skey, cost_usd)
         SELECT {_HOUR.replace("NEW.", "")} AS h, COALESCE('s:' || session, '-') AS k, SUM(cost_usd)
         FROM spend WHERE NOT EXISTS (SELECT 1 FROM spend_hours) GROUP BY h, k""",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+    "PRAGMA user_version = 2",
 ]
+# version 3: the backend that served each call, next to the model the router decided on (rows of
+# older files read None there); a version-1 or -2 file gains the column when opened
+_BACKEND = ["ALTER TABLE spend ADD COLUMN backend TEXT", f"PRAGMA user_version = {SCHEMA_VERSION}"]
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -148,11 +151,11 @@ class BudgetLedger:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
                 if app_id == 0 and version == 0 and tables == 0:
-                    for stmt in _SCHEMA + _RESERVATIONS:
+                    for stmt in _SCHEMA + _RESERVATIONS + _BACKEND:
                         conn.execute(stmt)
                     app_id, version = APPLICATION_ID, SCHEMA_VERSION
-                elif app_id == APPLICATION_ID and version == 1:  # upgrade in place: add reservations
-                    for stmt in _RESERVATIONS:
+                elif app_id == APPLICATION_ID and version in (1, 2):  # upgrade in place
+                    for stmt in (_RESERVATIONS if version == 1 else []) + _BACKEND:
                         conn.execute(stmt)
                     version = SCHEMA_VERSION
             except BaseException:
@@ -200,16 +203,18 @@ class BudgetLedger:
         ts: float | None = None,
         session: str | None = None,
         meta: Mapping | None = None,
+        backend: str | None = None,
     ) -> bool:
         """Record one call's spend and settle its reservation (both in one transaction); ``False``
-        (and nothing changes but the reservation's release) when ``request_id`` is already in."""
-        row = _check_record(cost_usd, model, request_id, ts, session, meta)
+        (and nothing changes but the reservation's release) when ``request_id`` is already in.
+        ``model``: the model decided on; ``backend``: the catalog backend that served it."""
+        row = _check_record(cost_usd, model, request_id, ts, session, meta, backend)
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO spend (request_id, ts, model, cost_usd, session, meta)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO spend (request_id, ts, model, cost_usd, session, meta, backend)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             inserted = cur.rowcount == 1
@@ -248,7 +253,7 @@ class BudgetLedger:
         self, since: float | None = None, until: float | None = None, session: str | None = None
     ) -> pd.DataFrame:
         """The records in the window, oldest first: columns ``request_id, ts, model, cost_usd, session,
-        meta`` (``meta`` as a dict or ``None``)."""
+        meta, backend`` (``meta`` as a dict or ``None``; ``backend`` None in rows of older files)."""
         where, args = self._where(since, until, session)
         sql = f"SELECT {', '.join(COLUMNS)} FROM spend{where} ORDER BY ts, rowid"
         return _entries_frame(self._conn().execute(sql, args).fetchall())
