@@ -96,6 +96,10 @@ class EnsembleQualityPredictor(QualityPredictor):
         if "shape" not in state:
             raise ValueError("EnsembleQualityPredictor: state has no 'shape'")
         heads = self._build_members()
+        known = {f"{i}." for i in range(len(heads))}
+        stray = sorted(k for k in state if k != "shape" and k.split(".", 1)[0] + "." not in known)
+        if stray:
+            raise ValueError(f"EnsembleQualityPredictor: unexpected array(s) {stray} in the state")
         loaded = []
         for i, h in enumerate(heads):
             sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")}
@@ -104,7 +108,10 @@ class EnsembleQualityPredictor(QualityPredictor):
             try:
                 loaded.append(h.load_state_dict(sub))
             except (ValueError, KeyError) as e:
-                raise ValueError(f"EnsembleQualityPredictor: member {i} ({h.name}): {e}") from e
+                msg = str(e)  # name the arrays as they are stored here: '<i>.<key>'
+                for k in sorted(sub, key=len, reverse=True):
+                    msg = msg.replace(f"'{k}'", f"'{i}.{k}'")
+                raise ValueError(f"EnsembleQualityPredictor: member {i} ({h.name}): {msg}") from e
         self.heads_ = loaded
         self.n_models_, self.dim_ = (int(v) for v in np.asarray(state["shape"]).ravel()[:2])
         return self
