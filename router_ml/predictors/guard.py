@@ -513,7 +513,7 @@ class NoveltyGuard(BasePredictor):
         p = np.broadcast_to(np.asarray(self.prior_model if prior is None else prior, np.int64), (len(q),))
         if trust is None:
             m = self.margin(nu)
-        else:  # just enough to put the prior's model first (ties resolve to the lower column: + 1e-6)
+        else:  # just enough to put the prior's model strictly first where the pick is not trusted
             m = np.where(trust > self.trust_tau_[0], 0.0, np.maximum(q.max(axis=1) - q[r, p], 0.0) + 1e-6)
         out = q - m[:, None]
         out[r, p] = q[r, p]
