@@ -80,8 +80,9 @@ class FoldScores:
     routed: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n,) argmax scores
     util_score: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
     util_cost: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
-    # guarded heads (``<head>+guard``, or ``<head>+<mode>`` per shift.guard.modes): novelty of the test prompts (n,) and of the fold's
-    # in-distribution validation prompts (k,), whether each model's interval held its score (n, m)
+    # guarded heads (``<head>+guard``, or ``<head>+<mode>`` per shift.guard.modes): novelty of the
+    # test prompts (n,) and of the fold's in-distribution validation prompts (k,), whether each
+    # model's interval held its score (n, m)
     novelty: dict[str, np.ndarray] = field(default_factory=dict)
     novelty_id: dict[str, np.ndarray] = field(default_factory=dict)
     covered: dict[str, np.ndarray] = field(default_factory=dict)
