@@ -65,7 +65,8 @@ GRIDS = {
     # text features raise the benchmark classifier's accuracy, not routed quality, at 3-4x fit time
     "taskmix": {"text_features": [0, 32768]},
 }
-TASK_KEY = {"taskmix": "source_task"}  # which labels a head learns from (as in conf/predictor/*.yaml)
+# which labels a head learns from (as in conf/predictor/*.yaml)
+TASK_KEY = {"taskmix": "source_task", "ensemble": "source_task"}
 TASK_HEAD = {
     "C": 10.0,
     "class_weight": "balanced",
@@ -331,11 +332,11 @@ def print_speed(out: dict, head: str) -> None:
     )
 
 
-def speed_only(head: str, guard: bool = False) -> dict:
+def speed_only(head: str, guard: bool = False, guard_mode: str = "shrink") -> dict:
     """Speed figures only: a router with the ``head`` quality head at default parameters (no
     tuning) and the bench's task head, fitted on llmrouter_ulab's training split (seed 0); with
-    ``guard``, a :class:`~router_ml.predictors.guard.NoveltyGuard` after it (fitted by 3 + 3
-    folds of the head)."""
+    ``guard``, a :class:`~router_ml.predictors.guard.NoveltyGuard` in ``guard_mode`` after it
+    (fitted by 3 + 3 folds of the head)."""
     from router_ml.router import LearnedRouter
 
     table = load_source("llmrouter")
@@ -363,9 +364,11 @@ def speed_only(head: str, guard: bool = False) -> dict:
         def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
             return build_quality_predictor(head).fit(X_tr[tr], Y_tr[tr], tid[tr]).predict(X_tr[te])
 
-        g = NoveltyGuard(folds=3).fit(X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict)
+        g = NoveltyGuard(folds=3, mode=guard_mode).fit(
+            X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict
+        )
     out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal, guard=g)))
-    print_speed(out, head + (" + guard" if guard else ""))
+    print_speed(out, head + (f" + guard ({guard_mode})" if guard else ""))
     return out
 
 
@@ -392,10 +395,13 @@ def main() -> None:
         "(the first of --heads if given, else taskmix; ~1 min with the embedding cache filled)",
     )
     ap.add_argument("--guard", action="store_true", help="--speed-only with the novelty guard")
+    ap.add_argument(
+        "--guard-mode", default="shrink", choices=["shrink", "margin", "trust"], help="the guard's mode"
+    )
     args = ap.parse_args()
     if args.speed_only:
         head = args.heads[0] if args.heads != ap.get_default("heads") else "taskmix"
-        out = speed_only(head, guard=args.guard)
+        out = speed_only(head, guard=args.guard, guard_mode=args.guard_mode)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=2)

@@ -123,6 +123,16 @@ def guard_lines(job: str, summary: dict) -> str:
             f"worst gap {g['coverage_worst_gap_pts']:.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
             f"w_novel {min(w1):.2f}..{max(w1):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}"
         )
+        if "trust_auroc_head_worse" in g:  # mode "trust": the deferral model
+            taus = [f.get("trust_tau", float("nan")) for f in fits]
+            cva = [f.get("cv_trust_auroc", float("nan")) for f in fits]
+            out.append(
+                f"{job} {head}: deferral model AUROC at telling where the head's pick is worse than the "
+                f"best single model {g['trust_auroc_head_worse']:.3f} (nested CV on the training families "
+                f"{min(cva):.3f}..{max(cva):.3f}); the head left the best single model on "
+                f"{g['trust_moved_share']:.1%} of held-out prompts, worse there on {g['trust_head_worse_share']:.1%}, "
+                f"kept {g['trust_kept_share']:.1%} of those picks; tau per fold {min(taus):+.2f}..{max(taus):+.2f}"
+            )
     return "\n".join(out) + ("\n" if out else "")
 
 
@@ -142,6 +152,10 @@ def main() -> None:
     )
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides for every job (key=value)")
     args = ap.parse_args()
+    # overrides written right after --jobs land in it (nargs="+"): a job never holds "="
+    moved = [j for j in args.jobs if "=" in j or j.startswith(("~", "+"))]
+    args.jobs = [j for j in args.jobs if j not in moved]
+    args.overrides = [*moved, *args.overrides]
     out = Path(args.out or time.strftime("outputs/bench_shift/%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -223,3 +223,67 @@ def test_a_guard_carried_to_an_added_model_keeps_the_trained_columns_and_is_caut
     np.testing.assert_array_equal(g3.halfwidth_, g2.halfwidth_)
     with pytest.raises(ValueError, match="prior must be finite values in"):
         g.with_added_models([1.5])
+
+
+def test_trust_mode_defers_to_the_prior_where_the_predicted_gain_is_not_above_tau(fitted):
+    g = copy.deepcopy(fitted[0])
+    g.prior_ = np.array([0.6, 0.5, 0.4])  # model 0 is the prior's pick
+    g.shrink_, g.margin_, g.trust_tau_ = np.zeros(2), np.zeros(3), np.array([0.02])
+    q = np.array([[0.5, 0.9, 0.6], [0.5, 0.6, 0.9], [0.58, 0.62, 0.60], [0.9, 0.1, 0.1]])
+    out, w = g._apply(q, np.zeros(4), trust=np.array([0.1, 0.02, -0.3, -0.3]))
+    # row 0: trusted, the head's pick; rows 1-2: not above tau, the prior's model (row 2 not model 2
+    # nor model 1: never a third model); row 3: the head already picks the prior's model
+    assert np.argmax(out, axis=1).tolist() == [1, 0, 0, 0]
+    assert w.tolist() == [0.0, 1.0, 1.0, 0.0]
+    np.testing.assert_allclose(out[:, 0], q[:, 0])
+
+
+def test_deferral_model_learns_when_the_head_is_worse():
+    """Where the head's advantage is large its pick wins, where it is small it loses: the nested
+    CV's AUROC is high and the refitted model keeps only the confident picks."""
+    rng = np.random.default_rng(0)
+    n, fam = 600, np.array([f"fam{i % 6}" for i in range(600)])
+    adv = rng.uniform(0.0, 0.4, n)
+    Q = np.column_stack([np.full(n, 0.5), 0.5 + adv])  # the head always leaves model 0 (the prior)
+    good = adv > 0.2
+    Y = np.column_stack([(~good).astype(float), good.astype(float)])
+    Y[rng.random(n) < 0.1] = 0.5  # some ties
+    F, nu, Yk = rng.random((n, 4)), rng.random(n), np.full((n, 2), 0.5)
+    g = NoveltyGuard(mode="trust")
+    parts = [(Q, F, nu, np.zeros(n, np.int64), Yk)] * 2
+    g._fit_trust(parts, Y, fam, {f"fam{i}": i % 3 for i in range(6)}, lambda gi, gf: gi.mean() + gf.mean())
+    assert g.cv_trust_auroc_ > 0.9
+    t = g._trust_predict(g.trust_features(F, nu, Q, Yk, 0))
+    kept = t > g.trust_tau_[0]
+    assert kept[adv > 0.3].mean() > 0.9 and kept[adv < 0.1].mean() < 0.1
+
+
+def test_trust_guard_round_trip_and_an_old_state_loads_without_it():
+    X, Y, fam = _families()
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="trust").fit(X, Y, fam, _fit_predict_for(X, Y))
+    assert len(g.trust_) and g.bank_y_.shape == (len(g.bank_), 2) and np.isfinite(g.cv_gain_).all()
+    q = np.tile([0.1, 0.95], (len(X), 1))
+    a = g.transform(X, q)
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    b = back.transform(X, q)
+    np.testing.assert_allclose(a.trust, b.trust, atol=1e-6)
+    np.testing.assert_allclose(a.quality, b.quality, atol=1e-6)
+    assert set(np.argmax(a.quality, axis=1)) <= {1, g.prior_model}  # the head's pick or the prior's
+    state = {k: v for k, v in g.state_dict().items() if not k.startswith(("trust", "bank_y", "cv_trust"))}
+    old = NoveltyGuard(**{**g.get_params(), "mode": "shrink"}).load_state_dict(state)
+    assert old.transform(X, q).trust is None
+    bad = g.state_dict()
+    bad["trust"] = bad["trust"][:-1]
+    with pytest.raises(ValueError, match="deferral model"):
+        NoveltyGuard(**g.get_params()).load_state_dict(bad)
+
+
+def test_a_trust_guard_carried_to_an_added_model_reads_its_prior_as_the_neighbours_outcome():
+    X, Y, fam = _families()
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="trust").fit(X, Y, fam, _fit_predict_for(X, Y))
+    g2 = g.with_added_models([0.25])
+    assert g2.bank_y_.shape == (len(g.bank_), 3)
+    np.testing.assert_array_equal(g2.bank_y_[:, :2], g.bank_y_)
+    assert (g2.bank_y_[:, 2] == 0.25).all()
+    q = np.tile([0.1, 0.95, 0.0], (len(X), 1))  # the new column never wins: the old figures hold
+    np.testing.assert_allclose(g2.transform(X, q).quality[:, :2], g.transform(X, q[:, :2]).quality)

@@ -64,6 +64,9 @@ FAST = {
     "mlp": {"hidden": [64], "epochs": 40, "n_tasks": 3, "aux_task_weight": 0.3, "n_members": 2},
     "mf": {"dim": 8, "epochs": 60, "n_tasks": 3},
     "taskmix": {"C": 1.0},
+    "ensemble": {
+        "members": [{"name": "taskmix", "params": {"C": 1.0}}, {"name": "knn", "params": {"k": 10}}]
+    },
 }
 
 
@@ -170,7 +173,7 @@ def test_heads_handle_heavy_nan_and_missing_task_ids(problem):
     Y = Y.copy()
     Y[np.random.default_rng(1).random(Y.shape) < 0.6] = np.nan
     for name in QUALITY_PREDICTORS:
-        ids = problem[2] if name == "taskmix" else None  # the other heads must cope without them
+        ids = problem[2] if name in ("taskmix", "ensemble") else None  # the others cope without them
         pred = build_quality_predictor(name, **FAST[name]).fit(X, Y, ids).predict(Xte)
         assert np.isfinite(pred).all() and pred.min() >= 0.0 and pred.max() <= 1.0, name
         baseline = np.broadcast_to(np.nanmean(Y, axis=0), Yte.shape)
@@ -374,7 +377,7 @@ def test_isotonic_one_interp_call_matches_one_map_per_column():
 
 
 def test_registry_names_and_errors():
-    assert sorted(QUALITY_PREDICTORS) == ["knn", "linear", "mf", "mlp", "taskmix"]
+    assert sorted(QUALITY_PREDICTORS) == ["ensemble", "knn", "linear", "mf", "mlp", "taskmix"]
     assert sorted(CALIBRATORS) == ["isotonic", "temperature"]
     for key, cls in {**QUALITY_PREDICTORS, **CALIBRATORS}.items():
         assert cls.name == key

@@ -219,3 +219,18 @@ def test_guarded_heads_report_novelty_and_interval_coverage(small_table):
     g = sh.guard_summary([fs], ctx.models, 0.8)["knn+guard"]
     assert 0.0 <= g["novelty_auroc"] <= 1.0 and set(g["coverage"]) == set(ctx.models)
     assert all(0.0 <= c <= 1.0 for c in g["coverage"].values())
+
+
+def test_guard_modes_give_one_row_each_and_the_deferral_model_is_scored(small_table):
+    ctx = _context(small_table, {"knn": {"name": "knn", "task_key": "task", "params": {"k": 5}}})
+    ctx.guard = {"heads": ["knn"], "modes": ["shrink", "trust"], "params": {"folds": 3, "coverage": 0.8}}
+    ((_, train, test),) = sh.lofo_folds(small_table, families=["gsm8k"])
+    (fs,) = sh.fold_scores(ctx, "gsm8k", train, {"original": test})
+    assert set(fs.routed) == {"knn", "knn+shrink", "knn+trust"}
+    assert set(fs.trust) == {"knn+trust"} and fs.trust["knn+trust"].shape == (len(fs.Y),)
+    # the trust row routes to the head's own pick or to the best single model, never a third model
+    r = fs.routed["knn+trust"]
+    assert np.all((np.abs(r - fs.routed["knn"]) < 1e-12) | (np.abs(r - fs.Y[:, fs.best]) < 1e-12))
+    g = sh.guard_summary([fs], ctx.models, 0.8)
+    assert "trust_auroc_head_worse" in g["knn+trust"] and "trust_auroc_head_worse" not in g["knn+shrink"]
+    assert 0.0 <= g["knn+trust"]["trust_moved_share"] <= 1.0

@@ -80,12 +80,17 @@ class FoldScores:
     routed: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n,) argmax scores
     util_score: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
     util_cost: dict[str, np.ndarray] = field(default_factory=dict)  # head -> (n, L)
-    # guarded heads (``<head>+guard``): novelty of the test prompts (n,) and of the fold's
-    # in-distribution validation prompts (k,), whether each model's interval held its score (n, m)
+    # guarded heads (``<head>+guard``, or ``<head>+<mode>`` per shift.guard.modes): novelty of the
+    # test prompts (n,) and of the fold's in-distribution validation prompts (k,), whether each
+    # model's interval held its score (n, m)
     novelty: dict[str, np.ndarray] = field(default_factory=dict)
     novelty_id: dict[str, np.ndarray] = field(default_factory=dict)
     covered: dict[str, np.ndarray] = field(default_factory=dict)
     guard_fit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # mode "trust": the deferral model's predicted gain (n,) and whether the head's own pick left the
+    # best single model (n,), to score how well it tells when the head is worse
+    trust: dict[str, np.ndarray] = field(default_factory=dict)
+    moved: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ---- data and folds --------------------------------------------------------------------------
@@ -207,9 +212,25 @@ def fold_scores(
             policy = policy.fit(dataclasses.replace(est_va, quality=q_va))
         fitted[hname] = (head, cal, policy)
         if hname in (ctx.guard.get("heads") or []):
-            fitted[f"{hname}+guard"] = _fit_guard(
-                ctx, hcfg, p_tr, Y_tr, X_tr, t_tr, (head, cal, policy), X_va, q_va, est_va
-            )
+            # shift.guard.modes: one guarded row per mode (``<head>+<mode>``), sharing the guard's
+            # out-of-fold head fits; without it one ``<head>+guard`` row in params' mode
+            modes = ctx.guard.get("modes") or [None]
+            oof_cache: dict[bytes, np.ndarray] = {}
+            for mode in modes:
+                fitted[f"{hname}+{mode or 'guard'}"] = _fit_guard(
+                    ctx,
+                    hcfg,
+                    p_tr,
+                    Y_tr,
+                    X_tr,
+                    t_tr,
+                    (head, cal, policy),
+                    X_va,
+                    q_va,
+                    est_va,
+                    mode,
+                    oof_cache,
+                )
 
     out = []
     for rendering, test in tests.items():
@@ -236,9 +257,11 @@ def fold_scores(
                 # (uncalibrated) output as the unguarded row routes by and as the guard was fitted,
                 # so the two rows differ by the guard alone (an isotonic calibrator flattens scores
                 # into ties and moves the argmax by itself)
-                gr = g.transform(X_te, raw)
+                gr, gr_raw = g.transform(X_te, raw), raw
                 raw = gr.quality - policy.risk * (gr.quality - gr.lower)
                 fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
+                if gr.trust is not None:
+                    fs.trust[hname], fs.moved[hname] = gr.trust, np.argmax(gr_raw, axis=1) != best
                 fs.covered[hname] = np.where(
                     np.isnan(Y_te), np.nan, (Y_te >= gd.lower - 1e-9) & (Y_te <= gd.upper + 1e-9)
                 )
@@ -266,11 +289,14 @@ def _fit_guard(
     X_va: np.ndarray,
     q_va: np.ndarray | None,
     est_va: Any,
+    mode: str | None = None,
+    oof_cache: dict[bytes, np.ndarray] | None = None,
 ) -> tuple[Any, ...]:
     """``(head, cal, policy, guard, novelty of the validation prompts, fit summary)``: a
     :class:`~router_ml.predictors.guard.NoveltyGuard` fitted on the fold's training part by
     family-grouped CV of the same head (``fitted`` = its head, calibrator, policy), and the utility
-    policy refitted on the guarded validation estimates."""
+    policy refitted on the guarded validation estimates. ``mode`` overrides the guard's params;
+    ``oof_cache`` keeps the head's out-of-fold predictions for the next mode's guard (same folds)."""
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.predictors.guard import NoveltyGuard
     from router_ml.predictors.tuning import fit_head, predict_head
@@ -279,18 +305,31 @@ def _fit_guard(
     tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
     params = dict(hcfg.get("params") or {})
 
+    cache = {} if oof_cache is None else oof_cache
+
     def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        h = fit_head(hcfg["name"], params, X_tr[tr], Y_tr[tr], tid[tr], [t_tr[i] for i in tr])
-        return predict_head(h, X_tr[te], [t_tr[i] for i in te])
+        key = np.asarray(tr, np.int64).tobytes() + b"|" + np.asarray(te, np.int64).tobytes()
+        if key not in cache and len(np.unique(tid[tr])) < 2 and hcfg["name"] == "taskmix":
+            # one task label left (ZeroEval's 3 tasks less the outer and the inner held-out one): a
+            # task mixture over one task is that task's per-model mean, which the classifier cannot fit
+            cache[key] = np.tile(np.nan_to_num(np.nanmean(Y_tr[tr], axis=0)), (len(te), 1))
+        if key not in cache:
+            h = fit_head(hcfg["name"], params, X_tr[tr], Y_tr[tr], tid[tr], [t_tr[i] for i in tr])
+            cache[key] = predict_head(h, X_tr[te], [t_tr[i] for i in te])
+        return cache[key]
 
     families = p_tr[ctx.family_by].astype(str).to_numpy()
     gparams = {"seed": ctx.seed, **(ctx.guard.get("params") or {})}
+    if mode is not None:
+        gparams["mode"] = mode
     g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
     info = {
         "shrink": g.shrink_.tolist(),
         "margin": g.margin_.tolist(),
         "cv_auroc": g.cv_auroc_,
         "cv_gain": g.cv_gain_.tolist(),
+        "cv_trust_auroc": g.cv_trust_auroc_,
+        "trust_tau": float(g.trust_tau_[0]),
     }
     nov_va = np.zeros(0)
     policy = copy.deepcopy(policy)
@@ -321,7 +360,9 @@ def guard_summary(parts: list[FoldScores], models: list[str], coverage: float) -
             if len(p.novelty_id[h]) and len(p.novelty[h])
         }  # fmt: skip
         cov = np.nanmean(np.vstack([p.covered[h] for p in orig]), axis=0)
+        trust = _trust_summary(orig, h)
         out[h] = {
+            **trust,
             "novelty_auroc": float(roc_auc_score(np.r_[np.zeros(len(va)), np.ones(len(te))], np.r_[va, te]))
             if len(va) and len(te)
             else float("nan"),
@@ -334,6 +375,29 @@ def guard_summary(parts: list[FoldScores], models: list[str], coverage: float) -
             "fits": {p.fold: p.guard_fit[h] for p in orig},
         }
     return out
+
+
+def _trust_summary(parts: list[FoldScores], h: str) -> dict[str, Any]:
+    """For a guard with a deferral model (``mode="trust"``): on the held-out prompts where the head's
+    own pick left the best single model, the AUROC of its predicted gain (negated) at telling where
+    the pick scored below the best single model, that share, and how often the pick was kept."""
+    from sklearn.metrics import roc_auc_score
+
+    if not parts or h not in parts[0].trust:
+        return {}
+    base = h.split("+")[0]
+    moved = np.concatenate([p.moved[h] for p in parts])
+    t = np.concatenate([p.trust[h] for p in parts])[moved]
+    worse = np.concatenate([p.routed[base] - p.Y[:, p.best] for p in parts])[moved] < 0
+    tau = np.concatenate([np.full(len(p.moved[h]), p.guard_fit[h]["trust_tau"]) for p in parts])[moved]
+    return {
+        "trust_auroc_head_worse": float(roc_auc_score(worse, -t))
+        if 0 < worse.sum() < len(worse)
+        else float("nan"),
+        "trust_moved_share": float(moved.mean()),
+        "trust_head_worse_share": float(worse.mean()) if len(worse) else float("nan"),
+        "trust_kept_share": float((t > tau).mean()) if len(t) else float("nan"),
+    }
 
 
 # ---- the run ---------------------------------------------------------------------------------

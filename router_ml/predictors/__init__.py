@@ -5,7 +5,7 @@ Registries keyed by the conf YAML stem (``conf/predictor/<name>.yaml``)::
     head = build_quality_predictor("mlp", hidden=[256])
     head.fit(X, Y, task_ids).predict(X_new)          # (n, m) expected quality in [0, 1]
 
-Heads: ``knn``, ``linear``, ``mlp``, ``mf`` and ``taskmix`` (needs ``task_ids``; best with
+Heads: ``knn``, ``linear``, ``mlp``, ``mf``, ``ensemble`` (the weighted mean of such heads) and ``taskmix`` (needs ``task_ids``; best with
 fine-grained source-task ids; a head whose ``uses_text`` is true also takes ``texts=`` in ``fit``
 and ``predict``); ``probed`` wraps any fitted head with model columns added from a few probe
 outcomes (:mod:`router_ml.predictors.probed`). Calibrators: ``isotonic``, ``temperature``.
@@ -24,6 +24,7 @@ from router_ml.predictors.calibration import (
     expected_calibration_error,
     reliability_curve,
 )
+from router_ml.predictors.ensemble import EnsembleQualityPredictor
 from router_ml.predictors.knn import KnnQualityPredictor
 from router_ml.predictors.linear import LinearQualityPredictor
 from router_ml.predictors.mf import MfQualityPredictor
@@ -40,6 +41,7 @@ QUALITY_PREDICTORS: dict[str, type[QualityPredictor]] = {
         MlpQualityPredictor,
         MfQualityPredictor,
         TaskMixtureQualityPredictor,
+        EnsembleQualityPredictor,
     )
 }
 #: every head a checkpoint may hold: the trainable ones and a head grown from probes (built by
@@ -79,6 +81,7 @@ __all__ = [
     "QUALITY_HEADS",
     "QUALITY_PREDICTORS",
     "BasePredictor",
+    "EnsembleQualityPredictor",
     "IsotonicCalibrator",
     "KnnQualityPredictor",
     "LinearQualityPredictor",

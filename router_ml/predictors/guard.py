@@ -26,7 +26,19 @@
 
       w = clip(w_id + (w_novel - w_id) * novelty, 0, 1);  q' = (1 - w) * q + w * prior
 
-  with ``(w_id, w_novel)`` chosen by the same objective;
+  with ``(w_id, w_novel)`` chosen by the same objective. ``mode="trust"`` learns the decision
+  instead of hand-shaping it: a deferral model (ridge regression on standardised per-prompt
+  features and their pairwise products, :data:`TRUST_FEATURES`: the novelty features and score, the
+  head's predicted advantage of its pick over the prior's model, its top-two gap, the pick's and the
+  prior's predicted quality, and the disagreement of a free second head, the mean outcome of the
+  ``k`` nearest bank prompts, with the pick) predicts the gain in score of the head's pick over the
+  prior's model; the router keeps the pick only where that prediction exceeds a threshold ``tau``,
+  otherwise it routes to the prior's model (never a third model). It is fitted on the out-of-fold
+  rows where the head leaves the prior's model (in distribution and out of family); its ridge
+  strength and ``tau`` are chosen by a nested leave-family-group-out CV of the deferral model itself
+  (every out-of-fold row of the held-out families, in-distribution ones included, predicted by a
+  deferral model fitted on the other families' rows) with the same objective, then it is refitted
+  on every row;
 - a split-conformal interval per model: ``q' ± halfwidth_[bin, j]``, the finite-sample
   ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that novelty bin (the
   intervals widen with novelty where the errors do).
@@ -61,6 +73,23 @@ GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: margin grid (quality points on [0, 1]): base ``a`` and slope ``b`` of m(nu) = a + b * max(nu - t, 0)
 MARGIN_BASE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 MARGIN_SLOPE = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+#: ``mode="trust"``: ridge strengths and thresholds ``tau`` on the predicted gain (score on [0, 1])
+TRUST_ALPHA = (1.0, 10.0, 100.0, 1000.0)
+TRUST_TAU = (-1.0, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 2.0)
+#: the deferral model's base features (before standardising and pairwise products)
+TRUST_FEATURES = (
+    "nearest_dist",
+    "knn_mean_dist",
+    "family_1_minus_top_prob",
+    "family_entropy",
+    "novelty",
+    "head_advantage",  # q[pick] - q[prior]
+    "head_top2_gap",
+    "head_q_pick",
+    "head_q_prior",
+    "knn_advantage",  # mean outcome of the k nearest bank prompts: y[pick] - y[prior]
+    "knn_agrees",  # argmax of that mean outcome == the head's pick
+)
 #: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
 FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -74,6 +103,12 @@ def _softmax(Z: np.ndarray) -> np.ndarray:
     Z = Z - Z.max(axis=1, keepdims=True)
     E = np.exp(Z)
     return E / E.sum(axis=1, keepdims=True)
+
+
+def _fill(Y: np.ndarray) -> np.ndarray:
+    """``Y`` with each NaN outcome replaced by its column's mean (0 for an all-NaN column)."""
+    mu = np.nan_to_num(np.nanmean(np.where(np.isnan(Y).all(axis=0), 0.0, Y), axis=0), nan=0.0)
+    return np.where(np.isnan(Y), mu[None, :], Y)
 
 
 def conformal_halfwidth(residuals: np.ndarray, coverage: float) -> float:
@@ -102,6 +137,7 @@ class Guarded:
     shrink: np.ndarray  # (n,) weight of the prior in [0, 1]
     lower: np.ndarray  # (n, m) interval bounds, clipped to [0, 1]
     upper: np.ndarray  # (n, m)
+    trust: np.ndarray | None = None  # (n,) mode "trust": predicted gain of the head's pick over the prior's
 
 
 class NoveltyGuard(BasePredictor):
@@ -128,8 +164,8 @@ class NoveltyGuard(BasePredictor):
         mode: str = "shrink",
         seed: int = 0,
     ):
-        if mode not in ("margin", "shrink"):
-            raise ValueError(f"NoveltyGuard: mode must be 'margin' or 'shrink', got {mode!r}")
+        if mode not in ("margin", "shrink", "trust"):
+            raise ValueError(f"NoveltyGuard: mode must be 'margin', 'shrink' or 'trust', got {mode!r}")
         self.k = k
         self.folds = folds
         self.coverage = coverage
@@ -155,19 +191,66 @@ class NoveltyGuard(BasePredictor):
         return coef.astype(np.float32), icpt.astype(np.float32)
 
     @staticmethod
-    def _features(bank: np.ndarray, coef: np.ndarray, icpt: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
+    def _features(
+        bank: np.ndarray, coef: np.ndarray, icpt: np.ndarray, X: np.ndarray, k: int, with_nn: bool = False
+    ) -> Any:
         """(n, 4) novelty features of ``X (n, d)`` against a unit-norm ``bank (b, d)`` and a family
         classifier: nearest distance, mean distance of the ``k`` nearest, 1 - top family
-        probability, normalised family entropy."""
+        probability, normalised family entropy; with ``with_nn`` also the (n, k) bank rows of the
+        ``k`` nearest."""
         U = _unit(X)
         with few_rows_blas(len(U)):  # a threaded one-row product costs milliseconds on a loaded CPU
             S = U @ bank.T  # (n, b): the one product per row that the score costs
             Z = U @ coef.T + icpt
         k = min(k, S.shape[1])
-        top = np.partition(S, S.shape[1] - k, axis=1)[:, -k:]
+        nn = np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:]
+        top = np.take_along_axis(S, nn, axis=1)
         P = _softmax(Z)
         ent = -(P * np.log(np.maximum(P, 1e-12))).sum(axis=1) / max(np.log(P.shape[1]), 1e-12)
-        return np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
+        F = np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
+        return (F, nn) if with_nn else F
+
+    @staticmethod
+    def trust_features(
+        F: np.ndarray, nu: np.ndarray, Q: np.ndarray, Yk: np.ndarray, prior: Any
+    ) -> np.ndarray:
+        """(n, len(TRUST_FEATURES)) base features of the deferral model: novelty features ``F (n, 4)``
+        and score ``nu (n,)``, the head's quality ``Q (n, m)``, the mean outcome ``Yk (n, m)`` of the
+        nearest bank prompts, and the prior's column(s) ``prior`` (int or (n,))."""
+        Q = np.asarray(Q, np.float64)
+        r = np.arange(len(Q))
+        p = np.broadcast_to(np.asarray(prior, np.int64), (len(Q),))
+        pick = np.argmax(Q, axis=1)
+        top2 = -np.partition(-Q, 1, axis=1)[:, :2] if Q.shape[1] > 1 else np.column_stack([Q[:, 0], Q[:, 0]])
+        return np.column_stack(
+            [
+                F,
+                nu,
+                Q[r, pick] - Q[r, p],
+                top2[:, 0] - top2[:, 1],
+                Q[r, pick],
+                Q[r, p],
+                Yk[r, pick] - Yk[r, p],
+                (np.argmax(Yk, axis=1) == pick).astype(np.float64),
+            ]
+        )
+
+    @staticmethod
+    def _expand(Z: np.ndarray) -> np.ndarray:
+        """Standardised features ``Z (n, f)`` and their pairwise products (n, f + f(f+1)/2)."""
+        i, j = np.triu_indices(Z.shape[1])
+        return np.column_stack([Z, Z[:, i] * Z[:, j]])
+
+    @staticmethod
+    def _ridge(Phi: np.ndarray, g: np.ndarray, w: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+        """Weighted ridge of ``g`` on ``Phi`` (intercept unpenalised): ``(coef, intercept)``."""
+        sw = w / w.sum()
+        mu, gm = sw @ Phi, float(sw @ g)
+        A = (Phi - mu) * np.sqrt(sw)[:, None]
+        coef = np.linalg.solve(
+            A.T @ A + (alpha / len(g)) * np.eye(Phi.shape[1]), A.T @ ((g - gm) * np.sqrt(sw))
+        )
+        return coef, gm - float(mu @ coef)
 
     # ---- fit -----------------------------------------------------------------------------------
     def fit(
@@ -197,16 +280,19 @@ class NoveltyGuard(BasePredictor):
             "family": np.array([group_of[f] for f in fam]),
             "random": rng.integers(0, self.folds, len(X)),
         }
-        oof = {}
+        Yfill = _fill(Y)
+        oof, knn = {}, {}
         for kind, g in groups.items():
             Q, F, best = np.zeros_like(Y), np.zeros((len(X), 4)), np.zeros(len(X), np.int64)
+            Yk = np.zeros_like(Y)
             for v in np.unique(g):
                 te, tr = np.where(g == v)[0], np.where(g != v)[0]
                 Q[te] = fit_predict(tr, te)
                 coef, icpt = self._family_head(X[tr], fam[tr], self.seed)
-                F[te] = self._features(_unit(X[tr]), coef, icpt, X[te], self.k)
+                F[te], nn = self._features(_unit(X[tr]), coef, icpt, X[te], self.k, with_nn=True)
+                Yk[te] = Yfill[tr][nn].mean(axis=1)
                 best[te] = int(np.nanargmax(np.nanmean(Y[tr], axis=0)))
-            oof[kind] = (Q, F, best)
+            oof[kind], knn[kind] = (Q, F, best), Yk
         (Qf, Ff, bf), (Qi, Fi, bi) = oof["family"], oof["random"]
 
         # novelty: out-of-family (1) against in-distribution (0) out-of-fold prompts
@@ -242,6 +328,15 @@ class NoveltyGuard(BasePredictor):
                     if obj > best_obj + 1e-12:
                         best_obj, best_w = obj, (w0, w1)
             self.shrink_, self.margin_ = np.asarray(best_w, np.float64), np.zeros(3)
+        elif self.mode == "trust":
+            self.shrink_, self.margin_ = np.zeros(2), np.zeros(3)
+            self._fit_trust(
+                [(Qi, Fi, nu_i, bi, knn["random"]), (Qf, Ff, nu_f, bf, knn["family"])],
+                Y,
+                fam,
+                group_of,
+                objective,
+            )
         else:
             # decide, don't blend: keep the head's pick only where its predicted advantage over the
             # prior's model (the fold's best single model) exceeds m(nu) = a + b * max(nu - t, 0)
@@ -264,17 +359,32 @@ class NoveltyGuard(BasePredictor):
                         if obj > best_obj + 1e-12:
                             best_obj, best_m = obj, (a, bslope, float(t))
             self.shrink_, self.margin_ = np.zeros(2), np.asarray(best_m, np.float64)
+        if self.mode != "trust":
+            self.trust_ = np.zeros(0)
+            self.trust_scale_ = np.zeros((2, 0))
+            self.trust_tau_ = np.zeros(1)
+            self.cv_trust_auroc_ = float("nan")
+        T = {"i": None, "f": None}
+        if self.mode == "trust":
+            T = {
+                kind: self._trust_predict(self.trust_features(F, nu, Q, Yk, b))
+                for kind, (Q, F, nu, b, Yk) in {
+                    "i": (Qi, Fi, nu_i, bi, knn["random"]),
+                    "f": (Qf, Ff, nu_f, bf, knn["family"]),
+                }.items()
+            }
         self.cv_gain_ = np.array(
             [
-                routed_gain(self._apply(Q, nu, b)[0], Y, b).mean()
-                for Q, nu, b in ((Qi, nu_i, bi), (Qf, nu_f, bf))
+                routed_gain(self._apply(Q, nu, b, T[kind])[0], Y, b).mean()
+                for kind, Q, nu, b in (("i", Qi, nu_i, bi), ("f", Qf, nu_f, bf))
             ]
         )
 
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
         R = np.abs(
-            np.vstack([Y, Y]) - np.vstack([self._apply(Qi, nu_i, bi)[0], self._apply(Qf, nu_f, bf)[0]])
+            np.vstack([Y, Y])
+            - np.vstack([self._apply(Qi, nu_i, bi, T["i"])[0], self._apply(Qf, nu_f, bf, T["f"])[0]])
         )
         self.bin_edges_ = (
             np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
@@ -290,8 +400,81 @@ class NoveltyGuard(BasePredictor):
         # what serving keeps: a bank of training embeddings and the family head on every prompt
         keep = rng.permutation(len(X))[: self.max_bank] if len(X) > self.max_bank else np.arange(len(X))
         self.bank_ = _unit(X[np.sort(keep)])
+        self.bank_y_ = Yfill[np.sort(keep)] if self.mode == "trust" else np.zeros((0, Y.shape[1]))
         self.fam_coef_, self.fam_intercept_ = self._family_head(X, fam, self.seed)
         return self
+
+    def _fit_trust(
+        self,
+        parts: list[tuple[np.ndarray, ...]],
+        Y: np.ndarray,
+        fam: np.ndarray,
+        group_of: dict[str, int],
+        objective: Callable[[np.ndarray, np.ndarray], float],
+    ) -> None:
+        """The deferral model of ``mode="trust"`` (module doc). ``parts``: the in-distribution and
+        the out-of-family out-of-fold ``(Q, F, nu, best, Yk)``; ``group_of``: family -> the family
+        group that the nested CV holds out together."""
+        from sklearn.metrics import roc_auc_score
+
+        feats, gains, moves = [], [], []
+        for Q, F, nu, b, Yk in parts:
+            feats.append(self.trust_features(F, nu, Q, Yk, b))
+            gains.append(routed_gain(Q, Y, b))
+            moves.append(np.argmax(Q, axis=1) != b)
+        Z = np.vstack(feats)
+        self.trust_scale_ = np.vstack([Z.mean(axis=0), np.maximum(Z.std(axis=0), 1e-9)])
+        Phi = self._expand((Z - self.trust_scale_[0]) / self.trust_scale_[1])
+        g, move = np.concatenate(gains), np.concatenate(moves)
+        n = len(Y)
+        grp = np.tile(np.array([group_of[f] for f in fam]), 2)
+        # each kind (in distribution, out of family) weighs the same in the regression
+        w = np.concatenate([np.full(n, 1.0 / max(m.sum(), 1)) for m in moves])
+        pred = {a: np.zeros(2 * n) for a in TRUST_ALPHA}
+        for v in np.unique(grp):  # nested: the deferral model never saw the held-out families' rows
+            tr, te = (grp != v) & move, grp == v
+            if not tr.any():
+                continue
+            for a in TRUST_ALPHA:
+                coef, icpt = self._ridge(Phi[tr], g[tr], w[tr], a)
+                pred[a][te] = Phi[te] @ coef + icpt
+        best_obj, best_at = -np.inf, (TRUST_ALPHA[0], TRUST_TAU[0])
+        for a in TRUST_ALPHA:
+            for tau in TRUST_TAU:
+                keep = ~move | (pred[a] > tau)
+                gi, gf = np.split(np.where(keep, g, 0.0), 2)
+                obj = objective(gi, gf)
+                if obj > best_obj + 1e-12:
+                    best_obj, best_at = obj, (a, tau)
+        a, tau = best_at
+        lab = g[move] < 0
+        self.cv_trust_auroc_ = (
+            float(roc_auc_score(lab, -pred[a][move])) if 0 < lab.sum() < len(lab) else float("nan")
+        )
+        coef, icpt = (
+            self._ridge(Phi[move], g[move], w[move], a) if move.any() else (np.zeros(Phi.shape[1]), 0.0)
+        )
+        self.trust_ = np.r_[icpt, coef]
+        self.trust_tau_ = np.array([tau])
+        self.trust_alpha_ = float(a)
+
+    def _trust_predict(self, Z: np.ndarray) -> np.ndarray:
+        """(n,) the deferral model's predicted gain of the head's pick over the prior's model."""
+        Phi = self._expand((Z - self.trust_scale_[0]) / self.trust_scale_[1])
+        return Phi @ self.trust_[1:] + self.trust_[0]
+
+    def trust(self, X: np.ndarray, quality: np.ndarray) -> np.ndarray:
+        """(n,) predicted gain in score of the head's pick over the prior's model (``mode="trust"``)
+        for ``X (n, d)`` and the head's ``quality (n, m)``; the router keeps the pick where it
+        exceeds ``trust_tau_``."""
+        self._check_fitted("bank_")
+        if not len(self.trust_):
+            raise ValueError("NoveltyGuard.trust: this guard was not fitted with mode='trust'")
+        F, nn = self._features(self.bank_, self.fam_coef_, self.fam_intercept_, X, self.k, with_nn=True)
+        nu = self._novelty(F)
+        return self._trust_predict(
+            self.trust_features(F, nu, quality, self.bank_y_[nn].mean(axis=1), self.prior_model)
+        )
 
     # ---- apply ---------------------------------------------------------------------------------
     def _novelty(self, F: np.ndarray) -> np.ndarray:
@@ -308,21 +491,30 @@ class NoveltyGuard(BasePredictor):
         return a + b * np.maximum(np.asarray(nu, np.float64) - t, 0.0)
 
     def _apply(
-        self, Q: np.ndarray, nu: np.ndarray, prior: np.ndarray | int | None = None
+        self,
+        Q: np.ndarray,
+        nu: np.ndarray,
+        prior: np.ndarray | int | None = None,
+        trust: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(guarded quality, weight of the prior)`` for the
         head's quality ``Q (n, m)`` at novelty ``nu (n,)``: shrunk toward the prior, then every model
         but the prior's (column ``prior``, default :attr:`prior_model`) lowered by the margin, so the
         argmax is the head's pick where its advantage exceeds the margin and the prior's otherwise
-        (never a third model). The weight is 1 where the margin overrode the head's pick."""
+        (never a third model). The weight is 1 where the margin overrode the head's pick. With a
+        deferral model (``trust``: its predicted gain per row), the margin is instead whatever
+        makes the prior's model the argmax where ``trust <= tau`` and 0 elsewhere."""
         w0, w1 = (float(v) for v in self.shrink_)
         w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)
         q = (1.0 - w[:, None]) * np.asarray(Q, np.float64) + w[:, None] * self.prior_[None, :]
-        if not np.any(self.margin_):
+        if not np.any(self.margin_) and trust is None:
             return q, w
         r = np.arange(len(q))
         p = np.broadcast_to(np.asarray(self.prior_model if prior is None else prior, np.int64), (len(q),))
-        m = self.margin(nu)
+        if trust is None:
+            m = self.margin(nu)
+        else:  # just enough to put the prior's model strictly first where the pick is not trusted
+            m = np.where(trust > self.trust_tau_[0], 0.0, np.maximum(q.max(axis=1) - q[r, p], 0.0) + 1e-6)
         out = q - m[:, None]
         out[r, p] = q[r, p]
         pick = np.argmax(q, axis=1)
@@ -337,10 +529,16 @@ class NoveltyGuard(BasePredictor):
     def transform(self, X: np.ndarray, quality: np.ndarray) -> Guarded:
         """Shrunk quality, novelty, shrink weight and interval for ``X (n, d)`` and the head's
         (calibrated) ``quality (n, m)``."""
-        nu = self.novelty(X)
-        q, w = self._apply(quality, nu)
+        self._check_fitted("bank_")
+        F, nn = self._features(self.bank_, self.fam_coef_, self.fam_intercept_, X, self.k, with_nn=True)
+        nu = self._novelty(F)
+        t = None
+        if len(self.trust_):
+            Yk = self.bank_y_[nn].mean(axis=1)
+            t = self._trust_predict(self.trust_features(F, nu, quality, Yk, self.prior_model))
+        q, w = self._apply(quality, nu, trust=t)
         h = self.halfwidth_[np.searchsorted(self.bin_edges_, nu, side="right")]
-        return Guarded(q, nu, w, np.clip(q - h, 0.0, 1.0), np.clip(q + h, 0.0, 1.0))
+        return Guarded(q, nu, w, np.clip(q - h, 0.0, 1.0), np.clip(q + h, 0.0, 1.0), t)
 
     @property
     def prior_model(self) -> int:
@@ -353,7 +551,8 @@ class NoveltyGuard(BasePredictor):
         the trained models: their mean score). The novelty score and the shrink / margin parameters
         read no model column and stay as they are; a new column's conformal half-width per novelty
         bin is the widest of the trained columns' (its errors were never measured out of fold, so it
-        gets the most cautious interval). The trained columns keep the same arrays.
+        gets the most cautious interval), and the deferral model's (``mode: trust``) stored
+        neighbour outcomes read its prior. The trained columns keep the same arrays.
         """
         self._check_fitted("bank_")
         prior = np.asarray(prior, dtype=np.float64).ravel()
@@ -366,6 +565,9 @@ class NoveltyGuard(BasePredictor):
         state["prior"] = np.append(state["prior"], prior)
         wide = state["halfwidth"].max(axis=1, keepdims=True)
         state["halfwidth"] = np.hstack([state["halfwidth"], np.repeat(wide, len(prior), axis=1)])
+        # the deferral model's kNN second opinion has no outcomes of a new model: its prior stands in
+        bank_y = state["bank_y"]
+        state["bank_y"] = np.hstack([bank_y, np.broadcast_to(prior, (bank_y.shape[0], len(prior)))])
         return out.load_state_dict(state)
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -383,12 +585,17 @@ class NoveltyGuard(BasePredictor):
         "bin_edges_",
         "halfwidth_",
         "cv_gain_",
+        "bank_y_",
+        "trust_",
+        "trust_scale_",
+        "trust_tau_",
     )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("bank_")
         out = {k.rstrip("_"): np.asarray(getattr(self, k)) for k in self._STATE}
         out["cv_auroc"] = np.asarray([self.cv_auroc_])
+        out["cv_trust_auroc"] = np.asarray([self.cv_trust_auroc_])
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> NoveltyGuard:
@@ -407,15 +614,40 @@ class NoveltyGuard(BasePredictor):
             "halfwidth": (self.n_bins, None),
             "cv_gain": (2,),
             "cv_auroc": (1,),
+            "bank_y": (None, None),
+            "trust": (None,),
+            "trust_scale": (2, None),
+            "trust_tau": (1,),
+            "cv_trust_auroc": (1,),
         }
-        # a guard saved before the margin existed only shrinks: no margin
-        st = check_state({"margin": np.zeros(3), **state}, shapes, "NoveltyGuard")
+        # a guard saved before the margin (or the deferral model) existed only shrinks (or margins)
+        m0 = np.asarray(state["prior"]).shape[0] if "prior" in state else 0
+        old = {
+            "margin": np.zeros(3),
+            "bank_y": np.zeros((0, m0)),
+            "trust": np.zeros(0),
+            "trust_scale": np.zeros((2, 0)),
+            "trust_tau": np.zeros(1),
+            "cv_trust_auroc": np.array([np.nan]),
+        }
+        st = check_state({**old, **state}, shapes, "NoveltyGuard")
         for k in self._STATE:
             setattr(self, k, np.asarray(st[k.rstrip("_")], dtype=np.float32 if k == "bank_" else np.float64))
         self.fam_coef_ = self.fam_coef_.astype(np.float32)
         self.fam_intercept_ = self.fam_intercept_.astype(np.float32)
         self.cv_auroc_ = float(st["cv_auroc"][0])
+        self.cv_trust_auroc_ = float(st["cv_trust_auroc"][0])
         m = len(self.prior_)
+        n_trust = len(TRUST_FEATURES)
+        if len(self.trust_) and (
+            len(self.trust_) != 1 + n_trust + n_trust * (n_trust + 1) // 2
+            or self.trust_scale_.shape != (2, n_trust)
+            or self.bank_y_.shape != (len(self.bank_), m)
+        ):
+            raise ValueError(
+                f"NoveltyGuard: deferral model {self.trust_.shape} / scale {self.trust_scale_.shape} / bank "
+                f"outcomes {self.bank_y_.shape} do not match {n_trust} features, a bank of {len(self.bank_)}, {m} models"
+            )
         if self.halfwidth_.shape[1] != m or self.bank_.shape[1] != self.fam_coef_.shape[1]:
             raise ValueError(
                 f"NoveltyGuard: halfwidth {self.halfwidth_.shape} / bank {self.bank_.shape} / family head "
