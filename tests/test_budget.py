@@ -111,3 +111,16 @@ def test_seconds_to_next_period():
     assert seconds_to_next_period("month", now) == 1800 + 86400  # February 2026 has 28 days
     assert seconds_to_next_period("week", now) == 1800 + 2 * 86400  # Friday 27th -> Monday 2 March
     assert seconds_to_next_period("session", now) is None
+
+
+def test_the_bound_covers_a_prompt_billed_as_written_to_the_providers_cache():
+    entry = {"name": "claude", "kind": "api", "api": "anthropic", "base_url": "http://127.0.0.1:9",
+             "max_tokens": 64, "latency": {"ttft_s": 0.1, "tokens_per_s": 100},
+             "prices": {"input_per_mtok": 3.0, "output_per_mtok": 15.0, "cache_write_per_mtok": 3.75}}  # fmt: skip
+    client = BackendClient(Catalog.from_entries({"backends": [entry]}))
+    guard = SpendGuard(MemoryLedger(), client, budget_usd=1.0)
+    tokens = client.count_tokens(client.catalog.get("claude"), messages_text(MESSAGES))
+    tokens += TEMPLATE_TOKENS_PER_MESSAGE * len(MESSAGES)
+    plain = client.cost("claude", tokens, 64)
+    (bound,) = guard.bounds(["claude"], {}, MESSAGES)
+    assert bound == pytest.approx(plain + tokens * 0.75 / 1e6) and bound > plain

@@ -147,7 +147,11 @@ class SpendGuard:
             key = (backend.spec.tokenizer, backend.spec.kind)
             if key not in counted:
                 counted[key] = self.client.count_tokens(backend, text)
-            cost = self.client.cost(name, counted[key] + overhead, int(out_tokens))
+            prompt = counted[key] + overhead
+            cost = self.client.cost(name, prompt, int(out_tokens))
+            if cost is not None and backend.cache_write_per_mtok is not None:
+                # a provider may bill every prompt token as written to its cache (Anthropic: 1.25x)
+                cost = max(cost, self.client.cost(name, prompt, int(out_tokens), 0, prompt) or 0.0)
             bounds.append(float(cost) if cost is not None else 0.0)
         return bounds, max(counted.values()) + overhead + int(out_tokens)
 
