@@ -208,7 +208,56 @@ async def sequential(url: str, model: str, n: int, tag: str, secret: str | None 
     return out
 
 
+def proxies_in_turns(
+    args: argparse.Namespace,
+    ckpt: Path,
+    catalog: Path,
+    ledger: str,
+    tmp: Path,
+    procs: dict,
+    variants: dict[str, tuple[list[str], str | None]],
+    prefix: str,
+) -> dict[str, dict[str, float]]:
+    """Two proxies (``variants``: name -> (extra ``serve`` args, key secret or None), the baseline
+    first) sent ``--per-turn`` sequential pass-through and routed requests in alternating turns (the
+    first turn warms up); per path: p50 latency and the proxy process's CPU per request of each
+    variant (user + system from /proc: robust to load) and the second's added p50."""
+    names = {v: f"{prefix}-{v}" for v in variants}
+    for v, (extra, _) in variants.items():
+        procs[names[v]] = start_proxy(names[v], ckpt, catalog, ledger, tmp, extra)
+    for v in variants:
+        procs[names[v]].wait_ready(900)
+    times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], float] = {}
+    for turn in range(args.turns):
+        order = list(variants) if turn % 2 == 0 else list(variants)[::-1]
+        for v in order:
+            for path, model in (("pass", "cheap"), ("routed", "router:utility:0")):
+                url, pid = procs[names[v]].url, procs[names[v]].proc.pid
+                c0 = cpu_seconds(pid)
+                got = asyncio.run(
+                    sequential(url, model, args.per_turn, f"{prefix}{turn}{v}{path}", variants[v][1])
+                )
+                if turn > 0:
+                    times.setdefault((v, path), []).extend(got)
+                    cpu[(v, path)] = cpu.get((v, path), 0.0) + cpu_seconds(pid) - c0
+    base, other = list(variants)
+    cell = {}
+    for path in ("pass", "routed"):
+        p50 = {v: float(np.median(times[(v, path)])) * 1000 for v in variants}
+        cell[path] = {
+            **{f"p50_ms_{v}": p50[v] for v in variants},
+            "added_ms": p50[other] - p50[base],
+            **{f"cpu_ms_{v}": cpu[(v, path)] / len(times[(v, path)]) * 1000 for v in variants},
+            "n": len(times[(other, path)]),
+        }
+    for v in variants:
+        procs.pop(names[v]).stop()
+    return cell
+
+
 def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, procs: dict) -> dict:
+    """p50 latency and CPU per request without a spend cap and with one (reservations)."""
     catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
     results: dict[str, Any] = {}
     for kind in args.ledgers:
@@ -220,39 +269,11 @@ def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, p
         else:
             spec = "memory"
         try:
-            variants = {"no_cap": [], "cap": ["--budget-usd", "1e9", "--default-max-tokens", "64"]}
-            names = {v: f"lat-{kind}-{v}" for v in variants}
-            for v, extra in variants.items():
-                procs[names[v]] = start_proxy(names[v], ckpt, catalog, spec, tmp, extra)
-            for v in variants:
-                procs[names[v]].wait_ready(900)
-            times: dict[tuple[str, str], list[float]] = {}
-            cpu: dict[tuple[str, str], float] = {}
-            for turn in range(args.turns):
-                order = list(variants) if turn % 2 == 0 else list(variants)[::-1]
-                for v in order:
-                    for path, model in (("pass", "cheap"), ("routed", "router:utility:0")):
-                        url, pid = procs[names[v]].url, procs[names[v]].proc.pid
-                        c0 = cpu_seconds(pid)
-                        got = asyncio.run(sequential(url, model, args.per_turn, f"{kind}{turn}{v}{path}"))
-                        if turn > 0:  # the first turn warms up
-                            times.setdefault((v, path), []).extend(got)
-                            cpu[(v, path)] = cpu.get((v, path), 0.0) + cpu_seconds(pid) - c0
-            cell = {}
-            for path in ("pass", "routed"):
-                p50 = {v: float(np.median(times[(v, path)])) * 1000 for v in variants}
-                cell[path] = {
-                    "p50_ms_no_cap": p50["no_cap"],
-                    "p50_ms_cap": p50["cap"],
-                    "added_ms": p50["cap"] - p50["no_cap"],
-                    # the proxy process's CPU per request (user + system, from /proc): robust to load
-                    "cpu_ms_no_cap": cpu[("no_cap", path)] / len(times[("no_cap", path)]) * 1000,
-                    "cpu_ms_cap": cpu[("cap", path)] / len(times[("cap", path)]) * 1000,
-                    "n": len(times[("cap", path)]),
-                }
-            results[kind] = cell
-            for v in variants:
-                procs.pop(names[v]).stop()
+            variants = {
+                "no_cap": ([], None),
+                "cap": (["--budget-usd", "1e9", "--default-max-tokens", "64"], None),
+            }
+            results[kind] = proxies_in_turns(args, ckpt, catalog, spec, tmp, procs, variants, f"lat-{kind}")
         finally:
             if rproc is not None:
                 rproc.terminate()
@@ -332,42 +353,11 @@ def key_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, pro
         try:
             with open_key_store(spec) as store:
                 _, secret = store.create_key("bench", budget_usd=1e9, rpm=10**9, tpm=10**12)
-            variants = {"no_keys": ["--default-max-tokens", "64"],
-                        "keys": ["--keys-db", spec, "--default-max-tokens", "64"]}  # fmt: skip
-            names = {v: f"keylat-{kind}-{v}" for v in variants}
-            for v, extra in variants.items():
-                procs[names[v]] = start_proxy(names[v], ckpt, catalog, "memory", tmp, extra)
-            for v in variants:
-                procs[names[v]].wait_ready(900)
-            times: dict[tuple[str, str], list[float]] = {}
-            cpu: dict[tuple[str, str], float] = {}
-            for turn in range(args.turns):
-                order = list(variants) if turn % 2 == 0 else list(variants)[::-1]
-                for v in order:
-                    for path, model in (("pass", "cheap"), ("routed", "router:utility:0")):
-                        url, pid = procs[names[v]].url, procs[names[v]].proc.pid
-                        c0 = cpu_seconds(pid)
-                        tag = f"k{kind}{turn}{v}{path}"
-                        got = asyncio.run(
-                            sequential(url, model, args.per_turn, tag, secret if v == "keys" else None)
-                        )
-                        if turn > 0:  # the first turn warms up
-                            times.setdefault((v, path), []).extend(got)
-                            cpu[(v, path)] = cpu.get((v, path), 0.0) + cpu_seconds(pid) - c0
-            cell = {}
-            for path in ("pass", "routed"):
-                p50 = {v: float(np.median(times[(v, path)])) * 1000 for v in variants}
-                cell[path] = {
-                    "p50_ms_no_keys": p50["no_keys"],
-                    "p50_ms_keys": p50["keys"],
-                    "added_ms": p50["keys"] - p50["no_keys"],
-                    "cpu_ms_no_keys": cpu[("no_keys", path)] / len(times[("no_keys", path)]) * 1000,
-                    "cpu_ms_keys": cpu[("keys", path)] / len(times[("keys", path)]) * 1000,
-                    "n": len(times[("keys", path)]),
-                }
-            results[kind] = cell
-            for v in variants:
-                procs.pop(names[v]).stop()
+            variants = {"no_keys": (["--default-max-tokens", "64"], None),
+                        "keys": (["--keys-db", spec, "--default-max-tokens", "64"], secret)}  # fmt: skip
+            results[kind] = proxies_in_turns(
+                args, ckpt, catalog, "memory", tmp, procs, variants, f"keylat-{kind}"
+            )
         finally:
             if rproc is not None:
                 rproc.terminate()
