@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,9 @@ from router_ml.backends.local.launch_spec import free_port
 PROMPT = "Summarise in one line why budgets need hard caps (request {i})."
 
 
-def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """A throwaway redis-server on a free port (no persistence), stopped on exit; yields its URL."""
     exe = os.environ.get("ROUTER_ML_REDIS_SERVER") or shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found (set ROUTER_ML_REDIS_SERVER)")
@@ -88,7 +92,21 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
                 raise RuntimeError(f"redis-server did not start; see {tmp / 'redis.log'}") from None
             time.sleep(0.05)
     client.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def store_spec(kind: str, tmp: Path, name: str) -> Iterator[str]:
+    """The ``--ledger`` / ``--keys-db`` spec of a fresh store of ``kind`` (memory, sqlite, redis)."""
+    if kind == "redis":
+        with redis_server(tmp) as url:
+            yield url
+    else:
+        yield "memory" if kind == "memory" else f"sqlite:{tmp / f'{name}-{time.monotonic_ns()}.sqlite'}"
 
 
 def write_catalog(tmp: Path, loop_url: str) -> Path:
@@ -145,8 +163,7 @@ def edge_of_budget(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, 
 
     from router_ml.decision.ledger.redis import RedisLedger
 
-    rproc, url = start_redis(tmp)
-    try:
+    with redis_server(tmp) as url:
         catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
         extra = ["--budget-usd", repr(args.budget_usd), "--period", "day"]
         extra += ["--default-max-tokens", str(args.max_tokens)]
@@ -189,9 +206,6 @@ def edge_of_budget(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, 
         for name in names:
             procs.pop(name).stop()
         return rounds
-    finally:
-        rproc.terminate()
-        rproc.wait(10)
 
 
 async def sequential(url: str, model: str, n: int, tag: str, secret: str | None = None) -> list[float]:
@@ -261,23 +275,12 @@ def added_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, p
     catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
     results: dict[str, Any] = {}
     for kind in args.ledgers:
-        rproc = None
-        if kind == "redis":
-            rproc, spec = start_redis(tmp)
-        elif kind == "sqlite":
-            spec = f"sqlite:{tmp / f'spend-{time.monotonic_ns()}.sqlite'}"
-        else:
-            spec = "memory"
-        try:
+        with store_spec(kind, tmp, "spend") as spec:
             variants = {
                 "no_cap": ([], None),
                 "cap": (["--budget-usd", "1e9", "--default-max-tokens", "64"], None),
             }
             results[kind] = proxies_in_turns(args, ckpt, catalog, spec, tmp, procs, variants, f"lat-{kind}")
-        finally:
-            if rproc is not None:
-                rproc.terminate()
-                rproc.wait(10)
     return results
 
 
@@ -287,8 +290,7 @@ def keys_at_the_edge(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc
 
     from router_ml.serving.keys import key_usage, open_key_store
 
-    rproc, url = start_redis(tmp)
-    try:
+    with redis_server(tmp) as url:
         catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
         extra = ["--keys-db", url, "--default-max-tokens", str(args.max_tokens)]
         names = [f"keyed{k}" for k in range(args.replicas)]
@@ -333,9 +335,6 @@ def keys_at_the_edge(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc
         for name in names:
             procs.pop(name).stop()
         return rounds
-    finally:
-        rproc.terminate()
-        rproc.wait(10)
 
 
 def key_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, procs: dict) -> dict:
@@ -345,12 +344,7 @@ def key_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, pro
     catalog = write_catalog(tmp, loop.base_url)  # type: ignore[attr-defined]
     results: dict[str, Any] = {}
     for kind in args.key_stores:
-        rproc = None
-        if kind == "redis":
-            rproc, spec = start_redis(tmp)
-        else:
-            spec = f"sqlite:{tmp / f'keys-{time.monotonic_ns()}.sqlite'}"
-        try:
+        with store_spec(kind, tmp, "keys") as spec:
             with open_key_store(spec) as store:
                 _, secret = store.create_key("bench", budget_usd=1e9, rpm=10**9, tpm=10**12)
             variants = {"no_keys": (["--default-max-tokens", "64"], None),
@@ -358,10 +352,6 @@ def key_latency(args: argparse.Namespace, ckpt: Path, tmp: Path, loop: Proc, pro
             results[kind] = proxies_in_turns(
                 args, ckpt, catalog, "memory", tmp, procs, variants, f"keylat-{kind}"
             )
-        finally:
-            if rproc is not None:
-                rproc.terminate()
-                rproc.wait(10)
     return results
 
 
@@ -380,12 +370,7 @@ def key_check_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, f
     messages = [{"role": "user", "content": PROMPT.format(i=0)}]
     out: dict[str, dict[str, float]] = {}
     for kind in args.key_stores:
-        rproc = None
-        if kind == "redis":
-            rproc, spec = start_redis(tmp)
-        else:
-            spec = f"sqlite:{tmp / f'keys-micro-{time.monotonic_ns()}.sqlite'}"
-        try:
+        with store_spec(kind, tmp, "keys-micro") as spec:
             store = open_key_store(spec)
             gate = KeyGate(store)
             _, secret = store.create_key("bench", budget_usd=1e9, rpm=10**9, tpm=10**12, team="t")
@@ -412,10 +397,6 @@ def key_check_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, f
             skip = min(100, args.micro // 5)  # the first requests warm up
             out[kind] = {k: float(np.median(v[skip:])) * 1e6 for k, v in steps.items()}
             out[kind]["total"] = sum(out[kind].values())
-        finally:
-            if rproc is not None:
-                rproc.terminate()
-                rproc.wait(10)
     return out
 
 
@@ -432,12 +413,7 @@ def reservation_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str,
     messages = [{"role": "user", "content": PROMPT.format(i=0)}]
     out: dict[str, dict[str, float]] = {}
     for kind in args.ledgers:
-        rproc = None
-        if kind == "redis":
-            rproc, spec = start_redis(tmp)
-        else:
-            spec = "memory" if kind == "memory" else f"sqlite:{tmp / f'micro-{time.monotonic_ns()}.sqlite'}"
-        try:
+        with store_spec(kind, tmp, "micro") as spec:
             ledger = open_ledger(spec)
             guard = SpendGuard(ledger, client, budget_usd=1e9, period="day")
             per: dict[str, list[float]] = {"record": [], "reserve+settle": []}
@@ -455,10 +431,6 @@ def reservation_cost(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str,
             ledger.close()
             rec, both = float(np.median(per["record"][1:])), float(np.median(per["reserve+settle"][1:]))
             out[kind] = {"record_us": rec, "reserve_settle_us": both, "added_us": both - rec}
-        finally:
-            if rproc is not None:
-                rproc.terminate()
-                rproc.wait(10)
     return out
 
 
