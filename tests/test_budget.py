@@ -124,3 +124,22 @@ def test_the_bound_covers_a_prompt_billed_as_written_to_the_providers_cache():
     plain = client.cost("claude", tokens, 64)
     (bound,) = guard.bounds(["claude"], {}, MESSAGES)
     assert bound == pytest.approx(plain + tokens * 0.75 / 1e6) and bound > plain
+
+
+def test_the_bound_counts_a_local_models_own_chat_template():
+    """SmolLM2's template adds a default system prompt: 38 prompt tokens for a 9-token message, more
+    than the generous per-message allowance; the bound (and the token bound) cover it."""
+    from tests.test_serving_client import _smollm2_dir
+
+    folder = _smollm2_dir()
+    messages = [{"role": "user", "content": "Write three short sentences about the sea."}]
+    entry = {"name": "smol", "kind": "vllm", "base_url": "http://127.0.0.1:9/v1", "tokenizer": f"hf:{folder}",
+             "prices": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}, "latency": {"ttft_s": 0.1, "tokens_per_s": 100}}  # fmt: skip
+    client = BackendClient(Catalog.from_entries({"backends": [entry]}))
+    backend = client.catalog.get("smol")
+    allowance = client.count_tokens(backend, messages_text(messages)) + TEMPLATE_TOKENS_PER_MESSAGE
+    templated = client.count_prompt(backend, {"messages": messages})
+    assert templated > allowance
+    bounds, tokens = SpendGuard(MemoryLedger(), client).plan(["smol"], {"max_tokens": 10}, messages)
+    assert tokens == templated + 10
+    assert bounds == [pytest.approx(client.cost("smol", templated, 10))]

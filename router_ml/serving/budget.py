@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from router_ml.backends.prompt_tokens import template_dir
 from router_ml.decision.ledger import LedgerError, period_start
 from router_ml.decision.ledger.records import RESERVATION_TTL_S
 from router_ml.serving.openai_errors import ApiError
@@ -131,7 +132,8 @@ class SpendGuard:
         self, chain: Sequence[str], payload: dict[str, Any], messages: Sequence[Mapping]
     ) -> tuple[list[float], int]:
         """``(cost bound per backend of chain in USD, token bound)``: the token bound is the most
-        input tokens over the chain's tokenizers (+ the template's) plus the most output tokens,
+        input tokens over the chain's tokenizers (+ a generous template allowance, or the model's own
+        chat template where its tokenizer is on disk, whichever is more) plus the most output tokens,
         what a tokens-per-minute limit admits. Writes the default ``max_tokens`` into ``payload``
         when neither it nor the backend sets one."""
         out_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
@@ -140,20 +142,25 @@ class SpendGuard:
             payload["max_tokens"] = int(out_tokens)
         text = messages_text(messages)
         overhead = TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
-        counted: dict[Any, int] = {}  # one count per distinct tokenizer
+        counted: dict[Any, int] = {}  # prompt tokens, one count per distinct tokenizer and template
         bounds = []
         for name in chain:
             backend = self.client.catalog.get(name)
-            key = (backend.spec.tokenizer, backend.spec.kind)
+            template = template_dir(backend)
+            key = (backend.spec.tokenizer, backend.spec.kind, template)
             if key not in counted:
-                counted[key] = self.client.count_tokens(backend, text)
-            prompt = counted[key] + overhead
+                counted[key] = self.client.count_tokens(backend, text) + overhead
+                if template is not None:  # a model's own template may add more (a default system prompt)
+                    counted[key] = max(
+                        counted[key], self.client.count_prompt(backend, {"messages": messages})
+                    )
+            prompt = counted[key]
             cost = self.client.cost(name, prompt, int(out_tokens))
             if cost is not None and backend.cache_write_per_mtok is not None:
                 # a provider may bill every prompt token as written to its cache (Anthropic: 1.25x)
                 cost = max(cost, self.client.cost(name, prompt, int(out_tokens), 0, prompt) or 0.0)
             bounds.append(float(cost) if cost is not None else 0.0)
-        return bounds, max(counted.values()) + overhead + int(out_tokens)
+        return bounds, max(counted.values()) + int(out_tokens)
 
     def reserve(
         self,
