@@ -11,7 +11,7 @@ import pytest
 
 from router_ml.decision import DecisionLayer, ModelPool, build_policy
 from router_ml.decision.base import Estimates, RoutingDecision, Uncertainty
-from router_ml.predictors.guard import NoveltyGuard, conformal_halfwidth, routed_gain
+from router_ml.predictors.guard import NoveltyGuard, conformal_halfwidth, family_spread, routed_gain
 from router_ml.serving.engine_support import decision_headers
 
 
@@ -29,16 +29,16 @@ def test_routed_gain_scores_the_argmax_against_the_best_single_column():
     np.testing.assert_allclose(routed_gain(q, Y, np.array([1, 0])), [-1.0, -1.0])
 
 
-def _families(seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16):
+def _families(seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16, win_every: int = 2):
     """Families as clusters in embedding space. Model 0 is the best single model everywhere except
-    that model 1 wins on even families... but odd families are where model 1 is poor, so a head that
-    extrapolates 'model 1 is strong' to an unseen family loses."""
+    that model 1 wins on every ``win_every``-th family... but the others are where model 1 is poor,
+    so a head that extrapolates 'model 1 is strong' to an unseen family loses."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_fam, d)) * 3.0
     X, Y, fam = [], [], []
     for f in range(n_fam):
         X.append(centres[f] + rng.normal(size=(per, d)))
-        q1 = 0.9 if f % 2 == 0 else 0.1
+        q1 = 0.9 if f % win_every == 0 else 0.1
         Y.append(np.column_stack([rng.binomial(1, 0.6, per), rng.binomial(1, q1, per)]).astype(float))
         fam += [f"fam{f}"] * per
     return np.vstack(X).astype(np.float32), np.vstack(Y), np.array(fam)
@@ -100,7 +100,10 @@ def test_margin_keeps_the_head_or_the_prior_never_a_third_model(fitted):
 
 
 def test_shrink_mode_shrinks_unseen_prompts_to_the_prior():
-    X, Y, fam = _families()
+    # model 1 wins on a third of the families: whichever families a CV fold holds out, its training
+    # part's prior still names model 0 (with half, a fold's prior can name model 1, and shrinking
+    # toward it would not help: the fit measures the shrinkage against each fold's own prior)
+    X, Y, fam = _families(win_every=3)
     g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="shrink").fit(X, Y, fam, _fit_predict_for(X, Y))
     w0, w1 = g.shrink_
     assert 0.0 <= w0 <= w1 <= 1.0 and not np.any(g.margin_)
@@ -109,6 +112,34 @@ def test_shrink_mode_shrinks_unseen_prompts_to_the_prior():
     assert (out.shrink > 0.5).all()
     with pytest.raises(ValueError, match="mode"):
         NoveltyGuard(mode="blend")
+
+
+def test_family_spread_is_the_spread_of_each_models_lead_over_the_best_across_families():
+    fam = np.array(["a", "a", "b", "b", "c", "c"])
+    Y = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1], [1, 0, 0], [1, 0, np.nan]], float)
+    # per-family means: a (1, .5, 0), b (.5, 1, 1), c (1, 0, 0); leads over model 0: (-.5, .5, -1), (-1, .5, -1)
+    np.testing.assert_allclose(
+        family_spread(Y, fam, 0), [0.0, np.std([-0.5, 0.5, -1], ddof=1), np.std([-1, 0.5, -1], ddof=1)]
+    )
+    assert not family_spread(Y[:2], fam[:2], 0).any()  # one family: no spread to measure
+
+
+def test_spread_mode_asks_a_swinging_model_for_a_larger_lead():
+    # model 1 wins on a third of the families and fails the others: its lead swings by family, so
+    # on a far prompt the guard's estimate of it is lowered by its spread, the prior's model keeps its own
+    X, Y, fam = _families(win_every=3)
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="spread").fit(X, Y, fam, _fit_predict_for(X, Y))
+    k0, k1 = g.spread_risk_
+    assert 0.0 <= k0 <= k1 and k1 > 0.0  # the CV chose to use it on this data
+    assert g.spread_[g.prior_model] == 0.0 and g.spread_[1] > 0.3
+    q = np.tile([0.55, 0.6], (5, 1))  # a small lead for the swinging model
+    out = g.transform(X[:5] + 40.0, q)
+    assert (np.argmax(out.quality, axis=1) == g.prior_model).all()
+    assert (out.shrink == 1.0).all()  # reported as a fallback to the prior
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    np.testing.assert_allclose(back.transform(X[:5] + 40.0, q).quality, out.quality)
+    added = g.with_added_models([0.5])
+    assert added.spread_.shape == (3,) and added.spread_[2] == g.spread_.max()
 
 
 def test_guard_state_round_trip_predicts_the_same(fitted):

@@ -325,6 +325,7 @@ def _fit_guard(
     g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
     info = {
         "shrink": g.shrink_.tolist(),
+        "spread_risk": g.spread_risk_.tolist(),
         "margin": g.margin_.tolist(),
         "cv_auroc": g.cv_auroc_,
         "cv_gain": g.cv_gain_.tolist(),

@@ -25,8 +25,16 @@
   checkpoint saved before the margin existed) blends instead::
 
       w = clip(w_id + (w_novel - w_id) * novelty, 0, 1);  q' = (1 - w) * q + w * prior
+      q''_j = q'_j - (k_id + (k_novel - k_id) * novelty) * spread_j
 
-  with ``(w_id, w_novel)`` chosen by the same objective. ``mode="trust"`` learns the decision
+  (the second line in ``mode="spread"`` only) where ``spread_j`` (:func:`family_spread`) is the standard deviation over the training families of
+  model ``j``'s per-family mean score minus the best single model's: on a family never seen, a
+  model's advantage is the head's estimate plus a family effect of about that size, so a model whose
+  lead swings from family to family (strong on some benchmarks, failing another's format) must
+  predict a larger lead to be picked than a steady one (a lower bound on the advantage). The spread
+  of the best single model is 0, so it keeps its estimate. ``(w_id, w_novel, k_id, k_novel)`` are
+  chosen by the same objective, each fold's rows measured against the prior and the spreads of
+  that fold's training part. ``mode="trust"`` learns the decision
   instead of hand-shaping it: a deferral model (ridge regression on standardised per-prompt
   features and their pairwise products, :data:`TRUST_FEATURES`: the novelty features and score, the
   head's predicted advantage of its pick over the prior's model, its top-two gap, the pick's and the
@@ -58,6 +66,7 @@ fold's training part, the served ones against the full bank (slightly nearer nei
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +79,9 @@ from router_ml.predictors.base import BasePredictor, check_state, few_rows_blas
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: ``mode="spread"``: how many family-level standard deviations a model's advantage must clear
+SPREAD_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+MODES = ("shrink", "spread", "margin", "trust")
 #: margin grid (quality points on [0, 1]): base ``a`` and slope ``b`` of m(nu) = a + b * max(nu - t, 0)
 MARGIN_BASE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 MARGIN_SLOPE = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -120,6 +132,19 @@ def conformal_halfwidth(residuals: np.ndarray, coverage: float) -> float:
     return float(r[k - 1]) if 0 < k <= len(r) else float("inf")
 
 
+def family_spread(Y: np.ndarray, families: np.ndarray, best: int) -> np.ndarray:
+    """(m,) the standard deviation over ``families`` of each model's per-family mean score minus
+    column ``best``'s (0 for ``best``; 0 everywhere with fewer than two families): how far a model's
+    advantage over the best single model moves from one task family to the next."""
+    names = np.unique(families)
+    if len(names) < 2:
+        return np.zeros(Y.shape[1])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a model without outcomes on a family
+        M = np.vstack([np.nanmean(Y[families == f], axis=0) for f in names])
+        return np.nan_to_num(np.nanstd(M - M[:, [best]], axis=0, ddof=1), nan=0.0)
+
+
 def routed_gain(q: np.ndarray, Y: np.ndarray, best: np.ndarray) -> np.ndarray:
     """(n,) score of the argmax of ``q`` minus the score of column ``best`` (n,), per row; NaN
     outcomes count as 0."""
@@ -148,7 +173,8 @@ class NoveltyGuard(BasePredictor):
     random CV; ``coverage`` nominal coverage of the intervals; ``n_bins`` novelty bins of the
     conformal table; ``max_bank`` training embeddings kept for the distance features (a seeded
     subsample above it); ``family_loss_weight`` extra weight of out-of-family losses in the
-    margin / shrinkage objective; ``mode`` ``"margin"`` (decide) or ``"shrink"`` (blend); ``seed``.
+    margin / shrinkage objective; ``mode`` ``"margin"`` (decide), ``"shrink"`` (blend), ``"spread"``
+    (blend and ask each model to clear its family spread) or ``"trust"`` (a deferral model); ``seed``.
     """
 
     name = "novelty_shrinkage"
@@ -164,8 +190,8 @@ class NoveltyGuard(BasePredictor):
         mode: str = "shrink",
         seed: int = 0,
     ):
-        if mode not in ("margin", "shrink", "trust"):
-            raise ValueError(f"NoveltyGuard: mode must be 'margin', 'shrink' or 'trust', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
         self.k = k
         self.folds = folds
         self.coverage = coverage
@@ -281,19 +307,24 @@ class NoveltyGuard(BasePredictor):
             "random": rng.integers(0, self.folds, len(X)),
         }
         Yfill = _fill(Y)
-        oof, knn = {}, {}
+        oof, knn, pri, spr = {}, {}, {}, {}
         for kind, g in groups.items():
             Q, F, best = np.zeros_like(Y), np.zeros((len(X), 4)), np.zeros(len(X), np.int64)
-            Yk = np.zeros_like(Y)
+            Yk, P, S = np.zeros_like(Y), np.zeros_like(Y), np.zeros_like(Y)
             for v in np.unique(g):
                 te, tr = np.where(g == v)[0], np.where(g != v)[0]
                 Q[te] = fit_predict(tr, te)
                 coef, icpt = self._family_head(X[tr], fam[tr], self.seed)
                 F[te], nn = self._features(_unit(X[tr]), coef, icpt, X[te], self.k, with_nn=True)
                 Yk[te] = Yfill[tr][nn].mean(axis=1)
-                best[te] = int(np.nanargmax(np.nanmean(Y[tr], axis=0)))
-            oof[kind], knn[kind] = (Q, F, best), Yk
+                # the conservative prior as the fold would have it: its training part's per-model
+                # means (an inner held-out family never pulls the estimates toward its own outcomes)
+                P[te] = np.nan_to_num(np.nanmean(Y[tr], axis=0), nan=0.0)
+                best[te] = int(np.argmax(P[te[0]]))
+                S[te] = family_spread(Y[tr], fam[tr], int(best[te[0]]))
+            oof[kind], knn[kind], pri[kind], spr[kind] = (Q, F, best), Yk, P, S
         (Qf, Ff, bf), (Qi, Fi, bi) = oof["family"], oof["random"]
+        Pf, Pi, Sf, Si = pri["family"], pri["random"], spr["family"], spr["random"]
 
         # novelty: out-of-family (1) against in-distribution (0) out-of-fold prompts
         Fall = np.vstack([Fi, Ff])
@@ -310,24 +341,35 @@ class NoveltyGuard(BasePredictor):
         self.cv_auroc_ = float(roc_auc_score(lab, np.r_[nu_i, nu_f]))
 
         self.prior_ = np.nan_to_num(np.nanmean(Y, axis=0), nan=0.0)
+        self.spread_ = family_spread(Y, fam, self.prior_model)
+        self.spread_risk_ = np.zeros(2)
         fam_rows = [fam == f for f in names]
 
         def objective(gi: np.ndarray, gf: np.ndarray) -> float:
             per_fam = np.array([gf[r].mean() for r in fam_rows])
             return gi.mean() + gf.mean() + self.family_loss_weight * np.minimum(per_fam, 0.0).mean()
 
-        if self.mode == "shrink":
-            # shrinkage strength: the (w_id, w_novel) of the grid with the best out-of-fold routing
-            best_obj, best_w = -np.inf, (0.0, 0.0)
+        if self.mode in ("shrink", "spread"):
+            # shrinkage strength (and family-spread risk): the (w_id, w_novel, k_id, k_novel) of the
+            # grid with the best out-of-fold routing (each fold's own prior and spread)
+            best_obj, best_w, best_k = -np.inf, (0.0, 0.0), (0.0, 0.0)
+            ks = SPREAD_GRID if self.mode == "spread" else (0.0,)
             for w0 in GRID:
                 for w1 in (w for w in GRID if w >= w0):
-                    obj = objective(
-                        routed_gain(self._shrink(Qi, nu_i, w0, w1), Y, bi),
-                        routed_gain(self._shrink(Qf, nu_f, w0, w1), Y, bf),
-                    )
-                    if obj > best_obj + 1e-12:
-                        best_obj, best_w = obj, (w0, w1)
+                    base = {
+                        "i": self._shrink(Qi, nu_i, w0, w1, Pi),
+                        "f": self._shrink(Qf, nu_f, w0, w1, Pf),
+                    }
+                    for k0 in ks:
+                        for k1 in (k for k in ks if k >= k0):
+                            obj = objective(
+                                routed_gain(base["i"] - (k0 + (k1 - k0) * nu_i)[:, None] * Si, Y, bi),
+                                routed_gain(base["f"] - (k0 + (k1 - k0) * nu_f)[:, None] * Sf, Y, bf),
+                            )
+                            if obj > best_obj + 1e-12:
+                                best_obj, best_w, best_k = obj, (w0, w1), (k0, k1)
             self.shrink_, self.margin_ = np.asarray(best_w, np.float64), np.zeros(3)
+            self.spread_risk_ = np.asarray(best_k, np.float64)
         elif self.mode == "trust":
             self.shrink_, self.margin_ = np.zeros(2), np.zeros(3)
             self._fit_trust(
@@ -375,8 +417,8 @@ class NoveltyGuard(BasePredictor):
             }
         self.cv_gain_ = np.array(
             [
-                routed_gain(self._apply(Q, nu, b, T[kind])[0], Y, b).mean()
-                for kind, Q, nu, b in (("i", Qi, nu_i, bi), ("f", Qf, nu_f, bf))
+                routed_gain(self._apply(Q, nu, b, T[kind], P, S)[0], Y, b).mean()
+                for kind, Q, nu, b, P, S in (("i", Qi, nu_i, bi, Pi, Si), ("f", Qf, nu_f, bf, Pf, Sf))
             ]
         )
 
@@ -384,7 +426,9 @@ class NoveltyGuard(BasePredictor):
         nu = np.r_[nu_i, nu_f]
         R = np.abs(
             np.vstack([Y, Y])
-            - np.vstack([self._apply(Qi, nu_i, bi, T["i"])[0], self._apply(Qf, nu_f, bf, T["f"])[0]])
+            - np.vstack(
+                [self._apply(Qi, nu_i, bi, T["i"], Pi, Si)[0], self._apply(Qf, nu_f, bf, T["f"], Pf, Sf)[0]]
+            )
         )
         self.bin_edges_ = (
             np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
@@ -481,9 +525,11 @@ class NoveltyGuard(BasePredictor):
         z = ((F - self.feat_mean_) / self.feat_std_) @ self.nov_coef_ + self.nov_intercept_[0]
         return 1.0 / (1.0 + np.exp(-z))
 
-    def _shrink(self, Q: np.ndarray, nu: np.ndarray, w0: float, w1: float) -> np.ndarray:
+    def _shrink(
+        self, Q: np.ndarray, nu: np.ndarray, w0: float, w1: float, prior_mean: np.ndarray | None = None
+    ) -> np.ndarray:
         w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)[:, None]
-        return (1.0 - w) * Q + w * self.prior_[None, :]
+        return (1.0 - w) * Q + w * (self.prior_[None, :] if prior_mean is None else prior_mean)
 
     def margin(self, nu: np.ndarray) -> np.ndarray:
         """(n,) the advantage over the prior's model that the head's pick needs at novelty ``nu``."""
@@ -496,6 +542,8 @@ class NoveltyGuard(BasePredictor):
         nu: np.ndarray,
         prior: np.ndarray | int | None = None,
         trust: np.ndarray | None = None,
+        prior_mean: np.ndarray | None = None,
+        spread: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(guarded quality, weight of the prior)`` for the
         head's quality ``Q (n, m)`` at novelty ``nu (n,)``: shrunk toward the prior, then every model
@@ -503,21 +551,32 @@ class NoveltyGuard(BasePredictor):
         argmax is the head's pick where its advantage exceeds the margin and the prior's otherwise
         (never a third model). The weight is 1 where the margin overrode the head's pick. With a
         deferral model (``trust``: its predicted gain per row), the margin is instead whatever
-        makes the prior's model the argmax where ``trust <= tau`` and 0 elsewhere."""
+        makes the prior's model the argmax where ``trust <= tau`` and 0 elsewhere. ``prior_mean``
+        ((n, m) or (m,); default :attr:`prior_`): the per-model means to shrink toward, ``spread``
+        (same shapes; default :attr:`spread_`) each model's family spread (the fit's out-of-fold rows
+        use their fold's). The weight is also 1 where the family-spread risk overrode the pick."""
         w0, w1 = (float(v) for v in self.shrink_)
         w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)
-        q = (1.0 - w[:, None]) * np.asarray(Q, np.float64) + w[:, None] * self.prior_[None, :]
-        if not np.any(self.margin_) and trust is None:
+        P = np.broadcast_to(self.prior_ if prior_mean is None else prior_mean, np.shape(Q))
+        q = (1.0 - w[:, None]) * np.asarray(Q, np.float64) + w[:, None] * P
+        shrunk = q
+        k0, k1 = (float(v) for v in self.spread_risk_)
+        if k0 or k1:  # a model must beat the prior's by its family spread times k(nu) to be picked
+            S = np.broadcast_to(self.spread_ if spread is None else spread, np.shape(Q))
+            q = q - (k0 + (k1 - k0) * nu)[:, None] * S
+        if not np.any(self.margin_) and trust is None and q is shrunk:
             return q, w
         r = np.arange(len(q))
         p = np.broadcast_to(np.asarray(self.prior_model if prior is None else prior, np.int64), (len(q),))
-        if trust is None:
-            m = self.margin(nu)
-        else:  # just enough to put the prior's model strictly first where the pick is not trusted
+        if (
+            trust is not None
+        ):  # just enough to put the prior's model strictly first where the pick is not trusted
             m = np.where(trust > self.trust_tau_[0], 0.0, np.maximum(q.max(axis=1) - q[r, p], 0.0) + 1e-6)
+        else:
+            m = self.margin(nu)
         out = q - m[:, None]
         out[r, p] = q[r, p]
-        pick = np.argmax(q, axis=1)
+        pick = np.argmax(shrunk, axis=1)
         overrode = (pick != p) & (np.argmax(out, axis=1) == p)
         return out, np.where(overrode, 1.0, w)
 
@@ -566,6 +625,8 @@ class NoveltyGuard(BasePredictor):
         wide = state["halfwidth"].max(axis=1, keepdims=True)
         state["halfwidth"] = np.hstack([state["halfwidth"], np.repeat(wide, len(prior), axis=1)])
         # the deferral model's kNN second opinion has no outcomes of a new model: its prior stands in
+        # a new model's advantage was never seen across families: the widest spread of the trained ones
+        state["spread"] = np.append(state["spread"], np.full(len(prior), state["spread"].max(initial=0.0)))
         bank_y = state["bank_y"]
         state["bank_y"] = np.hstack([bank_y, np.broadcast_to(prior, (bank_y.shape[0], len(prior)))])
         return out.load_state_dict(state)
@@ -589,6 +650,8 @@ class NoveltyGuard(BasePredictor):
         "trust_",
         "trust_scale_",
         "trust_tau_",
+        "spread_",
+        "spread_risk_",
     )
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -619,6 +682,8 @@ class NoveltyGuard(BasePredictor):
             "trust_scale": (2, None),
             "trust_tau": (1,),
             "cv_trust_auroc": (1,),
+            "spread": (None,),
+            "spread_risk": (2,),
         }
         # a guard saved before the margin (or the deferral model) existed only shrinks (or margins)
         m0 = np.asarray(state["prior"]).shape[0] if "prior" in state else 0
@@ -629,6 +694,8 @@ class NoveltyGuard(BasePredictor):
             "trust_scale": np.zeros((2, 0)),
             "trust_tau": np.zeros(1),
             "cv_trust_auroc": np.array([np.nan]),
+            "spread": np.zeros(m0),
+            "spread_risk": np.zeros(2),
         }
         st = check_state({**old, **state}, shapes, "NoveltyGuard")
         for k in self._STATE:
@@ -648,9 +715,13 @@ class NoveltyGuard(BasePredictor):
                 f"NoveltyGuard: deferral model {self.trust_.shape} / scale {self.trust_scale_.shape} / bank "
                 f"outcomes {self.bank_y_.shape} do not match {n_trust} features, a bank of {len(self.bank_)}, {m} models"
             )
-        if self.halfwidth_.shape[1] != m or self.bank_.shape[1] != self.fam_coef_.shape[1]:
+        if (
+            self.halfwidth_.shape[1] != m
+            or self.bank_.shape[1] != self.fam_coef_.shape[1]
+            or self.spread_.shape != (m,)
+        ):
             raise ValueError(
                 f"NoveltyGuard: halfwidth {self.halfwidth_.shape} / bank {self.bank_.shape} / family head "
-                f"{self.fam_coef_.shape} do not match {m} models"
+                f"{self.fam_coef_.shape} / spread {self.spread_.shape} do not match {m} models"
             )
         return self
