@@ -174,7 +174,9 @@ class NoveltyGuard(BasePredictor):
     conformal table; ``max_bank`` training embeddings kept for the distance features (a seeded
     subsample above it); ``family_loss_weight`` extra weight of out-of-family losses in the
     margin / shrinkage objective; ``mode`` ``"margin"`` (decide), ``"shrink"`` (blend), ``"spread"``
-    (blend and ask each model to clear its family spread) or ``"trust"`` (a deferral model); ``seed``.
+    (blend and ask each model to clear its family spread) or ``"trust"`` (a deferral model); ``seed``;
+    ``family_folds`` groups of families for the family-grouped CV (default ``folds``; as many as
+    there are families: leave one family out, the structure of a single new family at serving).
     """
 
     name = "novelty_shrinkage"
@@ -189,6 +191,7 @@ class NoveltyGuard(BasePredictor):
         family_loss_weight: float = 2.0,
         mode: str = "shrink",
         seed: int = 0,
+        family_folds: int | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -200,6 +203,7 @@ class NoveltyGuard(BasePredictor):
         self.family_loss_weight = family_loss_weight
         self.mode = mode
         self.seed = seed
+        self.family_folds = family_folds
 
     # ---- features ------------------------------------------------------------------------------
     @staticmethod
@@ -300,7 +304,7 @@ class NoveltyGuard(BasePredictor):
                 f"NoveltyGuard.fit: needs prompts of at least two task families to hold one out, got {list(names)}"
             )
         rng = np.random.default_rng(self.seed)
-        n_groups = min(int(self.folds), len(names))
+        n_groups = min(int(self.family_folds or self.folds), len(names))
         group_of = {f: i % n_groups for i, f in enumerate(rng.permutation(names))}
         groups = {
             "family": np.array([group_of[f] for f in fam]),
