@@ -82,9 +82,9 @@ def fit_probe_logit(
     ``P (p, m)`` predicted qualities of the existing models on the probe prompts, ``y (p,)`` the new
     model's scores in [0, 1] (fractional scores count as a binomial share; NaN rows ignored).
     Maximises ``sum_i [y_i log q_i + (1 - y_i) log(1 - q_i)] - precision / 2 |w - 1/m|^2`` with
-    ``q_i = sigmoid(b + logit(P_i) @ w)`` (intercept unpenalised) by Newton's method; the prior
-    keeps the fit unique when the probes are all 0 or all 1 (then ``b`` runs to the edge of the
-    score range, not to infinity). Returns ``coef (m + 1,) = [w, b]``.
+    ``q_i = sigmoid(b + logit(P_i) @ w)`` by damped Newton steps; ``b`` carries only a vanishing
+    prior (precision 1e-6), enough to keep it finite when the probes are all 0 or all 1 (the
+    column then sits at the edge of the score range). Returns ``coef (m + 1,) = [w, b]``.
     """
     if not precision > 0:
         raise ValueError(f"fit_probe_logit: precision must be > 0, got {precision}")
