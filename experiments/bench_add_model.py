@@ -22,8 +22,9 @@ never tested on). For each held-out model h:
   ``router-ml add-model`` fit: a logistic regression on the existing columns' predicted log-odds,
   coefficients shrunk to their mean, plus the probes' residuals smoothed over the 50 nearest
   probes), ``ridge+bank`` (what they fitted before: a ridge on the predictions shrunk to their
-  mean, plus the same correction), ``logit`` / ``ridge`` (without the residual correction), ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank``
-  (kNN over the probes alone: k = min(10, K), distance weights); opt-in (``--methods``):
+  mean, plus the same correction), ``logit`` / ``ridge`` (without the residual correction),
+  ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank`` (kNN over the
+  probes alone: k = min(10, K), distance weights); opt-in (``--methods``):
   ``ridge+family`` (the ridge plus the probes' mean residual per family, shrunk to 0; the families a
   3-means of the router part's embeddings) and ``ridge+family+bank``.
 - pools: ``--pool-sizes 4`` = 10 random pools of 4 other models per held-out model (a user's own
