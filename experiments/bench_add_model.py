@@ -2,8 +2,8 @@
 
     python -m experiments.bench_add_model                                  # mmlu_pro (4,000 prompts) + zeroeval
     python -m experiments.bench_add_model --data mmlu_pro --max-prompts 4000 --ks 25 50 100 200
-    python -m experiments.bench_add_model --data zeroeval --max-prompts 0 --ks 100 --pool-sizes 4 \
-        --methods ridge+bank ridge+family --seed 1                          # variants, another split
+    python -m experiments.bench_add_model --data zeroeval mmlu_pro --max-prompts 0 4000 --ks 100 \
+        --pool-sizes 4 --n-random 1 --methods logit+bank ridge+bank --seed 1  # another split
     python -m experiments.bench_add_model --replot outputs/bench_add_model/bench_add_model.json \
         --plot data/results/add_model.png                                   # redraw the figure
 
@@ -18,11 +18,13 @@ never tested on). For each held-out model h:
   the probes drawn at random (3 draws, averaged) or chosen as informative
   (:func:`router_ml.predictors.probe_set.select_probes`: disagreement of the existing models'
   predictions, k-center coverage, stratified by the data's task type);
-- methods: ``ridge+bank`` (what :class:`router_ml.predictors.probed.ProbedQualityPredictor` and
-  ``router-ml add-model`` fit: a ridge on the existing columns' predictions shrunk to their mean,
-  plus the probes' residuals smoothed over the 50 nearest probes), ``ridge`` (without the residual
-  correction), ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank``
-  (kNN over the probes alone: k = min(10, K), distance weights); opt-in (``--methods``):
+- methods: ``logit+bank`` (what :class:`router_ml.predictors.probed.ProbedQualityPredictor` and
+  ``router-ml add-model`` fit: a logistic regression on the existing columns' predicted log-odds,
+  coefficients shrunk to their mean, plus the probes' residuals smoothed over the 50 nearest
+  probes), ``ridge+bank`` (what they fitted before: a ridge on the predictions shrunk to their
+  mean, plus the same correction), ``logit`` / ``ridge`` (without the residual correction),
+  ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank`` (kNN over the
+  probes alone: k = min(10, K), distance weights); opt-in (``--methods``):
   ``ridge+family`` (the ridge plus the probes' mean residual per family, shrunk to 0; the families a
   3-means of the router part's embeddings) and ``ridge+family+bank``.
 - pools: ``--pool-sizes 4`` = 10 random pools of 4 other models per held-out model (a user's own
@@ -49,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 KS = (25, 50, 100, 200)
-METHODS = ("ridge+bank", "ridge", "shift", "bank")
+METHODS = ("logit+bank", "ridge+bank", "logit", "ridge", "shift", "bank")
 #: opt-in variants (``--methods``): per-family intercepts of the ridge residuals, the families a
 #: k-means (FAMILIES clusters) of the router part's embeddings; ``+bank`` adds the residual smoother
 EXTRA_METHODS = ("ridge+family", "ridge+family+bank")
@@ -91,10 +93,18 @@ def routed(pred: np.ndarray, Y: np.ndarray) -> float:
 def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test, centroids=None) -> np.ndarray:
     """The new model's predicted quality on the test prompts ``(n_test,)``, from its probe scores
     ``y_probe (K,)``; ``P_probe (K, m)`` / ``P_test (n, m)`` the existing columns' predictions.
-    ``ridge+bank`` is what ``ProbedQualityPredictor.add_model`` fits (its two functions, on the
-    kNN columns of this pool). ``centroids (c, d)`` unit-norm family centres (``ridge+family``)."""
+    ``logit+bank`` is what ``ProbedQualityPredictor.add_model`` fits (its functions, on the kNN
+    columns of this pool; ``ridge+bank`` what it fitted before). ``centroids (c, d)`` unit-norm
+    family centres (``ridge+family``)."""
     from router_ml.predictors import KnnQualityPredictor, ProbedQualityPredictor
-    from router_ml.predictors.probed import ALPHAS, bank_correction, fit_probe_column
+    from router_ml.predictors.probed import (
+        ALPHAS,
+        bank_correction,
+        fit_probe_column,
+        fit_probe_logit,
+        logit,
+        sigmoid,
+    )
 
     def unit(X: np.ndarray) -> np.ndarray:
         return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
@@ -102,9 +112,14 @@ def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test, centroids
     if method == "bank":
         bank = KnnQualityPredictor(k=min(10, len(y_probe)), weights="distance")
         return bank.fit(X_probe, y_probe[:, None]).predict(X_test)[:, 0]
-    coef, _, _ = fit_probe_column(P_probe, y_probe, (1e12,) if method == "shift" else ALPHAS)
-    q = P_test @ coef[:-1] + coef[-1]
-    resid = y_probe - np.clip(P_probe @ coef[:-1] + coef[-1], 0.0, 1.0)
+    if method.startswith("logit"):
+        coef = fit_probe_logit(P_probe, y_probe)
+        q = sigmoid(logit(P_test) @ coef[:-1] + coef[-1])
+        resid = y_probe - sigmoid(logit(P_probe) @ coef[:-1] + coef[-1])
+    else:
+        coef, _, _ = fit_probe_column(P_probe, y_probe, (1e12,) if method == "shift" else ALPHAS)
+        q = P_test @ coef[:-1] + coef[-1]
+        resid = y_probe - np.clip(P_probe @ coef[:-1] + coef[-1], 0.0, 1.0)
     if method.startswith("ridge+family"):  # per-family mean residual, shrunk to 0 by FAMILY_TAU
         fam_p, fam_t = (np.argmax(unit(A) @ centroids.T, axis=1) for A in (X_probe, X_test))
         off = np.array(
@@ -231,9 +246,9 @@ def plot(report: dict, path: Path) -> None:
         shares = report[data][key]["summary"]["shares"]
         ks = sorted({int(k.split("/")[0]) for k in shares})
         for (how, method), style in {
-            ("informative", "ridge+bank"): "o-",
-            ("random", "ridge+bank"): "s--",
-            ("informative", "ridge"): "^:",
+            ("informative", "logit+bank"): "o-",
+            ("random", "logit+bank"): "s--",
+            ("informative", "ridge+bank"): "^:",
         }.items():
             if f"{ks[0]}/{how}/{method}" not in shares:
                 continue

@@ -6,9 +6,9 @@
         --input-price 0.15 --output-price 0.60
 
 :func:`add_model` wraps the router's quality head in a
-:class:`~router_ml.predictors.probed.ProbedQualityPredictor` (the new column is a ridge
-combination of the existing models' predicted qualities fitted on the probes, plus the probes'
-residuals smoothed by similarity), gives the
+:class:`~router_ml.predictors.probed.ProbedQualityPredictor` (the new column is a logistic
+regression of the probe scores on the existing models' predicted log-odds, shrunk towards their
+mean, plus the probes' residuals smoothed by similarity), gives the
 calibrator an identity column for it, and records the model's price and latency; nothing else is
 refitted, so the old columns predict exactly what they did. :func:`choose_probes` picks the probe
 prompts (:func:`~router_ml.predictors.probe_set.select_probes`).
@@ -194,9 +194,9 @@ def add_model(
         "name": name,
         "n_probes": n,
         "probes": source,
-        "method": "ridge on the existing models' predicted qualities, shrunk to their mean "
-        f"(alpha {float(head.alpha_[-1]):g}, chosen by leave-one-out), plus the probes' residuals "
-        f"smoothed over the {head.bank_k} most similar probes; calibrator column: identity",
+        "method": "logistic regression on the existing models' predicted log-odds, coefficients "
+        f"shrunk to their mean (prior precision {float(head.alpha_[-1]):g}), plus the probes' "
+        f"residuals smoothed over the {head.bank_k} most similar probes; calibrator column: identity",
         "note": "metrics above were measured before this model was added",
     }
     guard = None

@@ -17,7 +17,13 @@ from router_ml.predictors import (
     build_quality_predictor,
 )
 from router_ml.predictors.probe_set import allocate, disagreement, select_probes
-from router_ml.predictors.probed import calibrator_with_identity, fit_probe_column
+from router_ml.predictors.probed import (
+    calibrator_with_identity,
+    fit_probe_column,
+    fit_probe_logit,
+    logit,
+    sigmoid,
+)
 
 FAST = {"mlp": {"epochs": 3}, "mf": {"epochs": 3}, "knn": {"k": 10}}
 
@@ -59,6 +65,82 @@ def test_fit_probe_column_ignores_missing_scores_and_rejects_bad_ones():
         fit_probe_column(P, np.full(10, 2.0))
     with pytest.raises(ValueError, match="no probe outcome"):
         fit_probe_column(P, np.full(10, np.nan))
+
+
+def test_fit_probe_logit_recovers_a_logistic_combination_of_the_existing_models():
+    rng = np.random.default_rng(10)
+    P = rng.uniform(0.05, 0.95, (4000, 3))
+    truth = np.array([1.5, 0.0, 0.5, -0.4])  # [w, b]
+    y = (rng.random(4000) < sigmoid(logit(P) @ truth[:-1] + truth[-1])).astype(float)
+    # a weak prior: 4,000 probes pin the coefficients; a strong one holds them near 1/m
+    assert np.allclose(fit_probe_logit(P, y, precision=0.1), truth, atol=0.12)
+    strong = fit_probe_logit(P, y, precision=1e6)
+    assert np.allclose(strong[:-1], 1 / 3, atol=0.01)
+    # the intercept alone then fits the level: the mean prediction equals the mean outcome
+    fitted = sigmoid(logit(P) @ strong[:-1] + strong[-1])
+    assert fitted.mean() == pytest.approx(y.mean(), abs=2e-3)
+
+
+def test_fit_probe_logit_stays_finite_and_in_range_on_all_right_or_all_wrong_probes():
+    P = np.random.default_rng(11).uniform(0.2, 0.8, (30, 4))
+    for value in (0.0, 1.0):
+        coef = fit_probe_logit(P, np.full(30, value))
+        assert np.isfinite(coef).all()
+        q = sigmoid(logit(P) @ coef[:-1] + coef[-1])
+        assert (q > 0.9).all() if value else (q < 0.1).all()
+    # fractional scores count as binomial shares; NaN rows are ignored
+    half = fit_probe_logit(P, np.r_[np.full(10, np.nan), np.full(20, 0.5)], precision=1e6)
+    assert sigmoid(logit(P[10:]) @ half[:-1] + half[-1]).mean() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fit_probe_logit(P, np.full(30, -0.5))
+    with pytest.raises(ValueError, match="precision"):
+        fit_probe_logit(P, np.ones(30), precision=0.0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fit_probe_logit(np.full((30, 4), np.nan), np.ones(30))
+
+
+def test_a_logit_column_keeps_easy_and_hard_prompts_inside_the_score_range():
+    """Where every existing model is near 1 (or 0), the logit column is too, without clipping; a
+    linear column shifted by the new model's level would overshoot and be cut at the edge."""
+    rng = np.random.default_rng(12)
+    X = rng.normal(size=(900, 6)).astype(np.float32)
+    Q = sigmoid(3 * X[:, :1] + rng.normal(scale=0.3, size=(900, 3)))  # 3 models, one difficulty axis
+    Y = (rng.random((900, 3)) < Q).astype(float)
+    head = build_quality_predictor("linear").fit(X[:600], Y[:600])
+    y_new = (rng.random(900) < sigmoid(3 * X[:, 0] + 1.0)).astype(float)  # better than the pool
+    probed = ProbedQualityPredictor.from_head(head, bank_k=0)
+    probed.add_model(X[600:700], y_new[600:700])
+    assert probed.link_.tolist() == [1] and probed.alpha_[-1] == probed.prior_precision
+    out = probed.predict(X[700:])
+    hard = out[:, :3].max(axis=1) < 0.1
+    assert hard.any() and (out[hard, 3] < 0.25).all() and (out[:, 3] < 1).all()
+    assert (out[:, 3] > out[:, :3].mean(axis=1)).mean() > 0.8  # it learned the better level
+
+
+def test_a_checkpoint_from_before_the_logit_fit_loads_its_linear_columns_as_they_were():
+    X, Y, _, _ = _data()
+    head = build_quality_predictor("knn", k=10).fit(X[:400], Y[:400, :3])
+    linear = ProbedQualityPredictor.from_head(head, link="identity")
+    linear.add_model(X[400:500], Y[400:500, 3])
+    coef = linear.coef_[0]
+    assert linear.link_.tolist() == [0]
+    expected = np.clip(head.predict(X[500:]) @ coef[:-1] + coef[-1], 0, 1)
+    no_bank = ProbedQualityPredictor.from_head(linear, bank_k=0)
+    assert np.allclose(no_bank.predict(X[500:])[:, 3], expected)
+    # an old checkpoint: its params lack link / prior_precision and its state the 'link' array
+    params = {k: v for k, v in linear.get_params().items() if k not in ("link", "prior_precision")}
+    state = {k: v for k, v in linear.state_dict().items() if k != "link"}
+    old = ProbedQualityPredictor(**params).load_state_dict(state)
+    assert np.array_equal(old.predict(X[500:]), linear.predict(X[500:]))
+    # a column added to it now is a logit column; the old one predicts the same bits
+    old.add_model(X[400:450], Y[400:450, 4])
+    assert old.link_.tolist() == [0, 1]
+    assert np.array_equal(old.predict(X[500:])[:, :4], linear.predict(X[500:]))
+    bad = {**linear.state_dict(), "link": np.array([7])}
+    with pytest.raises(ValueError, match="link"):
+        ProbedQualityPredictor(**linear.get_params()).load_state_dict(bad)
+    with pytest.raises(ValueError, match="link must be one of"):
+        ProbedQualityPredictor.from_head(head, link="probit").add_model(X[:30], Y[:30, 3])
 
 
 # ---- every head ----------------------------------------------------------------------------
