@@ -142,6 +142,23 @@ def test_spread_mode_asks_a_swinging_model_for_a_larger_lead():
     assert added.spread_.shape == (3,) and added.spread_[2] == g.spread_.max()
 
 
+def test_family_folds_minus_one_holds_out_each_family_alone():
+    X, Y, fam = _families(n_fam=5)
+    inner = _fit_predict_for(X, Y)
+    held: list[set[str]] = []
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        held.append(set(fam[te]))
+        return inner(tr, te)
+
+    NoveltyGuard(folds=3, family_folds=-1, n_bins=2).fit(X, Y, fam, fit_predict)
+    single = [h for h in held if len(h) == 1]  # the family folds (a random fold mixes families)
+    assert sorted(next(iter(h)) for h in single) == sorted(set(fam)) and len(held) == 5 + 3
+    held.clear()
+    NoveltyGuard(folds=3, n_bins=2).fit(X, Y, fam, fit_predict)  # default: three groups of families
+    assert len(held) == 3 + 3
+
+
 def test_guard_state_round_trip_predicts_the_same(fitted):
     g, X, _ = fitted
     back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
