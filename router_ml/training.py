@@ -156,7 +156,7 @@ def fit_guard(
         return predict_head(head, X[te], [texts[i] for i in te])
 
     guard = NoveltyGuard(**{"seed": seed, **(gcfg.get("params") or {})})
-    return guard.fit(X, Y, prompts[family_by].astype(str).to_numpy(), fit_predict)
+    return guard.fit(X, Y, prompts[family_by].astype(str).to_numpy(), fit_predict, texts=texts)
 
 
 @dataclass
@@ -334,7 +334,11 @@ def fit_router(
         if calibrator is not None:
             metrics[f"{name}/ece"] = expected_calibration_error(calibrator.transform(raw), Y_s)
         if guard is not None:  # the router's own path: head -> calibrator -> guard
-            g = guard.transform(X_s, calibrator.transform(raw) if calibrator is not None else raw)
+            g = guard.transform(
+                X_s,
+                calibrator.transform(raw) if calibrator is not None else raw,
+                texts=list(prompts_s["prompt"]),
+            )
             metrics.update(routing_metrics(f"{name}/guarded", g.quality, Y_s, best))
             ok = ~np.isnan(Y_s)
             inside = (Y_s >= g.lower - 1e-9) & (Y_s <= g.upper + 1e-9)
