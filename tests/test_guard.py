@@ -427,3 +427,25 @@ def test_family_classifier_features_are_biased_by_construction():
     dist = NoveltyGuard(folds=3, features=["nearest_dist", "knn_mean_dist", "local_scale"]).fit(X, Y, fam, fp)
     assert fam_only.cv_auroc_ > 0.9 and dist.cv_auroc_ < 0.7
     assert not {"family_1_minus_top_prob", "family_entropy"} & set(NoveltyGuard().feature_names)
+
+
+def test_intervals_are_measured_on_the_calibrated_scale_they_are_served_on():
+    """``calibrate`` (the router's calibrator) maps the out-of-fold estimates before their residuals
+    enter the conformal table; the shrinkage and the novelty score still read the head's own."""
+    X, Y, fam = _families()
+    fp = _fit_predict_for(X, Y)
+    seen = []
+
+    def flat(Q):  # an isotonic fit flattens estimates into steps; this one into a single step
+        seen.append(Q.shape)
+        return np.full_like(Q, 0.5)
+
+    kw = {"folds": 3, "coverage": 0.8, "n_bins": 2, "features": EMB_FEATURES}
+    raw = NoveltyGuard(**kw).fit(X, Y, fam, fp)
+    same = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=lambda Q: Q)
+    cal = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=flat)
+    assert seen == [Y.shape, Y.shape]  # the in-distribution and the out-of-family estimates
+    np.testing.assert_array_equal(same.halfwidth_, raw.halfwidth_)
+    np.testing.assert_array_equal(cal.shrink_, raw.shrink_)
+    np.testing.assert_array_equal(cal.nov_coef_, raw.nov_coef_)
+    assert not np.allclose(cal.halfwidth_, raw.halfwidth_)

@@ -324,7 +324,8 @@ def _fit_guard(
     gparams = {"seed": ctx.seed, **(ctx.guard.get("params") or {})}
     if mode is not None:
         gparams["mode"] = mode
-    g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict, texts=t_tr)
+    calibrate = cal.transform if cal is not None else None  # intervals on the scale they are served on
+    g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict, texts=t_tr, calibrate=calibrate)
     info = {
         "shrink": g.shrink_.tolist(),
         "margin": g.margin_.tolist(),

@@ -3,11 +3,21 @@
 :class:`NoveltyGuard` sits after a quality head (and its calibrator). Per prompt it gives
 
 - ``novelty`` in [0, 1]: the probability that the prompt comes from a task family the router never
-  trained on. Features (all from the embedding, one matrix product against stored arrays): the
-  cosine distance to the nearest and to the ``k`` nearest prompts of a stored bank of training
-  embeddings, and the top probability and entropy of a linear classifier over the training
-  families. A logistic regression on these features is fitted to tell out-of-family prompts
-  (family-grouped cross-validation) from in-distribution ones (random folds);
+  trained on. Features (:data:`FEATURES`; ``features`` picks, default :data:`DEFAULT_FEATURES`):
+  from the embedding (one matrix product against a stored bank of training embeddings) the cosine
+  distance to the nearest and the mean distance to the ``k`` nearest bank prompts, and a local
+  scale (the distance to the ``k``-th neighbour over those neighbours' own ``k``-th neighbour
+  distance, as LOF: a dense family's prompts sit closer together than a sparse one's); from the
+  prompt's text, the same two distances in hashed character and word n-gram TF-IDF spaces
+  (:class:`~router_ml.predictors.ngram_bank.NgramBank`), which see a benchmark's format that the
+  sentence embedding blurs. A logistic regression on these features is fitted to tell out-of-family
+  prompts (family-grouped cross-validation) from in-distribution ones (random folds). The top
+  probability and entropy of a linear classifier over the training families are still computed
+  (the deferral model reads them) but left out of the default score: its out-of-family rows are
+  scored by a classifier over fewer families than the in-distribution rows and the served prompts,
+  so they separate the two kinds of rows by construction (with two training families the held-out
+  fold's classifier has one class and is always certain) and the score learned a rule that
+  inverted on new prompts;
 - a decision guard against the conservative prior ``prior_`` (the training pool's per-model mean
   quality, whose argmax is the best single model). In ``mode="margin"`` the head's
   estimates are kept, but every model other than the prior's is lowered by a novelty margin::
@@ -39,14 +49,18 @@
   (every out-of-fold row of the held-out families, in-distribution ones included, predicted by a
   deferral model fitted on the other families' rows) with the same objective, then it is refitted
   on every row;
-- a split-conformal interval per model: ``q' ± halfwidth_[bin, j]``, the finite-sample
+- a split-conformal interval per model: ``q' ± h``, ``h`` the smoothed (randomised) finite-sample
   ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that novelty bin (the
-  intervals widen with novelty where the errors do).
+  intervals widen with novelty where the errors do): ``halfwidth_[bin, j]`` where the prompt's coin
+  (:func:`prompt_uniform`, a hash of its embedding) falls below ``halfwidth_p_[bin, j]``, else
+  ``halfwidth_low_[bin, j]`` (:func:`smoothed_halfwidths`: exact coverage where {0, 1} outcomes
+  around a shrunk estimate tie the residuals and the plain quantile covers one outcome or both).
 
 The conformal quantiles are computed here rather than with MAPIE: they are one quantile per
 (model, novelty bin) of residuals that the family-grouped CV already produced, whereas MAPIE
 conformalises a fitted estimator on a calibration set it predicts itself (one per output column),
-and would add a dependency to the serving path for a ``np.quantile``.
+and would add a dependency to the serving path for a ``np.quantile`` and the coin of
+:func:`smoothed_halfwidths` (its documented regression intervals use the deterministic quantile).
 
 ``fit`` takes the head as a callable ``fit_predict(train_rows, test_rows) -> (k, m)`` so this
 module stays below the training code; state is plain arrays (``state_dict``), no pickle. The
@@ -382,10 +396,16 @@ class NoveltyGuard(BasePredictor):
         families: Sequence[Any],
         fit_predict: FitPredict,
         texts: Sequence[str] | None = None,
+        calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> NoveltyGuard:
         """Fit on the training prompts ``X (n, d)``, outcomes ``Y (n, m)`` and their task
         ``families`` (n,); ``fit_predict`` fits the quality head on some rows and predicts others;
-        ``texts`` (n,): the prompts, needed when the score reads text features (:attr:`uses_text`).
+        ``texts`` (n,): the prompts, needed when the score reads text features (:attr:`uses_text`);
+        ``calibrate``: the calibrator the router applies before the guard (``(k, m) -> (k, m)``,
+        fitted on other rows), so the intervals' residuals are measured on the scale they are served
+        on (an isotonic calibrator turns a head's spread of estimates into a few steps: residuals of
+        the raw estimates under-covered the calibrated ones by up to 19 points). The shrinkage is
+        still fitted on the head's own estimates, which the router's argmax reads.
         Needs at least two families (the out-of-family folds hold whole families out)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
@@ -523,9 +543,12 @@ class NoveltyGuard(BasePredictor):
 
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
+        cal = calibrate if calibrate is not None else (lambda Q: Q)
         R = np.abs(
             np.vstack([Y, Y])
-            - np.vstack([self._apply(Qi, nu_i, bi, T["i"])[0], self._apply(Qf, nu_f, bf, T["f"])[0]])
+            - np.vstack(
+                [self._apply(cal(Qi), nu_i, bi, T["i"])[0], self._apply(cal(Qf), nu_f, bf, T["f"])[0]]
+            )
         )
         self.bin_edges_ = (
             np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)

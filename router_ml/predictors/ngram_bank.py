@@ -71,14 +71,14 @@ class NgramBank:
         return vec.transform([_clip_text(t, self.max_chars) for t in texts]).tocsr()
 
     def _tfidf(self, H: Any) -> Any:
-        """Sublinear TF times the bank's IDF, unit rows (float32 CSR)."""
-        import scipy.sparse as sp
-
+        """Sublinear TF times the bank's IDF, unit rows (float32 CSR; on the stored values, no
+        (n_features, n_features) diagonal product per call)."""
         H = H.astype(np.float32)
-        H.data = np.log1p(H.data)
-        H = H @ sp.diags(self.idf_)
-        norm = np.sqrt(np.asarray(H.multiply(H).sum(axis=1)).ravel())
-        return (sp.diags(1.0 / np.maximum(norm, 1e-12)) @ H).tocsr().astype(np.float32)
+        H.data = np.log1p(H.data) * self.idf_[H.indices]
+        row = np.repeat(np.arange(H.shape[0]), np.diff(H.indptr))
+        norm = np.sqrt(np.bincount(row, weights=H.data.astype(np.float64) ** 2, minlength=H.shape[0]))
+        H.data /= np.maximum(norm[row], 1e-12).astype(np.float32)
+        return H
 
     def fit(self, texts: Sequence[str]) -> NgramBank:
         """Store the TF-IDF vectors of the bank ``texts`` (IDF from these texts)."""
