@@ -784,13 +784,21 @@ class NoveltyGuard(BasePredictor):
         out = {k.rstrip("_"): np.asarray(getattr(self, k)) for k in self._STATE}
         out["cv_auroc"] = np.asarray([self.cv_auroc_])
         out["cv_trust_auroc"] = np.asarray([self.cv_trust_auroc_])
+        # which features the score's coefficients belong to (a later default cannot change a saved guard)
+        out["feature_index"] = np.array([FEATURES.index(f) for f in self.feature_names], np.int64)
         for t, bank in self.ngrams_.items():
             out.update(bank.state_dict(prefix=f"{t}_"))
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> NoveltyGuard:
-        ngram_keys = [k for k in state if k.split("_", 1)[0] in TEXT_SPACES]
-        if "bank_kdist" not in state and not ngram_keys and np.shape(state.get("feat_mean", ())) == (4,):
+        if "feature_index" in state:
+            idx = np.asarray(state["feature_index"]).ravel()
+            if not len(idx) or idx.min() < 0 or idx.max() >= len(FEATURES):
+                raise ValueError(
+                    f"NoveltyGuard: array 'feature_index' {idx} does not index {len(FEATURES)} features"
+                )
+            self.features = [FEATURES[int(i)] for i in idx]
+        elif "bank_kdist" not in state and np.shape(state.get("feat_mean", ())) == (4,):
             # a guard saved before its novelty features were a parameter: the four embedding ones
             self.features = list(LEGACY_FEATURES)
         n_feat = len(self.feature_names)
@@ -817,6 +825,7 @@ class NoveltyGuard(BasePredictor):
             "trust_tau": (1,),
             "cv_trust_auroc": (1,),
             "bank_kdist": (None,),
+            "feature_index": (n_feat,),
             **{f"{t}_{k}": (None,) for t in self.text_spaces for k in ("data", "indices", "indptr", "idf")},
         }
         # a guard saved before the margin (or the deferral model) existed only shrinks (or margins)
@@ -829,6 +838,7 @@ class NoveltyGuard(BasePredictor):
             "trust_tau": np.zeros(1),
             "cv_trust_auroc": np.array([np.nan]),
             "bank_kdist": np.zeros(0),
+            "feature_index": np.array([FEATURES.index(f) for f in self.feature_names]),
         }
         if "halfwidth" in state:  # saved before the smoothed intervals: the deterministic quantile
             old.update(
