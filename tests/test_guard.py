@@ -403,7 +403,9 @@ def test_text_features_find_a_family_the_embedding_cannot_see():
     with pytest.raises(ValueError, match="word_idf"):
         NoveltyGuard(**txt.get_params()).load_state_dict(bad)
     # the state says which features its coefficients read: a later default cannot change it
-    narrow = NoveltyGuard(folds=3, features=["nearest_dist", "word_nearest_dist"]).fit(X, Y, fam, fp, texts=texts)
+    narrow = NoveltyGuard(folds=3, features=["nearest_dist", "word_nearest_dist"]).fit(
+        X, Y, fam, fp, texts=texts
+    )
     back = NoveltyGuard().load_state_dict(narrow.state_dict())
     assert back.feature_names == ("nearest_dist", "word_nearest_dist") and set(back.ngrams_) == {"word"}
     np.testing.assert_allclose(back.novelty(X[:5], texts=new), narrow.novelty(X[:5], texts=new))
