@@ -556,13 +556,13 @@ class NoveltyGuard(BasePredictor):
         b = np.searchsorted(self.bin_edges_, nu, side="right")
         # smoothed: (h_low, h_high, p) per bin and model; the interval's half-width is h_high where
         # the prompt's coin (prompt_uniform) falls below p
-        H = np.array(
+        table = np.array(
             [
                 [smoothed_halfwidths(R[b == i, j], self.coverage) for j in range(Y.shape[1])]
                 for i in range(self.n_bins)
             ]
         ).reshape(self.n_bins, Y.shape[1], 3)
-        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = H[..., 0], H[..., 1], H[..., 2]
+        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
 
         # what serving keeps: a bank of training embeddings and the family head on every prompt
         keep = rng.permutation(len(X))[: self.max_bank] if len(X) > self.max_bank else np.arange(len(X))
