@@ -257,7 +257,7 @@ def latency(router, n: int = 200, batch: int = 1000, batch_reps: int = 3) -> dic
         t1 = time.perf_counter()
         router.task_head.predict_proba(X_task, texts=[p])
         q = router._quality_from_embeddings(X, texts=[p])
-        router._guarded(X, q, list(range(len(router.models))))  # the novelty guard, when there is one
+        router._guarded(X, q, list(range(len(router.models))), [p])  # the novelty guard, when there is one
         t2 = time.perf_counter()
         router.route(p)
         t3 = time.perf_counter()
@@ -365,7 +365,7 @@ def speed_only(head: str, guard: bool = False, guard_mode: str = "shrink") -> di
             return build_quality_predictor(head).fit(X_tr[tr], Y_tr[tr], tid[tr]).predict(X_tr[te])
 
         g = NoveltyGuard(folds=3, mode=guard_mode).fit(
-            X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict
+            X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict, texts=list(p_tr["prompt"])
         )
     out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal, guard=g)))
     print_speed(out, head + (f" + guard ({guard_mode})" if guard else ""))

@@ -131,7 +131,7 @@ class LearnedRouter:
         X = self.embed(items)
         q = self._quality_from_embeddings(X, texts=items)
         if self.guard is not None:
-            q = self.guard.transform(X, q).quality
+            q = self.guard.transform(X, q, texts=items).quality
         return pd.DataFrame(q, columns=self.models)
 
     def predict_novelty(self, prompts: str | Sequence[str]) -> np.ndarray:
@@ -139,15 +139,17 @@ class LearnedRouter:
         family the router never trained on."""
         if self.guard is None:
             raise RoutingError("this router has no novelty guard (train it with guard.enabled=true)")
-        return self.guard.novelty(self.embed(_check_prompts(prompts)))
+        items = _check_prompts(prompts)
+        return self.guard.novelty(self.embed(items), texts=items)
 
     def _guarded(
-        self, X: np.ndarray, quality: np.ndarray, cand: list[int]
+        self, X: np.ndarray, quality: np.ndarray, cand: list[int], texts: Sequence[str]
     ) -> tuple[np.ndarray, Uncertainty | None]:
-        """The guard's shrunk quality (n, m) and its :class:`Uncertainty` over the ``cand`` columns."""
+        """The guard's shrunk quality (n, m) and its :class:`Uncertainty` over the ``cand`` columns
+        (``texts``: the n prompts, for a guard whose novelty reads them)."""
         if self.guard is None:
             return quality, None
-        g = self.guard.transform(X, quality)
+        g = self.guard.transform(X, quality, texts=texts)
         u = Uncertainty(
             novelty=g.novelty,
             shrink=g.shrink,
@@ -225,7 +227,7 @@ class LearnedRouter:
         X, X_task = self._encode(items)
         task_p = self.task_head.predict_proba(X_task, texts=items, text_part=task_text)
         quality = self._quality_from_embeddings(X, texts=items, text_part=quality_text)
-        quality, unc = self._guarded(X, quality, cand)
+        quality, unc = self._guarded(X, quality, cand, items)
         if policy is None:
             return self._decisions(task_p, quality, cand, unc)
         names = [self.models[j] for j in cand]

@@ -134,11 +134,13 @@ def fit_guard(
     X: np.ndarray,
     Y: np.ndarray,
     seed: int,
+    calibrator: Any | None = None,
 ) -> Any | None:
     """A :class:`~router_ml.predictors.guard.NoveltyGuard` for the quality head ``head_name`` /
     ``params`` on these training prompts (``X (n, d)``, ``Y (n, m)``), fitted by family-grouped CV
-    of that head over ``cfg.guard.family_by``; None when ``guard.enabled`` is false or the prompts
-    hold fewer than two families (nothing to hold out)."""
+    of that head over ``cfg.guard.family_by``, its intervals on the scale of the router's fitted
+    ``calibrator`` (if any); None when ``guard.enabled`` is false or the prompts hold fewer than two
+    families (nothing to hold out)."""
     from router_ml.predictors.guard import NoveltyGuard
 
     gcfg = cfg.get("guard") or {}
@@ -156,7 +158,10 @@ def fit_guard(
         return predict_head(head, X[te], [texts[i] for i in te])
 
     guard = NoveltyGuard(**{"seed": seed, **(gcfg.get("params") or {})})
-    return guard.fit(X, Y, prompts[family_by].astype(str).to_numpy(), fit_predict)
+    calibrate = calibrator.transform if calibrator is not None else None
+    return guard.fit(
+        X, Y, prompts[family_by].astype(str).to_numpy(), fit_predict, texts=texts, calibrate=calibrate
+    )
 
 
 @dataclass
@@ -309,7 +314,7 @@ def fit_router(
         calibrator = build_calibrator(cal_name).fit(raw_va, Y_va)
 
     t0 = time.perf_counter()
-    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed)
+    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator)
     if guard is not None:
         metrics["time/guard_train_s"] = time.perf_counter() - t0
         metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
@@ -334,7 +339,11 @@ def fit_router(
         if calibrator is not None:
             metrics[f"{name}/ece"] = expected_calibration_error(calibrator.transform(raw), Y_s)
         if guard is not None:  # the router's own path: head -> calibrator -> guard
-            g = guard.transform(X_s, calibrator.transform(raw) if calibrator is not None else raw)
+            g = guard.transform(
+                X_s,
+                calibrator.transform(raw) if calibrator is not None else raw,
+                texts=list(prompts_s["prompt"]),
+            )
             metrics.update(routing_metrics(f"{name}/guarded", g.quality, Y_s, best))
             ok = ~np.isnan(Y_s)
             inside = (Y_s >= g.lower - 1e-9) & (Y_s <= g.upper + 1e-9)
@@ -406,7 +415,7 @@ def refit_on_all(
             raw[[row[pid] for pid in p_va["prompt_id"]]] = predict_head(head, X_va, t_va)
         calibrator = type(old.calibrator)(**old.calibrator.get_params()).fit(raw, Y)
     head = fit_head(name, params, X, Y, task_ids_of(prompts[key]), texts)
-    guard = fit_guard(cfg, name, params, prompts, X, Y, seed) if old.guard is not None else None
+    guard = fit_guard(cfg, name, params, prompts, X, Y, seed, calibrator) if old.guard is not None else None
 
     task_train, task_test = task_training_data({"train": table}, cfg.get("task_data", {}), seed)
     task_all = pd.concat([task_train, task_test], ignore_index=True).drop_duplicates("prompt")

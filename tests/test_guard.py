@@ -11,7 +11,17 @@ import pytest
 
 from router_ml.decision import DecisionLayer, ModelPool, build_policy
 from router_ml.decision.base import Estimates, RoutingDecision, Uncertainty
-from router_ml.predictors.guard import NoveltyGuard, conformal_halfwidth, family_spread, routed_gain
+from router_ml.predictors.guard import (
+    FEATURES,
+    LEGACY_FEATURES,
+    NoveltyGuard,
+    conformal_halfwidth,
+    family_spread,
+    prompt_uniform,
+    routed_gain,
+    smoothed_halfwidths,
+)
+from router_ml.predictors.ngram_bank import NgramBank
 from router_ml.serving.engine_support import decision_headers
 
 
@@ -23,10 +33,33 @@ def test_conformal_halfwidth_is_the_finite_sample_quantile():
     assert conformal_halfwidth(r, 0.95) == np.inf  # ceil(10.45) = 11 > 10 residuals: unbounded
 
 
+def test_smoothed_conformal_covers_tied_binary_residuals_at_the_nominal_rate():
+    # an estimate shrunk to a constant 0.9 and {0, 1} outcomes, 85% ones: residuals 0.1 or 0.9
+    rng = np.random.default_rng(0)
+    r = np.where(rng.random(2000) < 0.85, 0.1, 0.9)
+    lo, hi, p = smoothed_halfwidths(r, 0.9)
+    assert (lo, hi) == (0.1, 0.9) and hi == conformal_halfwidth(r, 0.9)  # deterministic: covers 100%
+    new = np.where(rng.random(20000) < 0.85, 0.1, 0.9)
+    coin = rng.random(len(new)) < p
+    covered = new <= np.where(coin, hi, lo)
+    assert abs(covered.mean() - 0.9) < 0.01
+    # continuous residuals: the coin changes nothing that matters
+    lo, hi, p = smoothed_halfwidths(rng.random(999), 0.9)
+    assert hi - lo < 0.01 and 0.0 <= p <= 1.0
+    assert smoothed_halfwidths(np.arange(5.0), 0.95) == (np.inf, np.inf, 1.0)
+    u = prompt_uniform(rng.normal(size=(2000, 8)))
+    assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.03
+    np.testing.assert_array_equal(prompt_uniform(np.ones((2, 8))), prompt_uniform(np.ones((2, 8))))
+
+
 def test_routed_gain_scores_the_argmax_against_the_best_single_column():
     q = np.array([[0.9, 0.1], [0.2, 0.8]])
     Y = np.array([[0.0, 1.0], [1.0, np.nan]])
     np.testing.assert_allclose(routed_gain(q, Y, np.array([1, 0])), [-1.0, -1.0])
+
+
+#: the novelty features read from the embedding alone (the clusters below differ in nothing else)
+EMB_FEATURES = [f for f in FEATURES if not f.startswith(("char_", "word_"))]
 
 
 def _families(seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16, win_every: int = 2):
@@ -58,7 +91,7 @@ def _fit_predict_for(X: np.ndarray, Y: np.ndarray):
 @pytest.fixture(scope="module")
 def fitted():
     X, Y, fam = _families()
-    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="margin")
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="margin", features=EMB_FEATURES)
     return g.fit(X, Y, fam, _fit_predict_for(X, Y)), X, Y
 
 
@@ -104,7 +137,9 @@ def test_shrink_mode_shrinks_unseen_prompts_to_the_prior():
     # part's prior still names model 0 (with half, a fold's prior can name model 1, and shrinking
     # toward it would not help: the fit measures the shrinkage against each fold's own prior)
     X, Y, fam = _families(win_every=3)
-    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="shrink").fit(X, Y, fam, _fit_predict_for(X, Y))
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="shrink", features=EMB_FEATURES).fit(
+        X, Y, fam, _fit_predict_for(X, Y)
+    )
     w0, w1 = g.shrink_
     assert 0.0 <= w0 <= w1 <= 1.0 and not np.any(g.margin_)
     far = X[:5] + 40.0
@@ -128,7 +163,9 @@ def test_spread_mode_asks_a_swinging_model_for_a_larger_lead():
     # model 1 wins on a third of the families and fails the others: its lead swings by family, so
     # on a far prompt the guard's estimate of it is lowered by its spread, the prior's model keeps its own
     X, Y, fam = _families(win_every=3)
-    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="spread").fit(X, Y, fam, _fit_predict_for(X, Y))
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="spread", features=EMB_FEATURES).fit(
+        X, Y, fam, _fit_predict_for(X, Y)
+    )
     k0, k1 = g.spread_risk_
     assert 0.0 <= k0 <= k1 and k1 > 0.0  # the CV chose to use it on this data
     assert g.spread_[g.prior_model] == 0.0 and g.spread_[1] > 0.3
@@ -151,11 +188,11 @@ def test_family_folds_minus_one_holds_out_each_family_alone():
         held.append(set(fam[te]))
         return inner(tr, te)
 
-    NoveltyGuard(folds=3, family_folds=-1, n_bins=2).fit(X, Y, fam, fit_predict)
+    NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=EMB_FEATURES).fit(X, Y, fam, fit_predict)
     single = [h for h in held if len(h) == 1]  # the family folds (a random fold mixes families)
     assert sorted(next(iter(h)) for h in single) == sorted(set(fam)) and len(held) == 5 + 3
     held.clear()
-    NoveltyGuard(folds=3, n_bins=2).fit(X, Y, fam, fit_predict)  # default: three groups of families
+    NoveltyGuard(folds=3, n_bins=2, features=EMB_FEATURES).fit(X, Y, fam, fit_predict)  # three groups
     assert len(held) == 3 + 3
 
 
@@ -177,6 +214,7 @@ def test_guard_saved_before_the_margin_loads_and_only_shrinks(fitted):
     g, X, _ = fitted
     state = g.state_dict()
     del state["margin"]  # what a checkpoint written before the margin holds
+    del state["halfwidth_low"], state["halfwidth_p"]  # ... and before the smoothed intervals
     state["shrink"] = np.array([0.2, 0.8])
     old = NoveltyGuard(**g.get_params()).load_state_dict(state)
     assert not np.any(old.margin_)
@@ -184,6 +222,8 @@ def test_guard_saved_before_the_margin_loads_and_only_shrinks(fitted):
     out = old.transform(X, q)
     w = 0.2 + 0.6 * out.novelty
     np.testing.assert_allclose(out.quality, (1 - w[:, None]) * q + w[:, None] * old.prior_[None, :])
+    h = old.halfwidth_[np.searchsorted(old.bin_edges_, out.novelty, side="right")]  # no coin: as saved
+    np.testing.assert_allclose(out.upper, np.clip(out.quality + h, 0.0, 1.0))
 
 
 def test_guard_needs_two_families():
@@ -308,7 +348,9 @@ def test_deferral_model_learns_when_the_head_is_worse():
 
 def test_trust_guard_round_trip_and_an_old_state_loads_without_it():
     X, Y, fam = _families()
-    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="trust").fit(X, Y, fam, _fit_predict_for(X, Y))
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="trust", features=EMB_FEATURES).fit(
+        X, Y, fam, _fit_predict_for(X, Y)
+    )
     assert len(g.trust_) and g.bank_y_.shape == (len(g.bank_), 2) and np.isfinite(g.cv_gain_).all()
     q = np.tile([0.1, 0.95], (len(X), 1))
     a = g.transform(X, q)
@@ -328,10 +370,140 @@ def test_trust_guard_round_trip_and_an_old_state_loads_without_it():
 
 def test_a_trust_guard_carried_to_an_added_model_reads_its_prior_as_the_neighbours_outcome():
     X, Y, fam = _families()
-    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="trust").fit(X, Y, fam, _fit_predict_for(X, Y))
+    g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="trust", features=EMB_FEATURES).fit(
+        X, Y, fam, _fit_predict_for(X, Y)
+    )
     g2 = g.with_added_models([0.25])
     assert g2.bank_y_.shape == (len(g.bank_), 3)
     np.testing.assert_array_equal(g2.bank_y_[:, :2], g.bank_y_)
     assert (g2.bank_y_[:, 2] == 0.25).all()
     q = np.tile([0.1, 0.95, 0.0], (len(X), 1))  # the new column never wins: the old figures hold
     np.testing.assert_allclose(g2.transform(X, q).quality[:, :2], g.transform(X, q[:, :2]).quality)
+
+
+def _formatted_families(seed: int = 0, n_fam: int = 6, per: int = 40, d: int = 16):
+    """Families the embedding cannot tell apart (one cloud for all) whose prompts are written in
+    different formats: only the text says which family a prompt comes from."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(200)]
+    templates = [
+        "Question: {a} {b}?\nA) {c}\nB) {a}\nAnswer:",
+        "def {a}(x):\n    return x == {b}  # {c}",
+        "Translate into French: the {a} of {b} and {c}.",
+        "Q: what is 17 * 23 + {a}? Let's think step by step. {b}",
+        "<|system|>You are a helpful assistant.<|user|>{a} {b} {c}",
+        "TL;DR of this passage -- {a}; {b}; {c} --",
+    ]
+    texts, fam = [], []
+    for f in range(n_fam):
+        for _ in range(per):
+            a, b, c = rng.choice(vocab, 3)
+            texts.append(templates[f].format(a=a, b=b, c=c))
+            fam.append(f"fam{f}")
+    X = rng.normal(size=(len(texts), d)).astype(np.float32)
+    Y = rng.binomial(1, 0.5, (len(texts), 2)).astype(float)
+    return X, Y, np.array(fam), texts
+
+
+def test_ngram_bank_sees_the_format_and_round_trips():
+    bank = NgramBank("char").fit(["Question: what is 2+2?\nA) 3\nB) 4\nAnswer:", "def f(x):\n    return x"])
+    d = bank.distances(["Question: what is 3+3?\nA) 5\nB) 6\nAnswer:", "Translate into French: hello"], k=2)
+    assert d.shape == (2, 2) and (d[:, 0] <= d[:, 1] + 1e-6).all()
+    assert d[0, 0] < 0.6 < d[1, 0]  # same template: near; another format: far
+    np.testing.assert_allclose(bank.distances(["def f(x):\n    return x"], k=1)[0, 0], 0.0, atol=1e-5)
+    back = NgramBank("char").load_state_dict(bank.state_dict(prefix="char_"), prefix="char_", n_bank=2)
+    np.testing.assert_allclose(back.distances(["def g(y): return y"]), bank.distances(["def g(y): return y"]))
+    state = bank.state_dict()
+    state["idf"] = state["idf"][:10]
+    with pytest.raises(ValueError, match="idf"):
+        NgramBank("char").load_state_dict(state)
+    with pytest.raises(ValueError, match="analyzer"):
+        NgramBank("bytes")
+    with pytest.raises(TypeError, match="sequence of strings"):
+        bank.distances("one string")
+
+
+def test_text_features_find_a_family_the_embedding_cannot_see():
+    X, Y, fam, texts = _formatted_families()
+    fp = _fit_predict_for(X, Y)
+    # (not the family classifier's features: see test_family_classifier_features_are_biased_by_construction)
+    emb = NoveltyGuard(folds=3, features=["nearest_dist", "knn_mean_dist", "local_scale"]).fit(X, Y, fam, fp)
+    txt = NoveltyGuard(folds=3).fit(X, Y, fam, fp, texts=texts)
+    assert txt.uses_text and not emb.uses_text and set(txt.ngrams_) == {"char", "word"}
+    assert emb.cv_auroc_ < 0.7 < 0.9 < txt.cv_auroc_  # out-of-family prompts: only their text differs
+    # a new format scores above the training formats, whatever the embedding says
+    new = [f"Solve for x: 3x + {i} = 10. Show your work." for i in range(5)]
+    seen = texts[:5]
+    assert txt.novelty(X[:5], texts=new).min() > txt.novelty(X[:5], texts=seen).max()
+    with pytest.raises(ValueError, match="texts="):
+        txt.transform(X[:5], np.full((5, 2), 0.5))
+    with pytest.raises(ValueError, match="texts="):
+        NoveltyGuard(folds=3).fit(X, Y, fam, fp)
+    with pytest.raises(ValueError, match="unknown novelty feature"):
+        NoveltyGuard(features=["nearest_dist", "perplexity"])
+    # saved and read back: plain arrays, the same scores; a carried guard keeps its text banks
+    state = txt.state_dict()
+    assert all(isinstance(v, np.ndarray) and v.dtype != object for v in state.values())
+    back = NoveltyGuard(**txt.get_params()).load_state_dict(state)
+    q = np.full((5, 2), 0.5)
+    np.testing.assert_allclose(back.transform(X[:5], q, texts=new).novelty, txt.novelty(X[:5], texts=new))
+    added = txt.with_added_models([0.4])
+    np.testing.assert_allclose(added.novelty(X[:5], texts=new), txt.novelty(X[:5], texts=new))
+    bad = dict(state)
+    del bad["word_idf"]
+    with pytest.raises(ValueError, match="word_idf"):
+        NoveltyGuard(**txt.get_params()).load_state_dict(bad)
+    # the state says which features its coefficients read: a later default cannot change it
+    narrow = NoveltyGuard(folds=3, features=["nearest_dist", "word_nearest_dist"]).fit(
+        X, Y, fam, fp, texts=texts
+    )
+    back = NoveltyGuard().load_state_dict(narrow.state_dict())
+    assert back.feature_names == ("nearest_dist", "word_nearest_dist") and set(back.ngrams_) == {"word"}
+    np.testing.assert_allclose(back.novelty(X[:5], texts=new), narrow.novelty(X[:5], texts=new))
+
+
+def test_a_guard_saved_before_its_features_were_a_parameter_reads_the_four_embedding_ones():
+    X, Y, fam = _families()
+    g = NoveltyGuard(folds=3, n_bins=2, features=LEGACY_FEATURES).fit(X, Y, fam, _fit_predict_for(X, Y))
+    state = {k: v for k, v in g.state_dict().items() if k != "bank_kdist"}  # what such a checkpoint holds
+    params = {k: v for k, v in g.get_params().items() if k != "features"}
+    old = NoveltyGuard(**params).load_state_dict(state)  # router.json without "features"
+    assert old.feature_names == LEGACY_FEATURES and not old.uses_text
+    np.testing.assert_allclose(old.novelty(X[:20]), g.novelty(X[:20]))
+
+
+def test_family_classifier_features_are_biased_by_construction():
+    """Why the default score leaves the family classifier out: its out-of-family rows are scored by a
+    classifier over fewer families than its in-distribution rows (and than the served one), so its
+    confidence tells the two kinds of rows apart even where nothing else does (here: one cloud of
+    random embeddings, all families alike) and the score learns a rule that fails on new prompts."""
+    X, Y, fam, _ = _formatted_families()
+    fp = _fit_predict_for(X, Y)
+    fam_only = NoveltyGuard(folds=3, features=["family_1_minus_top_prob", "family_entropy"]).fit(
+        X, Y, fam, fp
+    )
+    dist = NoveltyGuard(folds=3, features=["nearest_dist", "knn_mean_dist", "local_scale"]).fit(X, Y, fam, fp)
+    assert fam_only.cv_auroc_ > 0.9 and dist.cv_auroc_ < 0.7
+    assert not {"family_1_minus_top_prob", "family_entropy"} & set(NoveltyGuard().feature_names)
+
+
+def test_intervals_are_measured_on_the_calibrated_scale_they_are_served_on():
+    """``calibrate`` (the router's calibrator) maps the out-of-fold estimates before their residuals
+    enter the conformal table; the shrinkage and the novelty score still read the head's own."""
+    X, Y, fam = _families()
+    fp = _fit_predict_for(X, Y)
+    seen = []
+
+    def flat(Q):  # an isotonic fit flattens estimates into steps; this one into a single step
+        seen.append(Q.shape)
+        return np.full_like(Q, 0.5)
+
+    kw = {"folds": 3, "coverage": 0.8, "n_bins": 2, "features": EMB_FEATURES}
+    raw = NoveltyGuard(**kw).fit(X, Y, fam, fp)
+    same = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=lambda Q: Q)
+    cal = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=flat)
+    assert seen == [Y.shape, Y.shape]  # the in-distribution and the out-of-family estimates
+    np.testing.assert_array_equal(same.halfwidth_, raw.halfwidth_)
+    np.testing.assert_array_equal(cal.shrink_, raw.shrink_)
+    np.testing.assert_array_equal(cal.nov_coef_, raw.nov_coef_)
+    assert not np.allclose(cal.halfwidth_, raw.halfwidth_)

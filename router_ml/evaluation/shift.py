@@ -226,6 +226,7 @@ def fold_scores(
                     t_tr,
                     (head, cal, policy),
                     X_va,
+                    t_va,
                     q_va,
                     est_va,
                     mode,
@@ -251,13 +252,13 @@ def fold_scores(
             q, lower = (cal.transform(raw) if cal is not None else raw), None
             if guard:  # the router's order: head -> calibrator -> guard
                 g, nov_va, info = guard
-                gd = g.transform(X_te, q)
+                gd = g.transform(X_te, q, texts=t_te)
                 q, lower = gd.quality, gd.lower
                 # routed: argmax of what the policy ranks by, with the guard on the head's own
                 # (uncalibrated) output as the unguarded row routes by and as the guard was fitted,
                 # so the two rows differ by the guard alone (an isotonic calibrator flattens scores
                 # into ties and moves the argmax by itself)
-                gr, gr_raw = g.transform(X_te, raw), raw
+                gr, gr_raw = g.transform(X_te, raw, texts=t_te), raw
                 raw = gr.quality - policy.risk * (gr.quality - gr.lower)
                 fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
                 if gr.trust is not None:
@@ -287,6 +288,7 @@ def _fit_guard(
     t_tr: list[str],
     fitted: tuple[Any, Any, Any],
     X_va: np.ndarray,
+    t_va: list[str],
     q_va: np.ndarray | None,
     est_va: Any,
     mode: str | None = None,
@@ -322,7 +324,8 @@ def _fit_guard(
     gparams = {"seed": ctx.seed, **(ctx.guard.get("params") or {})}
     if mode is not None:
         gparams["mode"] = mode
-    g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict)
+    calibrate = cal.transform if cal is not None else None  # intervals on the scale they are served on
+    g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict, texts=t_tr, calibrate=calibrate)
     info = {
         "shrink": g.shrink_.tolist(),
         "spread_risk": g.spread_risk_.tolist(),
@@ -336,7 +339,7 @@ def _fit_guard(
     policy = copy.deepcopy(policy)
     policy.risk = float(ctx.guard.get("risk", getattr(policy, "risk", 0.0)))
     if est_va is not None and q_va is not None:  # validation prompts: training families, never trained on
-        gd = g.transform(X_va, q_va)
+        gd = g.transform(X_va, q_va, texts=t_va)
         nov_va = gd.novelty
         policy = policy.fit(dataclasses.replace(est_va, quality=gd.quality, quality_lower=gd.lower))
     return head, cal, policy, g, nov_va, info

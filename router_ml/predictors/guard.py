@@ -3,11 +3,21 @@
 :class:`NoveltyGuard` sits after a quality head (and its calibrator). Per prompt it gives
 
 - ``novelty`` in [0, 1]: the probability that the prompt comes from a task family the router never
-  trained on. Features (all from the embedding, one matrix product against stored arrays): the
-  cosine distance to the nearest and to the ``k`` nearest prompts of a stored bank of training
-  embeddings, and the top probability and entropy of a linear classifier over the training
-  families. A logistic regression on these features is fitted to tell out-of-family prompts
-  (family-grouped cross-validation) from in-distribution ones (random folds);
+  trained on. Features (:data:`FEATURES`; ``features`` picks, default :data:`DEFAULT_FEATURES`):
+  from the embedding (one matrix product against a stored bank of training embeddings) the cosine
+  distance to the nearest and the mean distance to the ``k`` nearest bank prompts, and a local
+  scale (the distance to the ``k``-th neighbour over those neighbours' own ``k``-th neighbour
+  distance, as LOF: a dense family's prompts sit closer together than a sparse one's); from the
+  prompt's text, the same two distances in hashed character and word n-gram TF-IDF spaces
+  (:class:`~router_ml.predictors.ngram_bank.NgramBank`), which see a benchmark's format that the
+  sentence embedding blurs. A logistic regression on these features is fitted to tell out-of-family
+  prompts (family-grouped cross-validation) from in-distribution ones (random folds). The top
+  probability and entropy of a linear classifier over the training families are still computed
+  (the deferral model reads them) but left out of the default score: its out-of-family rows are
+  scored by a classifier over fewer families than the in-distribution rows and the served prompts,
+  so they separate the two kinds of rows by construction (with two training families the held-out
+  fold's classifier has one class and is always certain) and the score learned a rule that
+  inverted on new prompts;
 - a decision guard against the conservative prior ``prior_`` (the training pool's per-model mean
   quality, whose argmax is the best single model). In ``mode="margin"`` the head's
   estimates are kept, but every model other than the prior's is lowered by a novelty margin::
@@ -47,14 +57,18 @@
   (every out-of-fold row of the held-out families, in-distribution ones included, predicted by a
   deferral model fitted on the other families' rows) with the same objective, then it is refitted
   on every row;
-- a split-conformal interval per model: ``q' ± halfwidth_[bin, j]``, the finite-sample
+- a split-conformal interval per model: ``q' ± h``, ``h`` the smoothed (randomised) finite-sample
   ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that novelty bin (the
-  intervals widen with novelty where the errors do).
+  intervals widen with novelty where the errors do): ``halfwidth_[bin, j]`` where the prompt's coin
+  (:func:`prompt_uniform`, a hash of its embedding) falls below ``halfwidth_p_[bin, j]``, else
+  ``halfwidth_low_[bin, j]`` (:func:`smoothed_halfwidths`: exact coverage where {0, 1} outcomes
+  around a shrunk estimate tie the residuals and the plain quantile covers one outcome or both).
 
 The conformal quantiles are computed here rather than with MAPIE: they are one quantile per
 (model, novelty bin) of residuals that the family-grouped CV already produced, whereas MAPIE
 conformalises a fitted estimator on a calibration set it predicts itself (one per output column),
-and would add a dependency to the serving path for a ``np.quantile``.
+and would add a dependency to the serving path for a ``np.quantile`` and the coin of
+:func:`smoothed_halfwidths` (its documented regression intervals use the deterministic quantile).
 
 ``fit`` takes the head as a callable ``fit_predict(train_rows, test_rows) -> (k, m)`` so this
 module stays below the training code; state is plain arrays (``state_dict``), no pickle. The
@@ -74,6 +88,7 @@ from typing import Any
 import numpy as np
 
 from router_ml.predictors.base import BasePredictor, check_state, few_rows_blas
+from router_ml.predictors.ngram_bank import NgramBank
 
 #: ``fit_predict(train_rows (a,), test_rows (b,)) -> (b, m)`` out-of-fold quality predictions
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -102,6 +117,32 @@ TRUST_FEATURES = (
     "knn_advantage",  # mean outcome of the k nearest bank prompts: y[pick] - y[prior]
     "knn_agrees",  # argmax of that mean outcome == the head's pick
 )
+#: every novelty feature, in the columns of the feature matrix (:meth:`NoveltyGuard._features`): from
+#: the embedding (one product against the bank): cosine distance to the nearest and mean distance
+#: to the ``k`` nearest bank prompts, 1 - top probability and normalised entropy of the family
+#: classifier, the local scale (distance to the ``k``-th neighbour over those neighbours' own
+#: ``k``-th neighbour distance in the bank, as LOF); from the text (:class:`NgramBank`): the same two
+#: distances in hashed character n-gram and word n-gram TF-IDF spaces, which see a format
+FEATURES = (
+    "nearest_dist",
+    "knn_mean_dist",
+    "family_1_minus_top_prob",
+    "family_entropy",
+    "local_scale",
+    "char_nearest_dist",
+    "char_knn_mean_dist",
+    "word_nearest_dist",
+    "word_knn_mean_dist",
+)
+#: what a guard saved before ``features`` existed reads (and the deferral model's novelty features)
+LEGACY_FEATURES = FEATURES[:4]
+#: the default score's features (README, "Routing under shift": measured per data set). Not the family
+#: classifier's: its out-of-family training rows are scored by a classifier over fewer families than
+#: its in-distribution rows and the served prompts, so its confidence separates the two kinds of
+#: rows by construction and the score learns a rule that inverts on new prompts
+DEFAULT_FEATURES = ("nearest_dist", "knn_mean_dist", "local_scale", *FEATURES[5:])
+#: text spaces, by the prefix of their features
+TEXT_SPACES = ("char", "word")
 #: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
 FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -145,6 +186,36 @@ def family_spread(Y: np.ndarray, families: np.ndarray, best: int) -> np.ndarray:
         return np.nan_to_num(np.nanstd(M - M[:, [best]], axis=0, ddof=1), nan=0.0)
 
 
+def smoothed_halfwidths(residuals: np.ndarray, coverage: float) -> tuple[float, float, float]:
+    """The smoothed (randomised) split-conformal quantile of ``|residuals|`` (NaN ignored):
+    ``(h_low, h_high, p)``; a half-width of ``h_high`` with probability ``p`` and ``h_low`` otherwise
+    holds a new exchangeable residual with probability exactly ``coverage``. ``h_high`` is
+    :func:`conformal_halfwidth`'s quantile; the coin matters where residuals tie, as they do for
+    {0, 1} outcomes around a near-constant estimate (a prompt shrunk all the way to the prior), where
+    the deterministic quantile covers either one outcome or both and the coverage jumps.
+    ``(inf, inf, 1)`` when there are too few residuals."""
+    r = np.abs(residuals[~np.isnan(residuals)])
+    target = (len(r) + 1) * coverage
+    if not len(r) or target > len(r):
+        return float("inf"), float("inf"), 1.0
+    vals, counts = np.unique(r, return_counts=True)
+    c = np.cumsum(counts)
+    j = int(np.searchsorted(c, target - 1e-9))  # the first value whose count reaches the target
+    c_low, h_low = (int(c[j - 1]), float(vals[j - 1])) if j > 0 else (0, 0.0)
+    return h_low, float(vals[j]), float((target - c_low) / (c[j] - c_low))
+
+
+def prompt_uniform(X: np.ndarray) -> np.ndarray:
+    """(n,) a uniform number in [0, 1) per row of ``X (n, d)``, a hash of the row's float32 bytes: the
+    smoothed conformal coin, the same for the same prompt every time it is asked."""
+    import hashlib
+
+    X = np.ascontiguousarray(np.asarray(X, np.float32))
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), "little") / 2.0**64 for x in X]
+    )
+
+
 def routed_gain(q: np.ndarray, Y: np.ndarray, best: np.ndarray) -> np.ndarray:
     """(n,) score of the argmax of ``q`` minus the score of column ``best`` (n,), per row; NaN
     outcomes count as 0."""
@@ -178,7 +249,9 @@ class NoveltyGuard(BasePredictor):
     ``family_folds`` groups of families for the family-grouped CV (default ``folds``; ``-1``: one
     per family, leave one family out, the structure of the single new family a served router meets:
     holding out a third of the families changes each fold's best single model and made routing look
-    safer out of family than it was, README "Routing under shift").
+    safer out of family than it was, README "Routing under shift");
+    ``features``: which of :data:`FEATURES` the novelty score reads (None: :data:`DEFAULT_FEATURES`;
+    a text feature makes ``fit``, ``novelty`` and ``transform`` need the prompt ``texts``).
     """
 
     name = "novelty_shrinkage"
@@ -194,9 +267,15 @@ class NoveltyGuard(BasePredictor):
         mode: str = "shrink",
         seed: int = 0,
         family_folds: int | None = None,
+        features: Sequence[str] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        unknown = [f for f in (features or ()) if f not in FEATURES]
+        if unknown or (features is not None and not len(features)):
+            raise ValueError(
+                f"NoveltyGuard: unknown novelty feature(s) {unknown or '(none given)'}; known: {list(FEATURES)}"
+            )
         self.k = k
         self.folds = folds
         self.coverage = coverage
@@ -206,6 +285,34 @@ class NoveltyGuard(BasePredictor):
         self.mode = mode
         self.seed = seed
         self.family_folds = family_folds
+        self.features = None if features is None else [str(f) for f in features]
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The features the novelty score reads, in :data:`FEATURES` order."""
+        chosen = set(self.features or DEFAULT_FEATURES)
+        return tuple(f for f in FEATURES if f in chosen)
+
+    @property
+    def text_spaces(self) -> tuple[str, ...]:
+        """The n-gram spaces (:data:`TEXT_SPACES`) the score reads: they need the prompt texts."""
+        return tuple(t for t in TEXT_SPACES if any(f.startswith(t + "_") for f in self.feature_names))
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether ``fit`` / ``novelty`` / ``transform`` need the prompt ``texts``."""
+        return bool(self.text_spaces)
+
+    def _check_texts(self, texts: Sequence[str] | None, n: int, where: str) -> list[str] | None:
+        if not self.uses_text:
+            return None
+        if texts is None or isinstance(texts, str) or len(texts) != n:
+            raise ValueError(
+                f"NoveltyGuard.{where}: this guard's novelty reads the prompt text ({', '.join(self.text_spaces)} "
+                f"n-grams): pass texts=, one string per row ({n}), got "
+                f"{'none' if texts is None else 'a string' if isinstance(texts, str) else len(texts)}"
+            )
+        return list(texts)
 
     # ---- features ------------------------------------------------------------------------------
     @staticmethod
@@ -223,23 +330,52 @@ class NoveltyGuard(BasePredictor):
         return coef.astype(np.float32), icpt.astype(np.float32)
 
     @staticmethod
-    def _features(
-        bank: np.ndarray, coef: np.ndarray, icpt: np.ndarray, X: np.ndarray, k: int, with_nn: bool = False
-    ) -> Any:
-        """(n, 4) novelty features of ``X (n, d)`` against a unit-norm ``bank (b, d)`` and a family
-        classifier: nearest distance, mean distance of the ``k`` nearest, 1 - top family
-        probability, normalised family entropy; with ``with_nn`` also the (n, k) bank rows of the
-        ``k`` nearest."""
-        U = _unit(X)
-        with few_rows_blas(len(U)):  # a threaded one-row product costs milliseconds on a loaded CPU
-            S = U @ bank.T  # (n, b): the one product per row that the score costs
-            Z = U @ coef.T + icpt
+    def _kth_dist(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(nn (n, k) indices of the k largest similarities per row, top (n, k) those similarities)``."""
         k = min(k, S.shape[1])
         nn = np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:]
-        top = np.take_along_axis(S, nn, axis=1)
+        return nn, np.take_along_axis(S, nn, axis=1)
+
+    @classmethod
+    def _bank_kdist(cls, bank: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+        """(b,) cosine distance of each unit-norm bank row to its ``k``-th nearest OTHER bank row."""
+        out = np.zeros(len(bank))
+        for i in range(0, len(bank), chunk):
+            S = bank[i : i + chunk] @ bank.T
+            S[np.arange(len(S)), np.arange(i, i + len(S))] = -np.inf  # not its own neighbour
+            out[i : i + chunk] = 1.0 - cls._kth_dist(S, k)[1].min(axis=1)
+        return out
+
+    @staticmethod
+    def _features(
+        bank: np.ndarray,
+        coef: np.ndarray,
+        icpt: np.ndarray,
+        X: np.ndarray,
+        k: int,
+        with_nn: bool = False,
+        kdist: np.ndarray | None = None,
+        text: dict[str, tuple[Any, Any]] | None = None,
+    ) -> Any:
+        """(n, len(FEATURES)) novelty features of ``X (n, d)`` against a unit-norm ``bank (b, d)``,
+        a family classifier (``coef``, ``icpt``), the bank's own ``k``-th neighbour distances
+        ``kdist (b,)`` (None: the local scale is NaN) and, per text space, ``(NgramBank, hashed
+        counts of the n prompts)`` (a space not given: NaN); with ``with_nn`` also the (n, k) bank
+        rows of the ``k`` nearest."""
+        U = _unit(X)
+        with few_rows_blas(len(U)):  # a threaded one-row product costs milliseconds on a loaded CPU
+            S = U @ bank.T  # (n, b): the one product per row that the embedding features cost
+            Z = U @ coef.T + icpt
+        nn, top = NoveltyGuard._kth_dist(S, k)
         P = _softmax(Z)
         ent = -(P * np.log(np.maximum(P, 1e-12))).sum(axis=1) / max(np.log(P.shape[1]), 1e-12)
-        F = np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
+        F = np.full((len(U), len(FEATURES)), np.nan)
+        F[:, :4] = np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
+        if kdist is not None:
+            F[:, 4] = (1.0 - top.min(axis=1)) / np.maximum(kdist[nn].mean(axis=1), 1e-6)
+        for space, (ngrams, H) in (text or {}).items():
+            c = FEATURES.index(f"{space}_nearest_dist")
+            F[:, c : c + 2] = ngrams.distances_counts(H, k)
         return (F, nn) if with_nn else F
 
     @staticmethod
@@ -256,7 +392,7 @@ class NoveltyGuard(BasePredictor):
         top2 = -np.partition(-Q, 1, axis=1)[:, :2] if Q.shape[1] > 1 else np.column_stack([Q[:, 0], Q[:, 0]])
         return np.column_stack(
             [
-                F,
+                F[:, : len(LEGACY_FEATURES)],
                 nu,
                 Q[r, pick] - Q[r, p],
                 top2[:, 0] - top2[:, 1],
@@ -286,10 +422,22 @@ class NoveltyGuard(BasePredictor):
 
     # ---- fit -----------------------------------------------------------------------------------
     def fit(
-        self, X: np.ndarray, Y: np.ndarray, families: Sequence[Any], fit_predict: FitPredict
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        families: Sequence[Any],
+        fit_predict: FitPredict,
+        texts: Sequence[str] | None = None,
+        calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> NoveltyGuard:
         """Fit on the training prompts ``X (n, d)``, outcomes ``Y (n, m)`` and their task
-        ``families`` (n,); ``fit_predict`` fits the quality head on some rows and predicts others.
+        ``families`` (n,); ``fit_predict`` fits the quality head on some rows and predicts others;
+        ``texts`` (n,): the prompts, needed when the score reads text features (:attr:`uses_text`);
+        ``calibrate``: the calibrator the router applies before the guard (``(k, m) -> (k, m)``,
+        fitted on other rows), so the intervals' residuals are measured on the scale they are served
+        on (an isotonic calibrator turns a head's spread of estimates into a few steps: residuals of
+        the raw estimates under-covered the calibrated ones by up to 19 points). The shrinkage is
+        still fitted on the head's own estimates, which the router's argmax reads.
         Needs at least two families (the out-of-family folds hold whole families out)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
@@ -305,6 +453,20 @@ class NoveltyGuard(BasePredictor):
             raise ValueError(
                 f"NoveltyGuard.fit: needs prompts of at least two task families to hold one out, got {list(names)}"
             )
+        texts = self._check_texts(texts, len(X), "fit")
+        # each text space's hashed counts, once for every fold (hashing is stateless)
+        counts = {t: NgramBank(t).hash(texts) for t in self.text_spaces} if texts is not None else {}
+        cols = [FEATURES.index(f) for f in self.feature_names]
+        local = "local_scale" in self.feature_names
+
+        def fold_features(tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Features of rows ``te`` against a bank and a family head of rows ``tr``."""
+            coef, icpt = self._family_head(X[tr], fam[tr], self.seed)
+            bank = _unit(X[tr])
+            text = {t: (NgramBank(t).fit_counts(H[tr]), H[te]) for t, H in counts.items()}
+            kd = self._bank_kdist(bank, self.k) if local else None
+            return self._features(bank, coef, icpt, X[te], self.k, with_nn=True, kdist=kd, text=text)
+
         rng = np.random.default_rng(self.seed)
         n_groups = (
             len(names) if self.family_folds == -1 else min(int(self.family_folds or self.folds), len(names))
@@ -317,13 +479,12 @@ class NoveltyGuard(BasePredictor):
         Yfill = _fill(Y)
         oof, knn, pri, spr = {}, {}, {}, {}
         for kind, g in groups.items():
-            Q, F, best = np.zeros_like(Y), np.zeros((len(X), 4)), np.zeros(len(X), np.int64)
+            Q, F, best = np.zeros_like(Y), np.zeros((len(X), len(FEATURES))), np.zeros(len(X), np.int64)
             Yk, P, S = np.zeros_like(Y), np.zeros_like(Y), np.zeros_like(Y)
             for v in np.unique(g):
                 te, tr = np.where(g == v)[0], np.where(g != v)[0]
                 Q[te] = fit_predict(tr, te)
-                coef, icpt = self._family_head(X[tr], fam[tr], self.seed)
-                F[te], nn = self._features(_unit(X[tr]), coef, icpt, X[te], self.k, with_nn=True)
+                F[te], nn = fold_features(tr, te)
                 Yk[te] = Yfill[tr][nn].mean(axis=1)
                 # the conservative prior as the fold would have it: its training part's per-model
                 # means (an inner held-out family never pulls the estimates toward its own outcomes)
@@ -335,7 +496,7 @@ class NoveltyGuard(BasePredictor):
         Pf, Pi, Sf, Si = pri["family"], pri["random"], spr["family"], spr["random"]
 
         # novelty: out-of-family (1) against in-distribution (0) out-of-fold prompts
-        Fall = np.vstack([Fi, Ff])
+        Fall = np.vstack([Fi, Ff])[:, cols]
         self.feat_mean_, self.feat_std_ = Fall.mean(axis=0), np.maximum(Fall.std(axis=0), 1e-9)
         lab = np.r_[np.zeros(len(Fi)), np.ones(len(Ff))]
         clf = LogisticRegression(class_weight="balanced", max_iter=1000).fit(
@@ -432,26 +593,35 @@ class NoveltyGuard(BasePredictor):
 
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
+        cal = calibrate if calibrate is not None else (lambda Q: Q)
         R = np.abs(
             np.vstack([Y, Y])
             - np.vstack(
-                [self._apply(Qi, nu_i, bi, T["i"], Pi, Si)[0], self._apply(Qf, nu_f, bf, T["f"], Pf, Sf)[0]]
+                [
+                    self._apply(cal(Qi), nu_i, bi, T["i"], Pi, Si)[0],
+                    self._apply(cal(Qf), nu_f, bf, T["f"], Pf, Sf)[0],
+                ]
             )
         )
         self.bin_edges_ = (
             np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
         )
         b = np.searchsorted(self.bin_edges_, nu, side="right")
-        self.halfwidth_ = np.array(
+        # smoothed: (h_low, h_high, p) per bin and model; the interval's half-width is h_high where
+        # the prompt's coin (prompt_uniform) falls below p
+        table = np.array(
             [
-                [conformal_halfwidth(R[b == i, j], self.coverage) for j in range(Y.shape[1])]
+                [smoothed_halfwidths(R[b == i, j], self.coverage) for j in range(Y.shape[1])]
                 for i in range(self.n_bins)
             ]
-        )
+        ).reshape(self.n_bins, Y.shape[1], 3)
+        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
 
         # what serving keeps: a bank of training embeddings and the family head on every prompt
         keep = rng.permutation(len(X))[: self.max_bank] if len(X) > self.max_bank else np.arange(len(X))
         self.bank_ = _unit(X[np.sort(keep)])
+        self.bank_kdist_ = self._bank_kdist(self.bank_, self.k) if local else np.zeros(0)
+        self.ngrams_ = {t: NgramBank(t).fit_counts(H[np.sort(keep)]) for t, H in counts.items()}
         self.bank_y_ = Yfill[np.sort(keep)] if self.mode == "trust" else np.zeros((0, Y.shape[1]))
         self.fam_coef_, self.fam_intercept_ = self._family_head(X, fam, self.seed)
         return self
@@ -515,21 +685,36 @@ class NoveltyGuard(BasePredictor):
         Phi = self._expand((Z - self.trust_scale_[0]) / self.trust_scale_[1])
         return Phi @ self.trust_[1:] + self.trust_[0]
 
-    def trust(self, X: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    def trust(self, X: np.ndarray, quality: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """(n,) predicted gain in score of the head's pick over the prior's model (``mode="trust"``)
-        for ``X (n, d)`` and the head's ``quality (n, m)``; the router keeps the pick where it
-        exceeds ``trust_tau_``."""
+        for ``X (n, d)`` (and the prompt ``texts``, :attr:`uses_text`) and the head's ``quality
+        (n, m)``; the router keeps the pick where it exceeds ``trust_tau_``."""
         self._check_fitted("bank_")
         if not len(self.trust_):
             raise ValueError("NoveltyGuard.trust: this guard was not fitted with mode='trust'")
-        F, nn = self._features(self.bank_, self.fam_coef_, self.fam_intercept_, X, self.k, with_nn=True)
+        F, nn = self._served_features(X, texts, "trust")
         nu = self._novelty(F)
         return self._trust_predict(
             self.trust_features(F, nu, quality, self.bank_y_[nn].mean(axis=1), self.prior_model)
         )
 
     # ---- apply ---------------------------------------------------------------------------------
+    def _served_features(
+        self, X: np.ndarray, texts: Sequence[str] | None, where: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(F (n, len(FEATURES)), nn (n, k))``: the features of ``X (n, d)`` (and ``texts``)
+        against the stored bank."""
+        self._check_fitted("bank_")
+        texts = self._check_texts(texts, len(X), where)
+        text = {t: (b, b.hash(texts)) for t, b in self.ngrams_.items()} if texts is not None else {}
+        kd = self.bank_kdist_ if "local_scale" in self.feature_names else None
+        return self._features(
+            self.bank_, self.fam_coef_, self.fam_intercept_, X, self.k, with_nn=True, kdist=kd, text=text
+        )
+
     def _novelty(self, F: np.ndarray) -> np.ndarray:
+        """(n,) novelty from the full feature matrix ``F (n, len(FEATURES))``."""
+        F = F[:, [FEATURES.index(f) for f in self.feature_names]]
         z = ((F - self.feat_mean_) / self.feat_std_) @ self.nov_coef_ + self.nov_intercept_[0]
         return 1.0 / (1.0 + np.exp(-z))
 
@@ -588,23 +773,23 @@ class NoveltyGuard(BasePredictor):
         overrode = (pick != p) & (np.argmax(out, axis=1) == p)
         return out, np.where(overrode, 1.0, w)
 
-    def novelty(self, X: np.ndarray) -> np.ndarray:
-        """(n,) novelty of the prompts with embeddings ``X (n, d)``."""
-        self._check_fitted("bank_")
-        return self._novelty(self._features(self.bank_, self.fam_coef_, self.fam_intercept_, X, self.k))
+    def novelty(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """(n,) novelty of the prompts with embeddings ``X (n, d)`` (and ``texts``, :attr:`uses_text`)."""
+        return self._novelty(self._served_features(X, texts, "novelty")[0])
 
-    def transform(self, X: np.ndarray, quality: np.ndarray) -> Guarded:
-        """Shrunk quality, novelty, shrink weight and interval for ``X (n, d)`` and the head's
-        (calibrated) ``quality (n, m)``."""
-        self._check_fitted("bank_")
-        F, nn = self._features(self.bank_, self.fam_coef_, self.fam_intercept_, X, self.k, with_nn=True)
+    def transform(self, X: np.ndarray, quality: np.ndarray, texts: Sequence[str] | None = None) -> Guarded:
+        """Shrunk quality, novelty, shrink weight and interval for ``X (n, d)``, the prompt
+        ``texts`` (when :attr:`uses_text`) and the head's (calibrated) ``quality (n, m)``."""
+        F, nn = self._served_features(X, texts, "transform")
         nu = self._novelty(F)
         t = None
         if len(self.trust_):
             Yk = self.bank_y_[nn].mean(axis=1)
             t = self._trust_predict(self.trust_features(F, nu, quality, Yk, self.prior_model))
         q, w = self._apply(quality, nu, trust=t)
-        h = self.halfwidth_[np.searchsorted(self.bin_edges_, nu, side="right")]
+        b = np.searchsorted(self.bin_edges_, nu, side="right")
+        coin = prompt_uniform(X)[:, None] < self.halfwidth_p_[b]
+        h = np.where(coin, self.halfwidth_[b], self.halfwidth_low_[b])
         return Guarded(q, nu, w, np.clip(q - h, 0.0, 1.0), np.clip(q + h, 0.0, 1.0), t)
 
     @property
@@ -631,7 +816,8 @@ class NoveltyGuard(BasePredictor):
         state = {k: np.array(v, copy=True) for k, v in self.state_dict().items()}
         state["prior"] = np.append(state["prior"], prior)
         wide = state["halfwidth"].max(axis=1, keepdims=True)
-        state["halfwidth"] = np.hstack([state["halfwidth"], np.repeat(wide, len(prior), axis=1)])
+        for key, new in (("halfwidth", wide), ("halfwidth_low", wide), ("halfwidth_p", np.ones_like(wide))):
+            state[key] = np.hstack([state[key], np.repeat(new, len(prior), axis=1)])
         # the deferral model's kNN second opinion has no outcomes of a new model: its prior stands in
         # a new model's advantage was never seen across families: the widest spread of the trained ones
         state["spread"] = np.append(state["spread"], np.full(len(prior), state["spread"].max(initial=0.0)))
@@ -653,6 +839,8 @@ class NoveltyGuard(BasePredictor):
         "margin_",
         "bin_edges_",
         "halfwidth_",
+        "halfwidth_low_",
+        "halfwidth_p_",
         "cv_gain_",
         "bank_y_",
         "trust_",
@@ -660,6 +848,7 @@ class NoveltyGuard(BasePredictor):
         "trust_tau_",
         "spread_",
         "spread_risk_",
+        "bank_kdist_",
     )
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -667,22 +856,39 @@ class NoveltyGuard(BasePredictor):
         out = {k.rstrip("_"): np.asarray(getattr(self, k)) for k in self._STATE}
         out["cv_auroc"] = np.asarray([self.cv_auroc_])
         out["cv_trust_auroc"] = np.asarray([self.cv_trust_auroc_])
+        # which features the score's coefficients belong to (a later default cannot change a saved guard)
+        out["feature_index"] = np.array([FEATURES.index(f) for f in self.feature_names], np.int64)
+        for t, bank in self.ngrams_.items():
+            out.update(bank.state_dict(prefix=f"{t}_"))
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> NoveltyGuard:
+        if "feature_index" in state:
+            idx = np.asarray(state["feature_index"]).ravel()
+            if not len(idx) or idx.min() < 0 or idx.max() >= len(FEATURES):
+                raise ValueError(
+                    f"NoveltyGuard: array 'feature_index' {idx} does not index {len(FEATURES)} features"
+                )
+            self.features = [FEATURES[int(i)] for i in idx]
+        elif "bank_kdist" not in state and np.shape(state.get("feat_mean", ())) == (4,):
+            # a guard saved before its novelty features were a parameter: the four embedding ones
+            self.features = list(LEGACY_FEATURES)
+        n_feat = len(self.feature_names)
         shapes: dict[str, tuple[int | None, ...]] = {
             "bank": (None, None),
             "fam_coef": (None, None),
             "fam_intercept": (None,),
-            "feat_mean": (4,),
-            "feat_std": (4,),
-            "nov_coef": (4,),
+            "feat_mean": (n_feat,),
+            "feat_std": (n_feat,),
+            "nov_coef": (n_feat,),
             "nov_intercept": (1,),
             "prior": (None,),
             "shrink": (2,),
             "margin": (3,),
             "bin_edges": (max(self.n_bins - 1, 0),),
             "halfwidth": (self.n_bins, None),
+            "halfwidth_low": (self.n_bins, None),
+            "halfwidth_p": (self.n_bins, None),
             "cv_gain": (2,),
             "cv_auroc": (1,),
             "bank_y": (None, None),
@@ -692,6 +898,9 @@ class NoveltyGuard(BasePredictor):
             "cv_trust_auroc": (1,),
             "spread": (None,),
             "spread_risk": (2,),
+            "bank_kdist": (None,),
+            "feature_index": (n_feat,),
+            **{f"{t}_{k}": (None,) for t in self.text_spaces for k in ("data", "indices", "indptr", "idf")},
         }
         # a guard saved before the margin (or the deferral model) existed only shrinks (or margins)
         m0 = np.asarray(state["prior"]).shape[0] if "prior" in state else 0
@@ -704,8 +913,24 @@ class NoveltyGuard(BasePredictor):
             "cv_trust_auroc": np.array([np.nan]),
             "spread": np.zeros(m0),
             "spread_risk": np.zeros(2),
+            "bank_kdist": np.zeros(0),
+            "feature_index": np.array([FEATURES.index(f) for f in self.feature_names]),
         }
+        if "halfwidth" in state:  # saved before the smoothed intervals: the deterministic quantile
+            old.update(
+                halfwidth_low=np.asarray(state["halfwidth"]),
+                halfwidth_p=np.ones(np.shape(state["halfwidth"])),
+            )
         st = check_state({**old, **state}, shapes, "NoveltyGuard")
+        n_bank = np.shape(st["bank"])[0]
+        if "local_scale" in self.feature_names and st["bank_kdist"].shape != (n_bank,):
+            raise ValueError(
+                f"NoveltyGuard: array 'bank_kdist' has shape {st['bank_kdist'].shape}, expected ({n_bank},) "
+                "(the local_scale feature reads one per bank prompt)"
+            )
+        self.ngrams_ = {
+            t: NgramBank(t).load_state_dict(st, prefix=f"{t}_", n_bank=n_bank) for t in self.text_spaces
+        }
         for k in self._STATE:
             setattr(self, k, np.asarray(st[k.rstrip("_")], dtype=np.float32 if k == "bank_" else np.float64))
         self.fam_coef_ = self.fam_coef_.astype(np.float32)
@@ -722,6 +947,14 @@ class NoveltyGuard(BasePredictor):
             raise ValueError(
                 f"NoveltyGuard: deferral model {self.trust_.shape} / scale {self.trust_scale_.shape} / bank "
                 f"outcomes {self.bank_y_.shape} do not match {n_trust} features, a bank of {len(self.bank_)}, {m} models"
+            )
+        if (
+            self.halfwidth_low_.shape != self.halfwidth_.shape
+            or self.halfwidth_p_.shape != self.halfwidth_.shape
+        ):
+            raise ValueError(
+                f"NoveltyGuard: halfwidth_low {self.halfwidth_low_.shape} / halfwidth_p {self.halfwidth_p_.shape} "
+                f"do not match halfwidth {self.halfwidth_.shape}"
             )
         if (
             self.halfwidth_.shape[1] != m

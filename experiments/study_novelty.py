@@ -1,0 +1,148 @@
+"""Study for issue 11, item 2: which novelty features tell a held-out task family from the training
+families, per data set (the ablation behind NoveltyGuard's DEFAULT_FEATURES).
+
+    python -m experiments.study_novelty --jobs zeroeval:leave_one_family_out
+    python -m experiments.study_novelty --jobs mmlu_pro:leave_one_family_out:2000 llmrouter:leave_one_family_out
+
+The shift harness's own folds (``experiments.evaluate``'s config, ``shift=leave_one_family_out``,
+seed 0): per held-out family, the training families less a 10% validation part. On the training
+part, the guard's out-of-fold novelty features (:meth:`NoveltyGuard._features`, the production code:
+every feature of :data:`FEATURES`), over 3 groups of training families (out of family) and 3 random
+folds (in distribution), as ``NoveltyGuard.fit`` computes them; the served features of the
+validation and held-out prompts against the whole training part. Then, per feature set, a
+logistic regression on the out-of-fold rows (family = 1, random = 0) scores the validation prompts
+(in distribution, never in the bank) and the held-out family's: AUROC pooled over folds (the
+harness's ``novelty_auroc``) and per family. No quality head is fitted: the score does not read one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+#: feature sets compared (names of router_ml.predictors.guard.FEATURES)
+EMB = ("nearest_dist", "knn_mean_dist")
+FAMILY = ("family_1_minus_top_prob", "family_entropy")
+TEXT = ("char_nearest_dist", "char_knn_mean_dist", "word_nearest_dist", "word_knn_mean_dist")
+SETS = {
+    "before (embedding + family classifier)": EMB + FAMILY,
+    "embedding distances": EMB,
+    "+ local scale": (*EMB, "local_scale"),
+    "+ char/word n-grams": EMB + TEXT,
+    "+ local scale + n-grams (default)": (*EMB, "local_scale", *TEXT),
+    "all, family classifier included": (*EMB, *FAMILY, "local_scale", *TEXT),
+    "n-grams alone": TEXT,
+}
+
+
+def job_folds(job: str) -> tuple[list[dict], dict]:
+    """The harness's folds of ``job`` (``data:mode[:max_prompts]``): ``[{fold, tr, va, te}]`` with
+    prompts and families per part, and the embeddings of every prompt (on-disk cache)."""
+    from experiments.bench_shift import job_config
+    from router_ml.data.loading import load_routing_data
+    from router_ml.data.schema import to_wide
+    from router_ml.data.splits import split_prompts
+    from router_ml.embeddings import CachedEncoder, build_encoder
+    from router_ml.evaluation.shift import _folds, shift_table
+
+    data, mode, *cap = job.split(":")
+    cfg = job_config(data, mode, ["seeds=[0]", *([f"data.max_prompts={cap[0]}"] if cap else [])])
+    family_by = cfg["shift"].get("family_by", "source_task")
+    table, _ = shift_table(load_routing_data(cfg["data"], seed=0), family_by, 0.98)
+    models = sorted(table["model"].unique())
+    folds = []
+    for fold, tr, tests in _folds(cfg, table, 0):
+        parts = split_prompts(tr, test_size=0.0, val_size=float(cfg["shift"].get("val_size", 0.1)), seed=0)
+        f = {"fold": fold}
+        for key, df in (("tr", parts["train"]), ("va", parts["val"]), ("te", tests["original"])):
+            p = to_wide(df, models)[0]
+            f[key] = (list(p["prompt"]), p[family_by].astype(str).to_numpy())
+        folds.append(f)
+    texts = sorted({t for f in folds for k in ("tr", "va", "te") for t in f[k][0]})
+    emb = CachedEncoder(build_encoder(cfg["encoder"]), cache_dir=cfg.get("cache_dir")).encode(texts)
+    return folds, dict(zip(texts, emb, strict=True))
+
+
+def fold_features(folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3) -> list[dict]:
+    """Per fold: the out-of-fold features (``Fi`` random, ``Ff`` family-grouped) of the training
+    part and the served features of the validation (``Fva``) and held-out (``Fte``) prompts."""
+    from tqdm.auto import tqdm
+
+    from router_ml.predictors.guard import FEATURES, NoveltyGuard, _unit
+    from router_ml.predictors.ngram_bank import NgramBank
+
+    def feats(E, fam, H, tr, te):
+        coef, icpt = NoveltyGuard._family_head(E[tr], fam[tr], 0)
+        bank = _unit(E[tr])
+        text = {t: (NgramBank(t).fit_counts(h[tr]), h[te]) for t, h in H.items()}
+        kd = NoveltyGuard._bank_kdist(bank, k)
+        return NoveltyGuard._features(bank, coef, icpt, E[te], k, kdist=kd, text=text)
+
+    out = []
+    for f in tqdm(folds, desc="folds"):
+        (t_tr, fam), t_q = f["tr"], f["va"][0] + f["te"][0]
+        E = np.stack([emb[t] for t in t_tr + t_q]).astype(np.float32)
+        H = {s: NgramBank(s).hash(t_tr + t_q).tocsr() for s in ("char", "word")}
+        n = len(t_tr)
+        # the guard's folds: the same seeded draws as NoveltyGuard.fit
+        rng = np.random.default_rng(0)
+        names = np.unique(fam)
+        group_of = {x: i % min(n_folds, len(names)) for i, x in enumerate(rng.permutation(names))}
+        groups = {"Ff": np.array([group_of[x] for x in fam]), "Fi": rng.integers(0, n_folds, n)}
+        row = {}
+        for key, g in groups.items():
+            F = np.zeros((n, len(FEATURES)))
+            for v in np.unique(g):
+                a, b = np.where(g != v)[0], np.where(g == v)[0]
+                F[b] = feats(E, fam, H, a, b)
+            row[key] = F
+        Fq = feats(E, np.r_[fam, [""] * len(t_q)], H, np.arange(n), np.arange(n, n + len(t_q)))
+        nv = len(f["va"][0])
+        out.append({"fold": f["fold"], **row, "Fva": Fq[:nv], "Fte": Fq[nv:]})
+    return out
+
+
+def score_sets(rows: list[dict]) -> dict[str, dict]:
+    """Per feature set: pooled AUROC (held-out family vs validation prompts) and per fold."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from router_ml.predictors.guard import FEATURES
+
+    def auroc(v, t):
+        return float(roc_auc_score(np.r_[np.zeros(len(v)), np.ones(len(t))], np.r_[v, t]))
+
+    out = {}
+    for name, feats in SETS.items():
+        c = [FEATURES.index(x) for x in feats]
+        pv, pt, per = [], [], {}
+        for r in rows:
+            Fa = np.vstack([r["Fi"], r["Ff"]])[:, c]
+            mu, sd = Fa.mean(axis=0), Fa.std(axis=0) + 1e-9
+            lab = np.r_[np.zeros(len(r["Fi"])), np.ones(len(r["Ff"]))]
+            m = LogisticRegression(class_weight="balanced", max_iter=2000).fit((Fa - mu) / sd, lab)
+            v, t = (m.predict_proba((r[k][:, c] - mu) / sd)[:, 1] for k in ("Fva", "Fte"))
+            pv.append(v)
+            pt.append(t)
+            per[r["fold"]] = auroc(v, t)
+        out[name] = {"pooled": auroc(np.concatenate(pv), np.concatenate(pt)), "per_family": per}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", nargs="+", default=["zeroeval:leave_one_family_out"])
+    args = ap.parse_args()
+    for job in args.jobs:
+        res = score_sets(fold_features(*job_folds(job)))
+        print(f"\n== {job}: novelty AUROC, held-out family vs in-distribution validation prompts")
+        for name, r in res.items():
+            per = r["per_family"]
+            worst = min(per, key=per.get)
+            print(f"{name:40s} pooled {r['pooled']:.3f}  worst family {worst} {per[worst]:.2f}  | "
+                  + " ".join(f"{k}:{v:.2f}" for k, v in per.items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
