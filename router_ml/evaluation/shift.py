@@ -308,12 +308,16 @@ def _fit_guard(
     params = dict(hcfg.get("params") or {})
 
     cache = {} if oof_cache is None else oof_cache
+    mixes_tasks = hcfg["name"] == "taskmix" or any(
+        m.get("name") == "taskmix" for m in params.get("members") or () if hcfg["name"] == "ensemble"
+    )
 
     def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
         key = np.asarray(tr, np.int64).tobytes() + b"|" + np.asarray(te, np.int64).tobytes()
-        if key not in cache and len(np.unique(tid[tr])) < 2 and hcfg["name"] == "taskmix":
+        if key not in cache and len(np.unique(tid[tr])) < 2 and mixes_tasks:
             # one task label left (ZeroEval's 3 tasks less the outer and the inner held-out one): a
             # task mixture over one task is that task's per-model mean, which the classifier cannot fit
+            # (an ensemble with a taskmix member falls back the same way)
             cache[key] = np.tile(np.nan_to_num(np.nanmean(Y_tr[tr], axis=0)), (len(te), 1))
         if key not in cache:
             h = fit_head(hcfg["name"], params, X_tr[tr], Y_tr[tr], tid[tr], [t_tr[i] for i in tr])
