@@ -23,21 +23,12 @@ from router_ml.serving.proxy import create_app
 from tests.fakes.anthropic_server import AnthropicServer
 from tests.fakes.azure_server import AzureServer
 from tests.fakes.loopback import LoopbackThread, answer_text
+from tests.test_providers import TOOLS
 from tests.test_proxy import Served
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "search",
-            "description": "Search the web",
-            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
-        },
-    }
-]
 CLAUDE_PRICES = {"input_per_mtok": 3.0, "output_per_mtok": 15.0, "cached_input_per_mtok": 0.3,
                  "cache_write_per_mtok": 3.75}  # fmt: skip
 CAPS = {"tools": True, "vision": True}
