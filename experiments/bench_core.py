@@ -253,10 +253,10 @@ def latency(router, n: int = 200, batch: int = 1000, batch_reps: int = 3) -> dic
     for i in range(n):
         p = SHORT[i % len(SHORT)]
         t0 = time.perf_counter()
-        X, X_task = router._encode([p])  # the embedding (and the task head's layer states)
+        X, X_task, X_quality = router._encode([p])  # the embedding (and the heads' layer states)
         t1 = time.perf_counter()
         router.task_head.predict_proba(X_task, texts=[p])
-        q = router._quality_from_embeddings(X, texts=[p])
+        q = router._quality_from_embeddings(X_quality, texts=[p])
         router._guarded(X, q, list(range(len(router.models))), [p])  # the novelty guard, when there is one
         t2 = time.perf_counter()
         router.route(p)

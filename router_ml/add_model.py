@@ -185,7 +185,7 @@ def add_model(
     if len(prompts) != len(scores):
         raise ValueError(f"add_model: {len(prompts)} probe prompts but {len(scores)} scores")
     head = ProbedQualityPredictor.from_head(router.quality_head)
-    X = router.embed(prompts)
+    X = router.quality_features(prompts)
     head.add_model(X, scores, texts=prompts)
     calibrator = None if router.calibrator is None else calibrator_with_identity(router.calibrator, 1)
     n = int((~np.isnan(scores)).sum())

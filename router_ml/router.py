@@ -17,7 +17,7 @@ import pandas as pd
 from router_ml.checkpoint import SCHEMA_VERSION, CheckpointError, read_arrays, read_config, write_checkpoint
 from router_ml.decision.base import RoutingDecision, Uncertainty
 from router_ml.decision.fit_set import PolicyFitSet
-from router_ml.embeddings.base import Encoder
+from router_ml.embeddings.base import Encoder, layer_columns
 from router_ml.predictors.base import Calibrator, QualityHead, TaskHead
 
 if TYPE_CHECKING:
@@ -93,13 +93,31 @@ class LearnedRouter:
         """Encoder layers whose pooled states the task head reads beside the embedding (may be none)."""
         return tuple(self.task_head.layers)
 
-    def _encode(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings (n, dim) for the quality head, the task head's features): one forward pass."""
-        if not self.task_layers:
+    @property
+    def quality_layers(self) -> tuple[int, ...]:
+        """Encoder layers whose pooled states the quality head reads beside the embedding (may be none)."""
+        return tuple(getattr(self.quality_head, "layers", ()))
+
+    def _encode(self, items: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(embeddings (n, dim) for the guard, the task head's features, the quality head's
+        features): one forward pass over the union of the heads' layers."""
+        have = tuple(sorted(set(self.task_layers) | set(self.quality_layers)))
+        if not have:
             X = self.encoder.encode(items, show_progress=False)
-            return X, X
-        wide = self.encoder.encode_layers(items, self.task_layers, show_progress=False)
-        return np.ascontiguousarray(wide[:, : self.encoder.dim]), wide
+            return X, X, X
+        wide = self.encoder.encode_layers(items, have, show_progress=False)
+        dim = int(self.encoder.dim)
+
+        def view(layers: tuple[int, ...]) -> np.ndarray:
+            return wide if layers == have else np.ascontiguousarray(wide[:, layer_columns(have, layers, dim)])
+
+        return np.ascontiguousarray(wide[:, :dim]), view(self.task_layers), view(self.quality_layers)
+
+    def quality_features(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """What the quality head reads of the prompts: the embeddings, then the pooled states of
+        its :attr:`quality_layers` (``(n, dim * (1 + len(layers)))``)."""
+        items = _check_prompts(prompts)
+        return self._encode(items)[2] if self.quality_layers else self.embed(items)
 
     def _quality_from_embeddings(
         self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: Any = None
@@ -128,8 +146,8 @@ class LearnedRouter:
         set, guarded by novelty when a guard is: every model but the pool prior's lowered by the
         novelty margin)."""
         items = _check_prompts(prompts)
-        X = self.embed(items)
-        q = self._quality_from_embeddings(X, texts=items)
+        X, _, X_quality = self._encode(items) if self.quality_layers else (self.embed(items),) * 3
+        q = self._quality_from_embeddings(X_quality, texts=items)
         if self.guard is not None:
             q = self.guard.transform(X, q, texts=items).quality
         return pd.DataFrame(q, columns=self.models)
@@ -162,9 +180,9 @@ class LearnedRouter:
     def predict_quality_and_task(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """(quality (n, m) as :meth:`predict_quality`, tasks as :meth:`predict_task`) from one encoder pass."""
         items = _check_prompts(prompts)
-        X, X_task = self._encode(items)
+        _, X_task, X_quality = self._encode(items)
         tasks = list(self.task_head.predict(X_task, texts=items))
-        return self._quality_from_embeddings(X, texts=items), tasks
+        return self._quality_from_embeddings(X_quality, texts=items), tasks
 
     # ---- decisions -------------------------------------------------------------------------
     def _candidates(
@@ -224,9 +242,9 @@ class LearnedRouter:
         task_text = self.task_head.text_part(items)
         quality_text = self.quality_head.text_part(items)
         tokens = policy.count_input_tokens(items) if policy is not None else None
-        X, X_task = self._encode(items)
+        X, X_task, X_quality = self._encode(items)
         task_p = self.task_head.predict_proba(X_task, texts=items, text_part=task_text)
-        quality = self._quality_from_embeddings(X, texts=items, text_part=quality_text)
+        quality = self._quality_from_embeddings(X_quality, texts=items, text_part=quality_text)
         quality, unc = self._guarded(X, quality, cand, items)
         if policy is None:
             return self._decisions(task_p, quality, cand, unc)
@@ -373,17 +391,19 @@ class LearnedRouter:
                 f"checkpoint {str(path)!r}: quality head predicts {quality_head.n_models_} models, "
                 f"router.json lists {len(config['models'])}"
             )
-        layers = tuple(task_head.layers)
-        if layers and not hasattr(enc, "encode_layers"):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}: the task head reads encoder layers {list(layers)}, "
-                f"which encoder {enc.id!r} cannot give"
-            )
-        if task_head.dim_ != int(enc.dim) * (1 + len(layers)):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}: the task head takes {task_head.dim_} features; encoder "
-                f"{enc.id!r} with layers {list(layers)} gives {int(enc.dim) * (1 + len(layers))}"
-            )
+        for what, head in (("task", task_head), ("quality", quality_head)):
+            layers = tuple(getattr(head, "layers", ()))
+            if layers and not hasattr(enc, "encode_layers"):
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: the {what} head reads encoder layers {list(layers)}, "
+                    f"which encoder {enc.id!r} cannot give"
+                )
+            dim = getattr(head, "dim_", None)
+            if dim is not None and dim != int(enc.dim) * (1 + len(layers)):
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: the {what} head takes {dim} features; encoder "
+                    f"{enc.id!r} with layers {list(layers)} gives {int(enc.dim) * (1 + len(layers))}"
+                )
         policy_fit = None
         if config.get("policy_fit") is not None:
             try:

@@ -31,7 +31,7 @@ from router_ml.metrics import (
     random_scores,
     routed_scores,
 )
-from router_ml.predictors.tuning import fit_head, predict_head, tune_quality_head
+from router_ml.predictors.tuning import fit_head, head_layers, predict_head, tune_quality_head
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,11 @@ def fit_guard(
     Y: np.ndarray,
     seed: int,
     calibrator: Any | None = None,
+    H: np.ndarray | None = None,
 ) -> Any | None:
     """A :class:`~router_ml.predictors.guard.NoveltyGuard` for the quality head ``head_name`` /
-    ``params`` on these training prompts (``X (n, d)``, ``Y (n, m)``), fitted by family-grouped CV
+    ``params`` on these training prompts (embeddings ``X (n, d)``, the head's own features ``H``
+    when it reads encoder layers, ``Y (n, m)``), fitted by family-grouped CV
     of that head over ``cfg.guard.family_by``, its intervals on the scale of the router's fitted
     ``calibrator`` (if any); None when ``guard.enabled`` is false or the prompts hold fewer than two
     families (nothing to hold out)."""
@@ -153,9 +155,11 @@ def fit_guard(
     key = cfg["predictor"].get("task_key", "task")
     tid, texts = task_ids_of(prompts[key]), list(prompts["prompt"])
 
+    F = X if H is None else H
+
     def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        head = fit_head(head_name, params, X[tr], Y[tr], tid[tr], [texts[i] for i in tr])
-        return predict_head(head, X[te], [texts[i] for i in te])
+        head = fit_head(head_name, params, F[tr], Y[tr], tid[tr], [texts[i] for i in tr])
+        return predict_head(head, F[te], [texts[i] for i in te])
 
     guard = NoveltyGuard(**{"seed": seed, **(gcfg.get("params") or {})})
     calibrate = calibrator.transform if calibrator is not None else None
@@ -185,19 +189,24 @@ class FittedRouter:
         layers = tuple(self.router.task_head.layers)
         return self.encoder.encode_layers(list(prompts), layers) if layers else self.X_of(prompts)
 
+    def head_X_of(self, prompts: pd.Series | list[str], layers: Sequence[int] = ()) -> np.ndarray:
+        """A quality head's features: the embeddings, then the pooled states of its ``layers``."""
+        return self.encoder.encode_layers(list(prompts), tuple(layers)) if layers else self.X_of(prompts)
+
     def fit_head(self, predictor_cfg: Mapping[str, Any], calibrator_name: str = "none", seed: int = 0) -> Any:
         """Another quality head on the same training split (for comparisons such as kNN); returns a
         ``predict(X) -> (n, m)`` object, calibrated on the validation split when asked."""
         from router_ml.predictors import build_calibrator
 
         prompts_tr, Y_tr, _ = self.wide["train"]
-        X_tr = self.X_of(prompts_tr["prompt"])
+        layers = head_layers(predictor_cfg)
+        X_tr = self.head_X_of(prompts_tr["prompt"], layers)
         tid = task_ids_of(prompts_tr[predictor_cfg.get("task_key", "task")])
         params = dict(predictor_cfg.get("params") or {})
         head = fit_head(predictor_cfg["name"], params, X_tr, Y_tr, tid, texts=list(prompts_tr["prompt"]))
         if calibrator_name != "none" and "val" in self.wide and len(self.wide["val"][0]):
             prompts_va, Y_va, _ = self.wide["val"]
-            raw = predict_head(head, self.X_of(prompts_va["prompt"]), list(prompts_va["prompt"]))
+            raw = predict_head(head, self.head_X_of(prompts_va["prompt"], layers), list(prompts_va["prompt"]))
             return _Calibrated(head, build_calibrator(calibrator_name).fit(raw, Y_va))
         return head
 
@@ -206,6 +215,10 @@ class FittedRouter:
 class _Calibrated:
     head: Any
     calibrator: Any
+
+    @property
+    def layers(self) -> Sequence[int]:
+        return self.head.layers
 
     @property
     def uses_text(self) -> bool:
@@ -267,6 +280,17 @@ def fit_router(
     def X_task(prompts: pd.Series) -> np.ndarray:  # with layers: the embedding and layer states
         return np.stack([task_X[p] for p in prompts]) if layers else X_of(prompts)
 
+    pcfg = cfg["predictor"]
+    q_layers = head_layers(pcfg)
+    if q_layers and not hasattr(encoder, "encode_layers"):
+        raise ValueError(
+            f"predictor.params.layers={q_layers} needs an encoder that gives its layer states "
+            f"(a sentence-transformers model); encoder {encoder.id!r} does not"
+        )
+
+    def X_head(prompts: pd.Series) -> np.ndarray:  # the quality head's: with layers, their states too
+        return cached.encode_layers(list(prompts), tuple(q_layers)) if q_layers else X_of(prompts)
+
     if not hasattr(task_head, "coef_"):
         t0 = time.perf_counter()
         task_head.fit(
@@ -282,8 +306,7 @@ def fit_router(
         metrics["test/task_n_prompts"] = float(len(task_test))
 
     prompts_tr, Y_tr, _ = wide["train"]
-    pcfg = cfg["predictor"]
-    X_tr = X_of(prompts_tr["prompt"])
+    X_tr, H_tr = X_of(prompts_tr["prompt"]), X_head(prompts_tr["prompt"])
     tid_tr = task_ids_of(prompts_tr[pcfg.get("task_key", "task")])
     params = dict(pcfg.get("params") or {})
     tune_cfg = cfg.get("tune") or {}
@@ -293,7 +316,7 @@ def fit_router(
             pcfg["name"],
             params,
             tune_cfg["grid"][pcfg["name"]],
-            X_tr,
+            H_tr,
             Y_tr,
             tid_tr,
             folds=int(tune_cfg.get("folds", 3)),
@@ -303,18 +326,18 @@ def fit_router(
         metrics["cv/best_quality"] = cv
         metrics["time/tune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    head = fit_head(pcfg["name"], params, X_tr, Y_tr, tid_tr, texts=list(prompts_tr["prompt"]))
+    head = fit_head(pcfg["name"], params, H_tr, Y_tr, tid_tr, texts=list(prompts_tr["prompt"]))
     metrics["time/quality_head_train_s"] = time.perf_counter() - t0
 
     calibrator = None
     cal_name = (cfg.get("calibrator") or {}).get("name", "none")
     if cal_name != "none" and "val" in wide and len(wide["val"][0]):
         prompts_va, Y_va, _ = wide["val"]
-        raw_va = predict_head(head, X_of(prompts_va["prompt"]), list(prompts_va["prompt"]))
+        raw_va = predict_head(head, X_head(prompts_va["prompt"]), list(prompts_va["prompt"]))
         calibrator = build_calibrator(cal_name).fit(raw_va, Y_va)
 
     t0 = time.perf_counter()
-    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator)
+    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator, H=H_tr)
     if guard is not None:
         metrics["time/guard_train_s"] = time.perf_counter() - t0
         metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
@@ -333,7 +356,7 @@ def fit_router(
             continue
         prompts_s, Y_s, _ = wide[name]
         X_s = X_of(prompts_s["prompt"])
-        raw = predict_head(head, X_s, list(prompts_s["prompt"]))
+        raw = predict_head(head, X_head(prompts_s["prompt"]), list(prompts_s["prompt"]))
         metrics.update(routing_metrics(name, raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:
@@ -398,12 +421,17 @@ def refit_on_all(
     key = cfg["predictor"].get("task_key", "task")
     name, params = type(old.quality_head).name, old.quality_head.get_params()
 
+    q_layers = tuple(old.quality_layers)
+
     def wide_X(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[str]]:
+        """Prompts, scores, the quality head's features and the texts of ``df``."""
         prompts, Y, _ = to_wide(df, models)
         texts = list(prompts["prompt"])
-        return prompts, Y, cached.encode(texts).astype("float32"), texts
+        H = cached.encode_layers(texts, q_layers) if q_layers else cached.encode(texts)
+        return prompts, Y, H.astype("float32"), texts
 
-    prompts, Y, X, texts = wide_X(table)
+    prompts, Y, H, texts = wide_X(table)
+    X = H[:, : int(cached.dim)] if q_layers else H  # the embeddings: what the guard reads
     calibrator = None
     if old.calibrator is not None:
         raw = np.full_like(Y, np.nan)
@@ -414,8 +442,10 @@ def refit_on_all(
             head = fit_head(name, params, X_tr, Y_tr, task_ids_of(p_tr[key]), t_tr)
             raw[[row[pid] for pid in p_va["prompt_id"]]] = predict_head(head, X_va, t_va)
         calibrator = type(old.calibrator)(**old.calibrator.get_params()).fit(raw, Y)
-    head = fit_head(name, params, X, Y, task_ids_of(prompts[key]), texts)
-    guard = fit_guard(cfg, name, params, prompts, X, Y, seed, calibrator) if old.guard is not None else None
+    head = fit_head(name, params, H, Y, task_ids_of(prompts[key]), texts)
+    guard = (
+        fit_guard(cfg, name, params, prompts, X, Y, seed, calibrator, H=H) if old.guard is not None else None
+    )
 
     task_train, task_test = task_training_data({"train": table}, cfg.get("task_data", {}), seed)
     task_all = pd.concat([task_train, task_test], ignore_index=True).drop_duplicates("prompt")

@@ -127,3 +127,94 @@ def test_layer_mismatches_are_refused_by_name(layered_router, tmp_path):
     (bad / "router.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="takes 768 features"):
         LearnedRouter.from_pretrained(bad)
+
+
+# ---- quality heads that read layer states --------------------------------------------------------
+def test_layer_columns_pick_each_heads_blocks():
+    from router_ml.embeddings.base import layer_columns
+
+    dim = 2
+    wide = np.arange(3 * dim)[None, :]  # [embedding | layer 3 | layer 4]
+    np.testing.assert_array_equal(wide[:, layer_columns((3, 4), (4,), dim)], [[0, 1, 4, 5]])
+    np.testing.assert_array_equal(wide[:, layer_columns((3, 4), (), dim)], [[0, 1]])
+    np.testing.assert_array_equal(wide[:, layer_columns((3, 4), (3, 4), dim)], wide)
+    with pytest.raises(ValueError, match=r"layers \[2\] are not among the encoded layers \[3, 4\]"):
+        layer_columns((3, 4), (2, 3), dim)
+
+
+def test_ensemble_gives_each_member_its_own_layer_columns():
+    from router_ml.predictors import (
+        EnsembleQualityPredictor,
+        TaskMixtureQualityPredictor,
+        build_quality_predictor,
+    )
+
+    rng = np.random.default_rng(0)
+    d, n = 8, 240
+    tid = rng.integers(0, 3, n)
+    centers = rng.normal(size=(3, 3 * d))
+    wide = centers[tid] + 0.3 * rng.normal(size=(n, 3 * d))  # [embedding | layer 3 | layer 4]
+    Y = (rng.random((n, 2)) < np.where(tid[:, None] == 0, [0.9, 0.2], [0.3, 0.7])).astype(float)
+    members = [{"name": "taskmix", "params": {"layers": [4]}}, {"name": "knn", "params": {"k": 10}}]
+    X = wide[:, np.r_[0:d, 2 * d : 3 * d]]  # the embedding and layer 4: what the ensemble reads
+    ens = EnsembleQualityPredictor(members=members).fit(X, Y, tid)
+    assert ens.layers == [4] and ens.dim_ == 2 * d
+    with pytest.raises(ValueError):
+        ens.predict(wide)  # the 3-block matrix is not
+    tm = TaskMixtureQualityPredictor(layers=[4]).fit(X, Y, tid)
+    kn = build_quality_predictor("knn", k=10).fit(X[:, :d], Y, tid)
+    np.testing.assert_allclose(ens.predict(X), (tm.predict(X) + kn.predict(X[:, :d])) / 2, atol=1e-9)
+    loaded = EnsembleQualityPredictor(**ens.get_params()).load_state_dict(ens.state_dict())
+    np.testing.assert_allclose(loaded.predict(X), ens.predict(X), atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def layered_quality_router(embedding_cache, tmp_path_factory):
+    """A small router trained in-process whose quality head (a task mixture) reads layer 3."""
+    from experiments.bench_servers import SMALL_ROUTER
+    from router_ml.training import train
+
+    run = tmp_path_factory.mktemp("layered-quality")
+    cfg = {
+        **SMALL_ROUTER,
+        "name": "test-layered-taskmix",
+        "predictor": {"name": "taskmix", "task_key": "task", "params": {"layers": [3]}},
+        "task_head": {"params": {"class_weight": "balanced", "layers": [4]}},
+    }
+    train(cfg, run_dir=run)
+    return run / "checkpoint"
+
+
+@pytest.mark.full
+def test_router_whose_quality_head_reads_layers_routes_saves_and_loads(layered_quality_router, minilm):
+    from router_ml.predictors import TaskMixtureQualityPredictor
+
+    path = layered_quality_router
+    cfg = json.loads((path / "router.json").read_text())
+    assert cfg["quality_head"]["params"]["layers"] == [3]
+    router = LearnedRouter.from_pretrained(path)
+    assert router.quality_layers == (3,) and router.task_layers == (4,)
+    prompts = load_labelled("fresh")["prompt"].tolist()[:20]
+    # the quality head reads [embedding | layer 3] of one forward pass over layers 3 and 4
+    wide = minilm.encode_layers(prompts, [3])
+    np.testing.assert_allclose(router.quality_features(prompts), wide, atol=1e-5)
+    head = router.quality_head
+    assert isinstance(head, TaskMixtureQualityPredictor) and head.dim_ == 2 * 384
+    raw = router.calibrator.transform(head.predict(wide))
+    np.testing.assert_allclose(router.predict_quality(prompts).to_numpy(), np.clip(raw, 0, 1), atol=1e-5)
+    batch = router.route_batch(prompts)
+    for p, d in zip(prompts, batch, strict=True):  # one prompt (the live path) as in the batch
+        one = router.route(p)
+        assert one.model == d.model
+        assert one.predicted_quality == pytest.approx(d.predicted_quality, abs=1e-5)
+
+
+@pytest.mark.full
+def test_quality_layer_mismatch_is_refused_by_name(layered_quality_router, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(layered_quality_router, bad)
+    cfg = json.loads((bad / "router.json").read_text())
+    cfg["quality_head"]["params"]["layers"] = [3, 4]
+    (bad / "router.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="the quality head takes 768 features"):
+        LearnedRouter.from_pretrained(bad)

@@ -63,6 +63,18 @@ def check_layers(layers: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+def layer_columns(have: Sequence[int], want: Sequence[int], dim: int) -> np.ndarray:
+    """Column indices, in an ``encode_layers(texts, have)`` matrix ``(n, dim * (1 + len(have)))``,
+    of the embedding followed by the states of ``want`` (each one of ``have``): how one forward pass
+    over the union of two heads' layers gives each head its own features."""
+    have, want = check_layers(have), check_layers(want)
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise ValueError(f"layers {missing} are not among the encoded layers {list(have)}")
+    blocks = [0, *(1 + have.index(k) for k in want)]
+    return np.concatenate([np.arange(b * dim, (b + 1) * dim) for b in blocks])
+
+
 class LayeredEncoder:
     """An encoder's vectors followed by the mean-pooled, unit-norm hidden states after ``layers``
     (one forward pass; ``inner.encode_layers``): ``dim = inner.dim * (1 + len(layers))``. Its own

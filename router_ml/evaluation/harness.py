@@ -128,10 +128,10 @@ def evaluate_seed(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
     def predict(split: str) -> tuple[dict[str, np.ndarray], list[str]]:
         prompts = fitted.wide[split][0]["prompt"]
-        X = fitted.X_of(prompts)
         tasks = fitted.router.task_head.predict(fitted.task_X_of(prompts), texts=list(prompts))
         preds = {}
         for hname, head in heads.items():
+            X = fitted.head_X_of(prompts, fitted.router.quality_layers if head is None else head.layers)
             preds[hname] = (
                 fitted.router._quality_from_embeddings(X, texts=list(prompts))
                 if head is None

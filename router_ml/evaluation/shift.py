@@ -39,7 +39,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ import pandas as pd
 
 from router_ml.data.schema import to_wide, wide_column
 from router_ml.metrics import best_single_model, routed_scores
+from router_ml.predictors.tuning import head_layers
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class _Context:
     layer, the heads, the utility policy's config."""
 
     models: list[str]
-    emb: dict[str, np.ndarray]
+    emb: dict[str, np.ndarray]  # per text: the embedding, then the pooled states of ``layers``
     tasks: dict[str, str]
     layer: Any
     heads: dict[str, dict[str, Any]]
@@ -166,9 +167,17 @@ class _Context:
     val_size: float
     seed: int
     guard: dict[str, Any] = field(default_factory=dict)  # shift.guard: {heads: [...], params: {...}}
+    layers: tuple[int, ...] = ()  # the encoder layers ``emb`` holds after the embedding
+    dim: int = 0  # the embedding's width
 
-    def X(self, prompts: pd.DataFrame) -> np.ndarray:
-        return np.stack([self.emb[t] for t in prompts["prompt"]]).astype("float32")
+    def X(self, prompts: pd.DataFrame, layers: Sequence[int] = ()) -> np.ndarray:
+        """The prompts' embeddings, then the states of ``layers`` (a head's :attr:`layers`)."""
+        from router_ml.embeddings.base import layer_columns
+
+        wide = np.stack([self.emb[t] for t in prompts["prompt"]]).astype("float32")
+        if not self.layers:
+            return wide
+        return np.ascontiguousarray(wide[:, layer_columns(self.layers, layers, self.dim)])
 
     def estimates(self, prompts: pd.DataFrame, Y: np.ndarray, df: pd.DataFrame) -> tuple[Any, np.ndarray]:
         from router_ml.evaluation.estimates import prompt_estimates
@@ -195,22 +204,24 @@ def fold_scores(
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
     best = best_single_model(Y_tr)
     ref_cost = float(np.nanmean(wide_column(parts["train"], p_tr, ctx.models, "cost_usd")[:, best]))
-    X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)
+    X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)  # embeddings: what the guard reads
     t_tr, t_va = list(p_tr["prompt"]), list(p_va["prompt"])
     est_va = ctx.estimates(p_va, Y_va, parts["val"])[0] if len(p_va) else None
     util_params = {k: v for k, v in ctx.utility.items() if k not in ("heads", "sweep")}
     fitted: dict[str, tuple[Any, ...]] = {}
     for hname, hcfg in ctx.heads.items():
         tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
-        head = fit_head(hcfg["name"], dict(hcfg.get("params") or {}), X_tr, Y_tr, tid, t_tr)
+        lay = head_layers(hcfg)
+        H_tr, H_va = (ctx.X(p_tr, lay), ctx.X(p_va, lay)) if lay else (X_tr, X_va)  # the head's features
+        head = fit_head(hcfg["name"], dict(hcfg.get("params") or {}), H_tr, Y_tr, tid, t_tr)
         cal, policy, q_va = None, build_policy(dict(util_params)), None
         if est_va is not None:
-            raw_va = predict_head(head, X_va, t_va)
+            raw_va = predict_head(head, H_va, t_va)
             if ctx.calibrator != "none":
                 cal = build_calibrator(ctx.calibrator).fit(raw_va, Y_va)
             q_va = cal.transform(raw_va) if cal is not None else raw_va
             policy = policy.fit(dataclasses.replace(est_va, quality=q_va))
-        fitted[hname] = (head, cal, policy)
+        fitted[hname] = (head, cal, policy, lay)
         if hname in (ctx.guard.get("heads") or []):
             # shift.guard.modes: one guarded row per mode (``<head>+<mode>``), sharing the guard's
             # out-of-fold head fits; without it one ``<head>+guard`` row in params' mode
@@ -223,6 +234,7 @@ def fold_scores(
                     p_tr,
                     Y_tr,
                     X_tr,
+                    H_tr,
                     t_tr,
                     (head, cal, policy),
                     X_va,
@@ -232,6 +244,7 @@ def fold_scores(
                     mode,
                     oof_cache,
                 )
+                fitted[f"{hname}+{mode or 'guard'}"] += (lay,)
 
     out = []
     for rendering, test in tests.items():
@@ -247,8 +260,8 @@ def fold_scores(
             cost=cost,
             best=best,
         )
-        for hname, (head, cal, policy, *guard) in fitted.items():
-            raw = predict_head(head, X_te, t_te)
+        for hname, (head, cal, policy, *guard, lay) in fitted.items():
+            raw = predict_head(head, ctx.X(p_te, lay) if lay else X_te, t_te)
             q, lower = (cal.transform(raw) if cal is not None else raw), None
             if guard:  # the router's order: head -> calibrator -> guard
                 g, nov_va, info = guard
@@ -285,6 +298,7 @@ def _fit_guard(
     p_tr: pd.DataFrame,
     Y_tr: np.ndarray,
     X_tr: np.ndarray,
+    H_tr: np.ndarray,
     t_tr: list[str],
     fitted: tuple[Any, Any, Any],
     X_va: np.ndarray,
@@ -320,8 +334,8 @@ def _fit_guard(
             # (an ensemble with a taskmix member falls back the same way)
             cache[key] = np.tile(np.nan_to_num(np.nanmean(Y_tr[tr], axis=0)), (len(te), 1))
         if key not in cache:
-            h = fit_head(hcfg["name"], params, X_tr[tr], Y_tr[tr], tid[tr], [t_tr[i] for i in tr])
-            cache[key] = predict_head(h, X_tr[te], [t_tr[i] for i in te])
+            h = fit_head(hcfg["name"], params, H_tr[tr], Y_tr[tr], tid[tr], [t_tr[i] for i in tr])
+            cache[key] = predict_head(h, H_tr[te], [t_tr[i] for i in te])
         return cache[key]
 
     families = p_tr[ctx.family_by].astype(str).to_numpy()
@@ -410,12 +424,15 @@ def _trust_summary(parts: list[FoldScores], h: str) -> dict[str, Any]:
 
 # ---- the run ---------------------------------------------------------------------------------
 def _embed_and_tasks(
-    cfg: Mapping[str, Any], texts: list[str], seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Embeddings of ``texts`` (on-disk cache) and their task types predicted by a task head fitted
-    on the project's labelled prompts only (none of them is a routing-table prompt)."""
+    cfg: Mapping[str, Any], texts: list[str], seed: int, head_layers: Sequence[int] = ()
+) -> tuple[dict[str, np.ndarray], dict[str, str], tuple[int, ...], int]:
+    """Features of ``texts`` (on-disk cache): the embedding, then the pooled states of the task
+    head's and ``head_layers`` (the quality heads') layers; their task types predicted by a task
+    head fitted on the project's labelled prompts only (none of them is a routing-table prompt);
+    the layers the features hold; the embedding's width."""
     from router_ml.data.taxonomy import TASK_TYPES
     from router_ml.embeddings import CachedEncoder, build_encoder
+    from router_ml.embeddings.base import layer_columns
     from router_ml.predictors import TaskClassifier
     from router_ml.training import task_training_data
 
@@ -425,8 +442,14 @@ def _embed_and_tasks(
     layers = tuple(params.get("layers") or ())
     if layers and not hasattr(encoder, "encode_layers"):
         params["layers"], layers = [], ()  # a static encoder has no layer states
-    feats = cached.encode_layers(texts, layers, show_progress=True) if layers else cached.encode(texts)
-    emb = dict(zip(texts, feats[:, : encoder.dim], strict=True))
+    have = tuple(sorted(set(layers) | set(head_layers)))
+    if head_layers and not hasattr(encoder, "encode_layers"):
+        raise ValueError(
+            f"shift: a head reads encoder layers {list(head_layers)}; encoder {encoder.id!r} has none"
+        )
+    wide = cached.encode_layers(texts, have, show_progress=True) if have else cached.encode(texts)
+    emb = dict(zip(texts, wide, strict=True))
+    feats = wide[:, layer_columns(have, layers, encoder.dim)] if have else wide
     held = pd.DataFrame({"prompt": texts})
     tcfg = {**(cfg.get("task_data") or {}), "routing_table": False}
     task_train, _ = task_training_data({"train": held.iloc[:0], "test": held}, tcfg, seed)
@@ -434,7 +457,7 @@ def _embed_and_tasks(
     X_task = cached.encode_layers(tt, layers) if layers else cached.encode(tt)
     head = TaskClassifier(labels=list(TASK_TYPES), **params).fit(X_task, list(task_train["task"]), texts=tt)
     pred = head.predict(feats, texts=texts)
-    return emb, dict(zip(texts, (str(p) for p in pred), strict=True))
+    return emb, dict(zip(texts, (str(p) for p in pred), strict=True)), have, int(encoder.dim)
 
 
 def _folds(
@@ -488,14 +511,16 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
         {t for _, tr, tests in folds for df in (tr, *tests.values()) for t in df["prompt"].unique()}
     )
     t1 = time.perf_counter()
-    emb, tasks = _embed_and_tasks(cfg, texts, seed)
+    heads = shift_heads(cfg)
+    want = sorted({k for h in heads.values() for k in head_layers(h)})
+    emb, tasks, have, dim = _embed_and_tasks(cfg, texts, seed, want)
     embed_s = time.perf_counter() - t1
     ctx = _Context(
         models=models,
         emb=emb,
         tasks=tasks,
         layer=build_layer(cfg, models),
-        heads=shift_heads(cfg),
+        heads=heads,
         calibrator=(cfg.get("calibrator") or {}).get("name", "none"),
         utility=dict(
             (cfg.get("policies") or {}).get("utility") or {"name": "utility", "sweep": {"kind": "lam"}}
@@ -504,6 +529,8 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
         val_size=float(s.get("val_size", 0.1)),
         seed=seed,
         guard=dict(s.get("guard") or {}),
+        layers=have,
+        dim=dim,
     )
     parts: list[FoldScores] = []
     for fold, train, tests in tqdm(folds, desc=f"shift {s['name']} {cfg['data'].get('name')}"):

@@ -45,9 +45,11 @@ class TaskHead(Protocol):
 
 class QualityHead(Protocol):
     """What a router needs of its quality head (every :class:`QualityPredictor`): ``predict(X)``,
-    and, when ``uses_text``, ``predict(X, texts=..., text_part=...)``."""
+    and, when ``uses_text``, ``predict(X, texts=..., text_part=...)``; ``X`` holds the states of
+    its ``layers`` after the embedding."""
 
     uses_text: bool
+    layers: Sequence[int]
     n_models_: int
     dim_: int
 
@@ -248,6 +250,11 @@ class QualityPredictor(BasePredictor):
     #: True for a head whose ``fit`` and ``predict`` also take the prompt ``texts`` (and a
     #: precomputed ``text_part``); the others read only the embedding
     uses_text: bool = False
+
+    #: encoder layers whose mean-pooled states the head reads beside the embedding: its ``X`` is
+    #: then the encoder's ``encode_layers(texts, layers)``, ``(n, dim * (1 + len(layers)))``, which
+    #: the router takes from the same forward pass as the embedding; ``()``: the embedding alone
+    layers: Sequence[int] = ()
 
     def text_part(self, texts: Sequence[str]) -> Any:
         """What the texts contribute, computable before the encoder runs (None: nothing)."""

@@ -5,8 +5,9 @@ Members are embedding-only heads of the registry (``taskmix``, ``knn``, ``linear
 and the ensemble predicts ``sum_i w_i q_i / sum_i w_i``. Averaging heads that err differently
 (a task mixture that maps a prompt onto known task types, a kNN that reads its nearest
 neighbours) is the cheapest variance reduction there is; whether it pays under shift is measured
-by the shift harness (README, "Routing under shift"). State: each member's arrays under
-``"<i>.<key>"``, no pickle.
+by the shift harness (README, "Routing under shift"). A member may read encoder layer states
+(``taskmix`` with ``layers``): the ensemble's :attr:`layers` are their union and each member gets
+its own columns. State: each member's arrays under ``"<i>.<key>"``, no pickle.
 
     head = EnsembleQualityPredictor(members=[{"name": "taskmix"}, {"name": "knn", "params": {"k": 100}}])
     head.fit(X, Y, task_ids).predict(X_new)  # (n, m)
@@ -66,6 +67,21 @@ class EnsembleQualityPredictor(QualityPredictor):
             heads.append(head)
         return heads
 
+    @property
+    def layers(self) -> list[int]:  # type: ignore[override]
+        """The union of the members' encoder layers (sorted): what ``X`` holds after the embedding."""
+        return sorted({int(k) for m in self.members for k in (m.get("params") or {}).get("layers") or ()})
+
+    def _columns(self, X: np.ndarray) -> list[np.ndarray]:
+        """Each member's view of ``X`` (the embedding and that member's layer states)."""
+        from router_ml.embeddings.base import layer_columns
+
+        have = self.layers
+        dim = X.shape[1] // (1 + len(have))
+        return [
+            X if list(h.layers) == have else X[:, layer_columns(have, h.layers, dim)] for h in self.heads_
+        ]
+
     def _w(self) -> np.ndarray:
         w = np.ones(len(self.members)) if self.weights is None else np.asarray(self.weights, np.float64)
         return w / w.sum()
@@ -75,15 +91,18 @@ class EnsembleQualityPredictor(QualityPredictor):
     ) -> EnsembleQualityPredictor:
         """Fit every member on ``X (n, d)``, ``Y (n, m)`` and ``task_ids`` (for members that read them)."""
         X, Y, task_ids = self._check_fit_inputs(X, Y, task_ids)
-        heads = self._build_members()
-        self.heads_ = [h.fit(X, Y, task_ids) for h in heads]
+        self.heads_ = self._build_members()
+        for h, Xh in zip(self.heads_, self._columns(X), strict=True):
+            h.fit(Xh, Y, task_ids)
         self.n_models_, self.dim_ = Y.shape[1], X.shape[1]
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Weighted mean of the members' ``(n, m)`` predictions."""
         X = self._check_X(X)
-        return sum(w * h.predict(X) for w, h in zip(self._w(), self.heads_, strict=True))
+        return sum(
+            w * h.predict(Xh) for w, h, Xh in zip(self._w(), self.heads_, self._columns(X), strict=True)
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         self._check_fitted("heads_")

@@ -234,6 +234,11 @@ class ProbedQualityPredictor(QualityPredictor):
         """The base head's: a head that reads the text needs it for the added columns too."""
         return bool(getattr(getattr(self, "base_", None), "uses_text", False))
 
+    @property
+    def layers(self) -> list[int]:  # type: ignore[override]
+        """The base head's encoder layers: ``X`` (and the probe bank) hold their states too."""
+        return list(getattr(getattr(self, "base_", None), "layers", ()))
+
     def text_part(self, texts: Sequence[str]) -> Any:
         self._check_fitted("base_")
         return self.base_.text_part(texts)

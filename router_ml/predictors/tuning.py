@@ -41,6 +41,14 @@ def fit_head(
     return head.fit(X, Y, task_ids)
 
 
+def head_layers(hcfg: Mapping[str, Any]) -> list[int]:
+    """The encoder layers a head config ``{name, params}`` reads beside the embedding
+    (:attr:`~router_ml.predictors.base.QualityPredictor.layers`; ``[]`` for most heads)."""
+    from router_ml.predictors import build_quality_predictor
+
+    return [int(k) for k in build_quality_predictor(hcfg["name"], **dict(hcfg.get("params") or {})).layers]
+
+
 def predict_head(head: Any, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
     """``head.predict`` on ``X (n, d)``, with the ``texts`` when the head reads text; ``(n, m)``."""
     if head.uses_text:
