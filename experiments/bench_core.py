@@ -332,11 +332,14 @@ def print_speed(out: dict, head: str) -> None:
     )
 
 
-def speed_only(head: str, guard: bool = False, guard_mode: str = "shrink") -> dict:
+def speed_only(
+    head: str, guard: bool = False, guard_mode: str = "shrink", quality_layers: list[int] | None = None
+) -> dict:
     """Speed figures only: a router with the ``head`` quality head at default parameters (no
-    tuning) and the bench's task head, fitted on llmrouter_ulab's training split (seed 0); with
-    ``guard``, a :class:`~router_ml.predictors.guard.NoveltyGuard` in ``guard_mode`` after it
-    (fitted by 3 + 3 folds of the head)."""
+    tuning; ``quality_layers``: the encoder layers it reads beside the embedding) and the bench's
+    task head, fitted on llmrouter_ulab's training split (seed 0); with ``guard``, a
+    :class:`~router_ml.predictors.guard.NoveltyGuard` in ``guard_mode`` after it (fitted by 3 + 3
+    folds of the head)."""
     from router_ml.router import LearnedRouter
 
     table = load_source("llmrouter")
@@ -347,14 +350,21 @@ def speed_only(head: str, guard: bool = False, guard_mode: str = "shrink") -> di
     encoder = build_encoder("minilm")
     cached = CachedEncoder(encoder)
     t0 = time.perf_counter()
-    X_tr, X_va = (cached.encode(list(p)) for p in (p_tr["prompt"], p_va["prompt"]))
+    X_tr = cached.encode(list(p_tr["prompt"]))
+    qp = {"layers": list(quality_layers)} if quality_layers else {}
+    H_tr, H_va = (
+        cached.encode_layers(list(p), quality_layers) if quality_layers else cached.encode(list(p))
+        for p in (p_tr["prompt"], p_va["prompt"])
+    )
     layers, task_texts = TASK_HEAD.get("layers"), list(task_train["prompt"])
     X_task = cached.encode_layers(task_texts, layers) if layers else cached.encode(task_texts)
     out: dict = {"embed_s": time.perf_counter() - t0}
     task_head = TaskClassifier(labels=list(TASK_TYPES), **TASK_HEAD)
     task_head.fit(X_task, list(task_train["task"]), texts=list(task_train["prompt"]))
-    quality = build_quality_predictor(head).fit(X_tr, Y_tr, task_ids_of(p_tr[TASK_KEY.get(head, "task")]))
-    cal = build_calibrator("isotonic").fit(quality.predict(X_va), Y_va)
+    quality = build_quality_predictor(head, **qp).fit(
+        H_tr, Y_tr, task_ids_of(p_tr[TASK_KEY.get(head, "task")])
+    )
+    cal = build_calibrator("isotonic").fit(quality.predict(H_va), Y_va)
     g = None
     if guard:
         from router_ml.predictors.guard import NoveltyGuard
@@ -362,13 +372,14 @@ def speed_only(head: str, guard: bool = False, guard_mode: str = "shrink") -> di
         tid = task_ids_of(p_tr[TASK_KEY.get(head, "task")])
 
         def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-            return build_quality_predictor(head).fit(X_tr[tr], Y_tr[tr], tid[tr]).predict(X_tr[te])
+            return build_quality_predictor(head, **qp).fit(H_tr[tr], Y_tr[tr], tid[tr]).predict(H_tr[te])
 
         g = NoveltyGuard(folds=3, mode=guard_mode).fit(
             X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict, texts=list(p_tr["prompt"])
         )
     out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal, guard=g)))
-    print_speed(out, head + (f" + guard ({guard_mode})" if guard else ""))
+    name = head + (f" (layers {quality_layers})" if quality_layers else "")
+    print_speed(out, name + (f" + guard ({guard_mode})" if guard else ""))
     return out
 
 
@@ -396,12 +407,21 @@ def main() -> None:
     )
     ap.add_argument("--guard", action="store_true", help="--speed-only with the novelty guard")
     ap.add_argument(
-        "--guard-mode", default="shrink", choices=["shrink", "margin", "trust"], help="the guard's mode"
+        "--quality-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="--speed-only: encoder layers the head reads",
+    )
+    ap.add_argument(
+        "--guard-mode", default="shrink", choices=["shrink", "spread", "margin", "trust"], help="the guard's mode"
     )
     args = ap.parse_args()
     if args.speed_only:
         head = args.heads[0] if args.heads != ap.get_default("heads") else "taskmix"
-        out = speed_only(head, guard=args.guard, guard_mode=args.guard_mode)
+        out = speed_only(
+            head, guard=args.guard, guard_mode=args.guard_mode, quality_layers=args.quality_layers
+        )
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=2)
