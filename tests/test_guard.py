@@ -52,6 +52,76 @@ def test_smoothed_conformal_covers_tied_binary_residuals_at_the_nominal_rate():
     np.testing.assert_array_equal(prompt_uniform(np.ones((2, 8))), prompt_uniform(np.ones((2, 8))))
 
 
+def test_weighted_smoothed_quantile_gives_each_family_its_weight():
+    # 900 residuals of 0.1 from a large family, 100 of 0.9 from a small one
+    r = np.r_[np.full(900, 0.1), np.full(100, 0.9)]
+    assert smoothed_halfwidths(r, 0.9, np.ones(len(r))) == smoothed_halfwidths(r, 0.9)
+    lo, hi, p = smoothed_halfwidths(r, 0.9)  # by rows the small family barely counts
+    assert (lo, hi) == (0.1, 0.9) and p < 0.02
+    w = np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)]  # each family half the mass
+    lo, hi, p = smoothed_halfwidths(r, 0.9, w)
+    assert (lo, hi) == (0.1, 0.9) and p == pytest.approx((1001 * 0.9 - 500) / 500)
+    # a new family drawn from the two: half its rows are the small family's, covered with prob p
+    assert 0.5 + 0.5 * p == pytest.approx(0.9, abs=0.01)
+    assert smoothed_halfwidths(np.r_[r, np.nan], 0.9, np.r_[w, 5.0]) == (lo, hi, p)  # NaN rows drop out
+
+
+def _interval_table(intervals: str, R: np.ndarray, kind: np.ndarray, fam: np.ndarray, nu=None):
+    g = NoveltyGuard(coverage=0.9, n_bins=1, intervals=intervals)
+    g._fit_intervals(R, np.zeros(len(R)) if nu is None else nu, kind, fam)
+    return g
+
+
+def test_interval_rules_read_the_out_of_family_residuals():
+    # in distribution the head is close (residuals up to 0.2); on a held-out family it is not (up to 1)
+    rng = np.random.default_rng(0)
+    n = 4000
+    R = np.r_[rng.uniform(0, 0.2, n), rng.uniform(0, 1.0, n)][:, None]
+    kind = np.r_[np.zeros(n, int), np.ones(n, int)]
+    fam = np.array([f"fam{i % 4}" for i in range(2 * n)])
+    new_family = rng.uniform(0, 1.0, 20000)
+    in_dist = rng.uniform(0, 0.2, 20000)
+    pooled, family, wider = (_interval_table(x, R, kind, fam) for x in ("pooled", "family", "wider"))
+    assert (new_family <= pooled.halfwidth_[0, 0]).mean() < 0.85  # pooled under-covers a new family
+    assert abs((new_family <= family.halfwidth_[0, 0]).mean() - 0.9) < 0.01
+    assert wider.halfwidth_[0, 0] == family.halfwidth_[0, 0]  # out of family is the wider here
+    assert (in_dist <= wider.halfwidth_[0, 0]).all()  # ... and over-covers in distribution
+    # where the in-distribution residuals are the wider, "wider" keeps theirs
+    flipped = _interval_table("wider", np.r_[R[n:], R[:n]], kind, fam)
+    assert flipped.halfwidth_[0, 0] == pytest.approx(family.halfwidth_[0, 0])
+
+
+def test_family_equal_intervals_cover_a_new_family_not_its_rows():
+    # three families: one large with small residuals, two small with large ones
+    rng = np.random.default_rng(1)
+    sizes, scales = (3000, 300, 300), (0.1, 1.0, 1.0)
+    R = np.concatenate([rng.uniform(0, s, k) for k, s in zip(sizes, scales, strict=True)])[:, None]
+    fam = np.repeat(["big", "a", "b"], sizes)
+    kind = np.ones(len(R), int)
+    by_rows = _interval_table("family", R, kind, fam)
+    equal = _interval_table("family_equal", R, kind, fam)
+    assert equal.halfwidth_[0, 0] > by_rows.halfwidth_[0, 0]
+    # a new family is one of the three kinds with probability 1/3 each: mean coverage over families
+    h = equal.halfwidth_[0, 0]
+    per_family = [min(h / s, 1.0) for s in scales]
+    assert np.mean(per_family) == pytest.approx(0.9, abs=0.02)
+    with pytest.raises(ValueError, match="intervals"):
+        NoveltyGuard(intervals="quantile")
+
+
+def test_a_guard_with_out_of_family_intervals_round_trips_and_takes_an_added_model():
+    X, Y, fam = _families(n_fam=5)
+    g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=EMB_FEATURES, intervals="wider_equal")
+    g.fit(X, Y, fam, _fit_predict_for(X, Y))
+    assert g.get_params()["intervals"] == "wider_equal"
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    q = np.full((len(X), 2), 0.5)
+    np.testing.assert_allclose(back.transform(X, q).upper, g.transform(X, q).upper)
+    added = g.with_added_models([0.4])
+    assert added.halfwidth_.shape == (2, 3)
+    np.testing.assert_allclose(added.halfwidth_[:, 2], g.halfwidth_.max(axis=1))
+
+
 def test_routed_gain_scores_the_argmax_against_the_best_single_column():
     q = np.array([[0.9, 0.1], [0.2, 0.8]])
     Y = np.array([[0.0, 1.0], [1.0, np.nan]])

@@ -143,6 +143,10 @@ LEGACY_FEATURES = FEATURES[:4]
 DEFAULT_FEATURES = ("nearest_dist", "knn_mean_dist", "local_scale", *FEATURES[5:])
 #: text spaces, by the prefix of their features
 TEXT_SPACES = ("char", "word")
+#: how the conformal table reads the out-of-fold residuals (``intervals``): ``pooled`` every row, in
+#: distribution and out of family alike; ``family`` the out-of-family rows only; ``wider`` per bin and
+#: model the wider of the two kinds' intervals; ``*_equal`` each held-out family the same weight
+INTERVALS = ("pooled", "family", "family_equal", "wider", "wider_equal")
 #: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
 FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -186,23 +190,33 @@ def family_spread(Y: np.ndarray, families: np.ndarray, best: int) -> np.ndarray:
         return np.nan_to_num(np.nanstd(M - M[:, [best]], axis=0, ddof=1), nan=0.0)
 
 
-def smoothed_halfwidths(residuals: np.ndarray, coverage: float) -> tuple[float, float, float]:
+def smoothed_halfwidths(
+    residuals: np.ndarray, coverage: float, weights: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """The smoothed (randomised) split-conformal quantile of ``|residuals|`` (NaN ignored):
     ``(h_low, h_high, p)``; a half-width of ``h_high`` with probability ``p`` and ``h_low`` otherwise
     holds a new exchangeable residual with probability exactly ``coverage``. ``h_high`` is
     :func:`conformal_halfwidth`'s quantile; the coin matters where residuals tie, as they do for
     {0, 1} outcomes around a near-constant estimate (a prompt shrunk all the way to the prior), where
     the deterministic quantile covers either one outcome or both and the coverage jumps.
-    ``(inf, inf, 1)`` when there are too few residuals."""
-    r = np.abs(residuals[~np.isnan(residuals)])
-    target = (len(r) + 1) * coverage
-    if not len(r) or target > len(r):
+    ``weights`` (same shape, >= 0): a weighted quantile (each residual counts ``weights``, rescaled
+    to a mean of 1, and the new one 1), e.g. each task family the same total weight whatever its
+    row count. ``(inf, inf, 1)`` when there are too few residuals."""
+    residuals = np.asarray(residuals, np.float64)
+    ok = ~np.isnan(residuals)
+    r = np.abs(residuals[ok])
+    w = np.ones(len(r)) if weights is None else np.asarray(weights, np.float64)[ok]
+    if not len(r) or not w.sum() > 0:
         return float("inf"), float("inf"), 1.0
-    vals, counts = np.unique(r, return_counts=True)
-    c = np.cumsum(counts)
-    j = int(np.searchsorted(c, target - 1e-9))  # the first value whose count reaches the target
-    c_low, h_low = (int(c[j - 1]), float(vals[j - 1])) if j > 0 else (0, 0.0)
-    return h_low, float(vals[j]), float((target - c_low) / (c[j] - c_low))
+    w = w * (len(r) / w.sum())
+    target = (len(r) + 1) * coverage
+    if target > len(r) + 1e-9:
+        return float("inf"), float("inf"), 1.0
+    vals, inv = np.unique(r, return_inverse=True)
+    c = np.cumsum(np.bincount(inv, weights=w, minlength=len(vals)))
+    j = min(int(np.searchsorted(c, target - 1e-9)), len(vals) - 1)  # the first value whose mass reaches it
+    c_low, h_low = (float(c[j - 1]), float(vals[j - 1])) if j > 0 else (0.0, 0.0)
+    return h_low, float(vals[j]), float(min(max((target - c_low) / (c[j] - c_low), 0.0), 1.0))
 
 
 def prompt_uniform(X: np.ndarray) -> np.ndarray:
@@ -268,9 +282,14 @@ class NoveltyGuard(BasePredictor):
         seed: int = 0,
         family_folds: int | None = None,
         features: Sequence[str] | None = None,
+        intervals: str = "pooled",
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if intervals not in INTERVALS:
+            raise ValueError(
+                f"NoveltyGuard: intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}"
+            )
         unknown = [f for f in (features or ()) if f not in FEATURES]
         if unknown or (features is not None and not len(features)):
             raise ValueError(
@@ -286,6 +305,7 @@ class NoveltyGuard(BasePredictor):
         self.seed = seed
         self.family_folds = family_folds
         self.features = None if features is None else [str(f) for f in features]
+        self.intervals = intervals
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -603,19 +623,8 @@ class NoveltyGuard(BasePredictor):
                 ]
             )
         )
-        self.bin_edges_ = (
-            np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
-        )
-        b = np.searchsorted(self.bin_edges_, nu, side="right")
-        # smoothed: (h_low, h_high, p) per bin and model; the interval's half-width is h_high where
-        # the prompt's coin (prompt_uniform) falls below p
-        table = np.array(
-            [
-                [smoothed_halfwidths(R[b == i, j], self.coverage) for j in range(Y.shape[1])]
-                for i in range(self.n_bins)
-            ]
-        ).reshape(self.n_bins, Y.shape[1], 3)
-        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
+        kind = np.r_[np.zeros(len(nu_i), np.int64), np.ones(len(nu_f), np.int64)]
+        self._fit_intervals(R, nu, kind, np.r_[fam, fam])
 
         # what serving keeps: a bank of training embeddings and the family head on every prompt
         keep = rng.permutation(len(X))[: self.max_bank] if len(X) > self.max_bank else np.arange(len(X))
@@ -625,6 +634,43 @@ class NoveltyGuard(BasePredictor):
         self.bank_y_ = Yfill[np.sort(keep)] if self.mode == "trust" else np.zeros((0, Y.shape[1]))
         self.fam_coef_, self.fam_intercept_ = self._family_head(X, fam, self.seed)
         return self
+
+    def _fit_intervals(self, R: np.ndarray, nu: np.ndarray, kind: np.ndarray, fam: np.ndarray) -> None:
+        """The conformal table from the out-of-fold absolute residuals ``R (r, m)`` (NaN: no outcome) at
+        novelty ``nu (r,)``; ``kind (r,)`` 0 for the in-distribution (random-fold) rows, 1 for the
+        out-of-family ones; ``fam (r,)`` each row's family. Per novelty bin (edges: quantiles of
+        ``nu``) and model, by :attr:`intervals` (:data:`INTERVALS`)."""
+        if self.intervals not in INTERVALS:
+            raise ValueError(f"NoveltyGuard: intervals must be one of {INTERVALS}, got {self.intervals!r}")
+        self.bin_edges_ = (
+            np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
+        )
+        b = np.searchsorted(self.bin_edges_, nu, side="right")
+        kind = np.asarray(kind)
+        equal = self.intervals.endswith("_equal")
+        w = np.ones(len(nu))
+        if equal:  # each family the same total weight among the out-of-family rows
+            for f in np.unique(fam[kind == 1]):
+                rows = (kind == 1) & (fam == f)
+                w[rows] = 1.0 / rows.sum()
+
+        def smoothed(rows: np.ndarray, j: int) -> tuple[float, float, float]:
+            return smoothed_halfwidths(R[rows, j], self.coverage, w[rows] if equal else None)
+
+        def cell(i: int, j: int) -> tuple[float, float, float]:
+            if self.intervals == "pooled":
+                return smoothed(b == i, j)
+            out = smoothed((b == i) & (kind == 1), j)
+            if self.intervals.startswith("wider"):  # whichever of the two kinds' intervals is wider
+                ind = smoothed((b == i) & (kind == 0), j)
+                out = max(out, ind, key=lambda t: (t[1], t[2], t[0]))
+            return out
+
+        # smoothed: (h_low, h_high, p) per bin and model; the interval's half-width is h_high where
+        # the prompt's coin (prompt_uniform) falls below p
+        table = np.array([[cell(i, j) for j in range(R.shape[1])] for i in range(self.n_bins)])
+        table = table.reshape(self.n_bins, R.shape[1], 3)
+        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
 
     def _fit_trust(
         self,
