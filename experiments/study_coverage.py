@@ -62,9 +62,18 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
     captured: list[dict] = []
     orig = NoveltyGuard._fit_intervals
 
-    def spy(self, R, nu, kind, fam):
-        captured.append({"R": R, "nu": nu, "kind": kind, "fam": fam})
-        return orig(self, R, nu, kind, fam)
+    def spy(self, R, nu, kind, fam, G=None):
+        import inspect
+
+        loc = inspect.currentframe().f_back.f_locals  # NoveltyGuard.fit's: the out-of-fold arrays
+        cal = loc["cal"]
+        extra = {k: loc[k] for k in ("Y", "Qi", "Qf", "Pi", "Pf", "bi", "bf")}
+        extra.update(
+            Ci=cal(loc["Qi"]), Cf=cal(loc["Qf"]), gi=loc["groups"]["random"], gf=loc["groups"]["family"],
+            shrink=np.asarray(self.shrink_),
+        )  # fmt: skip
+        captured.append({"R": R, "nu": nu, "kind": kind, "fam": fam, "G": G, **extra})
+        return orig(self, R, nu, kind, fam, G)
 
     NoveltyGuard._fit_intervals = spy
     out: dict[str, list] = {}
@@ -95,7 +104,9 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
             )[3]
             row = {"fold": fold, **captured.pop()}
             for key, Xk, tk, Yk, p in (("va", X["va"], t_va, Y_va, p_va), ("te", X["te"], t_te, Y_te, p_te)):
-                gd = g.transform(Xk, cal.transform(predict_head(head, Xk, tk)), texts=tk)
+                raw = predict_head(head, Xk, tk)
+                gd = g.transform(Xk, cal.transform(raw), texts=tk)
+                row[f"{key}_raw"] = raw
                 row.update({f"{key}_q": gd.quality, f"{key}_nu": gd.novelty, f"{key}_coin": prompt_uniform(Xk),
                             f"{key}_Y": Yk, f"{key}_fam": p[family_by].astype(str).to_numpy()})  # fmt: skip
             for k, v in row.items():
@@ -108,23 +119,42 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
 
 
 # ---- interval rules: (R, nu, kind, fam) -> a function (nu, coin) -> (n, m) half-widths ----------
-def _table(guard_kwargs: dict, R, nu, kind, fam):
+def _guarded(arrays: dict, i: int) -> np.ndarray:
+    """Fold ``i``'s out-of-fold guarded estimates (captured, or for a shrink guard rebuilt)."""
+    if "G" in arrays and arrays["G"][i] is not None:
+        return arrays["G"][i]
+    nu, w, n = arrays["nu"][i], arrays["shrink"][i], len(arrays["Y"][i])
+    out = []
+    for C, P, v in ((arrays["Ci"][i], arrays["Pi"][i], nu[:n]), (arrays["Cf"][i], arrays["Pf"][i], nu[n:])):
+        ww = np.clip(w[0] + (w[1] - w[0]) * v, 0, 1)[:, None]
+        out.append((1 - ww) * C + ww * P)
+    return np.vstack(out)
+
+
+def _table(guard_kwargs: dict, arrays: dict, i: int):
     from router_ml.predictors.guard import NoveltyGuard
 
     g = NoveltyGuard(**guard_kwargs)
-    g._fit_intervals(R, nu, kind, fam)
+    g._fit_intervals(*(arrays[k][i] for k in ("R", "nu", "kind", "fam")), _guarded(arrays, i))
 
-    def half(v, coin):
-        b = np.searchsorted(g.bin_edges_, v, side="right")
-        return np.where(coin[:, None] < g.halfwidth_p_[b], g.halfwidth_[b], g.halfwidth_low_[b])
+    def half(v, q, coin):
+        c, cols = g._cells(v, q), np.arange(q.shape[1])[None, :]
+        return np.where(
+            coin[:, None] < g.halfwidth_p_[c, cols], g.halfwidth_[c, cols], g.halfwidth_low_[c, cols]
+        )
 
     return half
 
 
 RULES = {
-    f"{rule}, {n} novelty bin{'s' if n > 1 else ''}": {"intervals": rule, "n_bins": n}
-    for rule in ("pooled", "family", "family_equal", "wider", "wider_equal")
-    for n in (1, 3, 5)
+    f"{rule}, {n} novelty bin{'s' if n > 1 else ''} x {k} estimate bin{'s' if k > 1 else ''}": {
+        "intervals": rule,
+        "n_bins": n,
+        "q_bins": k,
+    }
+    for rule in ("pooled", "family", "family_equal", "wider")
+    for n in (1, 3)
+    for k in (1, 5, 10)
 }
 
 
@@ -136,10 +166,10 @@ def score(arrays: dict, rules: dict[str, dict], nominal: float = 0.9) -> dict[st
         cov = {"te": [], "va": []}
         width = {"te": [], "va": []}
         for i in range(len(arrays["fold"])):
-            half = _table(kw, *(arrays[k][i] for k in ("R", "nu", "kind", "fam")))
+            half = _table(kw, arrays, i)
             for key in ("te", "va"):
                 q, Y = arrays[f"{key}_q"][i], arrays[f"{key}_Y"][i]
-                h = half(arrays[f"{key}_nu"][i], arrays[f"{key}_coin"][i])
+                h = half(arrays[f"{key}_nu"][i], q, arrays[f"{key}_coin"][i])
                 lo, hi = np.clip(q - h, 0, 1), np.clip(q + h, 0, 1)
                 cov[key].append(np.where(np.isnan(Y), np.nan, (lo - 1e-9 <= Y) & (hi + 1e-9 >= Y)))
                 width[key].append(hi - lo)

@@ -109,6 +109,58 @@ def test_family_equal_intervals_cover_a_new_family_not_its_rows():
         NoveltyGuard(intervals="quantile")
 
 
+def _cover(g: NoveltyGuard, q: np.ndarray, y: np.ndarray, coin: np.ndarray) -> float:
+    c, cols = g._cells(np.zeros(len(q)), q), np.arange(q.shape[1])[None, :]
+    h = np.where(coin[:, None] < g.halfwidth_p_[c, cols], g.halfwidth_[c, cols], g.halfwidth_low_[c, cols])
+    return float(((y >= q - h - 1e-9) & (y <= q + h + 1e-9)).mean())
+
+
+def test_estimate_bins_cover_at_nominal_whatever_the_mix_of_estimates():
+    # {0, 1} outcomes around two estimates: 0.8 (right 80% of the time) and 0.5 (always off by 0.5)
+    rng = np.random.default_rng(2)
+    n = 6000
+    G = np.where(np.arange(n) % 2 == 0, 0.8, 0.5)[:, None]
+    Y = np.where(G == 0.8, rng.random((n, 1)) < 0.8, rng.random((n, 1)) < 0.5).astype(float)
+    R, kind, fam = np.abs(Y - G), np.zeros(n, int), np.array(["a"] * n)
+    one = NoveltyGuard(coverage=0.9, n_bins=1, q_bins=1)
+    one._fit_intervals(R, np.zeros(n), kind, fam, G)
+    two = NoveltyGuard(coverage=0.9, n_bins=1, q_bins=2)
+    two._fit_intervals(R, np.zeros(n), kind, fam, G)
+    assert two.qbin_edges_.shape == (1, 1) and two.halfwidth_.shape == (2, 1)
+    # new prompts: all with the confident estimate (the served mix differs from the calibration mix)
+    q = np.full((20000, 1), 0.8)
+    y = (rng.random((20000, 1)) < 0.8).astype(float)
+    coin = rng.random(20000)
+    assert _cover(one, q, y, coin) < 0.82  # one cell: the 0.5 rows set the width, 0.8's misses stay
+    assert abs(_cover(two, q, y, coin) - 0.9) < 0.01
+    with pytest.raises(ValueError, match="q_bins"):
+        NoveltyGuard(q_bins=0)
+
+
+def test_a_guard_with_estimate_bins_round_trips_and_old_states_load():
+    X, Y, fam = _families(n_fam=5)
+    g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, q_bins=4, features=EMB_FEATURES)
+    g.fit(X, Y, fam, _fit_predict_for(X, Y))
+    assert g.qbin_edges_.shape == (2, 3) and g.halfwidth_.shape == (8, 2)
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    q = np.random.default_rng(0).random((len(X), 2))
+    np.testing.assert_allclose(back.transform(X, q).lower, g.transform(X, q).lower)
+    added = g.with_added_models([0.4])  # the new column: per novelty bin the widest cell of any model
+    assert added.halfwidth_.shape == (8, 3) and added.qbin_edges_.shape == (3, 3)
+    np.testing.assert_allclose(added.halfwidth_[:, 2], np.repeat(g.halfwidth_.reshape(2, -1).max(axis=1), 4))
+    np.testing.assert_allclose(added.transform(X, np.c_[q, q[:, :1]]).lower[:, :2], g.transform(X, q).lower)
+    bad = g.state_dict()
+    bad["qbin_edges"] = bad["qbin_edges"][:1]
+    with pytest.raises(ValueError, match="qbin_edges"):
+        NoveltyGuard(**g.get_params()).load_state_dict(bad)
+    # a guard saved before the estimate bins: no qbin_edges, one cell per novelty bin
+    plain = NoveltyGuard(folds=3, n_bins=2, features=EMB_FEATURES).fit(X, Y, fam, _fit_predict_for(X, Y))
+    state = {k: v for k, v in plain.state_dict().items() if k != "qbin_edges"}
+    params = {k: v for k, v in plain.get_params().items() if k != "q_bins"}  # router.json without it
+    old = NoveltyGuard(**params).load_state_dict(state)
+    np.testing.assert_allclose(old.transform(X, q).upper, plain.transform(X, q).upper)
+
+
 def test_a_guard_with_out_of_family_intervals_round_trips_and_takes_an_added_model():
     X, Y, fam = _families(n_fam=5)
     g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=EMB_FEATURES, intervals="wider_equal")

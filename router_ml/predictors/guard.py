@@ -283,6 +283,7 @@ class NoveltyGuard(BasePredictor):
         family_folds: int | None = None,
         features: Sequence[str] | None = None,
         intervals: str = "pooled",
+        q_bins: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -290,6 +291,8 @@ class NoveltyGuard(BasePredictor):
             raise ValueError(
                 f"NoveltyGuard: intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}"
             )
+        if int(q_bins) != q_bins or q_bins < 1:
+            raise ValueError(f"NoveltyGuard: q_bins must be an integer >= 1, got {q_bins!r}")
         unknown = [f for f in (features or ()) if f not in FEATURES]
         if unknown or (features is not None and not len(features)):
             raise ValueError(
@@ -306,6 +309,7 @@ class NoveltyGuard(BasePredictor):
         self.family_folds = family_folds
         self.features = None if features is None else [str(f) for f in features]
         self.intervals = intervals
+        self.q_bins = q_bins
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -614,17 +618,14 @@ class NoveltyGuard(BasePredictor):
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
         cal = calibrate if calibrate is not None else (lambda Q: Q)
-        R = np.abs(
-            np.vstack([Y, Y])
-            - np.vstack(
-                [
-                    self._apply(cal(Qi), nu_i, bi, T["i"], Pi, Si)[0],
-                    self._apply(cal(Qf), nu_f, bf, T["f"], Pf, Sf)[0],
-                ]
-            )
+        G = np.vstack(
+            [
+                self._apply(cal(Qi), nu_i, bi, T["i"], Pi, Si)[0],
+                self._apply(cal(Qf), nu_f, bf, T["f"], Pf, Sf)[0],
+            ]
         )
         kind = np.r_[np.zeros(len(nu_i), np.int64), np.ones(len(nu_f), np.int64)]
-        self._fit_intervals(R, nu, kind, np.r_[fam, fam])
+        self._fit_intervals(np.abs(np.vstack([Y, Y]) - G), nu, kind, np.r_[fam, fam], G)
 
         # what serving keeps: a bank of training embeddings and the family head on every prompt
         keep = rng.permutation(len(X))[: self.max_bank] if len(X) > self.max_bank else np.arange(len(X))
@@ -635,17 +636,35 @@ class NoveltyGuard(BasePredictor):
         self.fam_coef_, self.fam_intercept_ = self._family_head(X, fam, self.seed)
         return self
 
-    def _fit_intervals(self, R: np.ndarray, nu: np.ndarray, kind: np.ndarray, fam: np.ndarray) -> None:
+    def _fit_intervals(
+        self, R: np.ndarray, nu: np.ndarray, kind: np.ndarray, fam: np.ndarray, G: np.ndarray | None = None
+    ) -> None:
         """The conformal table from the out-of-fold absolute residuals ``R (r, m)`` (NaN: no outcome) at
         novelty ``nu (r,)``; ``kind (r,)`` 0 for the in-distribution (random-fold) rows, 1 for the
-        out-of-family ones; ``fam (r,)`` each row's family. Per novelty bin (edges: quantiles of
-        ``nu``) and model, by :attr:`intervals` (:data:`INTERVALS`)."""
+        out-of-family ones; ``fam (r,)`` each row's family; ``G (r, m)`` the guarded estimates the
+        residuals are of (read with ``q_bins > 1``). Per cell (novelty bin, edges: quantiles of
+        ``nu``; times, with ``q_bins``, a bin of model ``j``'s own estimate, edges: quantiles of
+        ``G[:, j]``: Mondrian cells) and model, by :attr:`intervals` (:data:`INTERVALS`). Table row
+        ``novelty_bin * q_bins + q_bin``."""
         if self.intervals not in INTERVALS:
             raise ValueError(f"NoveltyGuard: intervals must be one of {INTERVALS}, got {self.intervals!r}")
         self.bin_edges_ = (
             np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
         )
         b = np.searchsorted(self.bin_edges_, nu, side="right")
+        nq = int(self.q_bins)
+        if nq > 1 and G is None:
+            raise ValueError("NoveltyGuard._fit_intervals: q_bins > 1 needs the estimates G")
+        inner = np.linspace(0, 1, nq + 1)[1:-1]
+        self.qbin_edges_ = (
+            np.vstack([np.nanquantile(G[:, j], inner) for j in range(R.shape[1])])
+            if nq > 1
+            else np.zeros((R.shape[1], 0))
+        )
+        cells = [
+            b * nq + np.searchsorted(self.qbin_edges_[j], G[:, j], side="right") if nq > 1 else b
+            for j in range(R.shape[1])
+        ]
         kind = np.asarray(kind)
         equal = self.intervals.endswith("_equal")
         w = np.ones(len(nu))
@@ -658,18 +677,20 @@ class NoveltyGuard(BasePredictor):
             return smoothed_halfwidths(R[rows, j], self.coverage, w[rows] if equal else None)
 
         def cell(i: int, j: int) -> tuple[float, float, float]:
+            here = cells[j] == i
             if self.intervals == "pooled":
-                return smoothed(b == i, j)
-            out = smoothed((b == i) & (kind == 1), j)
+                return smoothed(here, j)
+            out = smoothed(here & (kind == 1), j)
             if self.intervals.startswith("wider"):  # whichever of the two kinds' intervals is wider
-                ind = smoothed((b == i) & (kind == 0), j)
+                ind = smoothed(here & (kind == 0), j)
                 out = max(out, ind, key=lambda t: (t[1], t[2], t[0]))
             return out
 
-        # smoothed: (h_low, h_high, p) per bin and model; the interval's half-width is h_high where
+        # smoothed: (h_low, h_high, p) per cell and model; the interval's half-width is h_high where
         # the prompt's coin (prompt_uniform) falls below p
-        table = np.array([[cell(i, j) for j in range(R.shape[1])] for i in range(self.n_bins)])
-        table = table.reshape(self.n_bins, R.shape[1], 3)
+        n_cells = self.n_bins * nq
+        table = np.array([[cell(i, j) for j in range(R.shape[1])] for i in range(n_cells)])
+        table = table.reshape(n_cells, R.shape[1], 3)
         self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
 
     def _fit_trust(
@@ -833,10 +854,23 @@ class NoveltyGuard(BasePredictor):
             Yk = self.bank_y_[nn].mean(axis=1)
             t = self._trust_predict(self.trust_features(F, nu, quality, Yk, self.prior_model))
         q, w = self._apply(quality, nu, trust=t)
-        b = np.searchsorted(self.bin_edges_, nu, side="right")
-        coin = prompt_uniform(X)[:, None] < self.halfwidth_p_[b]
-        h = np.where(coin, self.halfwidth_[b], self.halfwidth_low_[b])
+        c = self._cells(nu, q)
+        cols = np.arange(q.shape[1])[None, :]
+        coin = prompt_uniform(X)[:, None] < self.halfwidth_p_[c, cols]
+        h = np.where(coin, self.halfwidth_[c, cols], self.halfwidth_low_[c, cols])
         return Guarded(q, nu, w, np.clip(q - h, 0.0, 1.0), np.clip(q + h, 0.0, 1.0), t)
+
+    def _cells(self, nu: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """(n, m) row of the conformal table per prompt and model: its novelty bin, times
+        ``q_bins``, plus the bin of the model's guarded estimate ``q (n, m)``."""
+        b = np.searchsorted(self.bin_edges_, nu, side="right")[:, None]
+        nq = self.qbin_edges_.shape[1] + 1
+        if nq == 1:
+            return np.broadcast_to(b, q.shape)
+        qb = np.column_stack(
+            [np.searchsorted(self.qbin_edges_[j], q[:, j], side="right") for j in range(q.shape[1])]
+        )
+        return b * nq + qb
 
     @property
     def prior_model(self) -> int:
@@ -861,9 +895,13 @@ class NoveltyGuard(BasePredictor):
         out = type(self)(**self.get_params())
         state = {k: np.array(v, copy=True) for k, v in self.state_dict().items()}
         state["prior"] = np.append(state["prior"], prior)
-        wide = state["halfwidth"].max(axis=1, keepdims=True)
+        # per novelty bin the widest of every trained column's cells, in each of the new column's cells
+        nq = state["qbin_edges"].shape[1] + 1
+        H = state["halfwidth"]
+        wide = np.repeat(H.reshape(-1, nq * H.shape[1]).max(axis=1), nq)[:, None]
         for key, new in (("halfwidth", wide), ("halfwidth_low", wide), ("halfwidth_p", np.ones_like(wide))):
             state[key] = np.hstack([state[key], np.repeat(new, len(prior), axis=1)])
+        state["qbin_edges"] = np.vstack([state["qbin_edges"], np.zeros((len(prior), nq - 1))])
         # the deferral model's kNN second opinion has no outcomes of a new model: its prior stands in
         # a new model's advantage was never seen across families: the widest spread of the trained ones
         state["spread"] = np.append(state["spread"], np.full(len(prior), state["spread"].max(initial=0.0)))
@@ -884,6 +922,7 @@ class NoveltyGuard(BasePredictor):
         "shrink_",
         "margin_",
         "bin_edges_",
+        "qbin_edges_",
         "halfwidth_",
         "halfwidth_low_",
         "halfwidth_p_",
@@ -932,9 +971,10 @@ class NoveltyGuard(BasePredictor):
             "shrink": (2,),
             "margin": (3,),
             "bin_edges": (max(self.n_bins - 1, 0),),
-            "halfwidth": (self.n_bins, None),
-            "halfwidth_low": (self.n_bins, None),
-            "halfwidth_p": (self.n_bins, None),
+            "qbin_edges": (None, max(int(self.q_bins) - 1, 0)),
+            "halfwidth": (self.n_bins * int(self.q_bins), None),
+            "halfwidth_low": (self.n_bins * int(self.q_bins), None),
+            "halfwidth_p": (self.n_bins * int(self.q_bins), None),
             "cv_gain": (2,),
             "cv_auroc": (1,),
             "bank_y": (None, None),
@@ -960,6 +1000,7 @@ class NoveltyGuard(BasePredictor):
             "spread": np.zeros(m0),
             "spread_risk": np.zeros(2),
             "bank_kdist": np.zeros(0),
+            "qbin_edges": np.zeros((m0, 0)),
             "feature_index": np.array([FEATURES.index(f) for f in self.feature_names]),
         }
         if "halfwidth" in state:  # saved before the smoothed intervals: the deterministic quantile
@@ -1006,9 +1047,11 @@ class NoveltyGuard(BasePredictor):
             self.halfwidth_.shape[1] != m
             or self.bank_.shape[1] != self.fam_coef_.shape[1]
             or self.spread_.shape != (m,)
+            or self.qbin_edges_.shape[0] != m
         ):
             raise ValueError(
                 f"NoveltyGuard: halfwidth {self.halfwidth_.shape} / bank {self.bank_.shape} / family head "
-                f"{self.fam_coef_.shape} / spread {self.spread_.shape} do not match {m} models"
+                f"{self.fam_coef_.shape} / spread {self.spread_.shape} / qbin_edges {self.qbin_edges_.shape} "
+                f"do not match {m} models"
             )
         return self
