@@ -159,6 +159,9 @@ def test_a_guard_with_estimate_bins_round_trips_and_old_states_load():
     params = {k: v for k, v in plain.get_params().items() if k != "q_bins"}  # router.json without it
     old = NoveltyGuard(**params).load_state_dict(state)
     np.testing.assert_allclose(old.transform(X, q).upper, plain.transform(X, q).upper)
+    old = NoveltyGuard(**params, q_bins=10).load_state_dict(state)  # whatever a later default says
+    assert old.q_bins == 1
+    np.testing.assert_allclose(old.transform(X, q).upper, plain.transform(X, q).upper)
 
 
 def test_a_guard_with_out_of_family_intervals_round_trips_and_takes_an_added_model():

@@ -958,6 +958,10 @@ class NoveltyGuard(BasePredictor):
         elif "bank_kdist" not in state and np.shape(state.get("feat_mean", ())) == (4,):
             # a guard saved before its novelty features were a parameter: the four embedding ones
             self.features = list(LEGACY_FEATURES)
+        # the table's estimate bins are the state's (a guard saved before them has one per novelty bin)
+        self.q_bins = (
+            int(np.shape(state["qbin_edges"])[1]) + 1 if np.ndim(state.get("qbin_edges")) == 2 else 1
+        )
         n_feat = len(self.feature_names)
         shapes: dict[str, tuple[int | None, ...]] = {
             "bank": (None, None),
