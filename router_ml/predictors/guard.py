@@ -58,14 +58,20 @@
   deferral model fitted on the other families' rows) with the same objective, then it is refitted
   on every row;
 - a split-conformal interval per model: ``q' ± h``, ``h`` the smoothed (randomised) finite-sample
-  ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that novelty bin (the
-  intervals widen with novelty where the errors do): ``halfwidth_[bin, j]`` where the prompt's coin
-  (:func:`prompt_uniform`, a hash of its embedding) falls below ``halfwidth_p_[bin, j]``, else
-  ``halfwidth_low_[bin, j]`` (:func:`smoothed_halfwidths`: exact coverage where {0, 1} outcomes
-  around a shrunk estimate tie the residuals and the plain quantile covers one outcome or both).
+  ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that cell (Mondrian cells:
+  the novelty bin, so the intervals widen with novelty where the errors do, and with ``q_bins > 1``
+  a bin of the model's own guarded estimate ``q'``: the residual of a {0, 1} outcome is ``q'`` or
+  ``1 - q'``, so its quantile depends on where the estimate sits, and one quantile per novelty bin
+  over-covered where the served estimates sat nearer 0.5 than the out-of-fold ones; README "Routing
+  under shift"): ``halfwidth_[cell, j]`` where the prompt's coin (:func:`prompt_uniform`, a hash
+  of its embedding) falls below ``halfwidth_p_[cell, j]``, else ``halfwidth_low_[cell, j]``
+  (:func:`smoothed_halfwidths`: exact coverage where {0, 1} outcomes around a shrunk estimate tie
+  the residuals and the plain quantile covers one outcome or both). ``intervals`` picks the rows
+  (:data:`INTERVALS`: all out-of-fold rows, or the out-of-family ones, optionally each family
+  weighted equally, or the wider of the two kinds); all rows measured best (README).
 
 The conformal quantiles are computed here rather than with MAPIE: they are one quantile per
-(model, novelty bin) of residuals that the family-grouped CV already produced, whereas MAPIE
+(model, Mondrian cell) of residuals that the family-grouped CV already produced, whereas MAPIE
 conformalises a fitted estimator on a calibration set it predicts itself (one per output column),
 and would add a dependency to the serving path for a ``np.quantile`` and the coin of
 :func:`smoothed_halfwidths` (its documented regression intervals use the deterministic quantile).
@@ -265,7 +271,10 @@ class NoveltyGuard(BasePredictor):
     holding out a third of the families changes each fold's best single model and made routing look
     safer out of family than it was, README "Routing under shift");
     ``features``: which of :data:`FEATURES` the novelty score reads (None: :data:`DEFAULT_FEATURES`;
-    a text feature makes ``fit``, ``novelty`` and ``transform`` need the prompt ``texts``).
+    a text feature makes ``fit``, ``novelty`` and ``transform`` need the prompt ``texts``);
+    ``intervals``: which out-of-fold rows the conformal table reads (:data:`INTERVALS`);
+    ``q_bins``: bins of each model's own guarded estimate in the conformal table (1: by novelty
+    only, as guards saved before it; a saved guard's table decides, whatever this says).
     """
 
     name = "novelty_shrinkage"
