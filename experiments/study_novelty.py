@@ -26,9 +26,9 @@ EMB = ("nearest_dist", "knn_mean_dist")
 FAMILY = ("family_1_minus_top_prob", "family_entropy")
 TEXT = ("char_nearest_dist", "char_knn_mean_dist", "word_nearest_dist", "word_knn_mean_dist")
 #: candidates computed by this study only (columns after FEATURES'): cosine distance to the nearest
-#: training-family centroid, the same over that family's mean distance to its centroid (a local
-#: scale per family), and the family classifier's energy (-logsumexp of its logits)
-EXTRA = ("centroid_dist", "centroid_scaled", "family_energy")
+#: training-family centroid, and the same over that family's mean distance to its centroid (a local
+#: scale per family); the family classifier's energy is FEATURES' ``family_energy``
+EXTRA = ("centroid_dist", "centroid_scaled")
 SETS = {
     "before (embedding + family classifier)": EMB + FAMILY,
     "embedding distances": EMB,
@@ -100,10 +100,7 @@ def fold_features(
         U = _unit(E[te])
         D = 1.0 - U @ C.T
         near = D.argmin(axis=1)
-        Z = U @ coef.T + icpt
-        zmax = Z.max(axis=1)
-        energy = -(zmax + np.log(np.exp(Z - zmax[:, None]).sum(axis=1)))
-        return np.column_stack([F, D.min(axis=1), D.min(axis=1) / np.maximum(spread[near], 1e-6), energy])
+        return np.column_stack([F, D.min(axis=1), D.min(axis=1) / np.maximum(spread[near], 1e-6)])
 
     out = []
     for f in tqdm(folds, desc="folds"):

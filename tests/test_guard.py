@@ -597,6 +597,26 @@ def test_a_guard_saved_before_its_features_were_a_parameter_reads_the_four_embed
     np.testing.assert_allclose(old.novelty(X[:20]), g.novelty(X[:20]))
 
 
+def test_family_energy_is_an_opt_in_feature_that_round_trips():
+    from router_ml.predictors.guard import DEFAULT_FEATURES
+
+    assert "family_energy" not in DEFAULT_FEATURES and FEATURES[-1] == "family_energy"
+    X, Y, fam = _families(n_fam=5)
+    feats = ["nearest_dist", "knn_mean_dist", "local_scale", "family_energy"]
+    g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=feats).fit(
+        X, Y, fam, _fit_predict_for(X, Y)
+    )
+    coef, icpt = g.fam_coef_, g.fam_intercept_
+    Z = (X[:3] / np.linalg.norm(X[:3], axis=1, keepdims=True)) @ coef.T + icpt
+    F = g._served_features(X[:3], None, "test")[0]
+    np.testing.assert_allclose(F[:, -1], -np.log(np.exp(Z).sum(axis=1)), rtol=1e-5)
+    state = g.state_dict()
+    assert state["feature_index"].tolist()[-1] == len(FEATURES) - 1
+    back = NoveltyGuard(**{**g.get_params(), "features": None}).load_state_dict(state)  # saved indices decide
+    assert back.feature_names == tuple(feats)
+    np.testing.assert_allclose(back.novelty(X[:20]), g.novelty(X[:20]), atol=1e-6)
+
+
 def test_family_classifier_features_are_biased_by_construction():
     """Why the default score leaves the family classifier out: its out-of-family rows are scored by a
     classifier over fewer families than its in-distribution rows (and than the served one), so its

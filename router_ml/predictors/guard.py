@@ -128,7 +128,9 @@ TRUST_FEATURES = (
 #: to the ``k`` nearest bank prompts, 1 - top probability and normalised entropy of the family
 #: classifier, the local scale (distance to the ``k``-th neighbour over those neighbours' own
 #: ``k``-th neighbour distance in the bank, as LOF); from the text (:class:`NgramBank`): the same two
-#: distances in hashed character n-gram and word n-gram TF-IDF spaces, which see a format
+#: distances in hashed character n-gram and word n-gram TF-IDF spaces, which see a format; the
+#: family classifier's energy (-logsumexp of its logits: low where some family's logit is high),
+#: appended last so a saved guard's feature indices keep their meaning
 FEATURES = (
     "nearest_dist",
     "knn_mean_dist",
@@ -139,6 +141,7 @@ FEATURES = (
     "char_knn_mean_dist",
     "word_nearest_dist",
     "word_knn_mean_dist",
+    "family_energy",
 )
 #: what a guard saved before ``features`` existed reads (and the deferral model's novelty features)
 LEGACY_FEATURES = FEATURES[:4]
@@ -146,7 +149,7 @@ LEGACY_FEATURES = FEATURES[:4]
 #: classifier's: its out-of-family training rows are scored by a classifier over fewer families than
 #: its in-distribution rows and the served prompts, so its confidence separates the two kinds of
 #: rows by construction and the score learns a rule that inverts on new prompts
-DEFAULT_FEATURES = ("nearest_dist", "knn_mean_dist", "local_scale", *FEATURES[5:])
+DEFAULT_FEATURES = ("nearest_dist", "knn_mean_dist", "local_scale", *FEATURES[5:9])
 #: text spaces, by the prefix of their features
 TEXT_SPACES = ("char", "word")
 #: how the conformal table reads the out-of-fold residuals (``intervals``): ``pooled`` every row, in
@@ -404,6 +407,8 @@ class NoveltyGuard(BasePredictor):
         ent = -(P * np.log(np.maximum(P, 1e-12))).sum(axis=1) / max(np.log(P.shape[1]), 1e-12)
         F = np.full((len(U), len(FEATURES)), np.nan)
         F[:, :4] = np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
+        zmax = Z.max(axis=1)
+        F[:, FEATURES.index("family_energy")] = -(zmax + np.log(np.exp(Z - zmax[:, None]).sum(axis=1)))
         if kdist is not None:
             F[:, 4] = (1.0 - top.min(axis=1)) / np.maximum(kdist[nn].mean(axis=1), 1e-6)
         for space, (ngrams, H) in (text or {}).items():
