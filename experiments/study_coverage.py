@@ -2,7 +2,7 @@
 several ways of computing the conformal table from the same out-of-fold residuals.
 
     python -m experiments.study_coverage --jobs mmlu_pro:leave_one_family_out:2000 --out DIR
-    python -m experiments.study_coverage --load DIR/mmlu_pro_leave_one_family_out.npz
+    python -m experiments.study_coverage --load DIR/mmlu_pro_leave_one_family_out_2000_shrink.npz
 
 The shift harness's own folds and pipeline (``experiments.evaluate``'s config with
 ``predictor=ensemble``, ``shift=<mode>``, seed 0), for the head and guard of the README's guarded
@@ -13,7 +13,8 @@ kept per fold (``.npz``): the guard's out-of-fold absolute residuals on the serv
 their novelty, kind (in distribution / out of family) and family (what ``_fit_intervals`` reads),
 and, for the validation prompts (training families, never trained on: in distribution) and the
 held-out prompts, the guarded calibrated estimate, the novelty, the prompt's conformal coin and the
-observed scores. Each interval rule of :data:`RULES` is then fitted on the out-of-fold rows and
+observed scores (and the out-of-fold raw and calibrated head estimates, priors and folds, for
+other rules). Each interval rule of :data:`RULES` is then fitted on the out-of-fold rows and
 scored on the held-out and validation prompts: per model coverage pooled over folds, its worst and
 mean gap to the nominal 0.9. No routing: the rules change the intervals only.
 """
@@ -187,7 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", nargs="*", default=[])
     ap.add_argument("--load", nargs="*", default=[])
-    ap.add_argument("--out", default="study_coverage")
+    ap.add_argument("--out", default="outputs/study_coverage")
     ap.add_argument("--mode", default="shrink")
     args, extra = ap.parse_known_args()
     files = [Path(f) for f in args.load]
