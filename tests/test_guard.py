@@ -154,7 +154,11 @@ def test_a_guard_with_estimate_bins_round_trips_and_old_states_load():
     with pytest.raises(ValueError, match="qbin_edges"):
         NoveltyGuard(**g.get_params()).load_state_dict(bad)
     # a guard saved before the estimate bins: no qbin_edges, one cell per novelty bin
-    plain = NoveltyGuard(folds=3, n_bins=2, features=EMB_FEATURES).fit(X, Y, fam, _fit_predict_for(X, Y))
+    plain = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=EMB_FEATURES)
+    plain.fit(X, Y, fam, _fit_predict_for(X, Y))
+    # the estimate bins change the intervals only: the same estimates and novelty, so the same routing
+    np.testing.assert_allclose(plain.transform(X, q).quality, g.transform(X, q).quality)
+    np.testing.assert_allclose(plain.transform(X, q).novelty, g.transform(X, q).novelty)
     state = {k: v for k, v in plain.state_dict().items() if k != "qbin_edges"}
     params = {k: v for k, v in plain.get_params().items() if k != "q_bins"}  # router.json without it
     old = NoveltyGuard(**params).load_state_dict(state)
