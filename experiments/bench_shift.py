@@ -120,7 +120,7 @@ def guard_lines(job: str, summary: dict) -> str:
             f"{job} {head}: novelty AUROC {g['novelty_auroc']:.3f} (mean novelty held-out "
             f"{g['novelty_test_mean']:.2f} vs in-distribution {g['novelty_id_mean']:.2f}); interval "
             f"coverage (nominal {g['coverage_nominal']:.2f}) per model {min(cov.values()):.3f}..{max(cov.values()):.3f}, "
-            f"worst gap {g['coverage_worst_gap_pts']:.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
+            f"worst gap {g['coverage_worst_gap_pts']:.1f} pts, mean gap {g.get('coverage_mean_gap_pts', float('nan')):.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
             f"w_novel {min(w1):.2f}..{max(w1):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}"
         )
         if "trust_auroc_head_worse" in g:  # mode "trust": the deferral model

@@ -25,6 +25,10 @@ import numpy as np
 EMB = ("nearest_dist", "knn_mean_dist")
 FAMILY = ("family_1_minus_top_prob", "family_entropy")
 TEXT = ("char_nearest_dist", "char_knn_mean_dist", "word_nearest_dist", "word_knn_mean_dist")
+#: candidates computed by this study only (columns after FEATURES'): cosine distance to the nearest
+#: training-family centroid, and the same over that family's mean distance to its centroid (a local
+#: scale per family); the family classifier's energy is FEATURES' ``family_energy``
+EXTRA = ("centroid_dist", "centroid_scaled")
 SETS = {
     "before (embedding + family classifier)": EMB + FAMILY,
     "embedding distances": EMB,
@@ -33,6 +37,16 @@ SETS = {
     "+ local scale + n-grams (default)": (*EMB, "local_scale", *TEXT),
     "all, family classifier included": (*EMB, *FAMILY, "local_scale", *TEXT),
     "n-grams alone": TEXT,
+    "default + centroid distances": (*EMB, "local_scale", *TEXT, "centroid_dist", "centroid_scaled"),
+    "default + family energy": (*EMB, "local_scale", *TEXT, "family_energy"),
+    "default + centroid + energy": (
+        *EMB,
+        "local_scale",
+        *TEXT,
+        "centroid_dist",
+        "centroid_scaled",
+        "family_energy",
+    ),
 }
 
 
@@ -64,7 +78,9 @@ def job_folds(job: str) -> tuple[list[dict], dict]:
     return folds, dict(zip(texts, emb, strict=True))
 
 
-def fold_features(folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3) -> list[dict]:
+def fold_features(
+    folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3, family_folds: int | None = None
+) -> list[dict]:
     """Per fold: the out-of-fold features (``Fi`` random, ``Ff`` family-grouped) of the training
     part and the served features of the validation (``Fva``) and held-out (``Fte``) prompts."""
     from tqdm.auto import tqdm
@@ -77,7 +93,14 @@ def fold_features(folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3) -
         bank = _unit(E[tr])
         text = {t: (NgramBank(t).fit_counts(h[tr]), h[te]) for t, h in H.items()}
         kd = NoveltyGuard._bank_kdist(bank, k)
-        return NoveltyGuard._features(bank, coef, icpt, E[te], k, kdist=kd, text=text)
+        F = NoveltyGuard._features(bank, coef, icpt, E[te], k, kdist=kd, text=text)
+        names = np.unique(fam[tr])
+        C = _unit(np.stack([bank[fam[tr] == x].mean(axis=0) for x in names]))
+        spread = np.array([1.0 - (bank[fam[tr] == x] @ c).mean() for x, c in zip(names, C, strict=True)])
+        U = _unit(E[te])
+        D = 1.0 - U @ C.T
+        near = D.argmin(axis=1)
+        return np.column_stack([F, D.min(axis=1), D.min(axis=1) / np.maximum(spread[near], 1e-6)])
 
     out = []
     for f in tqdm(folds, desc="folds"):
@@ -88,11 +111,12 @@ def fold_features(folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3) -
         # the guard's folds: the same seeded draws as NoveltyGuard.fit
         rng = np.random.default_rng(0)
         names = np.unique(fam)
-        group_of = {x: i % min(n_folds, len(names)) for i, x in enumerate(rng.permutation(names))}
+        n_groups = len(names) if family_folds == -1 else min(int(family_folds or n_folds), len(names))
+        group_of = {x: i % n_groups for i, x in enumerate(rng.permutation(names))}
         groups = {"Ff": np.array([group_of[x] for x in fam]), "Fi": rng.integers(0, n_folds, n)}
         row = {}
         for key, g in groups.items():
-            F = np.zeros((n, len(FEATURES)))
+            F = np.zeros((n, len(FEATURES) + len(EXTRA)))
             for v in np.unique(g):
                 a, b = np.where(g != v)[0], np.where(g == v)[0]
                 F[b] = feats(E, fam, H, a, b)
@@ -103,8 +127,9 @@ def fold_features(folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3) -
     return out
 
 
-def score_sets(rows: list[dict]) -> dict[str, dict]:
-    """Per feature set: pooled AUROC (held-out family vs validation prompts) and per fold."""
+def score_sets(rows: list[dict], exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Per feature set: pooled AUROC (held-out family vs validation prompts), the same without the
+    folds of the families in ``exclude``, and per fold."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -115,7 +140,7 @@ def score_sets(rows: list[dict]) -> dict[str, dict]:
 
     out = {}
     for name, feats in SETS.items():
-        c = [FEATURES.index(x) for x in feats]
+        c = [(FEATURES + EXTRA).index(x) for x in feats]
         pv, pt, per = [], [], {}
         for r in rows:
             Fa = np.vstack([r["Fi"], r["Ff"]])[:, c]
@@ -126,21 +151,36 @@ def score_sets(rows: list[dict]) -> dict[str, dict]:
             pv.append(v)
             pt.append(t)
             per[r["fold"]] = auroc(v, t)
-        out[name] = {"pooled": auroc(np.concatenate(pv), np.concatenate(pt)), "per_family": per}
+        keep = [i for i, r in enumerate(rows) if r["fold"] not in exclude]
+        out[name] = {
+            "pooled": auroc(np.concatenate(pv), np.concatenate(pt)),
+            "pooled_without": auroc(
+                np.concatenate([pv[i] for i in keep]), np.concatenate([pt[i] for i in keep])
+            ),
+            "per_family": per,
+        }
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", nargs="+", default=["zeroeval:leave_one_family_out"])
+    ap.add_argument("--family-folds", type=int, default=None, help="as the guard's (-1: each family alone)")
+    ap.add_argument(
+        "--exclude", nargs="*", default=[], help="families also left out of a second pooled AUROC"
+    )
     args = ap.parse_args()
     for job in args.jobs:
-        res = score_sets(fold_features(*job_folds(job)))
+        rows = fold_features(*job_folds(job), family_folds=args.family_folds)
+        res = score_sets(rows, tuple(args.exclude))
         print(f"\n== {job}: novelty AUROC, held-out family vs in-distribution validation prompts")
         for name, r in res.items():
             per = r["per_family"]
             worst = min(per, key=per.get)
-            print(f"{name:40s} pooled {r['pooled']:.3f}  worst family {worst} {per[worst]:.2f}  | "
+            without = (
+                f" (without {','.join(args.exclude)}: {r['pooled_without']:.3f})" if args.exclude else ""
+            )
+            print(f"{name:40s} pooled {r['pooled']:.3f}{without}  worst family {worst} {per[worst]:.2f}  | "
                   + " ".join(f"{k}:{v:.2f}" for k, v in per.items()))  # fmt: skip
 
 

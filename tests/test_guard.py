@@ -52,6 +52,135 @@ def test_smoothed_conformal_covers_tied_binary_residuals_at_the_nominal_rate():
     np.testing.assert_array_equal(prompt_uniform(np.ones((2, 8))), prompt_uniform(np.ones((2, 8))))
 
 
+def test_weighted_smoothed_quantile_gives_each_family_its_weight():
+    # 900 residuals of 0.1 from a large family, 100 of 0.9 from a small one
+    r = np.r_[np.full(900, 0.1), np.full(100, 0.9)]
+    assert smoothed_halfwidths(r, 0.9, np.ones(len(r))) == smoothed_halfwidths(r, 0.9)
+    lo, hi, p = smoothed_halfwidths(r, 0.9)  # by rows the small family barely counts
+    assert (lo, hi) == (0.1, 0.9) and p < 0.02
+    w = np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)]  # each family half the mass
+    lo, hi, p = smoothed_halfwidths(r, 0.9, w)
+    assert (lo, hi) == (0.1, 0.9) and p == pytest.approx((1001 * 0.9 - 500) / 500)
+    # a new family drawn from the two: half its rows are the small family's, covered with prob p
+    assert 0.5 + 0.5 * p == pytest.approx(0.9, abs=0.01)
+    assert smoothed_halfwidths(np.r_[r, np.nan], 0.9, np.r_[w, 5.0]) == (lo, hi, p)  # NaN rows drop out
+
+
+def _interval_table(intervals: str, R: np.ndarray, kind: np.ndarray, fam: np.ndarray, nu=None):
+    g = NoveltyGuard(coverage=0.9, n_bins=1, intervals=intervals)
+    g._fit_intervals(R, np.zeros(len(R)) if nu is None else nu, kind, fam)
+    return g
+
+
+def test_interval_rules_read_the_out_of_family_residuals():
+    # in distribution the head is close (residuals up to 0.2); on a held-out family it is not (up to 1)
+    rng = np.random.default_rng(0)
+    n = 4000
+    R = np.r_[rng.uniform(0, 0.2, n), rng.uniform(0, 1.0, n)][:, None]
+    kind = np.r_[np.zeros(n, int), np.ones(n, int)]
+    fam = np.array([f"fam{i % 4}" for i in range(2 * n)])
+    new_family = rng.uniform(0, 1.0, 20000)
+    in_dist = rng.uniform(0, 0.2, 20000)
+    pooled, family, wider = (_interval_table(x, R, kind, fam) for x in ("pooled", "family", "wider"))
+    assert (new_family <= pooled.halfwidth_[0, 0]).mean() < 0.85  # pooled under-covers a new family
+    assert abs((new_family <= family.halfwidth_[0, 0]).mean() - 0.9) < 0.01
+    assert wider.halfwidth_[0, 0] == family.halfwidth_[0, 0]  # out of family is the wider here
+    assert (in_dist <= wider.halfwidth_[0, 0]).all()  # ... and over-covers in distribution
+    # where the in-distribution residuals are the wider, "wider" keeps theirs
+    flipped = _interval_table("wider", np.r_[R[n:], R[:n]], kind, fam)
+    assert flipped.halfwidth_[0, 0] == pytest.approx(family.halfwidth_[0, 0])
+
+
+def test_family_equal_intervals_cover_a_new_family_not_its_rows():
+    # three families: one large with small residuals, two small with large ones
+    rng = np.random.default_rng(1)
+    sizes, scales = (3000, 300, 300), (0.1, 1.0, 1.0)
+    R = np.concatenate([rng.uniform(0, s, k) for k, s in zip(sizes, scales, strict=True)])[:, None]
+    fam = np.repeat(["big", "a", "b"], sizes)
+    kind = np.ones(len(R), int)
+    by_rows = _interval_table("family", R, kind, fam)
+    equal = _interval_table("family_equal", R, kind, fam)
+    assert equal.halfwidth_[0, 0] > by_rows.halfwidth_[0, 0]
+    # a new family is one of the three kinds with probability 1/3 each: mean coverage over families
+    h = equal.halfwidth_[0, 0]
+    per_family = [min(h / s, 1.0) for s in scales]
+    assert np.mean(per_family) == pytest.approx(0.9, abs=0.02)
+    with pytest.raises(ValueError, match="intervals"):
+        NoveltyGuard(intervals="quantile")
+
+
+def _cover(g: NoveltyGuard, q: np.ndarray, y: np.ndarray, coin: np.ndarray) -> float:
+    c, cols = g._cells(np.zeros(len(q)), q), np.arange(q.shape[1])[None, :]
+    h = np.where(coin[:, None] < g.halfwidth_p_[c, cols], g.halfwidth_[c, cols], g.halfwidth_low_[c, cols])
+    return float(((y >= q - h - 1e-9) & (y <= q + h + 1e-9)).mean())
+
+
+def test_estimate_bins_cover_at_nominal_whatever_the_mix_of_estimates():
+    # {0, 1} outcomes around two estimates: 0.8 (right 80% of the time) and 0.5 (always off by 0.5)
+    rng = np.random.default_rng(2)
+    n = 6000
+    G = np.where(np.arange(n) % 2 == 0, 0.8, 0.5)[:, None]
+    Y = np.where(G == 0.8, rng.random((n, 1)) < 0.8, rng.random((n, 1)) < 0.5).astype(float)
+    R, kind, fam = np.abs(Y - G), np.zeros(n, int), np.array(["a"] * n)
+    one = NoveltyGuard(coverage=0.9, n_bins=1, q_bins=1)
+    one._fit_intervals(R, np.zeros(n), kind, fam, G)
+    two = NoveltyGuard(coverage=0.9, n_bins=1, q_bins=2)
+    two._fit_intervals(R, np.zeros(n), kind, fam, G)
+    assert two.qbin_edges_.shape == (1, 1) and two.halfwidth_.shape == (2, 1)
+    # new prompts: all with the confident estimate (the served mix differs from the calibration mix)
+    q = np.full((20000, 1), 0.8)
+    y = (rng.random((20000, 1)) < 0.8).astype(float)
+    coin = rng.random(20000)
+    assert _cover(one, q, y, coin) < 0.82  # one cell: the 0.5 rows set the width, 0.8's misses stay
+    assert abs(_cover(two, q, y, coin) - 0.9) < 0.01
+    with pytest.raises(ValueError, match="q_bins"):
+        NoveltyGuard(q_bins=0)
+
+
+def test_a_guard_with_estimate_bins_round_trips_and_old_states_load():
+    X, Y, fam = _families(n_fam=5)
+    g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, q_bins=4, features=EMB_FEATURES)
+    g.fit(X, Y, fam, _fit_predict_for(X, Y))
+    assert g.qbin_edges_.shape == (2, 3) and g.halfwidth_.shape == (8, 2)
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    q = np.random.default_rng(0).random((len(X), 2))
+    np.testing.assert_allclose(back.transform(X, q).lower, g.transform(X, q).lower)
+    added = g.with_added_models([0.4])  # the new column: per novelty bin the widest cell of any model
+    assert added.halfwidth_.shape == (8, 3) and added.qbin_edges_.shape == (3, 3)
+    np.testing.assert_allclose(added.halfwidth_[:, 2], np.repeat(g.halfwidth_.reshape(2, -1).max(axis=1), 4))
+    np.testing.assert_allclose(added.transform(X, np.c_[q, q[:, :1]]).lower[:, :2], g.transform(X, q).lower)
+    bad = g.state_dict()
+    bad["qbin_edges"] = bad["qbin_edges"][:1]
+    with pytest.raises(ValueError, match="qbin_edges"):
+        NoveltyGuard(**g.get_params()).load_state_dict(bad)
+    # a guard saved before the estimate bins: no qbin_edges, one cell per novelty bin
+    plain = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=EMB_FEATURES)
+    plain.fit(X, Y, fam, _fit_predict_for(X, Y))
+    # the estimate bins change the intervals only: the same estimates and novelty, so the same routing
+    np.testing.assert_allclose(plain.transform(X, q).quality, g.transform(X, q).quality)
+    np.testing.assert_allclose(plain.transform(X, q).novelty, g.transform(X, q).novelty)
+    state = {k: v for k, v in plain.state_dict().items() if k != "qbin_edges"}
+    params = {k: v for k, v in plain.get_params().items() if k != "q_bins"}  # router.json without it
+    old = NoveltyGuard(**params).load_state_dict(state)
+    np.testing.assert_allclose(old.transform(X, q).upper, plain.transform(X, q).upper)
+    old = NoveltyGuard(**params, q_bins=10).load_state_dict(state)  # whatever a later default says
+    assert old.q_bins == 1
+    np.testing.assert_allclose(old.transform(X, q).upper, plain.transform(X, q).upper)
+
+
+def test_a_guard_with_out_of_family_intervals_round_trips_and_takes_an_added_model():
+    X, Y, fam = _families(n_fam=5)
+    g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=EMB_FEATURES, intervals="wider_equal")
+    g.fit(X, Y, fam, _fit_predict_for(X, Y))
+    assert g.get_params()["intervals"] == "wider_equal"
+    back = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    q = np.full((len(X), 2), 0.5)
+    np.testing.assert_allclose(back.transform(X, q).upper, g.transform(X, q).upper)
+    added = g.with_added_models([0.4])
+    assert added.halfwidth_.shape == (2, 3)
+    np.testing.assert_allclose(added.halfwidth_[:, 2], g.halfwidth_.max(axis=1))
+
+
 def test_routed_gain_scores_the_argmax_against_the_best_single_column():
     q = np.array([[0.9, 0.1], [0.2, 0.8]])
     Y = np.array([[0.0, 1.0], [1.0, np.nan]])
@@ -470,6 +599,26 @@ def test_a_guard_saved_before_its_features_were_a_parameter_reads_the_four_embed
     old = NoveltyGuard(**params).load_state_dict(state)  # router.json without "features"
     assert old.feature_names == LEGACY_FEATURES and not old.uses_text
     np.testing.assert_allclose(old.novelty(X[:20]), g.novelty(X[:20]))
+
+
+def test_family_energy_is_an_opt_in_feature_that_round_trips():
+    from router_ml.predictors.guard import DEFAULT_FEATURES
+
+    assert "family_energy" not in DEFAULT_FEATURES and FEATURES[-1] == "family_energy"
+    X, Y, fam = _families(n_fam=5)
+    feats = ["nearest_dist", "knn_mean_dist", "local_scale", "family_energy"]
+    g = NoveltyGuard(folds=3, family_folds=-1, n_bins=2, features=feats).fit(
+        X, Y, fam, _fit_predict_for(X, Y)
+    )
+    coef, icpt = g.fam_coef_, g.fam_intercept_
+    Z = (X[:3] / np.linalg.norm(X[:3], axis=1, keepdims=True)) @ coef.T + icpt
+    F = g._served_features(X[:3], None, "test")[0]
+    np.testing.assert_allclose(F[:, -1], -np.log(np.exp(Z).sum(axis=1)), rtol=1e-5)
+    state = g.state_dict()
+    assert state["feature_index"].tolist()[-1] == len(FEATURES) - 1
+    back = NoveltyGuard(**{**g.get_params(), "features": None}).load_state_dict(state)  # saved indices decide
+    assert back.feature_names == tuple(feats)
+    np.testing.assert_allclose(back.novelty(X[:20]), g.novelty(X[:20]), atol=1e-6)
 
 
 def test_family_classifier_features_are_biased_by_construction():

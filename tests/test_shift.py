@@ -219,6 +219,9 @@ def test_guarded_heads_report_novelty_and_interval_coverage(small_table):
     g = sh.guard_summary([fs], ctx.models, 0.8)["knn+guard"]
     assert 0.0 <= g["novelty_auroc"] <= 1.0 and set(g["coverage"]) == set(ctx.models)
     assert all(0.0 <= c <= 1.0 for c in g["coverage"].values())
+    gaps = [100 * abs(c - 0.8) for c in g["coverage"].values()]
+    assert g["coverage_mean_gap_pts"] == pytest.approx(np.mean(gaps))
+    assert g["coverage_worst_gap_pts"] == pytest.approx(max(gaps))
 
 
 def test_guard_modes_give_one_row_each_and_the_deferral_model_is_scored(small_table):

@@ -394,6 +394,7 @@ def guard_summary(parts: list[FoldScores], models: list[str], coverage: float) -
             "coverage_nominal": coverage,
             "coverage": dict(zip(models, cov.tolist(), strict=True)),
             "coverage_worst_gap_pts": float(100 * np.max(np.abs(cov - coverage))),
+            "coverage_mean_gap_pts": float(100 * np.mean(np.abs(cov - coverage))),
             "fits": {p.fold: p.guard_fit[h] for p in orig},
         }
     return out

@@ -58,14 +58,20 @@
   deferral model fitted on the other families' rows) with the same objective, then it is refitted
   on every row;
 - a split-conformal interval per model: ``q' ± h``, ``h`` the smoothed (randomised) finite-sample
-  ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that novelty bin (the
-  intervals widen with novelty where the errors do): ``halfwidth_[bin, j]`` where the prompt's coin
-  (:func:`prompt_uniform`, a hash of its embedding) falls below ``halfwidth_p_[bin, j]``, else
-  ``halfwidth_low_[bin, j]`` (:func:`smoothed_halfwidths`: exact coverage where {0, 1} outcomes
-  around a shrunk estimate tie the residuals and the plain quantile covers one outcome or both).
+  ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that cell (Mondrian cells:
+  the novelty bin, so the intervals widen with novelty where the errors do, and with ``q_bins > 1``
+  a bin of the model's own guarded estimate ``q'``: the residual of a {0, 1} outcome is ``q'`` or
+  ``1 - q'``, so its quantile depends on where the estimate sits, and one quantile per novelty bin
+  over-covered where the served estimates sat nearer 0.5 than the out-of-fold ones; README "Routing
+  under shift"): ``halfwidth_[cell, j]`` where the prompt's coin (:func:`prompt_uniform`, a hash
+  of its embedding) falls below ``halfwidth_p_[cell, j]``, else ``halfwidth_low_[cell, j]``
+  (:func:`smoothed_halfwidths`: exact coverage where {0, 1} outcomes around a shrunk estimate tie
+  the residuals and the plain quantile covers one outcome or both). ``intervals`` picks the rows
+  (:data:`INTERVALS`: all out-of-fold rows, or the out-of-family ones, optionally each family
+  weighted equally, or the wider of the two kinds); all rows measured best (README).
 
 The conformal quantiles are computed here rather than with MAPIE: they are one quantile per
-(model, novelty bin) of residuals that the family-grouped CV already produced, whereas MAPIE
+(model, Mondrian cell) of residuals that the family-grouped CV already produced, whereas MAPIE
 conformalises a fitted estimator on a calibration set it predicts itself (one per output column),
 and would add a dependency to the serving path for a ``np.quantile`` and the coin of
 :func:`smoothed_halfwidths` (its documented regression intervals use the deterministic quantile).
@@ -122,7 +128,9 @@ TRUST_FEATURES = (
 #: to the ``k`` nearest bank prompts, 1 - top probability and normalised entropy of the family
 #: classifier, the local scale (distance to the ``k``-th neighbour over those neighbours' own
 #: ``k``-th neighbour distance in the bank, as LOF); from the text (:class:`NgramBank`): the same two
-#: distances in hashed character n-gram and word n-gram TF-IDF spaces, which see a format
+#: distances in hashed character n-gram and word n-gram TF-IDF spaces, which see a format; the
+#: family classifier's energy (-logsumexp of its logits: low where some family's logit is high),
+#: appended last so a saved guard's feature indices keep their meaning
 FEATURES = (
     "nearest_dist",
     "knn_mean_dist",
@@ -133,6 +141,7 @@ FEATURES = (
     "char_knn_mean_dist",
     "word_nearest_dist",
     "word_knn_mean_dist",
+    "family_energy",
 )
 #: what a guard saved before ``features`` existed reads (and the deferral model's novelty features)
 LEGACY_FEATURES = FEATURES[:4]
@@ -140,9 +149,13 @@ LEGACY_FEATURES = FEATURES[:4]
 #: classifier's: its out-of-family training rows are scored by a classifier over fewer families than
 #: its in-distribution rows and the served prompts, so its confidence separates the two kinds of
 #: rows by construction and the score learns a rule that inverts on new prompts
-DEFAULT_FEATURES = ("nearest_dist", "knn_mean_dist", "local_scale", *FEATURES[5:])
+DEFAULT_FEATURES = ("nearest_dist", "knn_mean_dist", "local_scale", *FEATURES[5:9])
 #: text spaces, by the prefix of their features
 TEXT_SPACES = ("char", "word")
+#: how the conformal table reads the out-of-fold residuals (``intervals``): ``pooled`` every row, in
+#: distribution and out of family alike; ``family`` the out-of-family rows only; ``wider`` per bin and
+#: model the wider of the two kinds' intervals; ``*_equal`` each held-out family the same weight
+INTERVALS = ("pooled", "family", "family_equal", "wider", "wider_equal")
 #: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
 FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -186,23 +199,33 @@ def family_spread(Y: np.ndarray, families: np.ndarray, best: int) -> np.ndarray:
         return np.nan_to_num(np.nanstd(M - M[:, [best]], axis=0, ddof=1), nan=0.0)
 
 
-def smoothed_halfwidths(residuals: np.ndarray, coverage: float) -> tuple[float, float, float]:
+def smoothed_halfwidths(
+    residuals: np.ndarray, coverage: float, weights: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """The smoothed (randomised) split-conformal quantile of ``|residuals|`` (NaN ignored):
     ``(h_low, h_high, p)``; a half-width of ``h_high`` with probability ``p`` and ``h_low`` otherwise
     holds a new exchangeable residual with probability exactly ``coverage``. ``h_high`` is
     :func:`conformal_halfwidth`'s quantile; the coin matters where residuals tie, as they do for
     {0, 1} outcomes around a near-constant estimate (a prompt shrunk all the way to the prior), where
     the deterministic quantile covers either one outcome or both and the coverage jumps.
-    ``(inf, inf, 1)`` when there are too few residuals."""
-    r = np.abs(residuals[~np.isnan(residuals)])
-    target = (len(r) + 1) * coverage
-    if not len(r) or target > len(r):
+    ``weights`` (same shape, >= 0): a weighted quantile (each residual counts ``weights``, rescaled
+    to a mean of 1, and the new one 1), e.g. each task family the same total weight whatever its
+    row count. ``(inf, inf, 1)`` when there are too few residuals."""
+    residuals = np.asarray(residuals, np.float64)
+    ok = ~np.isnan(residuals)
+    r = np.abs(residuals[ok])
+    w = np.ones(len(r)) if weights is None else np.asarray(weights, np.float64)[ok]
+    if not len(r) or not w.sum() > 0:
         return float("inf"), float("inf"), 1.0
-    vals, counts = np.unique(r, return_counts=True)
-    c = np.cumsum(counts)
-    j = int(np.searchsorted(c, target - 1e-9))  # the first value whose count reaches the target
-    c_low, h_low = (int(c[j - 1]), float(vals[j - 1])) if j > 0 else (0, 0.0)
-    return h_low, float(vals[j]), float((target - c_low) / (c[j] - c_low))
+    w = w * (len(r) / w.sum())
+    target = (len(r) + 1) * coverage
+    if target > len(r) + 1e-9:
+        return float("inf"), float("inf"), 1.0
+    vals, inv = np.unique(r, return_inverse=True)
+    c = np.cumsum(np.bincount(inv, weights=w, minlength=len(vals)))
+    j = min(int(np.searchsorted(c, target - 1e-9)), len(vals) - 1)  # the first value whose mass reaches it
+    c_low, h_low = (float(c[j - 1]), float(vals[j - 1])) if j > 0 else (0.0, 0.0)
+    return h_low, float(vals[j]), float(min(max((target - c_low) / (c[j] - c_low), 0.0), 1.0))
 
 
 def prompt_uniform(X: np.ndarray) -> np.ndarray:
@@ -251,7 +274,10 @@ class NoveltyGuard(BasePredictor):
     holding out a third of the families changes each fold's best single model and made routing look
     safer out of family than it was, README "Routing under shift");
     ``features``: which of :data:`FEATURES` the novelty score reads (None: :data:`DEFAULT_FEATURES`;
-    a text feature makes ``fit``, ``novelty`` and ``transform`` need the prompt ``texts``).
+    a text feature makes ``fit``, ``novelty`` and ``transform`` need the prompt ``texts``);
+    ``intervals``: which out-of-fold rows the conformal table reads (:data:`INTERVALS`);
+    ``q_bins``: bins of each model's own guarded estimate in the conformal table (1: by novelty
+    only, as guards saved before it; a saved guard's table decides, whatever this says).
     """
 
     name = "novelty_shrinkage"
@@ -268,9 +294,17 @@ class NoveltyGuard(BasePredictor):
         seed: int = 0,
         family_folds: int | None = None,
         features: Sequence[str] | None = None,
+        intervals: str = "pooled",
+        q_bins: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if intervals not in INTERVALS:
+            raise ValueError(
+                f"NoveltyGuard: intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}"
+            )
+        if int(q_bins) != q_bins or q_bins < 1:
+            raise ValueError(f"NoveltyGuard: q_bins must be an integer >= 1, got {q_bins!r}")
         unknown = [f for f in (features or ()) if f not in FEATURES]
         if unknown or (features is not None and not len(features)):
             raise ValueError(
@@ -286,6 +320,8 @@ class NoveltyGuard(BasePredictor):
         self.seed = seed
         self.family_folds = family_folds
         self.features = None if features is None else [str(f) for f in features]
+        self.intervals = intervals
+        self.q_bins = q_bins
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -371,6 +407,8 @@ class NoveltyGuard(BasePredictor):
         ent = -(P * np.log(np.maximum(P, 1e-12))).sum(axis=1) / max(np.log(P.shape[1]), 1e-12)
         F = np.full((len(U), len(FEATURES)), np.nan)
         F[:, :4] = np.column_stack([1.0 - top.max(axis=1), 1.0 - top.mean(axis=1), 1.0 - P.max(axis=1), ent])
+        zmax = Z.max(axis=1)
+        F[:, FEATURES.index("family_energy")] = -(zmax + np.log(np.exp(Z - zmax[:, None]).sum(axis=1)))
         if kdist is not None:
             F[:, 4] = (1.0 - top.min(axis=1)) / np.maximum(kdist[nn].mean(axis=1), 1e-6)
         for space, (ngrams, H) in (text or {}).items():
@@ -594,28 +632,14 @@ class NoveltyGuard(BasePredictor):
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
         cal = calibrate if calibrate is not None else (lambda Q: Q)
-        R = np.abs(
-            np.vstack([Y, Y])
-            - np.vstack(
-                [
-                    self._apply(cal(Qi), nu_i, bi, T["i"], Pi, Si)[0],
-                    self._apply(cal(Qf), nu_f, bf, T["f"], Pf, Sf)[0],
-                ]
-            )
-        )
-        self.bin_edges_ = (
-            np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
-        )
-        b = np.searchsorted(self.bin_edges_, nu, side="right")
-        # smoothed: (h_low, h_high, p) per bin and model; the interval's half-width is h_high where
-        # the prompt's coin (prompt_uniform) falls below p
-        table = np.array(
+        G = np.vstack(
             [
-                [smoothed_halfwidths(R[b == i, j], self.coverage) for j in range(Y.shape[1])]
-                for i in range(self.n_bins)
+                self._apply(cal(Qi), nu_i, bi, T["i"], Pi, Si)[0],
+                self._apply(cal(Qf), nu_f, bf, T["f"], Pf, Sf)[0],
             ]
-        ).reshape(self.n_bins, Y.shape[1], 3)
-        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
+        )
+        kind = np.r_[np.zeros(len(nu_i), np.int64), np.ones(len(nu_f), np.int64)]
+        self._fit_intervals(np.abs(np.vstack([Y, Y]) - G), nu, kind, np.r_[fam, fam], G)
 
         # what serving keeps: a bank of training embeddings and the family head on every prompt
         keep = rng.permutation(len(X))[: self.max_bank] if len(X) > self.max_bank else np.arange(len(X))
@@ -625,6 +649,63 @@ class NoveltyGuard(BasePredictor):
         self.bank_y_ = Yfill[np.sort(keep)] if self.mode == "trust" else np.zeros((0, Y.shape[1]))
         self.fam_coef_, self.fam_intercept_ = self._family_head(X, fam, self.seed)
         return self
+
+    def _fit_intervals(
+        self, R: np.ndarray, nu: np.ndarray, kind: np.ndarray, fam: np.ndarray, G: np.ndarray | None = None
+    ) -> None:
+        """The conformal table from the out-of-fold absolute residuals ``R (r, m)`` (NaN: no outcome) at
+        novelty ``nu (r,)``; ``kind (r,)`` 0 for the in-distribution (random-fold) rows, 1 for the
+        out-of-family ones; ``fam (r,)`` each row's family; ``G (r, m)`` the guarded estimates the
+        residuals are of (read with ``q_bins > 1``). Per cell (novelty bin, edges: quantiles of
+        ``nu``; times, with ``q_bins``, a bin of model ``j``'s own estimate, edges: quantiles of
+        ``G[:, j]``: Mondrian cells) and model, by :attr:`intervals` (:data:`INTERVALS`). Table row
+        ``novelty_bin * q_bins + q_bin``."""
+        if self.intervals not in INTERVALS:
+            raise ValueError(f"NoveltyGuard: intervals must be one of {INTERVALS}, got {self.intervals!r}")
+        self.bin_edges_ = (
+            np.quantile(nu, np.linspace(0, 1, self.n_bins + 1)[1:-1]) if self.n_bins > 1 else np.zeros(0)
+        )
+        b = np.searchsorted(self.bin_edges_, nu, side="right")
+        nq = int(self.q_bins)
+        if nq > 1 and G is None:
+            raise ValueError("NoveltyGuard._fit_intervals: q_bins > 1 needs the estimates G")
+        inner = np.linspace(0, 1, nq + 1)[1:-1]
+        self.qbin_edges_ = (
+            np.vstack([np.nanquantile(G[:, j], inner) for j in range(R.shape[1])])
+            if nq > 1
+            else np.zeros((R.shape[1], 0))
+        )
+        cells = [
+            b * nq + np.searchsorted(self.qbin_edges_[j], G[:, j], side="right") if nq > 1 else b
+            for j in range(R.shape[1])
+        ]
+        kind = np.asarray(kind)
+        equal = self.intervals.endswith("_equal")
+        w = np.ones(len(nu))
+        if equal:  # each family the same total weight among the out-of-family rows
+            for f in np.unique(fam[kind == 1]):
+                rows = (kind == 1) & (fam == f)
+                w[rows] = 1.0 / rows.sum()
+
+        def smoothed(rows: np.ndarray, j: int) -> tuple[float, float, float]:
+            return smoothed_halfwidths(R[rows, j], self.coverage, w[rows] if equal else None)
+
+        def cell(i: int, j: int) -> tuple[float, float, float]:
+            here = cells[j] == i
+            if self.intervals == "pooled":
+                return smoothed(here, j)
+            out = smoothed(here & (kind == 1), j)
+            if self.intervals.startswith("wider"):  # whichever of the two kinds' intervals is wider
+                ind = smoothed(here & (kind == 0), j)
+                out = max(out, ind, key=lambda t: (t[1], t[2], t[0]))
+            return out
+
+        # smoothed: (h_low, h_high, p) per cell and model; the interval's half-width is h_high where
+        # the prompt's coin (prompt_uniform) falls below p
+        n_cells = self.n_bins * nq
+        table = np.array([[cell(i, j) for j in range(R.shape[1])] for i in range(n_cells)])
+        table = table.reshape(n_cells, R.shape[1], 3)
+        self.halfwidth_low_, self.halfwidth_, self.halfwidth_p_ = table[..., 0], table[..., 1], table[..., 2]
 
     def _fit_trust(
         self,
@@ -787,10 +868,23 @@ class NoveltyGuard(BasePredictor):
             Yk = self.bank_y_[nn].mean(axis=1)
             t = self._trust_predict(self.trust_features(F, nu, quality, Yk, self.prior_model))
         q, w = self._apply(quality, nu, trust=t)
-        b = np.searchsorted(self.bin_edges_, nu, side="right")
-        coin = prompt_uniform(X)[:, None] < self.halfwidth_p_[b]
-        h = np.where(coin, self.halfwidth_[b], self.halfwidth_low_[b])
+        c = self._cells(nu, q)
+        cols = np.arange(q.shape[1])[None, :]
+        coin = prompt_uniform(X)[:, None] < self.halfwidth_p_[c, cols]
+        h = np.where(coin, self.halfwidth_[c, cols], self.halfwidth_low_[c, cols])
         return Guarded(q, nu, w, np.clip(q - h, 0.0, 1.0), np.clip(q + h, 0.0, 1.0), t)
+
+    def _cells(self, nu: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """(n, m) row of the conformal table per prompt and model: its novelty bin, times
+        ``q_bins``, plus the bin of the model's guarded estimate ``q (n, m)``."""
+        b = np.searchsorted(self.bin_edges_, nu, side="right")[:, None]
+        nq = self.qbin_edges_.shape[1] + 1
+        if nq == 1:
+            return np.broadcast_to(b, q.shape)
+        qb = np.column_stack(
+            [np.searchsorted(self.qbin_edges_[j], q[:, j], side="right") for j in range(q.shape[1])]
+        )
+        return b * nq + qb
 
     @property
     def prior_model(self) -> int:
@@ -815,9 +909,13 @@ class NoveltyGuard(BasePredictor):
         out = type(self)(**self.get_params())
         state = {k: np.array(v, copy=True) for k, v in self.state_dict().items()}
         state["prior"] = np.append(state["prior"], prior)
-        wide = state["halfwidth"].max(axis=1, keepdims=True)
+        # per novelty bin the widest of every trained column's cells, in each of the new column's cells
+        nq = state["qbin_edges"].shape[1] + 1
+        H = state["halfwidth"]
+        wide = np.repeat(H.reshape(-1, nq * H.shape[1]).max(axis=1), nq)[:, None]
         for key, new in (("halfwidth", wide), ("halfwidth_low", wide), ("halfwidth_p", np.ones_like(wide))):
             state[key] = np.hstack([state[key], np.repeat(new, len(prior), axis=1)])
+        state["qbin_edges"] = np.vstack([state["qbin_edges"], np.zeros((len(prior), nq - 1))])
         # the deferral model's kNN second opinion has no outcomes of a new model: its prior stands in
         # a new model's advantage was never seen across families: the widest spread of the trained ones
         state["spread"] = np.append(state["spread"], np.full(len(prior), state["spread"].max(initial=0.0)))
@@ -838,6 +936,7 @@ class NoveltyGuard(BasePredictor):
         "shrink_",
         "margin_",
         "bin_edges_",
+        "qbin_edges_",
         "halfwidth_",
         "halfwidth_low_",
         "halfwidth_p_",
@@ -873,6 +972,10 @@ class NoveltyGuard(BasePredictor):
         elif "bank_kdist" not in state and np.shape(state.get("feat_mean", ())) == (4,):
             # a guard saved before its novelty features were a parameter: the four embedding ones
             self.features = list(LEGACY_FEATURES)
+        # the table's estimate bins are the state's (a guard saved before them has one per novelty bin)
+        self.q_bins = (
+            int(np.shape(state["qbin_edges"])[1]) + 1 if np.ndim(state.get("qbin_edges")) == 2 else 1
+        )
         n_feat = len(self.feature_names)
         shapes: dict[str, tuple[int | None, ...]] = {
             "bank": (None, None),
@@ -886,9 +989,10 @@ class NoveltyGuard(BasePredictor):
             "shrink": (2,),
             "margin": (3,),
             "bin_edges": (max(self.n_bins - 1, 0),),
-            "halfwidth": (self.n_bins, None),
-            "halfwidth_low": (self.n_bins, None),
-            "halfwidth_p": (self.n_bins, None),
+            "qbin_edges": (None, max(int(self.q_bins) - 1, 0)),
+            "halfwidth": (self.n_bins * int(self.q_bins), None),
+            "halfwidth_low": (self.n_bins * int(self.q_bins), None),
+            "halfwidth_p": (self.n_bins * int(self.q_bins), None),
             "cv_gain": (2,),
             "cv_auroc": (1,),
             "bank_y": (None, None),
@@ -914,6 +1018,7 @@ class NoveltyGuard(BasePredictor):
             "spread": np.zeros(m0),
             "spread_risk": np.zeros(2),
             "bank_kdist": np.zeros(0),
+            "qbin_edges": np.zeros((m0, 0)),
             "feature_index": np.array([FEATURES.index(f) for f in self.feature_names]),
         }
         if "halfwidth" in state:  # saved before the smoothed intervals: the deterministic quantile
@@ -960,9 +1065,11 @@ class NoveltyGuard(BasePredictor):
             self.halfwidth_.shape[1] != m
             or self.bank_.shape[1] != self.fam_coef_.shape[1]
             or self.spread_.shape != (m,)
+            or self.qbin_edges_.shape[0] != m
         ):
             raise ValueError(
                 f"NoveltyGuard: halfwidth {self.halfwidth_.shape} / bank {self.bank_.shape} / family head "
-                f"{self.fam_coef_.shape} / spread {self.spread_.shape} do not match {m} models"
+                f"{self.fam_coef_.shape} / spread {self.spread_.shape} / qbin_edges {self.qbin_edges_.shape} "
+                f"do not match {m} models"
             )
         return self
