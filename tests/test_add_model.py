@@ -18,6 +18,7 @@ from router_ml.predictors import (
 )
 from router_ml.predictors.probe_set import allocate, disagreement, select_probes
 from router_ml.predictors.probed import (
+    BANK_TAU,
     calibrator_with_identity,
     fit_probe_column,
     fit_probe_logit,
@@ -141,6 +142,32 @@ def test_a_checkpoint_from_before_the_logit_fit_loads_its_linear_columns_as_they
         ProbedQualityPredictor(**linear.get_params()).load_state_dict(bad)
     with pytest.raises(ValueError, match="link must be one of"):
         ProbedQualityPredictor.from_head(head, link="probit").add_model(X[:30], Y[:30, 3])
+
+
+def test_a_checkpoint_with_the_earlier_residual_shrinkage_keeps_it():
+    """Checkpoints written before ``BANK_TAU`` = 100 record ``bank_tau`` = 10 in their params: they load
+    and predict with it, bit for bit; a new wrap shrinks the residual correction harder."""
+    X, Y, _, _ = _data()
+    head = build_quality_predictor("knn", k=10).fit(X[:400], Y[:400, :3])
+    old = ProbedQualityPredictor.from_head(head, bank_tau=10.0)
+    old.add_model(X[400:500], Y[400:500, 3])
+    loaded = ProbedQualityPredictor(**json.loads(json.dumps(old.get_params()))).load_state_dict(
+        old.state_dict()
+    )
+    assert loaded.bank_tau == 10.0
+    assert np.array_equal(loaded.predict(X[500:]), old.predict(X[500:]))
+    # adding to it keeps its shrinkage, so its first column predicts the same bits
+    grown = ProbedQualityPredictor.from_head(loaded)
+    grown.add_model(X[400:450], Y[400:450, 4])
+    assert grown.bank_tau == 10.0 and np.array_equal(grown.predict(X[500:])[:, :4], old.predict(X[500:]))
+    # the default: the same fit, the correction shrunk harder towards 0 (tau = BANK_TAU)
+    new = ProbedQualityPredictor.from_head(head)
+    new.add_model(X[400:500], Y[400:500, 3])
+    assert new.bank_tau == BANK_TAU > 10.0 and np.array_equal(new.coef_, old.coef_)
+    no_bank = ProbedQualityPredictor.from_head(new, bank_k=0).predict(X[500:])[:, 3]
+    shift_new = np.abs(new.predict(X[500:])[:, 3] - no_bank)
+    shift_old = np.abs(old.predict(X[500:])[:, 3] - no_bank)
+    assert shift_new.mean() < 0.7 * shift_old.mean()
 
 
 # ---- every head ----------------------------------------------------------------------------
