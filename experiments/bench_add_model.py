@@ -257,6 +257,8 @@ def plot(report: dict, path: Path) -> None:
             ("informative", "logit+bank"): "o-",
             ("random", "logit+bank"): "s--",
             ("informative", "ridge+bank"): "^:",
+            ("informative", "logit+bank-tau10"): "v-.",
+            ("informative", "ridge+bank-tau10"): "^:",
         }.items():
             if f"{ks[0]}/{how}/{method}" not in shares:
                 continue
