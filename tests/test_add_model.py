@@ -385,11 +385,18 @@ def test_add_model_cli_end_to_end(router_without_one, tmp_path, capsys):
     assert np.array_equal(q_new[old.models].to_numpy(), q_old.to_numpy())  # bit for bit
     # the new column drives decisions: routed without the guard (on this simulated pool the guard's
     # CV finds that the head never beats the best single model, fits a full shrink toward the pool
-    # prior and sends every prompt to that model, the new one included or not)
+    # prior and sends every prompt to that model, the new one included or not). The held-out model
+    # ties the pool's best here (0.838 vs 0.835 mean score), so whether it wins a prompt is a coin
+    # toss: every decision is the argmax over all columns, and a model right on every probe, added
+    # the same way, wins a large share of prompts (not all: calibrated columns at 1.0 tie with it)
+    from router_ml.add_model import add_model
+
     guard, new.guard = new.guard, None
     chosen = [d.model for d in new.route_batch(test)]
+    assert chosen == new.predict_quality(test).idxmax(axis=1).tolist()
+    strong = add_model(new, "always-right", probes["prompt"].tolist(), np.ones(len(probes)))
     new.guard = guard
-    assert held in chosen
+    assert [d.model for d in strong.route_batch(test)].count("always-right") > len(test) / 4
     # the new column ranks prompts by the held-out model's real outcomes better than chance (the
     # simulated model is right on ~90% of prompts, and 60 probes: a weak but real signal)
     truth = table[(table["model"] == held)].set_index("prompt")["score"]
