@@ -21,12 +21,14 @@ never tested on). For each held-out model h:
 - methods: ``logit+bank`` (what :class:`router_ml.predictors.probed.ProbedQualityPredictor` and
   ``router-ml add-model`` fit: a logistic regression on the existing columns' predicted log-odds,
   coefficients shrunk to their mean, plus the probes' residuals smoothed over the 50 nearest
-  probes), ``ridge+bank`` (what they fitted before: a ridge on the predictions shrunk to their
-  mean, plus the same correction), ``logit`` / ``ridge`` (without the residual correction),
+  probes, shrunk towards 0 by ``BANK_TAU``), ``ridge+bank`` (what they fitted before the logit
+  fit: a ridge on the predictions shrunk to their mean, plus the same correction), ``logit`` /
+  ``ridge`` (without the residual correction),
   ``shift`` (infinite shrinkage: the pool mean plus a fitted offset) and ``bank`` (kNN over the
   probes alone: k = min(10, K), distance weights); opt-in (``--methods``):
   ``ridge+family`` (the ridge plus the probes' mean residual per family, shrunk to 0; the families a
-  3-means of the router part's embeddings) and ``ridge+family+bank``.
+  3-means of the router part's embeddings), ``ridge+family+bank``, and ``logit+bank-tau10`` /
+  ``ridge+bank-tau10`` (the correction shrunk by tau = 10, as add-model did before tau = 100).
 - pools: ``--pool-sizes 4`` = 10 random pools of 4 other models per held-out model (a user's own
   pool); ``0`` = every other model (there the argmax gains only from the single best model, so
   the share is a ratio of near-zero numbers).
@@ -54,7 +56,10 @@ KS = (25, 50, 100, 200)
 METHODS = ("logit+bank", "ridge+bank", "logit", "ridge", "shift", "bank")
 #: opt-in variants (``--methods``): per-family intercepts of the ridge residuals, the families a
 #: k-means (FAMILIES clusters) of the router part's embeddings; ``+bank`` adds the residual smoother
-EXTRA_METHODS = ("ridge+family", "ridge+family+bank")
+#: ``-tau10``: the residual correction with the shrinkage add-model used before (tau = 10 instead of
+#: :data:`router_ml.predictors.probed.BANK_TAU`), to compare old and new in one run
+EXTRA_METHODS = ("ridge+family", "ridge+family+bank", "logit+bank-tau10", "ridge+bank-tau10")
+OLD_BANK_TAU = 10.0
 FAMILIES, FAMILY_TAU = 3, 10.0
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -109,6 +114,10 @@ def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test, centroids
     def unit(X: np.ndarray) -> np.ndarray:
         return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
 
+    d = ProbedQualityPredictor()
+    tau = d.bank_tau
+    if method.endswith("-tau10"):
+        method, tau = method.removesuffix("-tau10"), OLD_BANK_TAU
     if method == "bank":
         bank = KnnQualityPredictor(k=min(10, len(y_probe)), weights="distance")
         return bank.fit(X_probe, y_probe[:, None]).predict(X_test)[:, 0]
@@ -127,8 +136,7 @@ def add_column(method: str, P_probe, y_probe, X_probe, X_test, P_test, centroids
         )
         q, resid = q + off[fam_t], resid - off[fam_p]
     if method.endswith("+bank"):
-        d = ProbedQualityPredictor()
-        q = q + bank_correction(unit(X_test), unit(X_probe), resid, d.bank_k, d.bank_tau)
+        q = q + bank_correction(unit(X_test), unit(X_probe), resid, d.bank_k, tau)
     return np.clip(q, 0.0, 1.0)
 
 
@@ -249,6 +257,8 @@ def plot(report: dict, path: Path) -> None:
             ("informative", "logit+bank"): "o-",
             ("random", "logit+bank"): "s--",
             ("informative", "ridge+bank"): "^:",
+            ("informative", "logit+bank-tau10"): "v-.",
+            ("informative", "ridge+bank-tau10"): "^:",
         }.items():
             if f"{ks[0]}/{how}/{method}" not in shares:
                 continue

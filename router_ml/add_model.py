@@ -196,7 +196,8 @@ def add_model(
         "probes": source,
         "method": "logistic regression on the existing models' predicted log-odds, coefficients "
         f"shrunk to their mean (prior precision {float(head.alpha_[-1]):g}), plus the probes' "
-        f"residuals smoothed over the {head.bank_k} most similar probes; calibrator column: identity",
+        f"residuals smoothed over the {head.bank_k} most similar probes (shrunk to 0 by "
+        f"{float(head.bank_tau):g}); calibrator column: identity",
         "note": "metrics above were measured before this model was added",
     }
     guard = None

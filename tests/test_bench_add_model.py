@@ -31,3 +31,22 @@ def test_family_intercepts_learn_a_skill_the_pool_does_not_show():
     assert err["ridge+family+bank"] < 0.75 * err["ridge"]
     new = add_column("ridge+family", P[tr], y, X[tr], X[te], P[te], centroids)
     assert new[fam[te] == 0].mean() - new[fam[te] != 0].mean() > 0.15  # the family's offset is found
+
+
+def test_the_tau10_variants_are_add_models_fit_with_the_earlier_residual_shrinkage():
+    """``logit+bank`` is the head's own column (tau = BANK_TAU); ``-tau10`` the same fit shrunk by 10."""
+    from router_ml.predictors import KnnQualityPredictor, ProbedQualityPredictor
+
+    X, P, q, _, _ = _families()
+    rng = np.random.default_rng(3)
+    Y = rng.binomial(1, P).astype(float)
+    y = rng.binomial(1, q).astype(float)
+    base = KnnQualityPredictor(k=20).fit(X[200:], Y[200:])
+    P_probe, P_test = base.predict(X[:100]), base.predict(X[100:200])
+    for tau, method in ((None, "logit+bank"), (10.0, "logit+bank-tau10")):
+        head = ProbedQualityPredictor.from_head(base, **({} if tau is None else {"bank_tau": tau}))
+        head.add_model(X[:100], y[:100])
+        ours = add_column(method, P_probe, y[:100], X[:100], X[100:200], P_test)
+        np.testing.assert_allclose(ours, head.predict(X[100:200])[:, -1], atol=1e-6)
+    old = add_column("logit+bank-tau10", P_probe, y[:100], X[:100], X[100:200], P_test)
+    assert not np.allclose(old, add_column("logit+bank", P_probe, y[:100], X[:100], X[100:200], P_test))

@@ -41,6 +41,10 @@ ALPHAS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 
 #: prior precision of the logit fit's coefficients around ``1/m`` (chosen on one benchmark split
 #: among 1, 3, 10, 30, 100: ``experiments/bench_add_model.py``, README "Add a model from probes")
 PRIOR_PRECISION = 30.0
+#: the residual correction: neighbours (probes) per prompt and shrinkage towards 0 (chosen on one
+#: benchmark split among k = 20, 50, 100 x tau = 10, 30, 100 by the worse of its two data sets;
+#: checkpoints record their own values, those written before this choice tau = 10)
+BANK_K, BANK_TAU = 50, 100.0
 #: predicted qualities are clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` before the logit
 LOGIT_EPS = 0.02
 #: how an added column maps its linear predictor to a quality (the ``link`` state array)
@@ -162,8 +166,8 @@ class ProbedQualityPredictor(QualityPredictor):
     def __init__(
         self,
         base: dict[str, Any] | None = None,
-        bank_k: int = 50,
-        bank_tau: float = 10.0,
+        bank_k: int = BANK_K,
+        bank_tau: float = BANK_TAU,
         link: str = "logit",
         prior_precision: float = PRIOR_PRECISION,
     ) -> None:
