@@ -414,7 +414,10 @@ def main() -> None:
         help="--speed-only: encoder layers the head reads",
     )
     ap.add_argument(
-        "--guard-mode", default="shrink", choices=["shrink", "spread", "margin", "trust"], help="the guard's mode"
+        "--guard-mode",
+        default="shrink",
+        choices=["shrink", "spread", "margin", "trust"],
+        help="the guard's mode",
     )
     args = ap.parse_args()
     if args.speed_only:
