@@ -79,6 +79,15 @@ def test_cache_keeps_layer_states_apart_and_reuses_them(minilm, tmp_path, monkey
     np.testing.assert_array_equal(CachedEncoder(minilm, cache_dir=tmp_path).encode_layers(TEXTS, [3]), wide)
 
 
+def with_layers(path, out, head: str, layers: list[int]):
+    """A copy of the checkpoint at ``path`` in ``out`` whose router.json says ``head`` reads ``layers``."""
+    shutil.copytree(path, out)
+    cfg = json.loads((out / "router.json").read_text())
+    cfg[head]["params"]["layers"] = layers
+    (out / "router.json").write_text(json.dumps(cfg))
+    return out
+
+
 @pytest.fixture(scope="module")
 def layered_router(trained_run, embedding_cache, tmp_path_factory):
     """The trained router with its task head refitted on the embedding plus layer-3 states."""
@@ -120,13 +129,8 @@ def test_layer_mismatches_are_refused_by_name(layered_router, tmp_path):
 
     with pytest.raises(CheckpointError, match="cannot give"):
         LearnedRouter.from_pretrained(path, encoder=SentenceVectorsOnly())
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    cfg = json.loads((bad / "router.json").read_text())
-    cfg["task_head"]["params"]["layers"] = [3, 4]
-    (bad / "router.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="takes 768 features"):
-        LearnedRouter.from_pretrained(bad)
+        LearnedRouter.from_pretrained(with_layers(path, tmp_path / "bad", "task_head", [3, 4]))
 
 
 # ---- quality heads that read layer states --------------------------------------------------------
@@ -211,10 +215,6 @@ def test_router_whose_quality_head_reads_layers_routes_saves_and_loads(layered_q
 
 @pytest.mark.full
 def test_quality_layer_mismatch_is_refused_by_name(layered_quality_router, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(layered_quality_router, bad)
-    cfg = json.loads((bad / "router.json").read_text())
-    cfg["quality_head"]["params"]["layers"] = [3, 4]
-    (bad / "router.json").write_text(json.dumps(cfg))
+    bad = with_layers(layered_quality_router, tmp_path / "bad", "quality_head", [3, 4])
     with pytest.raises(CheckpointError, match="the quality head takes 768 features"):
         LearnedRouter.from_pretrained(bad)
