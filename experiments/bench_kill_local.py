@@ -253,6 +253,9 @@ class KillHarness:
         row = rows.iloc[-1] if len(rows) else None
         out.update(
             killed=killed_at is not None,
+            # vLLM had sent the whole answer before the kill reached it (a fast server, a slow
+            # reader): nothing was cut, so there was nothing to resume
+            raced=killed_at is not None and error is None and bool(models) and models[-1] == VLLM,
             completed=error is None and bool(models) and models[-1] == LLAMACPP,
             error=error,
             first_fallback_token_s=None if first_fallback is None else round(first_fallback, 3),
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             got = h.one_try(args.max_tokens, args.kill_after)
             tqdm.write(json.dumps(got))
             tries.append(got)
-    killed = [t for t in tries if t["killed"]]
+    killed = [t for t in tries if t["killed"] and not t["raced"]]
     firsts = [t["first_fallback_token_s"] for t in killed if t["first_fallback_token_s"] is not None]
     truthful = [
         t for t in killed
@@ -311,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nllama.cpp prefill measured at start: {h.llamacpp_prefill:.0f} tokens/s (its prefill_tokens_per_s)"
     )
-    print(f"tries: {len(tries)}, killed mid-stream: {len(killed)}")
+    print(
+        f"tries: {len(tries)}, killed mid-stream: {len(killed)}, "
+        f"answer complete before the kill landed: {sum(t['raced'] for t in tries)}"
+    )
     print(f"streams completed on the fallback: {sum(t['completed'] for t in killed)}/{len(killed)}")
     print(
         f"  of which the fallback added new text: {sum(t['completed'] and t['fallback_chars'] > 0 for t in killed)}"
