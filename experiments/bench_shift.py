@@ -107,13 +107,14 @@ def table(rows: list[dict]) -> str:
 def guard_lines(job: str, summary: dict) -> str:
     """The novelty guard's figures of a job: novelty AUROC (held-out prompts against the folds'
     in-distribution validation prompts), per-model interval coverage against nominal, and the
-    shrinkage (w_id, w_novel) fitted per fold."""
+    shrinkage (w_id, w_novel, novelty floor) fitted per fold."""
     out = []
     for head, g in (summary.get("guard") or {}).items():
         cov = g["coverage"]
         fits = g["fits"].values()
         w0 = [f["shrink"][0] for f in fits]
         w1 = [f["shrink"][1] for f in fits]
+        floor = [(f["shrink"] + [0.0])[2] for f in fits]
         mg = [f.get("margin", [0.0, 0.0, 0.0]) for f in fits]
         margins = "; ".join(f"{a:.2f}+{b:.1f}*(nu-{t:.2f})+" for a, b, t in mg)
         out.append(
@@ -121,7 +122,7 @@ def guard_lines(job: str, summary: dict) -> str:
             f"{g['novelty_test_mean']:.2f} vs in-distribution {g['novelty_id_mean']:.2f}); interval "
             f"coverage (nominal {g['coverage_nominal']:.2f}) per model {min(cov.values()):.3f}..{max(cov.values()):.3f}, "
             f"worst gap {g['coverage_worst_gap_pts']:.1f} pts, mean gap {g.get('coverage_mean_gap_pts', float('nan')):.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
-            f"w_novel {min(w1):.2f}..{max(w1):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}"
+            f"w_novel {min(w1):.2f}..{max(w1):.2f}, novelty floor {min(floor):.2f}..{max(floor):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}"
         )
         if "trust_auroc_head_worse" in g:  # mode "trust": the deferral model
             taus = [f.get("trust_tau", float("nan")) for f in fits]

@@ -122,12 +122,14 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
 # ---- interval rules: (R, nu, kind, fam) -> a function (nu, coin) -> (n, m) half-widths ----------
 def _guarded(arrays: dict, i: int) -> np.ndarray:
     """Fold ``i``'s out-of-fold guarded estimates (captured, or for a shrink guard rebuilt)."""
+    from router_ml.predictors.guard import shrink_weight
+
     if "G" in arrays and arrays["G"][i] is not None:
         return arrays["G"][i]
     nu, w, n = arrays["nu"][i], arrays["shrink"][i], len(arrays["Y"][i])
     out = []
     for C, P, v in ((arrays["Ci"][i], arrays["Pi"][i], nu[:n]), (arrays["Cf"][i], arrays["Pf"][i], nu[n:])):
-        ww = np.clip(w[0] + (w[1] - w[0]) * v, 0, 1)[:, None]
+        ww = shrink_weight(v, w)[:, None]
         out.append((1 - ww) * C + ww * P)
     return np.vstack(out)
 

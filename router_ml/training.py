@@ -341,7 +341,11 @@ def fit_router(
     if guard is not None:
         metrics["time/guard_train_s"] = time.perf_counter() - t0
         metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
-        metrics["cv/guard_shrink_in_distribution"], metrics["cv/guard_shrink_novel"] = guard.shrink_.tolist()
+        (
+            metrics["cv/guard_shrink_in_distribution"],
+            metrics["cv/guard_shrink_novel"],
+            metrics["cv/guard_shrink_floor"],
+        ) = guard.shrink_.tolist()
         (
             metrics["cv/guard_margin_base"],
             metrics["cv/guard_margin_slope"],

@@ -19,6 +19,7 @@ from router_ml.predictors.guard import (
     family_spread,
     prompt_uniform,
     routed_gain,
+    shrink_weight,
     smoothed_halfwidths,
 )
 from router_ml.predictors.ngram_bank import NgramBank
@@ -191,12 +192,14 @@ def test_routed_gain_scores_the_argmax_against_the_best_single_column():
 EMB_FEATURES = [f for f in FEATURES if not f.startswith(("char_", "word_"))]
 
 
-def _families(seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16, win_every: int = 2):
+def _families(
+    seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16, win_every: int = 2, spread: float = 3.0
+):
     """Families as clusters in embedding space. Model 0 is the best single model everywhere except
     that model 1 wins on every ``win_every``-th family... but the others are where model 1 is poor,
     so a head that extrapolates 'model 1 is strong' to an unseen family loses."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n_fam, d)) * 3.0
+    centres = rng.normal(size=(n_fam, d)) * spread
     X, Y, fam = [], [], []
     for f in range(n_fam):
         X.append(centres[f] + rng.normal(size=(per, d)))
@@ -228,7 +231,7 @@ def test_guard_learns_novelty_and_a_margin_that_grows_with_it(fitted):
     g, X, Y = fitted
     np.testing.assert_allclose(g.prior_, np.nanmean(Y, axis=0))
     assert g.cv_auroc_ > 0.8  # clusters: out-of-family prompts are far from every training cluster
-    np.testing.assert_array_equal(g.shrink_, [0.0, 0.0])  # margin mode: the head's estimates are kept
+    np.testing.assert_array_equal(g.shrink_, [0.0, 0.0, 0.0])  # margin mode: the head's estimates are kept
     a, b, t = g.margin_
     assert a >= 0.0 and b >= 0.0 and 0.0 <= t <= 1.0
     far = X[:5] + 40.0  # nowhere near any training family
@@ -269,13 +272,40 @@ def test_shrink_mode_shrinks_unseen_prompts_to_the_prior():
     g = NoveltyGuard(folds=3, coverage=0.8, n_bins=2, mode="shrink", features=EMB_FEATURES).fit(
         X, Y, fam, _fit_predict_for(X, Y)
     )
-    w0, w1 = g.shrink_
-    assert 0.0 <= w0 <= w1 <= 1.0 and not np.any(g.margin_)
+    w0, w1, t = g.shrink_
+    assert 0.0 <= w0 <= w1 <= 1.0 and not np.any(g.margin_) and t == 0.0  # no floor unless asked
     far = X[:5] + 40.0
     out = g.transform(far, np.tile([0.1, 0.95], (5, 1)))
     assert (out.shrink > 0.5).all()
     with pytest.raises(ValueError, match="mode"):
         NoveltyGuard(mode="blend")
+
+
+def test_shrink_weight_is_flat_below_the_novelty_floor_then_linear():
+    nu = np.array([0.0, 0.3, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(shrink_weight(nu, (0.1, 0.9)), 0.1 + 0.8 * nu)  # no floor: linear
+    np.testing.assert_allclose(shrink_weight(nu, (0.1, 0.9, 0.6)), [0.1, 0.1, 0.1, 0.5, 0.9])
+    np.testing.assert_allclose(shrink_weight(nu, (0.5, 3.0, 0.0)), [0.5, 1.0, 1.0, 1.0, 1.0])  # clipped
+
+
+def test_shrink_floor_is_fitted_among_in_distribution_novelty_quantiles():
+    X, Y, fam = _families(win_every=3)
+    g = NoveltyGuard(
+        folds=3, coverage=0.8, n_bins=2, mode="shrink", features=EMB_FEATURES, shrink_floor=True
+    ).fit(X, Y, fam, _fit_predict_for(X, Y))
+    w0, w1, t = g.shrink_
+    assert 0.0 <= w0 <= w1 <= 1.0 and 0.0 <= t < 1.0
+    near, far = X[:5], X[:5] + 40.0
+    q = np.tile([0.1, 0.95], (5, 1))
+    for Z in (near, far):  # what serving applies is the fitted weight at the prompt's novelty
+        out = g.transform(Z, q)
+        np.testing.assert_allclose(
+            out.quality, (1 - out.shrink[:, None]) * q + out.shrink[:, None] * g.prior_
+        )
+        np.testing.assert_allclose(out.shrink, shrink_weight(out.novelty, g.shrink_))
+    # saved and loaded, the floor is the guard's
+    again = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    np.testing.assert_array_equal(again.shrink_, g.shrink_)
 
 
 def test_family_spread_is_the_spread_of_each_models_lead_over_the_best_across_families():
@@ -346,7 +376,7 @@ def test_guard_saved_before_the_margin_loads_and_only_shrinks(fitted):
     del state["halfwidth_low"], state["halfwidth_p"]  # ... and before the smoothed intervals
     state["shrink"] = np.array([0.2, 0.8])
     old = NoveltyGuard(**g.get_params()).load_state_dict(state)
-    assert not np.any(old.margin_)
+    assert not np.any(old.margin_) and old.shrink_[2] == 0.0  # saved before the floor: none
     q = np.tile([0.1, 0.95], (len(X), 1))
     out = old.transform(X, q)
     w = 0.2 + 0.6 * out.novelty
@@ -656,3 +686,32 @@ def test_intervals_are_measured_on_the_calibrated_scale_they_are_served_on():
     np.testing.assert_array_equal(cal.shrink_, raw.shrink_)
     np.testing.assert_array_equal(cal.nov_coef_, raw.nov_coef_)
     assert not np.allclose(cal.halfwidth_, raw.halfwidth_)
+
+
+@pytest.mark.parametrize("mode", ["shrink", "margin"])
+def test_keep_in_distribution_holds_the_heads_own_gain_in_distribution(mode):
+    # overlapping families and out-of-family losses priced high: the summed objective gives up
+    # in-distribution gain for safety out of family (shrink, below); the constraint may not
+    X, Y, fam = _families(win_every=3, spread=1.0)
+    head, calls = _fit_predict_for(X, Y), []
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        calls.append((tr, te, q := head(tr, te)))
+        return q
+
+    kw = {"folds": 3, "coverage": 0.8, "n_bins": 2, "mode": mode, "features": EMB_FEATURES}
+    kw.update(family_loss_weight=20.0, shrink_floor=True)
+    g = NoveltyGuard(**kw, keep_in_distribution=0.0).fit(X, Y, fam, fit_predict)
+    # the random (in-distribution) folds come last: the head's own out-of-fold gain there
+    Qi, bi = np.zeros_like(Y), np.zeros(len(Y), np.int64)
+    for tr, te, q in calls[-3:]:
+        Qi[te], bi[te] = q, np.argmax(np.nanmean(Y[tr], axis=0))
+    raw = routed_gain(Qi, Y, bi).mean()
+    assert g.cv_gain_[0] >= raw - 1e-12
+    if mode == "shrink":
+        summed = NoveltyGuard(**kw).fit(X, Y, fam, head)
+        assert summed.cv_gain_[0] < raw - 0.01  # what the constraint prevents
+    with pytest.raises(ValueError, match="keep_in_distribution"):
+        NoveltyGuard(mode="trust", keep_in_distribution=0.01)
+    with pytest.raises(ValueError, match="keep_in_distribution"):
+        NoveltyGuard(keep_in_distribution=-1.0)

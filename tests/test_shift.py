@@ -214,7 +214,7 @@ def test_guarded_heads_report_novelty_and_interval_coverage(small_table):
     nov = fs.novelty["knn+guard"]
     assert nov.shape == (len(fs.Y),) and ((nov >= 0) & (nov <= 1)).all()
     assert len(fs.novelty_id["knn+guard"]) > 0  # the fold's in-distribution validation prompts
-    w0, w1 = fs.guard_fit["knn+guard"]["shrink"]
+    w0, w1, _ = fs.guard_fit["knn+guard"]["shrink"]
     assert 0.0 <= w0 <= w1 <= 1.0
     g = sh.guard_summary([fs], ctx.models, 0.8)["knn+guard"]
     assert 0.0 <= g["novelty_auroc"] <= 1.0 and set(g["coverage"]) == set(ctx.models)

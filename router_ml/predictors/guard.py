@@ -34,7 +34,7 @@
   ``mode="shrink"`` (the default: it measured better under leave-one-family-out, README; and a
   checkpoint saved before the margin existed) blends instead::
 
-      w = clip(w_id + (w_novel - w_id) * novelty, 0, 1);  q' = (1 - w) * q + w * prior
+      w = clip(w_id + (w_novel - w_id) * max(novelty - t, 0) / (1 - t), 0, 1);  q' = (1 - w) * q + w * prior
       q''_j = q'_j - (k_id + (k_novel - k_id) * novelty) * spread_j
 
   (the second line in ``mode="spread"`` only) where ``spread_j`` (:func:`family_spread`) is the standard deviation over the training families of
@@ -42,8 +42,9 @@
   model's advantage is the head's estimate plus a family effect of about that size, so a model whose
   lead swings from family to family (strong on some benchmarks, failing another's format) must
   predict a larger lead to be picked than a steady one (a lower bound on the advantage). The spread
-  of the best single model is 0, so it keeps its estimate. ``(w_id, w_novel, k_id, k_novel)`` are
-  chosen by the same objective, each fold's rows measured against the prior and the spreads of
+  of the best single model is 0, so it keeps its estimate. ``(w_id, w_novel, k_id, k_novel)`` (and
+  with ``shrink_floor`` the novelty floor ``t``, among the same quantiles as the margin's; else 0)
+  are chosen by the same objective, each fold's rows measured against the prior and the spreads of
   that fold's training part. ``mode="trust"`` learns the decision
   instead of hand-shaping it: a deferral model (ridge regression on standardised per-prompt
   features and their pairwise products, :data:`TRUST_FEATURES`: the novelty features and score, the
@@ -239,6 +240,14 @@ def prompt_uniform(X: np.ndarray) -> np.ndarray:
     )
 
 
+def shrink_weight(nu: np.ndarray, shrink: Sequence[float]) -> np.ndarray:
+    """(n,) weight of the prior at novelty ``nu`` for ``shrink`` = ``(w_id, w_novel[, t])``: ``w_id``
+    up to the novelty floor ``t`` (default 0), then linear to ``w_novel`` at novelty 1."""
+    w0, w1, t = (*(float(v) for v in shrink), 0.0)[:3]
+    r = np.maximum(np.asarray(nu, np.float64) - t, 0.0) / max(1.0 - t, 1e-9)
+    return np.clip(w0 + (w1 - w0) * r, 0.0, 1.0)
+
+
 def routed_gain(q: np.ndarray, Y: np.ndarray, best: np.ndarray) -> np.ndarray:
     """(n,) score of the argmax of ``q`` minus the score of column ``best`` (n,), per row; NaN
     outcomes count as 0."""
@@ -277,7 +286,12 @@ class NoveltyGuard(BasePredictor):
     a text feature makes ``fit``, ``novelty`` and ``transform`` need the prompt ``texts``);
     ``intervals``: which out-of-fold rows the conformal table reads (:data:`INTERVALS`);
     ``q_bins``: bins of each model's own guarded estimate in the conformal table (1: by novelty
-    only, as guards saved before it; a saved guard's table decides, whatever this says).
+    only, as guards saved before it; a saved guard's table decides, whatever this says);
+    ``shrink_floor``: also fit a novelty floor ``t`` below which only ``w_id`` shrinks
+    (``mode="shrink"`` / ``"spread"``; False: ``t = 0``, the weight linear in novelty);
+    ``keep_in_distribution``: None (the objective adds in-distribution and out-of-family gains), or
+    how much of the head's own out-of-fold gain in distribution (score points on [0, 1]) the guard may
+    give up: among those grid points, the best out of family.
     """
 
     name = "novelty_shrinkage"
@@ -296,6 +310,8 @@ class NoveltyGuard(BasePredictor):
         features: Sequence[str] | None = None,
         intervals: str = "pooled",
         q_bins: int = 1,
+        shrink_floor: bool = False,
+        keep_in_distribution: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -322,6 +338,13 @@ class NoveltyGuard(BasePredictor):
         self.features = None if features is None else [str(f) for f in features]
         self.intervals = intervals
         self.q_bins = q_bins
+        self.shrink_floor = bool(shrink_floor)
+        if keep_in_distribution is not None and (mode == "trust" or not keep_in_distribution >= 0):
+            raise ValueError(
+                "NoveltyGuard: keep_in_distribution must be a gain (score points on [0, 1]) >= 0, and "
+                f"mode shrink, spread or margin; got {keep_in_distribution!r} with mode {mode!r}"
+            )
+        self.keep_in_distribution = None if keep_in_distribution is None else float(keep_in_distribution)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -552,33 +575,43 @@ class NoveltyGuard(BasePredictor):
         self.spread_risk_ = np.zeros(2)
         fam_rows = [fam == f for f in names]
 
+        keep = self.keep_in_distribution
+        gi_raw = routed_gain(Qi, Y, bi).mean()  # the unguarded head's, in distribution
+
         def objective(gi: np.ndarray, gf: np.ndarray) -> float:
             per_fam = np.array([gf[r].mean() for r in fam_rows])
-            return gi.mean() + gf.mean() + self.family_loss_weight * np.minimum(per_fam, 0.0).mean()
+            novel = gf.mean() + self.family_loss_weight * np.minimum(per_fam, 0.0).mean()
+            if keep is None:
+                return gi.mean() + novel
+            # the in-distribution gain is a constraint, not a price: within ``keep`` of the head's
+            # own (the grid's no-guard point always qualifies), the best out of family
+            return novel + 1e-3 * gi.mean() if gi.mean() >= gi_raw - keep else -1e9 + gi.mean()
 
         if self.mode in ("shrink", "spread"):
             # shrinkage strength (and family-spread risk): the (w_id, w_novel, k_id, k_novel) of the
             # grid with the best out-of-fold routing (each fold's own prior and spread)
-            best_obj, best_w, best_k = -np.inf, (0.0, 0.0), (0.0, 0.0)
+            best_obj, best_w, best_k = -np.inf, (0.0, 0.0, 0.0), (0.0, 0.0)
             ks = SPREAD_GRID if self.mode == "spread" else (0.0,)
-            for w0 in GRID:
-                for w1 in (w for w in GRID if w >= w0):
-                    base = {
-                        "i": self._shrink(Qi, nu_i, w0, w1, Pi),
-                        "f": self._shrink(Qf, nu_f, w0, w1, Pf),
-                    }
-                    for k0 in ks:
-                        for k1 in (k for k in ks if k >= k0):
-                            obj = objective(
-                                routed_gain(base["i"] - (k0 + (k1 - k0) * nu_i)[:, None] * Si, Y, bi),
-                                routed_gain(base["f"] - (k0 + (k1 - k0) * nu_f)[:, None] * Sf, Y, bf),
-                            )
-                            if obj > best_obj + 1e-12:
-                                best_obj, best_w, best_k = obj, (w0, w1), (k0, k1)
+            # the novelty floor: below it only w_id, so prompts like the training ones keep the
+            # head's estimates where the out-of-fold rows say that pays (floor 0: linear in novelty)
+            floors = np.r_[0.0, np.quantile(nu_i, FLOOR_QUANTILES)] if self.shrink_floor else (0.0,)
+            for t in floors:
+                for w0 in GRID:
+                    for w1 in (w for w in GRID if w >= w0):
+                        wt = (w0, w1, float(t))
+                        base = {"i": self._shrink(Qi, nu_i, wt, Pi), "f": self._shrink(Qf, nu_f, wt, Pf)}
+                        for k0 in ks:
+                            for k1 in (k for k in ks if k >= k0):
+                                obj = objective(
+                                    routed_gain(base["i"] - (k0 + (k1 - k0) * nu_i)[:, None] * Si, Y, bi),
+                                    routed_gain(base["f"] - (k0 + (k1 - k0) * nu_f)[:, None] * Sf, Y, bf),
+                                )
+                                if obj > best_obj + 1e-12:
+                                    best_obj, best_w, best_k = obj, wt, (k0, k1)
             self.shrink_, self.margin_ = np.asarray(best_w, np.float64), np.zeros(3)
             self.spread_risk_ = np.asarray(best_k, np.float64)
         elif self.mode == "trust":
-            self.shrink_, self.margin_ = np.zeros(2), np.zeros(3)
+            self.shrink_, self.margin_ = np.zeros(3), np.zeros(3)
             self._fit_trust(
                 [(Qi, Fi, nu_i, bi, knn["random"]), (Qf, Ff, nu_f, bf, knn["family"])],
                 Y,
@@ -607,7 +640,7 @@ class NoveltyGuard(BasePredictor):
                         obj = objective(g["i"], g["f"])
                         if obj > best_obj + 1e-12:
                             best_obj, best_m = obj, (a, bslope, float(t))
-            self.shrink_, self.margin_ = np.zeros(2), np.asarray(best_m, np.float64)
+            self.shrink_, self.margin_ = np.zeros(3), np.asarray(best_m, np.float64)
         if self.mode != "trust":
             self.trust_ = np.zeros(0)
             self.trust_scale_ = np.zeros((2, 0))
@@ -800,9 +833,9 @@ class NoveltyGuard(BasePredictor):
         return 1.0 / (1.0 + np.exp(-z))
 
     def _shrink(
-        self, Q: np.ndarray, nu: np.ndarray, w0: float, w1: float, prior_mean: np.ndarray | None = None
+        self, Q: np.ndarray, nu: np.ndarray, shrink: Sequence[float], prior_mean: np.ndarray | None = None
     ) -> np.ndarray:
-        w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)[:, None]
+        w = shrink_weight(nu, shrink)[:, None]
         return (1.0 - w) * Q + w * (self.prior_[None, :] if prior_mean is None else prior_mean)
 
     def margin(self, nu: np.ndarray) -> np.ndarray:
@@ -829,8 +862,7 @@ class NoveltyGuard(BasePredictor):
         ((n, m) or (m,); default :attr:`prior_`): the per-model means to shrink toward, ``spread``
         (same shapes; default :attr:`spread_`) each model's family spread (the fit's out-of-fold rows
         use their fold's). The weight is also 1 where the family-spread risk overrode the pick."""
-        w0, w1 = (float(v) for v in self.shrink_)
-        w = np.clip(w0 + (w1 - w0) * nu, 0.0, 1.0)
+        w = shrink_weight(nu, self.shrink_)
         P = np.broadcast_to(self.prior_ if prior_mean is None else prior_mean, np.shape(Q))
         q = (1.0 - w[:, None]) * np.asarray(Q, np.float64) + w[:, None] * P
         shrunk = q
@@ -986,7 +1018,7 @@ class NoveltyGuard(BasePredictor):
             "nov_coef": (n_feat,),
             "nov_intercept": (1,),
             "prior": (None,),
-            "shrink": (2,),
+            "shrink": (None,),
             "margin": (3,),
             "bin_edges": (max(self.n_bins - 1, 0),),
             "qbin_edges": (None, max(int(self.q_bins) - 1, 0)),
@@ -1027,6 +1059,12 @@ class NoveltyGuard(BasePredictor):
                 halfwidth_p=np.ones(np.shape(state["halfwidth"])),
             )
         st = check_state({**old, **state}, shapes, "NoveltyGuard")
+        if np.shape(st["shrink"]) not in ((2,), (3,)):
+            raise ValueError(
+                f"NoveltyGuard: array 'shrink' has shape {np.shape(st['shrink'])}, expected (3,) "
+                "(w_id, w_novel, novelty floor) or (2,) as saved before the floor"
+            )
+        st["shrink"] = np.r_[st["shrink"], 0.0][:3]  # a guard saved before the floor: t = 0
         n_bank = np.shape(st["bank"])[0]
         if "local_scale" in self.feature_names and st["bank_kdist"].shape != (n_bank,):
             raise ValueError(
