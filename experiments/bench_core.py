@@ -333,13 +333,17 @@ def print_speed(out: dict, head: str) -> None:
 
 
 def speed_only(
-    head: str, guard: bool = False, guard_mode: str = "shrink", quality_layers: list[int] | None = None
+    head: str,
+    guard: bool = False,
+    guard_mode: str = "shrink",
+    quality_layers: list[int] | None = None,
+    guard_layers: list[int] | None = None,
 ) -> dict:
     """Speed figures only: a router with the ``head`` quality head at default parameters (no
     tuning; ``quality_layers``: the encoder layers it reads beside the embedding) and the bench's
     task head, fitted on llmrouter_ulab's training split (seed 0); with ``guard``, a
     :class:`~router_ml.predictors.guard.NoveltyGuard` in ``guard_mode`` after it (fitted by 3 + 3
-    folds of the head)."""
+    folds of the head; ``guard_layers``: the encoder layers its distances read)."""
     from router_ml.router import LearnedRouter
 
     table = load_source("llmrouter")
@@ -374,12 +378,14 @@ def speed_only(
         def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
             return build_quality_predictor(head, **qp).fit(H_tr[tr], Y_tr[tr], tid[tr]).predict(H_tr[te])
 
-        g = NoveltyGuard(folds=3, mode=guard_mode).fit(
-            X_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict, texts=list(p_tr["prompt"])
+        G_tr = cached.encode_layers(list(p_tr["prompt"]), guard_layers) if guard_layers else X_tr
+        g = NoveltyGuard(folds=3, mode=guard_mode, layers=guard_layers or ()).fit(
+            G_tr, Y_tr, p_tr["source_task"].to_numpy(), fit_predict, texts=list(p_tr["prompt"])
         )
     out.update(latency(LearnedRouter(encoder, task_head, quality, models, calibrator=cal, guard=g)))
     name = head + (f" (layers {quality_layers})" if quality_layers else "")
-    print_speed(out, name + (f" + guard ({guard_mode})" if guard else ""))
+    gname = f" + guard ({guard_mode}{f', layers {guard_layers}' if guard_layers else ''})"
+    print_speed(out, name + (gname if guard else ""))
     return out
 
 
@@ -414,6 +420,9 @@ def main() -> None:
         help="--speed-only: encoder layers the head reads",
     )
     ap.add_argument(
+        "--guard-layers", type=int, nargs="*", default=None, help="--guard: encoder layers its distances read"
+    )
+    ap.add_argument(
         "--guard-mode",
         default="shrink",
         choices=["shrink", "spread", "margin", "trust"],
@@ -423,7 +432,11 @@ def main() -> None:
     if args.speed_only:
         head = args.heads[0] if args.heads != ap.get_default("heads") else "taskmix"
         out = speed_only(
-            head, guard=args.guard, guard_mode=args.guard_mode, quality_layers=args.quality_layers
+            head,
+            guard=args.guard,
+            guard_mode=args.guard_mode,
+            quality_layers=args.quality_layers,
+            guard_layers=args.guard_layers,
         )
         if args.out:
             with open(args.out, "w") as f:

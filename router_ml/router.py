@@ -98,10 +98,15 @@ class LearnedRouter:
         """Encoder layers whose pooled states the quality head reads beside the embedding (may be none)."""
         return tuple(getattr(self.quality_head, "layers", ()))
 
+    @property
+    def guard_layers(self) -> tuple[int, ...]:
+        """Encoder layers whose pooled states the novelty guard's distances read (may be none)."""
+        return tuple(getattr(self.guard, "layers", ()) or ())
+
     def _encode(self, items: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(embeddings (n, dim) for the guard, the task head's features, the quality head's
-        features): one forward pass over the union of the heads' layers."""
-        have = tuple(sorted(set(self.task_layers) | set(self.quality_layers)))
+        """(the guard's features (the embeddings, then its layers' states), the task head's
+        features, the quality head's features): one forward pass over the union of their layers."""
+        have = tuple(sorted(set(self.task_layers) | set(self.quality_layers) | set(self.guard_layers)))
         if not have:
             X = self.encoder.encode(items, show_progress=False)
             return X, X, X
@@ -111,7 +116,7 @@ class LearnedRouter:
         def view(layers: tuple[int, ...]) -> np.ndarray:
             return wide if layers == have else np.ascontiguousarray(wide[:, layer_columns(have, layers, dim)])
 
-        return np.ascontiguousarray(wide[:, :dim]), view(self.task_layers), view(self.quality_layers)
+        return view(self.guard_layers), view(self.task_layers), view(self.quality_layers)
 
     def quality_features(self, prompts: str | Sequence[str]) -> np.ndarray:
         """What the quality head reads of the prompts: the embeddings, then the pooled states of
@@ -146,7 +151,9 @@ class LearnedRouter:
         set, guarded by novelty when a guard is: every model but the pool prior's lowered by the
         novelty margin)."""
         items = _check_prompts(prompts)
-        X, _, X_quality = self._encode(items) if self.quality_layers else (self.embed(items),) * 3
+        X, _, X_quality = (
+            self._encode(items) if self.quality_layers or self.guard_layers else (self.embed(items),) * 3
+        )
         q = self._quality_from_embeddings(X_quality, texts=items)
         if self.guard is not None:
             q = self.guard.transform(X, q, texts=items).quality
@@ -158,7 +165,8 @@ class LearnedRouter:
         if self.guard is None:
             raise RoutingError("this router has no novelty guard (train it with guard.enabled=true)")
         items = _check_prompts(prompts)
-        return self.guard.novelty(self.embed(items), texts=items)
+        X = self._encode(items)[0] if self.guard_layers else self.embed(items)
+        return self.guard.novelty(X, texts=items)
 
     def _guarded(
         self, X: np.ndarray, quality: np.ndarray, cand: list[int], texts: Sequence[str]
@@ -391,14 +399,15 @@ class LearnedRouter:
                 f"checkpoint {str(path)!r}: quality head predicts {quality_head.n_models_} models, "
                 f"router.json lists {len(config['models'])}"
             )
-        for what, head in (("task", task_head), ("quality", quality_head)):
+        parts = (("task", task_head), ("quality", quality_head), ("guard", guard))
+        for what, head in (p for p in parts if p[1] is not None):
             layers = tuple(getattr(head, "layers", ()))
             if layers and not hasattr(enc, "encode_layers"):
                 raise CheckpointError(
                     f"checkpoint {str(path)!r}: the {what} head reads encoder layers {list(layers)}, "
                     f"which encoder {enc.id!r} cannot give"
                 )
-            dim = getattr(head, "dim_", None)
+            dim = head.bank_.shape[1] if what == "guard" else getattr(head, "dim_", None)
             if dim is not None and dim != int(enc.dim) * (1 + len(layers)):
                 raise CheckpointError(
                     f"checkpoint {str(path)!r}: the {what} head takes {dim} features; encoder "

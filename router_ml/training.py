@@ -126,6 +126,11 @@ def routing_metrics(prefix: str, pred: np.ndarray, Y: np.ndarray, best: int) -> 
     }
 
 
+def guard_layers(cfg: Mapping[str, Any]) -> list[int]:
+    """The encoder layers the novelty guard's distances read (``guard.params.layers``; may be none)."""
+    return [int(k) for k in (((cfg.get("guard") or {}).get("params") or {}).get("layers") or [])]
+
+
 def fit_guard(
     cfg: Mapping[str, Any],
     head_name: str,
@@ -136,10 +141,12 @@ def fit_guard(
     seed: int,
     calibrator: Any | None = None,
     H: np.ndarray | None = None,
+    G: np.ndarray | None = None,
 ) -> Any | None:
     """A :class:`~router_ml.predictors.guard.NoveltyGuard` for the quality head ``head_name`` /
     ``params`` on these training prompts (embeddings ``X (n, d)``, the head's own features ``H``
-    when it reads encoder layers, ``Y (n, m)``), fitted by family-grouped CV
+    when it reads encoder layers, the guard's ``G`` when it does (:func:`guard_layers`),
+    ``Y (n, m)``), fitted by family-grouped CV
     of that head over ``cfg.guard.family_by``, its intervals on the scale of the router's fitted
     ``calibrator`` (if any); None when ``guard.enabled`` is false or the prompts hold fewer than two
     families (nothing to hold out)."""
@@ -162,9 +169,16 @@ def fit_guard(
         return predict_head(head, F[te], [texts[i] for i in te])
 
     guard = NoveltyGuard(**{"seed": seed, **(gcfg.get("params") or {})})
+    if guard.layers and G is None:
+        raise ValueError(f"fit_guard: guard.params.layers={guard.layers} needs the guard's features G")
     calibrate = calibrator.transform if calibrator is not None else None
     return guard.fit(
-        X, Y, prompts[family_by].astype(str).to_numpy(), fit_predict, texts=texts, calibrate=calibrate
+        X if G is None else G,
+        Y,
+        prompts[family_by].astype(str).to_numpy(),
+        fit_predict,
+        texts=texts,
+        calibrate=calibrate,
     )
 
 
@@ -291,6 +305,13 @@ def fit_router(
     def X_head(prompts: pd.Series) -> np.ndarray:  # the quality head's: with layers, their states too
         return cached.encode_layers(list(prompts), tuple(q_layers)) if q_layers else X_of(prompts)
 
+    g_layers = guard_layers(cfg)
+    if g_layers and (cfg.get("guard") or {}).get("enabled") and not hasattr(encoder, "encode_layers"):
+        raise ValueError(
+            f"guard.params.layers={g_layers} needs an encoder that gives its layer states "
+            f"(a sentence-transformers model); encoder {encoder.id!r} does not"
+        )
+
     if not hasattr(task_head, "coef_"):
         t0 = time.perf_counter()
         task_head.fit(
@@ -337,7 +358,8 @@ def fit_router(
         calibrator = build_calibrator(cal_name).fit(raw_va, Y_va)
 
     t0 = time.perf_counter()
-    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator, H=H_tr)
+    G_tr = cached.encode_layers(list(prompts_tr["prompt"]), tuple(g_layers)) if g_layers else None
+    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator, H=H_tr, G=G_tr)
     if guard is not None:
         metrics["time/guard_train_s"] = time.perf_counter() - t0
         metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
@@ -359,7 +381,12 @@ def fit_router(
         if name not in wide or not len(wide[name][0]):
             continue
         prompts_s, Y_s, _ = wide[name]
-        X_s = X_of(prompts_s["prompt"])
+        # what the guard reads: the embeddings, then its layers' states
+        X_s = (
+            cached.encode_layers(list(prompts_s["prompt"]), tuple(g_layers))
+            if g_layers
+            else X_of(prompts_s["prompt"])
+        )
         raw = predict_head(head, X_head(prompts_s["prompt"]), list(prompts_s["prompt"]))
         metrics.update(routing_metrics(name, raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
@@ -447,8 +474,12 @@ def refit_on_all(
             raw[[row[pid] for pid in p_va["prompt_id"]]] = predict_head(head, X_va, t_va)
         calibrator = type(old.calibrator)(**old.calibrator.get_params()).fit(raw, Y)
     head = fit_head(name, params, H, Y, task_ids_of(prompts[key]), texts)
+    g_layers = tuple(old.guard_layers)
+    G = cached.encode_layers(texts, g_layers).astype("float32") if g_layers else None
     guard = (
-        fit_guard(cfg, name, params, prompts, X, Y, seed, calibrator, H=H) if old.guard is not None else None
+        fit_guard(cfg, name, params, prompts, X, Y, seed, calibrator, H=H, G=G)
+        if old.guard is not None
+        else None
     )
 
     task_train, task_test = task_training_data({"train": table}, cfg.get("task_data", {}), seed)

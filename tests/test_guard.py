@@ -715,3 +715,28 @@ def test_keep_in_distribution_holds_the_heads_own_gain_in_distribution(mode):
         NoveltyGuard(mode="trust", keep_in_distribution=0.01)
     with pytest.raises(ValueError, match="keep_in_distribution"):
         NoveltyGuard(keep_in_distribution=-1.0)
+
+
+def test_guard_with_layers_reads_each_block_at_unit_length():
+    X, Y, fam = _families(win_every=3)
+    rng = np.random.default_rng(1)
+    L = X @ rng.normal(size=(X.shape[1], X.shape[1])).astype(np.float32) * 50.0  # a "layer", far larger
+    wide = np.hstack([X, L]).astype(np.float32)
+    kw = {"folds": 3, "coverage": 0.8, "n_bins": 2, "mode": "shrink", "features": EMB_FEATURES}
+    g = NoveltyGuard(**kw, layers=[3]).fit(wide, Y, fam, _fit_predict_for(X, Y))
+    # the bank: each block at unit length over sqrt(2), so no block outweighs the other
+    B = g.bank_.reshape(len(g.bank_), 2, -1)
+    np.testing.assert_allclose(np.linalg.norm(B, axis=2), np.sqrt(0.5), atol=1e-5)
+    nu = g.novelty(wide[:7])
+    np.testing.assert_allclose(g.novelty(wide[:1]), nu[:1], atol=1e-7)  # one prompt as in a batch
+    # a prompt far away in the layer block alone is newer than it was
+    moved = wide[:7].copy()
+    moved[:, X.shape[1] :] = rng.normal(size=(7, X.shape[1])) * 50.0
+    assert g.novelty(moved).mean() > nu.mean()
+    with pytest.raises(ValueError, match="fitted on 32"):
+        g.novelty(X[:3])
+    with pytest.raises(ValueError, match="equal blocks"):
+        NoveltyGuard(**kw, layers=[3, 4]).fit(wide, Y, fam, _fit_predict_for(X, Y))
+    # saved and loaded with its params, the guard reads the same blocks
+    again = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
+    np.testing.assert_allclose(again.novelty(wide[:7]), nu, atol=1e-12)

@@ -218,3 +218,42 @@ def test_quality_layer_mismatch_is_refused_by_name(layered_quality_router, tmp_p
     bad = with_layers(layered_quality_router, tmp_path / "bad", "quality_head", [3, 4])
     with pytest.raises(CheckpointError, match="the quality head takes 768 features"):
         LearnedRouter.from_pretrained(bad)
+
+
+@pytest.fixture(scope="module")
+def layered_guard_router(embedding_cache, tmp_path_factory):
+    """A small router trained in-process (and refitted on every prompt) whose novelty guard's
+    distances read layer 3."""
+    from experiments.bench_servers import SMALL_ROUTER
+    from router_ml.training import train
+
+    run = tmp_path_factory.mktemp("layered-guard")
+    cfg = {
+        **SMALL_ROUTER,
+        "name": "test-layered-guard",
+        "guard": {"enabled": True, "family_by": "source_task", "params": {"folds": 3, "layers": [3]}},
+        "refit": {"enabled": True, "folds": 3},  # the exported checkpoint: refitted, guard included
+    }
+    train(cfg, run_dir=run)
+    return run / "checkpoint"
+
+
+@pytest.mark.full
+def test_router_whose_guard_reads_layers_routes_saves_and_loads(layered_guard_router, minilm, tmp_path):
+    from router_ml.predictors.guard import NoveltyGuard
+
+    router = LearnedRouter.from_pretrained(layered_guard_router)
+    assert router.guard_layers == (3,) and router.quality_layers == ()
+    prompts = load_labelled("fresh")["prompt"].tolist()[:20]
+    wide = minilm.encode_layers(prompts, [3])  # what the guard reads: [embedding | layer 3]
+    nu = router.predict_novelty(prompts)
+    np.testing.assert_allclose(nu, router.guard.novelty(wide, texts=prompts), atol=1e-5)
+    # not what a guard of the embedding alone would say
+    assert router.guard.bank_.shape[1] == 2 * 384 and isinstance(router.guard, NoveltyGuard)
+    batch = router.route_batch(prompts)
+    for p, d, v in zip(prompts, batch, nu, strict=True):  # one prompt (the live path) as in the batch
+        one = router.route(p)
+        assert one.model == d.model and one.novelty == pytest.approx(v, abs=1e-5)
+    bad = with_layers(layered_guard_router, tmp_path / "bad", "guard", [3, 4])
+    with pytest.raises(CheckpointError, match="the guard head takes 768 features"):
+        LearnedRouter.from_pretrained(bad)

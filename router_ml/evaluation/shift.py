@@ -140,6 +140,11 @@ def kfold_folds(
     return [(f"fold{i}", tr, te) for i, (tr, te) in enumerate(kfold_prompts(table, k, seed=seed))]
 
 
+def guard_layers_of(guard: Mapping[str, Any] | None) -> list[int]:
+    """The encoder layers a shift run's guard reads (``shift.guard.params.layers``; may be none)."""
+    return [int(k) for k in (((guard or {}).get("params") or {}).get("layers") or [])]
+
+
 def shift_heads(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Quality heads of a shift run, by name: the run's predictor, ``compare_heads``, ``shift.heads``."""
     heads: dict[str, dict[str, Any]] = {}
@@ -204,7 +209,9 @@ def fold_scores(
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
     best = best_single_model(Y_tr)
     ref_cost = float(np.nanmean(wide_column(parts["train"], p_tr, ctx.models, "cost_usd")[:, best]))
-    X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)  # embeddings: what the guard reads
+    X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)  # embeddings
+    glay = guard_layers_of(ctx.guard)
+    G_tr, G_va = (ctx.X(p_tr, glay), ctx.X(p_va, glay)) if glay else (X_tr, X_va)  # what the guard reads
     t_tr, t_va = list(p_tr["prompt"]), list(p_va["prompt"])
     est_va = ctx.estimates(p_va, Y_va, parts["val"])[0] if len(p_va) else None
     util_params = {k: v for k, v in ctx.utility.items() if k not in ("heads", "sweep")}
@@ -233,11 +240,11 @@ def fold_scores(
                     hcfg,
                     p_tr,
                     Y_tr,
-                    X_tr,
+                    G_tr,
                     H_tr,
                     t_tr,
                     (head, cal, policy),
-                    X_va,
+                    G_va,
                     t_va,
                     q_va,
                     est_va,
@@ -251,6 +258,7 @@ def fold_scores(
         p_te, Y_te, _ = to_wide(test, ctx.models)
         est, cost = ctx.estimates(p_te, Y_te, test)
         X_te, t_te, rows = ctx.X(p_te), list(p_te["prompt"]), np.arange(len(p_te))
+        G_te = ctx.X(p_te, glay) if glay else X_te
         fs = FoldScores(
             fold=fold,
             rendering=rendering,
@@ -265,13 +273,13 @@ def fold_scores(
             q, lower = (cal.transform(raw) if cal is not None else raw), None
             if guard:  # the router's order: head -> calibrator -> guard
                 g, nov_va, info = guard
-                gd = g.transform(X_te, q, texts=t_te)
+                gd = g.transform(G_te, q, texts=t_te)
                 q, lower = gd.quality, gd.lower
                 # routed: argmax of what the policy ranks by, with the guard on the head's own
                 # (uncalibrated) output as the unguarded row routes by and as the guard was fitted,
                 # so the two rows differ by the guard alone (an isotonic calibrator flattens scores
                 # into ties and moves the argmax by itself)
-                gr, gr_raw = g.transform(X_te, raw, texts=t_te), raw
+                gr, gr_raw = g.transform(G_te, raw, texts=t_te), raw
                 raw = gr.quality - policy.risk * (gr.quality - gr.lower)
                 fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
                 if gr.trust is not None:
@@ -513,7 +521,7 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
     )
     t1 = time.perf_counter()
     heads = shift_heads(cfg)
-    want = sorted({k for h in heads.values() for k in head_layers(h)})
+    want = sorted({k for h in heads.values() for k in head_layers(h)} | set(guard_layers_of(s.get("guard"))))
     emb, tasks, have, dim = _embed_and_tasks(cfg, texts, seed, want)
     embed_s = time.perf_counter() - t1
     ctx = _Context(

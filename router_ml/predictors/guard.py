@@ -291,7 +291,11 @@ class NoveltyGuard(BasePredictor):
     (``mode="shrink"`` / ``"spread"``; False: ``t = 0``, the weight linear in novelty);
     ``keep_in_distribution``: None (the objective adds in-distribution and out-of-family gains), or
     how much of the head's own out-of-fold gain in distribution (score points on [0, 1]) the guard may
-    give up: among those grid points, the best out of family.
+    give up: among those grid points, the best out of family;
+    ``layers``: encoder layers whose pooled states the distances read beside the embedding (``X``
+    then holds the embedding and those states, as a quality head's :attr:`layers`; each block is
+    scaled to unit length, so a cosine is the mean of the blocks' cosines: MiniLM's layers 3 and 4
+    keep the benchmark's form that the sentence embedding blurs, README "Routing under shift").
     """
 
     name = "novelty_shrinkage"
@@ -312,6 +316,7 @@ class NoveltyGuard(BasePredictor):
         q_bins: int = 1,
         shrink_floor: bool = False,
         keep_in_distribution: float | None = None,
+        layers: Sequence[int] = (),
     ):
         if mode not in MODES:
             raise ValueError(f"NoveltyGuard: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -345,6 +350,31 @@ class NoveltyGuard(BasePredictor):
                 f"mode shrink, spread or margin; got {keep_in_distribution!r} with mode {mode!r}"
             )
         self.keep_in_distribution = None if keep_in_distribution is None else float(keep_in_distribution)
+        self.layers = [int(k) for k in layers]
+
+    def _prep(self, X: np.ndarray, where: str) -> np.ndarray:
+        """``X`` as the distances read it: with :attr:`layers`, each of its ``1 + len(layers)``
+        equal blocks (the embedding, then each layer's states) at unit length over sqrt(blocks)."""
+        X = np.asarray(X, np.float32)
+        if X.ndim != 2:
+            raise ValueError(f"NoveltyGuard.{where}: X must be (n, d), got shape {X.shape}")
+        width = getattr(self, "bank_", None)
+        if width is not None and X.shape[1] != width.shape[1]:
+            raise ValueError(
+                f"NoveltyGuard.{where}: X has {X.shape[1]} features, the guard was fitted on "
+                f"{width.shape[1]} (the embedding and the states of layers {self.layers})"
+            )
+        if not self.layers:
+            return X
+        b = 1 + len(self.layers)
+        if X.shape[1] % b:
+            raise ValueError(
+                f"NoveltyGuard.{where}: X has {X.shape[1]} features, not {b} equal blocks "
+                f"(the embedding and the states of layers {self.layers})"
+            )
+        B = X.reshape(len(X), b, -1)
+        B = B / np.maximum(np.linalg.norm(B, axis=2, keepdims=True), 1e-12)
+        return np.ascontiguousarray((B / np.sqrt(b)).reshape(len(X), -1), dtype=np.float32)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -503,7 +533,8 @@ class NoveltyGuard(BasePredictor):
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
 
-        X, Y = np.asarray(X, np.float32), np.asarray(Y, np.float64)
+        self.__dict__.pop("bank_", None)  # refitting: the width is the new X's
+        X, Y = self._prep(X, "fit"), np.asarray(Y, np.float64)
         fam = np.asarray([str(f) for f in families])
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(fam) != len(X):
             raise ValueError(
@@ -819,6 +850,7 @@ class NoveltyGuard(BasePredictor):
         """``(F (n, len(FEATURES)), nn (n, k))``: the features of ``X (n, d)`` (and ``texts``)
         against the stored bank."""
         self._check_fitted("bank_")
+        X = self._prep(X, where)
         texts = self._check_texts(texts, len(X), where)
         text = {t: (b, b.hash(texts)) for t, b in self.ngrams_.items()} if texts is not None else {}
         kd = self.bank_kdist_ if "local_scale" in self.feature_names else None
