@@ -122,7 +122,7 @@ class LearnedRouter:
         """What the quality head reads of the prompts: the embeddings, then the pooled states of
         its :attr:`quality_layers` (``(n, dim * (1 + len(layers)))``)."""
         items = _check_prompts(prompts)
-        return self._encode(items)[2] if self.quality_layers else self.embed(items)
+        return self._encode(items)[2]
 
     def _quality_from_embeddings(
         self, X: np.ndarray, texts: Sequence[str] | None = None, text_part: Any = None
@@ -151,9 +151,7 @@ class LearnedRouter:
         set, guarded by novelty when a guard is: every model but the pool prior's lowered by the
         novelty margin)."""
         items = _check_prompts(prompts)
-        X, _, X_quality = (
-            self._encode(items) if self.quality_layers or self.guard_layers else (self.embed(items),) * 3
-        )
+        X, _, X_quality = self._encode(items)
         q = self._quality_from_embeddings(X_quality, texts=items)
         if self.guard is not None:
             q = self.guard.transform(X, q, texts=items).quality
@@ -165,8 +163,7 @@ class LearnedRouter:
         if self.guard is None:
             raise RoutingError("this router has no novelty guard (train it with guard.enabled=true)")
         items = _check_prompts(prompts)
-        X = self._encode(items)[0] if self.guard_layers else self.embed(items)
-        return self.guard.novelty(X, texts=items)
+        return self.guard.novelty(self._encode(items)[0], texts=items)
 
     def _guarded(
         self, X: np.ndarray, quality: np.ndarray, cand: list[int], texts: Sequence[str]

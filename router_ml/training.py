@@ -126,9 +126,10 @@ def routing_metrics(prefix: str, pred: np.ndarray, Y: np.ndarray, best: int) -> 
     }
 
 
-def guard_layers(cfg: Mapping[str, Any]) -> list[int]:
-    """The encoder layers the novelty guard's distances read (``guard.params.layers``; may be none)."""
-    return [int(k) for k in (((cfg.get("guard") or {}).get("params") or {}).get("layers") or [])]
+def guard_layers(guard: Mapping[str, Any] | None) -> list[int]:
+    """The encoder layers a guard config ``{params: {layers: ...}}`` (``guard`` of the main job,
+    ``shift.guard`` of a shift run) has its distances read; may be none."""
+    return [int(k) for k in (((guard or {}).get("params") or {}).get("layers") or [])]
 
 
 def fit_guard(
@@ -305,8 +306,8 @@ def fit_router(
     def X_head(prompts: pd.Series) -> np.ndarray:  # the quality head's: with layers, their states too
         return cached.encode_layers(list(prompts), tuple(q_layers)) if q_layers else X_of(prompts)
 
-    g_layers = guard_layers(cfg)
-    if g_layers and (cfg.get("guard") or {}).get("enabled") and not hasattr(encoder, "encode_layers"):
+    g_layers = guard_layers(cfg.get("guard")) if (cfg.get("guard") or {}).get("enabled") else []
+    if g_layers and not hasattr(encoder, "encode_layers"):
         raise ValueError(
             f"guard.params.layers={g_layers} needs an encoder that gives its layer states "
             f"(a sentence-transformers model); encoder {encoder.id!r} does not"

@@ -140,11 +140,6 @@ def kfold_folds(
     return [(f"fold{i}", tr, te) for i, (tr, te) in enumerate(kfold_prompts(table, k, seed=seed))]
 
 
-def guard_layers_of(guard: Mapping[str, Any] | None) -> list[int]:
-    """The encoder layers a shift run's guard reads (``shift.guard.params.layers``; may be none)."""
-    return [int(k) for k in (((guard or {}).get("params") or {}).get("layers") or [])]
-
-
 def shift_heads(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Quality heads of a shift run, by name: the run's predictor, ``compare_heads``, ``shift.heads``."""
     heads: dict[str, dict[str, Any]] = {}
@@ -204,13 +199,14 @@ def fold_scores(
     from router_ml.evaluation.sweeps import knob_values
     from router_ml.predictors import build_calibrator
     from router_ml.predictors.tuning import fit_head, predict_head
+    from router_ml.training import guard_layers
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
     best = best_single_model(Y_tr)
     ref_cost = float(np.nanmean(wide_column(parts["train"], p_tr, ctx.models, "cost_usd")[:, best]))
     X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)  # embeddings
-    glay = guard_layers_of(ctx.guard)
+    glay = guard_layers(ctx.guard)
     G_tr, G_va = (ctx.X(p_tr, glay), ctx.X(p_va, glay)) if glay else (X_tr, X_va)  # what the guard reads
     t_tr, t_va = list(p_tr["prompt"]), list(p_va["prompt"])
     est_va = ctx.estimates(p_va, Y_va, parts["val"])[0] if len(p_va) else None
@@ -521,7 +517,9 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
     )
     t1 = time.perf_counter()
     heads = shift_heads(cfg)
-    want = sorted({k for h in heads.values() for k in head_layers(h)} | set(guard_layers_of(s.get("guard"))))
+    from router_ml.training import guard_layers
+
+    want = sorted({k for h in heads.values() for k in head_layers(h)} | set(guard_layers(s.get("guard"))))
     emb, tasks, have, dim = _embed_and_tasks(cfg, texts, seed, want)
     embed_s = time.perf_counter() - t1
     ctx = _Context(
