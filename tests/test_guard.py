@@ -666,9 +666,10 @@ def test_family_classifier_features_are_biased_by_construction():
     assert not {"family_1_minus_top_prob", "family_entropy"} & set(NoveltyGuard().feature_names)
 
 
-def test_intervals_are_measured_on_the_calibrated_scale_they_are_served_on():
-    """``calibrate`` (the router's calibrator) maps the out-of-fold estimates before their residuals
-    enter the conformal table; the shrinkage and the novelty score still read the head's own."""
+def test_the_guard_is_fitted_on_the_calibrated_scale_it_is_served_on():
+    """``calibrate`` (the router's calibrator) maps the out-of-fold estimates before anything is
+    fitted on them: the margin and its routed gain, and the intervals' residuals, are those of the
+    calibrated estimates the router serves the guard; the novelty score reads the prompts only."""
     X, Y, fam = _families()
     fp = _fit_predict_for(X, Y)
     seen = []
@@ -677,13 +678,21 @@ def test_intervals_are_measured_on_the_calibrated_scale_they_are_served_on():
         seen.append(Q.shape)
         return np.full_like(Q, 0.5)
 
-    kw = {"folds": 3, "coverage": 0.8, "n_bins": 2, "features": EMB_FEATURES}
+    def mute(Q):  # a calibrator that never lets model 1 lead
+        return np.column_stack([Q[:, 0], np.zeros(len(Q))])
+
+    kw = {"folds": 3, "coverage": 0.8, "n_bins": 2, "features": EMB_FEATURES, "mode": "margin"}
     raw = NoveltyGuard(**kw).fit(X, Y, fam, fp)
     same = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=lambda Q: Q)
+    muted = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=mute)
     cal = NoveltyGuard(**kw).fit(X, Y, fam, fp, calibrate=flat)
-    assert seen == [Y.shape, Y.shape]  # the in-distribution and the out-of-family estimates
+    assert seen == [Y.shape, Y.shape]  # the out-of-family and the in-distribution estimates
     np.testing.assert_array_equal(same.halfwidth_, raw.halfwidth_)
-    np.testing.assert_array_equal(cal.shrink_, raw.shrink_)
+    np.testing.assert_array_equal(same.margin_, raw.margin_)
+    assert raw.prior_model == 0 and raw.cv_gain_[0] > 0.02  # the head's picks of model 1 pay
+    # calibrated, model 1 never leads: in distribution every pick is the best single model's (out
+    # of family a fold's best single model may be model 1, and model 0 beats it on its losing families)
+    assert muted.cv_gain_[0] == 0.0
     np.testing.assert_array_equal(cal.nov_coef_, raw.nov_coef_)
     assert not np.allclose(cal.halfwidth_, raw.halfwidth_)
 

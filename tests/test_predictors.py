@@ -719,3 +719,35 @@ def test_hashed_view_indices_are_the_sorted_unique_hashes():
         np.testing.assert_array_equal(idx, want)
         assert idx.dtype == np.int64
         assert w == (2.0 / np.sqrt(len(want)) if len(want) else 0.0)
+
+
+def test_out_of_fold_predicts_each_prompt_by_a_head_that_never_saw_it():
+    """training.out_of_fold (what the calibrator is fitted on): a 1-nearest-neighbour head returns a
+    training prompt's own outcome in sample, never out of fold (each prompt is unique here)."""
+    import pandas as pd
+
+    from router_ml.predictors.tuning import fit_head, predict_head
+    from router_ml.training import fit_calibrator, out_of_fold
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 8
+    X = rng.normal(size=(n, d)).astype("float32")
+    Y = rng.uniform(size=(n, 2))  # distinct outcomes: a row is identified by its own
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "task": ["qa"] * n,
+        }
+    )
+    tid = np.zeros(n, np.int64)
+    params = {"k": 1}
+    in_sample = predict_head(fit_head("knn", params, X, Y, tid), X)
+    np.testing.assert_allclose(in_sample, Y, rtol=1e-12)
+    oof = out_of_fold("knn", params, prompts, X, Y, tid, folds=3, seed=0)
+    assert not np.isnan(oof).any() and (np.abs(oof - Y) > 1e-9).all()
+    for i in range(n):  # each row is the outcome of its nearest neighbour among the other folds
+        assert any(np.allclose(oof[i], Y[j], rtol=1e-12) for j in range(n) if j != i)
+    assert fit_calibrator("none", 3, "knn", params, prompts, X, Y, tid, seed=0) is None
+    cal = fit_calibrator("isotonic", 3, "knn", params, prompts, X, Y, tid, seed=0, held_out=(in_sample, Y))
+    assert cal.n_models_ == 2

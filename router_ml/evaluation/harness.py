@@ -44,7 +44,7 @@ from router_ml.evaluation.pacing import pacing_replay
 from router_ml.evaluation.sweeps import _point, knob_values, sweep_policy
 from router_ml.metrics import json_safe
 from router_ml.predictors.tuning import predict_head
-from router_ml.training import _as_dict, fit_router, split_data
+from router_ml.training import _as_dict, calibration_folds, fit_router, split_data
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def evaluate_seed(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
     cal_name = (run_cfg.get("calibrator") or {}).get("name", "none")
     heads = {"learned": None}
     for hname, hcfg in (cfg.get("compare_heads") or {}).items():
-        heads[hname] = fitted.fit_head(hcfg, cal_name, seed)
+        heads[hname] = fitted.fit_head(hcfg, cal_name, seed, calibration_folds(run_cfg))
 
     def predict(split: str) -> tuple[dict[str, np.ndarray], list[str]]:
         prompts = fitted.wide[split][0]["prompt"]

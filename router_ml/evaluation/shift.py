@@ -6,8 +6,8 @@ Modes (``cfg.shift.name``):
 - ``leave_one_family_out``: one fold per task family (``shift.family_by``, default the data's
   ``source_task``: llmrouter_ulab's 14 benchmarks, routerdc_7models' benchmark files, MMLU-Pro's 14
   subjects, ZeroEval's 3 tasks). The fold's test set is every prompt of that family; everything is
-  fitted on the OTHER families only: the quality heads, their calibration (a ``val_size`` part of
-  the training families), the utility policy and the best single model. Training prompts whose
+  fitted on the OTHER families only: the quality heads, their calibration (out-of-fold predictions
+  over the training families and a ``val_size`` part of them), the utility policy and the best single model. Training prompts whose
   normalised text also occurs in the held-out family are dropped (:func:`split_tasks`).
 - ``in_distribution``: the same pipeline over ``folds`` folds of prompt groups (stratified by task),
   so every prompt is tested once by a router that saw its family: the like-for-like reference.
@@ -16,9 +16,10 @@ Modes (``cfg.shift.name``):
   (:mod:`router_ml.evaluation.renderings`; outcomes and costs are the original item's).
 
 Per test prompt it keeps: the observed scores of every model, the score of the best single model
-(chosen on the fold's training part), the score of each head's argmax of predicted quality (raw
-head output, as the README's routing-quality table), and the score and $ of the utility policy at
-every knob value of its sweep (calibrated predictions, as ``experiments.evaluate``). The per-prompt
+(chosen on the fold's training part), the score of each head's argmax of the quality the router
+serves (head -> calibrator -> guard, as :class:`~router_ml.router.LearnedRouter`), and the score and
+$ of the utility policy at every knob value of its sweep (the same estimates, as
+``experiments.evaluate``). The per-prompt
 rows of all folds are pooled and summarised by :mod:`router_ml.evaluation.shift_report`.
 
 Heads: ``learned`` = the run's ``predictor`` (evaluate's default: taskmix), then ``compare_heads``
@@ -169,6 +170,7 @@ class _Context:
     guard: dict[str, Any] = field(default_factory=dict)  # shift.guard: {heads: [...], params: {...}}
     layers: tuple[int, ...] = ()  # the encoder layers ``emb`` holds after the embedding
     dim: int = 0  # the embedding's width
+    calibration_folds: int = 5  # calibrator.folds: the out-of-fold predictions it is fitted on
 
     def X(self, prompts: pd.DataFrame, layers: Sequence[int] = ()) -> np.ndarray:
         """The prompts' embeddings, then the states of ``layers`` (a head's :attr:`layers`)."""
@@ -197,9 +199,8 @@ def fold_scores(
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.decision.policies import build_policy
     from router_ml.evaluation.sweeps import knob_values
-    from router_ml.predictors import build_calibrator
     from router_ml.predictors.tuning import fit_head, predict_head
-    from router_ml.training import guard_layers
+    from router_ml.training import fit_calibrator, guard_layers
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
@@ -216,12 +217,25 @@ def fold_scores(
         tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
         lay = head_layers(hcfg)
         H_tr, H_va = (ctx.X(p_tr, lay), ctx.X(p_va, lay)) if lay else (X_tr, X_va)  # the head's features
-        head = fit_head(hcfg["name"], dict(hcfg.get("params") or {}), H_tr, Y_tr, tid, t_tr)
-        cal, policy, q_va = None, build_policy(dict(util_params)), None
-        if est_va is not None:
-            raw_va = predict_head(head, H_va, t_va)
-            if ctx.calibrator != "none":
-                cal = build_calibrator(ctx.calibrator).fit(raw_va, Y_va)
+        params = dict(hcfg.get("params") or {})
+        head = fit_head(hcfg["name"], params, H_tr, Y_tr, tid, t_tr)
+        policy, q_va = build_policy(dict(util_params)), None
+        raw_va = predict_head(head, H_va, t_va) if est_va is not None else None
+        # calibrated as the router is (training.fit_calibrator): on the head's out-of-fold
+        # predictions over the training part and on the validation part
+        cal = fit_calibrator(
+            ctx.calibrator,
+            ctx.calibration_folds,
+            hcfg["name"],
+            params,
+            p_tr,
+            H_tr,
+            Y_tr,
+            tid,
+            ctx.seed,
+            (raw_va, Y_va) if raw_va is not None else None,
+        )
+        if raw_va is not None:
             q_va = cal.transform(raw_va) if cal is not None else raw_va
             policy = policy.fit(dataclasses.replace(est_va, quality=q_va))
         fitted[hname] = (head, cal, policy, lay)
@@ -267,23 +281,21 @@ def fold_scores(
         for hname, (head, cal, policy, *guard, lay) in fitted.items():
             raw = predict_head(head, ctx.X(p_te, lay) if lay else X_te, t_te)
             q, lower = (cal.transform(raw) if cal is not None else raw), None
-            if guard:  # the router's order: head -> calibrator -> guard
+            # routed: the argmax of what the router serves and the policy ranks by: head ->
+            # calibrator -> guard (its lower bound weighed by the policy's risk)
+            ranked = q
+            if guard:
                 g, nov_va, info = guard
                 gd = g.transform(G_te, q, texts=t_te)
-                q, lower = gd.quality, gd.lower
-                # routed: argmax of what the policy ranks by, with the guard on the head's own
-                # (uncalibrated) output as the unguarded row routes by and as the guard was fitted,
-                # so the two rows differ by the guard alone (an isotonic calibrator flattens scores
-                # into ties and moves the argmax by itself)
-                gr, gr_raw = g.transform(G_te, raw, texts=t_te), raw
-                raw = gr.quality - policy.risk * (gr.quality - gr.lower)
                 fs.novelty[hname], fs.novelty_id[hname], fs.guard_fit[hname] = gd.novelty, nov_va, info
-                if gr.trust is not None:
-                    fs.trust[hname], fs.moved[hname] = gr.trust, np.argmax(gr_raw, axis=1) != best
+                if gd.trust is not None:
+                    fs.trust[hname], fs.moved[hname] = gd.trust, np.argmax(q, axis=1) != best
+                q, lower = gd.quality, gd.lower
+                ranked = q - policy.risk * (q - lower)
                 fs.covered[hname] = np.where(
                     np.isnan(Y_te), np.nan, (Y_te >= gd.lower - 1e-9) & (Y_te <= gd.upper + 1e-9)
                 )
-            fs.routed[hname] = routed_scores(raw, Y_te)
+            fs.routed[hname] = routed_scores(ranked, Y_te)
             e = dataclasses.replace(est, quality=q, quality_lower=lower)
             knobs = knob_values(ctx.utility, policy, e, ref_cost)
             S = np.empty((len(rows), len(knobs)))
@@ -517,7 +529,7 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
     )
     t1 = time.perf_counter()
     heads = shift_heads(cfg)
-    from router_ml.training import guard_layers
+    from router_ml.training import calibration_folds, guard_layers
 
     want = sorted({k for h in heads.values() for k in head_layers(h)} | set(guard_layers(s.get("guard"))))
     emb, tasks, have, dim = _embed_and_tasks(cfg, texts, seed, want)
@@ -529,6 +541,7 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
         layer=build_layer(cfg, models),
         heads=heads,
         calibrator=(cfg.get("calibrator") or {}).get("name", "none"),
+        calibration_folds=calibration_folds(cfg),
         utility=dict(
             (cfg.get("policies") or {}).get("utility") or {"name": "utility", "sweep": {"kind": "lam"}}
         ),

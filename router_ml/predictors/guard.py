@@ -79,9 +79,9 @@ and would add a dependency to the serving path for a ``np.quantile`` and the coi
 
 ``fit`` takes the head as a callable ``fit_predict(train_rows, test_rows) -> (k, m)`` so this
 module stays below the training code; state is plain arrays (``state_dict``), no pickle. The
-out-of-fold predictions are the head's own (uncalibrated: a calibrator per inner fold would need a
-calibration part of each); the router applies the guard after its calibrator, which maps the same
-[0, 1] quality scale. The novelty features of the out-of-fold rows are measured against their
+out-of-fold predictions are the head's own, mapped by the router's calibrator (fitted once, on the
+head's out-of-fold predictions over the training prompts) before anything is fitted on them: the
+router applies the guard after its calibrator, so the guard is fitted on the scale it is served. The novelty features of the out-of-fold rows are measured against their
 fold's training part, the served ones against the full bank (slightly nearer neighbours).
 """
 
@@ -525,10 +525,11 @@ class NoveltyGuard(BasePredictor):
         ``families`` (n,); ``fit_predict`` fits the quality head on some rows and predicts others;
         ``texts`` (n,): the prompts, needed when the score reads text features (:attr:`uses_text`);
         ``calibrate``: the calibrator the router applies before the guard (``(k, m) -> (k, m)``,
-        fitted on other rows), so the intervals' residuals are measured on the scale they are served
-        on (an isotonic calibrator turns a head's spread of estimates into a few steps: residuals of
-        the raw estimates under-covered the calibrated ones by up to 19 points). The shrinkage is
-        still fitted on the head's own estimates, which the router's argmax reads.
+        fitted on the head's out-of-fold predictions), applied to the out-of-fold estimates before
+        anything is fitted on them, so the shrinkage, the margin, the deferral model and the
+        intervals' residuals are all fitted on the scale the router serves the guard (an isotonic
+        calibrator turns a head's spread of estimates into steps and can move the argmax: a margin
+        fitted on the raw scale and served on the calibrated one routed 1.1 points below).
         Needs at least two families (the out-of-family folds hold whole families out)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
@@ -585,6 +586,8 @@ class NoveltyGuard(BasePredictor):
                 S[te] = family_spread(Y[tr], fam[tr], int(best[te[0]]))
             oof[kind], knn[kind], pri[kind], spr[kind] = (Q, F, best), Yk, P, S
         (Qf, Ff, bf), (Qi, Fi, bi) = oof["family"], oof["random"]
+        if calibrate is not None:  # what the router serves the guard: the calibrated estimates
+            Qf, Qi = calibrate(Qf), calibrate(Qi)
         Pf, Pi, Sf, Si = pri["family"], pri["random"], spr["family"], spr["random"]
 
         # novelty: out-of-family (1) against in-distribution (0) out-of-fold prompts
@@ -695,11 +698,10 @@ class NoveltyGuard(BasePredictor):
 
         # split-conformal half-widths per novelty bin and model, on the shrunk out-of-fold residuals
         nu = np.r_[nu_i, nu_f]
-        cal = calibrate if calibrate is not None else (lambda Q: Q)
         G = np.vstack(
             [
-                self._apply(cal(Qi), nu_i, bi, T["i"], Pi, Si)[0],
-                self._apply(cal(Qf), nu_f, bf, T["f"], Pf, Sf)[0],
+                self._apply(Qi, nu_i, bi, T["i"], Pi, Si)[0],
+                self._apply(Qf, nu_f, bf, T["f"], Pf, Sf)[0],
             ]
         )
         kind = np.r_[np.zeros(len(nu_i), np.int64), np.ones(len(nu_f), np.int64)]
