@@ -54,7 +54,7 @@ from router_ml.metrics import (
 from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
 from router_ml.predictors.calibration import expected_calibration_error
 from router_ml.predictors.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
-from router_ml.training import split_data, task_training_data
+from router_ml.training import fit_calibrator, out_of_fold, split_data, task_training_data
 
 GRIDS = {
     "knn": {"k": [10, 20, 50, 100, 200], "weights": ["uniform", "distance"]},
@@ -67,6 +67,9 @@ GRIDS = {
 }
 # which labels a head learns from (as in conf/predictor/*.yaml)
 TASK_KEY = {"taskmix": "source_task", "ensemble": "source_task"}
+#: the calibrators compared per head, fitted as the main job fits them (conf/calibrator/*.yaml folds)
+CALIBRATORS = ("isotonic", "temperature")
+CAL_FOLDS = 5
 TASK_HEAD = {
     "C": 10.0,
     "class_weight": "balanced",
@@ -153,18 +156,31 @@ def run_seed(seed: int, table, emb, heads, folds) -> dict:
         raw = predict_head(head, X["test"], texts["test"])
         routed = routed_scores(raw, Y_te)
         per_prompt[name] = routed
-        cal = build_calibrator("isotonic").fit(predict_head(head, X["val"], texts["val"]), Y_va)
+        # the calibrators as the main job fits them (out-of-fold predictions over the training part
+        # and the validation part's), and the quality the router then serves: its argmax after them
+        oof = out_of_fold(name, params, p_tr, X["train"], Y_tr, tid, CAL_FOLDS, seed)
+        held_out = (predict_head(head, X["val"], texts["val"]), Y_va)
+        served = {}
+        for c in CALIBRATORS:
+            cal = fit_calibrator(c, CAL_FOLDS, name, params, p_tr, X["train"], Y_tr, tid, seed, held_out, oof)
+            q = cal.transform(raw)
+            served[c] = {
+                "calibrator": cal,
+                "quality": float(routed_scores(q, Y_te).mean()),
+                "ece": expected_calibration_error(q, Y_te),
+            }
         res["heads"][name] = {
             "params": params,
             "cv_quality": cv,
             "quality": float(routed.mean()),
             "gap_closed": gap_closed(float(routed.mean()), res["best_single"], res["oracle"]),
             "ece_raw": expected_calibration_error(raw, Y_te),
-            "ece_isotonic": expected_calibration_error(cal.transform(raw), Y_te),
+            "ece_isotonic": served["isotonic"]["ece"],
+            "served": {c: {k: v for k, v in f.items() if k != "calibrator"} for c, f in served.items()},
             "tune_s": tune_s,
             "fit_s": fit_s,
             "head": head,
-            "calibrator": cal,
+            "calibrator": served["isotonic"]["calibrator"],
         }
     top = max(res["heads"], key=lambda n: res["heads"][n]["cv_quality"])  # chosen on CV, not on test
     res["chosen"] = top
@@ -486,6 +502,16 @@ def main() -> None:
                 f"{name:8s} {h['quality']:8.4f} {h['quality'] - res['best_single']:+8.4f} {h['gap_closed']:6.1%} "
                 f"{h['cv_quality']:7.4f} {h['ece_raw']:8.4f} {h['ece_isotonic']:8.4f} {h['fit_s']:6.2f} "
                 f"{h['tune_s']:7.1f}  {h['params']}"
+            )
+        print("served (argmax after the calibrator, fitted on out-of-fold predictions): vs best single, ECE")
+        for name, h in res["heads"].items():
+            cells = [
+                f"{c} {100 * (f['quality'] - res['best_single']):+.2f}p ECE {f['ece']:.4f}"
+                for c, f in h["served"].items()
+            ]
+            print(
+                f"  {name:8s} none {100 * (h['quality'] - res['best_single']):+.2f}p ECE {h['ece_raw']:.4f}; "
+                + "; ".join(cells)
             )
         d, lo, hi = res["chosen_vs_best_single"]
         print(f"chosen head (by CV): {res['chosen']}; vs best single {d:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]")

@@ -170,18 +170,22 @@ def fit_calibrator(
     tid: np.ndarray,
     seed: int,
     held_out: tuple[np.ndarray, np.ndarray] | None = None,
+    oof: np.ndarray | None = None,
 ) -> Any | None:
     """The router's calibrator ``name`` (None for ``"none"``), fitted on :func:`out_of_fold`
     predictions of the head over its own training prompts, plus ``held_out = (predictions, Y)``
     pairs of prompts the fitted head never saw (a validation part). The main job's split, the shift
     harness and the exported (refitted) router all calibrate this way, so the held-out figures
     measure the calibration the checkpoint serves: an isotonic map fitted on a 10% validation part
-    alone moved the argmax enough to cost 1.7 of 3.5 points in distribution (README)."""
+    alone moved the argmax enough to cost 1.7 of 3.5 points in distribution (README). ``oof``:
+    those out-of-fold predictions when already made (to fit several calibrators on one set)."""
     from router_ml.predictors import build_calibrator
 
     if name == "none":
         return None
-    pred, target = [out_of_fold(head_name, params, prompts, H, Y, tid, folds, seed)], [np.asarray(Y)]
+    if oof is None:
+        oof = out_of_fold(head_name, params, prompts, H, Y, tid, folds, seed)
+    pred, target = [oof], [np.asarray(Y)]
     if held_out is not None and len(held_out[0]):
         pred.append(np.asarray(held_out[0]))
         target.append(np.asarray(held_out[1]))
@@ -461,16 +465,17 @@ def fit_router(
             else X_of(prompts_s["prompt"])
         )
         raw = predict_head(head, X_head(prompts_s["prompt"]), list(prompts_s["prompt"]))
-        metrics.update(routing_metrics(name, raw, Y_s, best))
+        # routed as the router serves: head -> calibrator (-> guard, below); the head's own argmax
+        # is kept beside it
+        served = calibrator.transform(raw) if calibrator is not None else raw
+        metrics.update(routing_metrics(name, served, Y_s, best))
+        if calibrator is not None:
+            metrics.update(routing_metrics(f"{name}/uncalibrated", raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:
-            metrics[f"{name}/ece"] = expected_calibration_error(calibrator.transform(raw), Y_s)
+            metrics[f"{name}/ece"] = expected_calibration_error(served, Y_s)
         if guard is not None:  # the router's own path: head -> calibrator -> guard
-            g = guard.transform(
-                X_s,
-                calibrator.transform(raw) if calibrator is not None else raw,
-                texts=list(prompts_s["prompt"]),
-            )
+            g = guard.transform(X_s, served, texts=list(prompts_s["prompt"]))
             metrics.update(routing_metrics(f"{name}/guarded", g.quality, Y_s, best))
             ok = ~np.isnan(Y_s)
             inside = (Y_s >= g.lower - 1e-9) & (Y_s <= g.upper + 1e-9)

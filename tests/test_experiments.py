@@ -166,7 +166,6 @@ def test_exported_router_is_refitted_on_every_labelled_prompt(tmp_path, trained_
     from router_ml.training import train
 
     cfg = {**copy.deepcopy(SMALL_ROUTER), "name": "refit", "refit": {"enabled": True}}
-    cfg["calibrator"] = {"name": "isotonic", "folds": 3}
     metrics = train(cfg, run_dir=tmp_path)
     split_only = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["test/quality"] == split_only["test/quality"]  # the same held-out measurement
