@@ -11,8 +11,10 @@ training part; the head is then fitted on the training part and scored on held-o
 never saw: mean score of routing each prompt to its highest-predicted model, next to the best
 single model (chosen on the training part), random and the oracle. The best head is compared with
 the tuned kNN by a paired bootstrap over test prompts. Also: task-type macro-F1 on held-out
-labelled prompts, ECE of calibrated quality, embedding/training times, decision latency and
-batched throughput.
+labelled prompts, embedding/training times, decision latency and batched throughput. Per head,
+the calibrators as the main job fits them (isotonic and temperature on out-of-fold predictions
+over the training part plus the validation part's): the quality the router then serves (the
+argmax after the calibrator) and ECE, next to the head's own (no calibrator).
 
 With ``--outer-folds K`` (nested cross-validation, quality figures only) every llmrouter_ulab
 prompt is tested exactly once: the prompts are cut into K outer folds of prompt groups (identical

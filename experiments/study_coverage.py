@@ -39,9 +39,9 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.embeddings import CachedEncoder, build_encoder
     from router_ml.evaluation.shift import _fit_guard, _folds, shift_table
-    from router_ml.predictors import build_calibrator
     from router_ml.predictors.guard import NoveltyGuard, prompt_uniform
     from router_ml.predictors.tuning import fit_head, predict_head
+    from router_ml.training import calibration_folds, fit_calibrator
 
     data, smode, *cap = job.split(":")
     cfg = job_config(
@@ -67,10 +67,9 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
         import inspect
 
         loc = inspect.currentframe().f_back.f_locals  # NoveltyGuard.fit's: the out-of-fold arrays
-        cal = loc["cal"]
         extra = {k: loc[k] for k in ("Y", "Qi", "Qf", "Pi", "Pf", "bi", "bf")}
-        extra.update(
-            Ci=cal(loc["Qi"]), Cf=cal(loc["Qf"]), gi=loc["groups"]["random"], gf=loc["groups"]["family"],
+        extra.update(  # the fit's out-of-fold estimates are already through the router's calibrator
+            Ci=loc["Qi"], Cf=loc["Qf"], gi=loc["groups"]["random"], gf=loc["groups"]["family"],
             shrink=np.asarray(self.shrink_),
         )  # fmt: skip
         captured.append({"R": R, "nu": nu, "kind": kind, "fam": fam, "G": G, **extra})
@@ -89,13 +88,26 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
             tid = task_ids_of(p_tr[hcfg.get("task_key", "task")])
             head = fit_head(hcfg["name"], dict(hcfg.get("params") or {}), X["tr"], Y_tr, tid, t_tr)
             raw_va = predict_head(head, X["va"], t_va)
-            cal = build_calibrator(cfg["calibrator"]["name"]).fit(raw_va, Y_va)
+            # calibrated as the harness and the router are (out-of-fold over the training part + val)
+            cal = fit_calibrator(
+                cfg["calibrator"]["name"],
+                calibration_folds(cfg),
+                hcfg["name"],
+                dict(hcfg.get("params") or {}),
+                p_tr,
+                X["tr"],
+                Y_tr,
+                tid,
+                0,
+                (raw_va, Y_va),
+            )
             g = _fit_guard(
                 ctx,
                 hcfg,
                 p_tr,
                 Y_tr,
                 X["tr"],
+                X["tr"],  # the head's features: the study's heads read the embedding only
                 t_tr,
                 (head, cal, types.SimpleNamespace(risk=0.0)),
                 X["va"],
@@ -106,7 +118,7 @@ def capture(job: str, mode: str, extra: list[str]) -> dict[str, np.ndarray]:
             row = {"fold": fold, **captured.pop()}
             for key, Xk, tk, Yk, p in (("va", X["va"], t_va, Y_va, p_va), ("te", X["te"], t_te, Y_te, p_te)):
                 raw = predict_head(head, Xk, tk)
-                gd = g.transform(Xk, cal.transform(raw), texts=tk)
+                gd = g.transform(Xk, raw if cal is None else cal.transform(raw), texts=tk)
                 row[f"{key}_raw"] = raw
                 row.update({f"{key}_q": gd.quality, f"{key}_nu": gd.novelty, f"{key}_coin": prompt_uniform(Xk),
                             f"{key}_Y": Yk, f"{key}_fam": p[family_by].astype(str).to_numpy()})  # fmt: skip
