@@ -87,6 +87,7 @@ fold's training part, the served ones against the full bank (slightly nearer nei
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ import numpy as np
 
 from router_ml.predictors.base import BasePredictor, check_state, few_rows_blas
 from router_ml.predictors.ngram_bank import NgramBank
+
+log = logging.getLogger(__name__)
 
 #: ``fit_predict(train_rows (a,), test_rows (b,)) -> (b, m)`` out-of-fold quality predictions
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -574,8 +577,15 @@ class NoveltyGuard(BasePredictor):
         for kind, g in groups.items():
             Q, F, best = np.zeros_like(Y), np.zeros((len(X), len(FEATURES))), np.zeros(len(X), np.int64)
             Yk, P, S = np.zeros_like(Y), np.zeros_like(Y), np.zeros_like(Y)
-            for v in np.unique(g):
+            for i, v in enumerate(np.unique(g)):
                 te, tr = np.where(g == v)[0], np.where(g != v)[0]
+                log.info(
+                    "guard: %s-grouped fold %d/%d (%d prompts held out)",
+                    kind,
+                    i + 1,
+                    len(np.unique(g)),
+                    len(te),
+                )
                 Q[te] = fit_predict(tr, te)
                 F[te], nn = fold_features(tr, te)
                 Yk[te] = Yfill[tr][nn].mean(axis=1)
