@@ -4,8 +4,8 @@ Steps: load the routing table -> leak-free split by prompt (and optionally whole
 -> embed every prompt once (on-disk cache) -> fit the task head on labelled prompts -> optionally
 tune the quality head by k-fold CV inside the training part -> fit it -> calibrate on its
 out-of-fold predictions over the training part and its predictions of the validation part (as the
-exported, refitted router is calibrated) -> score the held-out test part -> write the checkpoint (with the policy fit set
-a proxy fits its policies on) and ``metrics.json``.
+exported, refitted router is calibrated) -> score the held-out test part -> write the checkpoint
+(with the policy fit set a proxy fits its policies on) and ``metrics.json``.
 Every ``test/`` figure comes from prompts the run never trained, tuned or calibrated on.
 """
 

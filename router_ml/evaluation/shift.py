@@ -7,8 +7,9 @@ Modes (``cfg.shift.name``):
   ``source_task``: llmrouter_ulab's 14 benchmarks, routerdc_7models' benchmark files, MMLU-Pro's 14
   subjects, ZeroEval's 3 tasks). The fold's test set is every prompt of that family; everything is
   fitted on the OTHER families only: the quality heads, their calibration (out-of-fold predictions
-  over the training families and a ``val_size`` part of them), the utility policy and the best single model. Training prompts whose
-  normalised text also occurs in the held-out family are dropped (:func:`split_tasks`).
+  over the training families and a ``val_size`` part of them), the utility policy and the best
+  single model. Training prompts whose normalised text also occurs in the held-out family are
+  dropped (:func:`split_tasks`).
 - ``in_distribution``: the same pipeline over ``folds`` folds of prompt groups (stratified by task),
   so every prompt is tested once by a router that saw its family: the like-for-like reference.
 - ``format``: the ``in_distribution`` folds, trained on the ``train_rendering`` of the training

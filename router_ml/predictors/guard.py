@@ -81,8 +81,8 @@ and would add a dependency to the serving path for a ``np.quantile`` and the coi
 module stays below the training code; state is plain arrays (``state_dict``), no pickle. The
 out-of-fold predictions are the head's own, mapped by the router's calibrator (fitted once, on the
 head's out-of-fold predictions over the training prompts) before anything is fitted on them: the
-router applies the guard after its calibrator, so the guard is fitted on the scale it is served. The novelty features of the out-of-fold rows are measured against their
-fold's training part, the served ones against the full bank (slightly nearer neighbours).
+router applies the guard after its calibrator, so the guard is fitted on the scale it is served.
+The novelty features of the out-of-fold rows are measured against their fold's training part, the served ones against the full bank (slightly nearer neighbours).
 """
 
 from __future__ import annotations
@@ -577,14 +577,11 @@ class NoveltyGuard(BasePredictor):
         for kind, g in groups.items():
             Q, F, best = np.zeros_like(Y), np.zeros((len(X), len(FEATURES))), np.zeros(len(X), np.int64)
             Yk, P, S = np.zeros_like(Y), np.zeros_like(Y), np.zeros_like(Y)
-            for i, v in enumerate(np.unique(g)):
+            values = np.unique(g)
+            for i, v in enumerate(values):
                 te, tr = np.where(g == v)[0], np.where(g != v)[0]
                 log.info(
-                    "guard: %s-grouped fold %d/%d (%d prompts held out)",
-                    kind,
-                    i + 1,
-                    len(np.unique(g)),
-                    len(te),
+                    "guard: %s-grouped fold %d/%d (%d prompts held out)", kind, i + 1, len(values), len(te)
                 )
                 Q[te] = fit_predict(tr, te)
                 F[te], nn = fold_features(tr, te)
