@@ -117,12 +117,14 @@ def guard_lines(job: str, summary: dict) -> str:
         floor = [(f["shrink"] + [0.0])[2] for f in fits]
         mg = [f.get("margin", [0.0, 0.0, 0.0]) for f in fits]
         margins = "; ".join(f"{a:.2f}+{b:.1f}*(nu-{t:.2f})+" for a, b, t in mg)
+        chosen = [f.get("fitted_mode", "?") for f in fits]
+        chosen_s = ", ".join(f"{m} {chosen.count(m)}" for m in sorted(set(chosen)))
         out.append(
             f"{job} {head}: novelty AUROC {g['novelty_auroc']:.3f} (mean novelty held-out "
             f"{g['novelty_test_mean']:.2f} vs in-distribution {g['novelty_id_mean']:.2f}); interval "
             f"coverage (nominal {g['coverage_nominal']:.2f}) per model {min(cov.values()):.3f}..{max(cov.values()):.3f}, "
             f"worst gap {g['coverage_worst_gap_pts']:.1f} pts, mean gap {g.get('coverage_mean_gap_pts', float('nan')):.1f} pts; shrink w_id {min(w0):.2f}..{max(w0):.2f}, "
-            f"w_novel {min(w1):.2f}..{max(w1):.2f}, novelty floor {min(floor):.2f}..{max(floor):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}"
+            f"w_novel {min(w1):.2f}..{max(w1):.2f}, novelty floor {min(floor):.2f}..{max(floor):.2f} over {len(w0)} folds; margin a+b*(nu-t)+ per fold: {margins}; fitted mode per fold: {chosen_s}"
         )
         if "trust_auroc_head_worse" in g:  # mode "trust": the deferral model
             taus = [f.get("trust_tau", float("nan")) for f in fits]

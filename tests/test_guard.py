@@ -749,3 +749,29 @@ def test_guard_with_layers_reads_each_block_at_unit_length():
     # saved and loaded with its params, the guard reads the same blocks
     again = NoveltyGuard(**g.get_params()).load_state_dict(g.state_dict())
     np.testing.assert_allclose(again.novelty(wide[:7]), nu, atol=1e-12)
+
+
+def test_auto_mode_keeps_whichever_of_margin_and_shrink_routes_the_out_of_fold_rows_better():
+    kw = dict(folds=3, coverage=0.8, n_bins=2, features=EMB_FEATURES, shrink_floor=True)
+    for win_every in (2, 3):
+        X, Y, fam = _families(win_every=win_every)
+        fits = {
+            m: NoveltyGuard(mode=m, **kw).fit(X, Y, fam, _fit_predict_for(X, Y))
+            for m in ("margin", "shrink", "auto")
+        }
+        auto = fits["auto"]
+        # the same out-of-fold rows and objective as the single-mode fits
+        assert auto.cv_objective_ == pytest.approx(
+            {m: fits[m].cv_objective_[m] for m in ("margin", "shrink")}
+        )
+        won = max(auto.cv_objective_, key=auto.cv_objective_.get)
+        np.testing.assert_array_equal(auto.margin_, fits[won].margin_)
+        np.testing.assert_array_equal(auto.shrink_, fits[won].shrink_)
+        np.testing.assert_allclose(auto.cv_gain_, fits[won].cv_gain_)
+        assert auto.fitted_mode in (won, "none")
+        # what serves is the state alone: a reloaded auto guard routes as the winner does
+        back = NoveltyGuard(mode="shrink", n_bins=2, features=EMB_FEATURES).load_state_dict(auto.state_dict())
+        q = np.tile([0.1, 0.95], (5, 1))
+        np.testing.assert_allclose(
+            back.transform(X[:5] + 40.0, q).quality, fits[won].transform(X[:5] + 40.0, q).quality
+        )

@@ -362,6 +362,7 @@ def _fit_guard(
     calibrate = cal.transform if cal is not None else None  # intervals on the scale they are served on
     g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict, texts=t_tr, calibrate=calibrate)
     info = {
+        "fitted_mode": g.fitted_mode,
         "shrink": g.shrink_.tolist(),
         "spread_risk": g.spread_risk_.tolist(),
         "margin": g.margin_.tolist(),

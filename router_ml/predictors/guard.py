@@ -58,6 +58,10 @@
   (every out-of-fold row of the held-out families, in-distribution ones included, predicted by a
   deferral model fitted on the other families' rows) with the same objective, then it is refitted
   on every row;
+  ``mode="auto"`` fits both the margin and the shrinkage (its floor too with ``shrink_floor``) on
+  the same out-of-fold rows and keeps whichever scores higher on the same objective
+  (:attr:`NoveltyGuard.fitted_mode` says which), since neither wins on every data set (README
+  "Routing under shift": the margin on llmrouter_ulab, the shrinkage on MMLU-Pro);
 - a split-conformal interval per model: ``q' ± h``, ``h`` the smoothed (randomised) finite-sample
   ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that cell (Mondrian cells:
   the novelty bin, so the intervals widen with novelty where the errors do, and with ``q_bins > 1``
@@ -106,7 +110,7 @@ FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: ``mode="spread"``: how many family-level standard deviations a model's advantage must clear
 SPREAD_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
-MODES = ("shrink", "spread", "margin", "trust")
+MODES = ("shrink", "spread", "margin", "trust", "auto")
 #: margin grid (quality points on [0, 1]): base ``a`` and slope ``b`` of m(nu) = a + b * max(nu - t, 0)
 MARGIN_BASE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 MARGIN_SLOPE = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -280,7 +284,8 @@ class NoveltyGuard(BasePredictor):
     conformal table; ``max_bank`` training embeddings kept for the distance features (a seeded
     subsample above it); ``family_loss_weight`` extra weight of out-of-family losses in the
     margin / shrinkage objective; ``mode`` ``"margin"`` (decide), ``"shrink"`` (blend), ``"spread"``
-    (blend and ask each model to clear its family spread) or ``"trust"`` (a deferral model); ``seed``;
+    (blend and ask each model to clear its family spread), ``"trust"`` (a deferral model) or
+    ``"auto"`` (whichever of margin and shrink the same CV scores higher); ``seed``;
     ``family_folds`` groups of families for the family-grouped CV (default ``folds``; ``-1``: one
     per family, leave one family out, the structure of the single new family a served router meets:
     holding out a third of the families changes each fold's best single model and made routing look
@@ -628,11 +633,11 @@ class NoveltyGuard(BasePredictor):
             # own (the grid's no-guard point always qualifies), the best out of family
             return novel + 1e-3 * gi.mean() if gi.mean() >= gi_raw - keep else -1e9 + gi.mean()
 
-        if self.mode in ("shrink", "spread"):
-            # shrinkage strength (and family-spread risk): the (w_id, w_novel, k_id, k_novel) of the
-            # grid with the best out-of-fold routing (each fold's own prior and spread)
+        def fit_shrink(spread: bool) -> tuple[float, tuple[float, float, float], tuple[float, float]]:
+            """The (w_id, w_novel, t) shrinkage (and family-spread risk) of the grid with the best
+            out-of-fold routing (each fold's own prior and spread): (objective, weights, risk)."""
             best_obj, best_w, best_k = -np.inf, (0.0, 0.0, 0.0), (0.0, 0.0)
-            ks = SPREAD_GRID if self.mode == "spread" else (0.0,)
+            ks = SPREAD_GRID if spread else (0.0,)
             # the novelty floor: below it only w_id, so prompts like the training ones keep the
             # head's estimates where the out-of-fold rows say that pays (floor 0: linear in novelty)
             floors = np.r_[0.0, np.quantile(nu_i, FLOOR_QUANTILES)] if self.shrink_floor else (0.0,)
@@ -649,20 +654,12 @@ class NoveltyGuard(BasePredictor):
                                 )
                                 if obj > best_obj + 1e-12:
                                     best_obj, best_w, best_k = obj, wt, (k0, k1)
-            self.shrink_, self.margin_ = np.asarray(best_w, np.float64), np.zeros(3)
-            self.spread_risk_ = np.asarray(best_k, np.float64)
-        elif self.mode == "trust":
-            self.shrink_, self.margin_ = np.zeros(3), np.zeros(3)
-            self._fit_trust(
-                [(Qi, Fi, nu_i, bi, knn["random"]), (Qf, Ff, nu_f, bf, knn["family"])],
-                Y,
-                fam,
-                group_of,
-                objective,
-            )
-        else:
-            # decide, don't blend: keep the head's pick only where its predicted advantage over the
-            # prior's model (the fold's best single model) exceeds m(nu) = a + b * max(nu - t, 0)
+            return best_obj, best_w, best_k
+
+        def fit_margin() -> tuple[float, tuple[float, float, float]]:
+            """Decide, don't blend: the (a, b, t) of m(nu) = a + b * max(nu - t, 0) with the best
+            out-of-fold routing when the head's pick is kept only where its predicted advantage over
+            the prior's model (the fold's best single model) exceeds it: (objective, margin)."""
             sw = {}
             for kind, (Q, nu, b) in {"i": (Qi, nu_i, bi), "f": (Qf, nu_f, bf)}.items():
                 r = np.arange(len(Q))
@@ -681,12 +678,37 @@ class NoveltyGuard(BasePredictor):
                         obj = objective(g["i"], g["f"])
                         if obj > best_obj + 1e-12:
                             best_obj, best_m = obj, (a, bslope, float(t))
-            self.shrink_, self.margin_ = np.zeros(3), np.asarray(best_m, np.float64)
+            return best_obj, best_m
+
+        self.shrink_, self.margin_ = np.zeros(3), np.zeros(3)
+        if self.mode == "trust":
+            self._fit_trust(
+                [(Qi, Fi, nu_i, bi, knn["random"]), (Qf, Ff, nu_f, bf, knn["family"])],
+                Y,
+                fam,
+                group_of,
+                objective,
+            )
+        else:
+            # "auto": whichever of the margin and the shrinkage routes the out-of-fold rows better
+            # (the same rows and objective, so the two fits are compared like for like)
+            shrunk = fit_shrink(self.mode == "spread") if self.mode != "margin" else None
+            margin = fit_margin() if self.mode in ("margin", "auto") else None
+            # each fitted rule's objective on the out-of-fold rows (fit-time only, not saved)
+            self.cv_objective_ = {
+                name: float(r[0]) for name, r in (("shrink", shrunk), ("margin", margin)) if r is not None
+            }
+            if margin is not None and (shrunk is None or margin[0] > shrunk[0] + 1e-12):
+                self.margin_ = np.asarray(margin[1], np.float64)
+            else:
+                self.shrink_ = np.asarray(shrunk[1], np.float64)
+                self.spread_risk_ = np.asarray(shrunk[2], np.float64)
         if self.mode != "trust":
             self.trust_ = np.zeros(0)
             self.trust_scale_ = np.zeros((2, 0))
             self.trust_tau_ = np.zeros(1)
             self.cv_trust_auroc_ = float("nan")
+        log.info("guard: %s fitted (shrink %s, margin %s)", self.fitted_mode, self.shrink_, self.margin_)
         T = {"i": None, "f": None}
         if self.mode == "trust":
             T = {
@@ -958,6 +980,20 @@ class NoveltyGuard(BasePredictor):
             [np.searchsorted(self.qbin_edges_[j], q[:, j], side="right") for j in range(q.shape[1])]
         )
         return b * nq + qb
+
+    @property
+    def fitted_mode(self) -> str:
+        """What the fitted guard does, read off its state (``mode="auto"`` picks at fit time):
+        ``trust``, ``margin``, ``spread``, ``shrink``, or ``none`` where the fit chose to change
+        nothing."""
+        self._check_fitted("prior_")
+        if len(self.trust_):
+            return "trust"
+        if np.any(self.margin_):
+            return "margin"
+        if np.any(self.spread_risk_):
+            return "spread"
+        return "shrink" if np.any(self.shrink_[:2]) else "none"
 
     @property
     def prior_model(self) -> int:
