@@ -28,7 +28,10 @@ TEXT = ("char_nearest_dist", "char_knn_mean_dist", "word_nearest_dist", "word_kn
 #: candidates computed by this study only (columns after FEATURES'): cosine distance to the nearest
 #: training-family centroid, and the same over that family's mean distance to its centroid (a local
 #: scale per family); the family classifier's energy is FEATURES' ``family_energy``
-EXTRA = ("centroid_dist", "centroid_scaled")
+#: Mahalanobis distance to the nearest training-family Gaussian (shared Ledoit-Wolf covariance, Lee et
+#: al. 2018) and the relative one (that minus the distance under one Gaussian of every training
+#: prompt, Ren et al. 2021: built for near-OOD, where a new family shares the background's directions)
+EXTRA = ("centroid_dist", "centroid_scaled", "maha_min", "maha_relative")
 SETS = {
     "before (embedding + family classifier)": EMB + FAMILY,
     "embedding distances": EMB,
@@ -39,6 +42,9 @@ SETS = {
     "n-grams alone": TEXT,
     "default + centroid distances": (*EMB, "local_scale", *TEXT, "centroid_dist", "centroid_scaled"),
     "default + family energy": (*EMB, "local_scale", *TEXT, "family_energy"),
+    "default + Mahalanobis": (*EMB, "local_scale", *TEXT, "maha_min", "maha_relative"),
+    "default + relative Mahalanobis": (*EMB, "local_scale", *TEXT, "maha_relative"),
+    "Mahalanobis alone": ("maha_min", "maha_relative"),
     "default + centroid + energy": (
         *EMB,
         "local_scale",
@@ -78,6 +84,27 @@ def job_folds(job: str) -> tuple[list[dict], dict]:
     return folds, dict(zip(texts, emb, strict=True))
 
 
+def mahalanobis(A: np.ndarray, fam: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min over the families of ``A`` of the Mahalanobis distance of each row of ``B`` to that
+    family's mean under their shared within-family covariance, that minus the distance to the mean of
+    every row of ``A`` under its own covariance); covariances by Ledoit-Wolf shrinkage."""
+    from sklearn.covariance import LedoitWolf
+
+    names = np.unique(fam)
+    M = np.stack([A[fam == x].mean(axis=0) for x in names])
+    within = A - M[np.searchsorted(names, fam)]
+    P = LedoitWolf(assume_centered=True).fit(within).precision_
+    mu0 = A.mean(axis=0)
+    P0 = LedoitWolf().fit(A).precision_
+
+    def dist(X: np.ndarray, mu: np.ndarray, prec: np.ndarray) -> np.ndarray:
+        D = X - mu
+        return np.einsum("ij,jk,ik->i", D, prec, D)
+
+    dmin = np.min(np.stack([dist(B, m, P) for m in M]), axis=0)
+    return dmin, dmin - dist(B, mu0, P0)
+
+
 def fold_features(
     folds: list[dict], emb: dict, k: int = 10, n_folds: int = 3, family_folds: int | None = None
 ) -> list[dict]:
@@ -100,7 +127,8 @@ def fold_features(
         U = _unit(E[te])
         D = 1.0 - U @ C.T
         near = D.argmin(axis=1)
-        return np.column_stack([F, D.min(axis=1), D.min(axis=1) / np.maximum(spread[near], 1e-6)])
+        maha = mahalanobis(E[tr].astype(np.float64), fam[tr], E[te].astype(np.float64))
+        return np.column_stack([F, D.min(axis=1), D.min(axis=1) / np.maximum(spread[near], 1e-6), *maha])
 
     out = []
     for f in tqdm(folds, desc="folds"):
