@@ -2,7 +2,7 @@
 
     python -m experiments.train                                  # llmrouter_ulab (shipped copy if no data dir)
     python -m experiments.train data=simulated                   # project prompts, simulated outcomes
-    python -m experiments.train +experiment=llmrouter_mlp        # tuned headline run
+    python -m experiments.train +experiment=llmrouter_fast       # MLP without the guard (~1 min)
     python -m experiments.train -m predictor=knn,linear,mlp,mf data=llmrouter   # sweep
 
 Writes <run folder>/checkpoint/, metrics.json and .hydra/ (the resolved config).

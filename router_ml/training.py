@@ -371,7 +371,8 @@ def fit_router(
     if q_layers and not hasattr(encoder, "encode_layers"):
         raise ValueError(
             f"predictor.params.layers={q_layers} needs an encoder that gives its layer states "
-            f"(a sentence-transformers model); encoder {encoder.id!r} does not"
+            f"(a sentence-transformers model); encoder {encoder.id!r} does not: pass "
+            "predictor=taskmix (or predictor.params.layers=[]) with this encoder"
         )
 
     def X_head(prompts: pd.Series) -> np.ndarray:  # the quality head's: with layers, their states too
@@ -381,7 +382,8 @@ def fit_router(
     if g_layers and not hasattr(encoder, "encode_layers"):
         raise ValueError(
             f"guard.params.layers={g_layers} needs an encoder that gives its layer states "
-            f"(a sentence-transformers model); encoder {encoder.id!r} does not"
+            f"(a sentence-transformers model); encoder {encoder.id!r} does not: pass "
+            "guard.params.layers=[] with this encoder"
         )
 
     if not hasattr(task_head, "coef_"):
@@ -465,18 +467,19 @@ def fit_router(
             else X_of(prompts_s["prompt"])
         )
         raw = predict_head(head, X_head(prompts_s["prompt"]), list(prompts_s["prompt"]))
-        # routed as the router serves: head -> calibrator (-> guard, below); the head's own argmax
-        # is kept beside it
-        served = calibrator.transform(raw) if calibrator is not None else raw
-        metrics.update(routing_metrics(name, served, Y_s, best))
+        # routed as the router serves: head -> calibrator -> guard (``name/``); the router before
+        # its guard (``name/unguarded/``) and the head's own argmax (``name/uncalibrated/``) beside it
+        calibrated = calibrator.transform(raw) if calibrator is not None else raw
+        g = guard.transform(X_s, calibrated, texts=list(prompts_s["prompt"])) if guard is not None else None
+        metrics.update(routing_metrics(name, g.quality if g is not None else calibrated, Y_s, best))
+        if g is not None:
+            metrics.update(routing_metrics(f"{name}/unguarded", calibrated, Y_s, best))
         if calibrator is not None:
             metrics.update(routing_metrics(f"{name}/uncalibrated", raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:
-            metrics[f"{name}/ece"] = expected_calibration_error(served, Y_s)
-        if guard is not None:  # the router's own path: head -> calibrator -> guard
-            g = guard.transform(X_s, served, texts=list(prompts_s["prompt"]))
-            metrics.update(routing_metrics(f"{name}/guarded", g.quality, Y_s, best))
+            metrics[f"{name}/ece"] = expected_calibration_error(calibrated, Y_s)
+        if g is not None:
             ok = ~np.isnan(Y_s)
             inside = (Y_s >= g.lower - 1e-9) & (Y_s <= g.upper + 1e-9)
             metrics[f"{name}/interval_coverage"] = float(inside[ok].mean())

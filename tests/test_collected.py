@@ -259,7 +259,7 @@ def test_train_on_a_collected_store_and_route_with_its_measured_figures(tmp_path
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", "data=collected", f"data.path={store}", "predictor=linear",
-         "calibrator.folds=3", f"hydra.run.dir={run}"],
+         "calibrator=temperature", "calibrator.folds=3", f"hydra.run.dir={run}"],
         cwd=root, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -118,7 +118,7 @@ def test_default_data_is_llmrouter_shipped_in_the_package(tmp_path, monkeypatch)
     from router_ml.data.loading import load_routing_data
 
     cfg = _compose([])
-    assert cfg.data.name == "llmrouter" and cfg.name == "llmrouter-mlp"
+    assert cfg.data.name == "llmrouter" and cfg.name == "llmrouter-taskmix"
     monkeypatch.setenv("ROUTER_ML_DATA_DIR", str(tmp_path / "nonexistent"))
     table = load_routing_data(cfg.data)
     assert table["prompt_id"].nunique() == 5478 and table["model"].nunique() == 9

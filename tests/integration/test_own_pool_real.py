@@ -94,7 +94,7 @@ def test_collect_score_train_add_a_model_and_serve(
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", "data=collected", f"data.path={store}", "predictor=linear",
-         "calibrator.folds=3", f"hydra.run.dir={run}"],
+         "calibrator=temperature", "calibrator.folds=3", f"hydra.run.dir={run}"],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
