@@ -1,6 +1,6 @@
 """Copy a run's checkpoint to a named place, with its model card, after checking it loads.
 
-python -m experiments.export run=outputs/train/2026-11-25/12-00-00_llmrouter-mlp to=checkpoints/llmrouter-mlp
+python -m experiments.export run=outputs/train/2026-12-06/21-40-02_llmrouter-taskmix to=checkpoints/llmrouter-taskmix
 """
 
 from __future__ import annotations
