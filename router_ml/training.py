@@ -474,10 +474,9 @@ def fit_router(
         metrics.update(routing_metrics(name, g.quality if g is not None else calibrated, Y_s, best))
         if g is not None:
             metrics.update(routing_metrics(f"{name}/unguarded", calibrated, Y_s, best))
-        if calibrator is not None:
-            metrics.update(routing_metrics(f"{name}/uncalibrated", raw, Y_s, best))
         metrics[f"{name}/ece_raw"] = expected_calibration_error(raw, Y_s)
         if calibrator is not None:
+            metrics.update(routing_metrics(f"{name}/uncalibrated", raw, Y_s, best))
             metrics[f"{name}/ece"] = expected_calibration_error(calibrated, Y_s)
         if g is not None:
             ok = ~np.isnan(Y_s)
