@@ -16,6 +16,10 @@ the best single model chosen there, routed quality (argmax of predicted quality)
 paired bootstrap 95% CI over held-out prompts, the worst family, and the utility policy's AIQ
 against the Zero router's. ``<head>+guard`` rows: the head with its NoveltyGuard (shift.guard),
 with the guard's novelty AUROC, interval coverage and fitted shrinkage printed after the table.
+The ``prior`` row (:data:`router_ml.evaluation.shift.PRIOR`) routes no head: the training part's
+per-model means, so at each willingness to pay the single model the training families favour; its
+AIQ against the Zero router's (whose hull knows the held-out prompts' single-model results) says
+how much of a router's AIQ gap is that hindsight.
 Embeddings come from the on-disk cache (the first run fills it).
 
 Writes ``<out>/<data>_<mode>/`` (shift.json, shift.md, shift_prompts.parquet per job) and

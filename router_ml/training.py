@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from router_ml.data.schema import table_hash, to_wide
+from router_ml.data.schema import table_hash, to_wide, wide_column
 from router_ml.data.taxonomy import TASK_TYPES, task_ids_of
 from router_ml.metrics import (
     best_single_model,
@@ -209,11 +209,13 @@ def fit_guard(
     calibrator: Any | None = None,
     H: np.ndarray | None = None,
     G: np.ndarray | None = None,
+    cost: np.ndarray | None = None,
 ) -> Any | None:
     """A :class:`~router_ml.predictors.guard.NoveltyGuard` for the quality head ``head_name`` /
     ``params`` on these training prompts (embeddings ``X (n, d)``, the head's own features ``H``
     when it reads encoder layers, the guard's ``G`` when it does (:func:`guard_layers`),
-    ``Y (n, m)``), fitted by family-grouped CV
+    ``Y (n, m)``, ``cost (n, m)`` their $ per model: the guard is fitted on the utility policy's
+    whole frontier), fitted by family-grouped CV
     of that head over ``cfg.guard.family_by``, its intervals on the scale of the router's fitted
     ``calibrator`` (if any); None when ``guard.enabled`` is false or the prompts hold fewer than two
     families (nothing to hold out)."""
@@ -246,6 +248,7 @@ def fit_guard(
         fit_predict,
         texts=texts,
         calibrate=calibrate,
+        cost=cost,
     )
 
 
@@ -438,7 +441,10 @@ def fit_router(
 
     t0 = time.perf_counter()
     G_tr = cached.encode_layers(list(prompts_tr["prompt"]), tuple(g_layers)) if g_layers else None
-    guard = fit_guard(cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator, H=H_tr, G=G_tr)
+    C_tr = wide_column(splits["train"], prompts_tr, models, "cost_usd")
+    guard = fit_guard(
+        cfg, pcfg["name"], params, prompts_tr, X_tr, Y_tr, seed, calibrator, H=H_tr, G=G_tr, cost=C_tr
+    )
     if guard is not None:
         metrics["time/guard_train_s"] = time.perf_counter() - t0
         metrics["cv/guard_novelty_auroc"] = guard.cv_auroc_
@@ -547,7 +553,19 @@ def refit_on_all(
     g_layers = tuple(old.guard_layers)
     G = cached.encode_layers(texts, g_layers).astype("float32") if g_layers else None
     guard = (
-        fit_guard(cfg, name, params, prompts, X, Y, seed, calibrator, H=H, G=G)
+        fit_guard(
+            cfg,
+            name,
+            params,
+            prompts,
+            X,
+            Y,
+            seed,
+            calibrator,
+            H=H,
+            G=G,
+            cost=wide_column(table, prompts, models, "cost_usd"),
+        )
         if old.guard is not None
         else None
     )

@@ -15,6 +15,7 @@ from router_ml.predictors.guard import (
     FEATURES,
     LEGACY_FEATURES,
     NoveltyGuard,
+    UtilityGain,
     conformal_halfwidth,
     family_spread,
     prompt_uniform,
@@ -186,6 +187,66 @@ def test_routed_gain_scores_the_argmax_against_the_best_single_column():
     q = np.array([[0.9, 0.1], [0.2, 0.8]])
     Y = np.array([[0.0, 1.0], [1.0, np.nan]])
     np.testing.assert_allclose(routed_gain(q, Y, np.array([1, 0])), [-1.0, -1.0])
+
+
+def test_utility_gain_scores_the_frontier_not_only_the_top():
+    # model 0 the best and dear, model 1 as good here and a hundredth of the price
+    Y, cost = np.array([[1.0, 1.0]]), np.array([[1.0, 0.01]])
+    prior, best, ref = np.array([0.9, 0.8]), np.array([0]), np.array([1.0])
+    top_only = UtilityGain(Y, best, prior)
+    frontier = UtilityGain(Y, best, prior, cost, ref)
+    dear = np.array([[0.9, 0.1]])  # the same top pick, but the cheap model looks hopeless
+    assert top_only(dear)[0][0] == 0.0 == top_only(prior[None, :])[0][0] and top_only(dear)[1] is None
+    np.testing.assert_array_equal(frontier(dear)[0], top_only(dear)[0])
+    assert frontier.frontier(prior[None, :])[0] == pytest.approx(0.0)  # the prior earns nothing over itself
+    # x = 0.3 is the one willingness to pay where the prior already takes the cheap model and this
+    # head still pays for the dear one: (1 - 0.3 * 1.0) against (1 - 0.3 * 0.01), over 1 + x, one
+    # of the grid's nine points
+    assert frontier.frontier(dear)[0] == pytest.approx((0.7 - 0.997) / 1.3 / 9)
+    assert frontier.frontier(np.array([[0.8, 0.85]]))[0] > 0.0  # takes the cheap model sooner: saves $
+    with pytest.raises(ValueError, match="cost"):
+        top_only.frontier(dear)
+    with pytest.raises(ValueError, match="cost"):
+        UtilityGain(Y, best, prior, np.ones((1, 3)), ref)
+
+
+def _cheap_families(seed: int = 0, n_fam: int = 6, per: int = 60, d: int = 16):
+    """Model 0 is the best and dear everywhere (0.95, $1); model 1 is cheap, good on half the
+    families and failing the others (0.6 / 0.05, $0.05); model 2 is cheap and steady (0.45, $0.05).
+    A head never leaves model 0 at the top, but at a budget it sends an unseen family to model 1
+    on the strength of its neighbours, where the prior (model 1's mean 0.33) would take model 2."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_fam, d)) * 3.0
+    X, Y, fam = [], [], []
+    for f in range(n_fam):
+        X.append(centres[f] + rng.normal(size=(per, d)))
+        p = (0.95, 0.6 if f % 2 == 0 else 0.05, 0.45)
+        Y.append(np.column_stack([rng.binomial(1, q, per) for q in p]).astype(float))
+        fam += [f"fam{f}"] * per
+    cost = np.tile([1.0, 0.05, 0.05], (n_fam * per, 1))
+    return np.vstack(X).astype(np.float32), np.vstack(Y), np.array(fam), cost
+
+
+def test_with_costs_the_guard_shrinks_where_the_head_only_errs_at_a_budget():
+    X, Y, fam, cost = _cheap_families()
+    kw = dict(folds=3, coverage=0.8, n_bins=2, mode="shrink", features=EMB_FEATURES, family_folds=-1)
+    top = NoveltyGuard(**kw).fit(X, Y, fam, _fit_predict_for(X, Y))
+    frontier = NoveltyGuard(**kw).fit(X, Y, fam, _fit_predict_for(X, Y), cost=cost)
+    # at the top the head ties the prior (both pick model 0): nothing to fit, no shrinkage; over
+    # the frontier its out-of-family picks at a budget lose: a novel prompt's estimates are pulled
+    # toward the prior
+    assert top.shrink_[1] == 0.0 and frontier.shrink_[1] >= 0.5
+    # the same at the top, by construction: the costs only break its ties
+    assert frontier.cv_objective_["shrink"] == pytest.approx(top.cv_objective_["shrink"])
+    # a margin keeps the prior's top model, the dear one, at every budget: it ties the shrinkage at
+    # the top (auto then keeps the shrinkage) and loses to it over the frontier
+    auto = NoveltyGuard(**{**kw, "mode": "auto"}).fit(X, Y, fam, _fit_predict_for(X, Y), cost=cost)
+    assert auto.cv_objective_["margin"] == pytest.approx(auto.cv_objective_["shrink"])
+    assert auto.cv_frontier_["margin"] < auto.cv_frontier_["shrink"] and auto.fitted_mode == "shrink"
+    far = X[:5] + 40.0
+    assert (frontier.transform(far, np.tile([0.95, 0.6, 0.45], (5, 1))).shrink >= 0.5).all()
+    with pytest.raises(ValueError, match="cost"):
+        NoveltyGuard(**kw).fit(X, Y, fam, _fit_predict_for(X, Y), cost=cost[:, :2])
 
 
 #: the novelty features read from the embedding alone (the clusters below differ in nothing else)

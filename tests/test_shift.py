@@ -209,8 +209,10 @@ def test_guarded_heads_report_novelty_and_interval_coverage(small_table):
     ctx.guard = {"heads": ["knn"], "params": {"folds": 3, "coverage": 0.8}}
     ((_, train, test),) = sh.lofo_folds(small_table, families=["gsm8k"])
     (fs,) = sh.fold_scores(ctx, "gsm8k", train, {"original": test})
-    assert set(fs.routed) == {"knn", "knn+guard"} and set(fs.novelty) == {"knn+guard"}
-    assert fs.util_score["knn+guard"].shape == fs.util_score["knn"].shape
+    assert set(fs.routed) == {"knn", "knn+guard", sh.PRIOR} and set(fs.novelty) == {"knn+guard"}
+    assert fs.util_score["knn+guard"].shape == fs.util_score["knn"].shape == fs.util_score[sh.PRIOR].shape
+    # the reference row: no head, the training part's means; at the top, the best single model
+    np.testing.assert_array_equal(fs.routed[sh.PRIOR], fs.Y[:, fs.best])
     nov = fs.novelty["knn+guard"]
     assert nov.shape == (len(fs.Y),) and ((nov >= 0) & (nov <= 1)).all()
     assert len(fs.novelty_id["knn+guard"]) > 0  # the fold's in-distribution validation prompts
@@ -229,7 +231,7 @@ def test_guard_modes_give_one_row_each_and_the_deferral_model_is_scored(small_ta
     ctx.guard = {"heads": ["knn"], "modes": ["shrink", "trust"], "params": {"folds": 3, "coverage": 0.8}}
     ((_, train, test),) = sh.lofo_folds(small_table, families=["gsm8k"])
     (fs,) = sh.fold_scores(ctx, "gsm8k", train, {"original": test})
-    assert set(fs.routed) == {"knn", "knn+shrink", "knn+trust"}
+    assert set(fs.routed) == {"knn", "knn+shrink", "knn+trust", sh.PRIOR}
     assert set(fs.trust) == {"knn+trust"} and fs.trust["knn+trust"].shape == (len(fs.Y),)
     # the trust row routes to the head's own pick or to the best single model, never a third model
     r = fs.routed["knn+trust"]

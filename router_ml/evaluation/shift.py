@@ -56,9 +56,13 @@ from router_ml.predictors.tuning import head_layers
 log = logging.getLogger(__name__)
 
 MODES = ("leave_one_family_out", "in_distribution", "format")
+#: the reference row of every shift run: no head, the training part's per-model means (the
+#: single model the training data favours at each willingness to pay)
+PRIOR = "prior"
 
 __all__ = [
     "MODES",
+    "PRIOR",
     "FoldScores",
     "evaluate_shift",
     "fold_scores",
@@ -199,14 +203,14 @@ def fold_scores(
     from router_ml.data.splits import split_prompts
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.decision.policies import build_policy
-    from router_ml.evaluation.sweeps import knob_values
     from router_ml.predictors.tuning import fit_head, predict_head
     from router_ml.training import fit_calibrator, guard_layers
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
     (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
     best = best_single_model(Y_tr)
-    ref_cost = float(np.nanmean(wide_column(parts["train"], p_tr, ctx.models, "cost_usd")[:, best]))
+    C_tr = wide_column(parts["train"], p_tr, ctx.models, "cost_usd")  # what the guard's utility reads
+    ref_cost = float(np.nanmean(C_tr[:, best]))
     X_tr, X_va = ctx.X(p_tr), ctx.X(p_va)  # embeddings
     glay = guard_layers(ctx.guard)
     G_tr, G_va = (ctx.X(p_tr, glay), ctx.X(p_va, glay)) if glay else (X_tr, X_va)  # what the guard reads
@@ -261,14 +265,24 @@ def fold_scores(
                     est_va,
                     mode,
                     oof_cache,
+                    C_tr,
                 )
                 fitted[f"{hname}+{mode or 'guard'}"] += (lay,)
 
+    # the reference every router is held to out of distribution: no head, every prompt's quality
+    # the training part's per-model mean, so the utility policy picks, per willingness to pay, the
+    # single model the training data favours (the Zero router instead knows the test set's)
+    prior_q = np.nan_to_num(np.nanmean(Y_tr, axis=0))
+    prior_policy = build_policy(dict(util_params))
+    if est_va is not None:
+        prior_policy = prior_policy.fit(
+            dataclasses.replace(est_va, quality=np.broadcast_to(prior_q, Y_va.shape).copy())
+        )
     out = []
     for rendering, test in tests.items():
         p_te, Y_te, _ = to_wide(test, ctx.models)
         est, cost = ctx.estimates(p_te, Y_te, test)
-        X_te, t_te, rows = ctx.X(p_te), list(p_te["prompt"]), np.arange(len(p_te))
+        X_te, t_te = ctx.X(p_te), list(p_te["prompt"])
         G_te = ctx.X(p_te, glay) if glay else X_te
         fs = FoldScores(
             fold=fold,
@@ -298,15 +312,28 @@ def fold_scores(
                 )
             fs.routed[hname] = routed_scores(ranked, Y_te)
             e = dataclasses.replace(est, quality=q, quality_lower=lower)
-            knobs = knob_values(ctx.utility, policy, e, ref_cost)
-            S = np.empty((len(rows), len(knobs)))
-            C = np.empty_like(S)
-            for i, value in enumerate(knobs):
-                choice = policy.with_knob(value).choose(e)
-                S[:, i], C[:, i] = Y_te[rows, choice], cost[rows, choice]
-            fs.util_score[hname], fs.util_cost[hname] = S, C
+            fs.util_score[hname], fs.util_cost[hname] = _sweep(ctx, policy, e, Y_te, cost, ref_cost)
+        e = dataclasses.replace(est, quality=np.broadcast_to(prior_q, Y_te.shape).copy())
+        fs.util_score[PRIOR], fs.util_cost[PRIOR] = _sweep(ctx, prior_policy, e, Y_te, cost, ref_cost)
+        fs.routed[PRIOR] = Y_te[:, best]
         out.append(fs)
     return out
+
+
+def _sweep(
+    ctx: _Context, policy: Any, est: Any, Y: np.ndarray, cost: np.ndarray, ref_cost: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(score, $)`` each ``(n, L)``: what the utility ``policy`` picks on ``est`` at each of its
+    ``L`` knob values (the run's sweep), scored by the data's outcomes ``Y`` and costs ``cost``."""
+    from router_ml.evaluation.sweeps import knob_values
+
+    rows = np.arange(len(Y))
+    knobs = knob_values(ctx.utility, policy, est, ref_cost)
+    S, C = np.empty((len(Y), len(knobs))), np.empty((len(Y), len(knobs)))
+    for i, value in enumerate(knobs):
+        choice = policy.with_knob(value).choose(est)
+        S[:, i], C[:, i] = Y[rows, choice], cost[rows, choice]
+    return S, C
 
 
 def _fit_guard(
@@ -324,12 +351,15 @@ def _fit_guard(
     est_va: Any,
     mode: str | None = None,
     oof_cache: dict[bytes, np.ndarray] | None = None,
+    C_tr: np.ndarray | None = None,
 ) -> tuple[Any, ...]:
     """``(head, cal, policy, guard, novelty of the validation prompts, fit summary)``: a
     :class:`~router_ml.predictors.guard.NoveltyGuard` fitted on the fold's training part by
     family-grouped CV of the same head (``fitted`` = its head, calibrator, policy), and the utility
     policy refitted on the guarded validation estimates. ``mode`` overrides the guard's params;
-    ``oof_cache`` keeps the head's out-of-fold predictions for the next mode's guard (same folds)."""
+    ``oof_cache`` keeps the head's out-of-fold predictions for the next mode's guard (same folds);
+    ``C_tr`` the training prompts' $ per model (the guard's ties at the top are broken over the
+    utility policy's frontier)."""
     from router_ml.data.taxonomy import task_ids_of
     from router_ml.predictors.guard import NoveltyGuard
     from router_ml.predictors.tuning import fit_head, predict_head
@@ -360,7 +390,9 @@ def _fit_guard(
     if mode is not None:
         gparams["mode"] = mode
     calibrate = cal.transform if cal is not None else None  # intervals on the scale they are served on
-    g = NoveltyGuard(**gparams).fit(X_tr, Y_tr, families, fit_predict, texts=t_tr, calibrate=calibrate)
+    g = NoveltyGuard(**gparams).fit(
+        X_tr, Y_tr, families, fit_predict, texts=t_tr, calibrate=calibrate, cost=C_tr
+    )
     info = {
         "fitted_mode": g.fitted_mode,
         "shrink": g.shrink_.tolist(),

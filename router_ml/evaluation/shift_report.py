@@ -3,7 +3,8 @@
 For each rendering (``original`` only, outside format shift) the rows of every fold are pooled
 (each prompt once per rendering) and summarised:
 
-- per head: routed quality (argmax of predicted quality), the best single model's quality (per
+- per head (and the ``prior`` reference row: no head, the training part's per-model means):
+  routed quality (argmax of predicted quality), the best single model's quality (per
   prompt, the model chosen on THAT prompt's fold training part), their difference with a paired
   bootstrap 95% CI over prompts (:func:`router_ml.metrics.paired_bootstrap`) and the
   share of the best-single-to-oracle gap closed;

@@ -63,6 +63,19 @@
   (:attr:`NoveltyGuard.fitted_mode` says which), since neither wins on every data set (README
   "Routing under shift": leaving one family out, the shrinkage cost 0.31 points on llmrouter_ulab,
   the margin 0.0013 of AIQ on MMLU-Pro);
+- what "routes better" means: the score of the out-of-fold picks against the prior's model at
+  the top (the best quality regardless of cost); where ``fit`` is given the training prompts'
+  costs (the main job and the shift harness give them), rules that tie there are told apart by
+  the utility the policy realises over a range of willingness to pay (:class:`UtilityGain`), each
+  pick against the single model the prior picks at that price (lexicographic: the frontier breaks
+  ties at the top and never buys utility with top quality; a weighted sum of the two, measured,
+  gave up 0.3 points at the top leaving one llmrouter family out, README "Routing under shift";
+  ``mode="auto"`` takes the margin only where it is better at the top).
+  A head that ties the best single model at the top can still cost quality at a budget: on
+  ZeroEval, leaving one task out, a guard fitted at the top alone left the frontier 0.0011 of AIQ
+  below the Zero router's, where the prior alone matches it. The margin lowers every model but the
+  prior's top one, so it keeps that (dear) model at every budget where the head is not trusted;
+  the shrinkage moves toward the prior's own frontier. ``mode="trust"`` is fitted at the top only;
 - a split-conformal interval per model: ``q' ± h``, ``h`` the smoothed (randomised) finite-sample
   ``coverage`` quantile of ``|y - q'|`` over the out-of-fold rows of that cell (Mondrian cells:
   the novelty bin, so the intervals widen with novelty where the errors do, and with ``q_bins > 1``
@@ -167,6 +180,10 @@ TEXT_SPACES = ("char", "word")
 INTERVALS = ("pooled", "family", "family_equal", "wider", "wider_equal")
 #: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
 FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
+#: willingness to pay the objective also averages over where ``fit`` is given the calls' costs:
+#: ``lam = x / ref`` (``ref`` the fold's best single model's mean $ per request), from "a few
+#: points of quality are worth ten times the best model's price" to "a point is worth a hundredth of it"
+LAM_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 def _unit(A: np.ndarray) -> np.ndarray:
@@ -262,6 +279,60 @@ def routed_gain(q: np.ndarray, Y: np.ndarray, best: np.ndarray) -> np.ndarray:
     r = np.arange(len(q))
     Y0 = np.nan_to_num(Y, nan=0.0)
     return Y0[r, np.argmax(q, axis=1)] - Y0[r, best]
+
+
+class UtilityGain:
+    """Per-row gain of a router's picks over the conservative prior's, at the top and over the frontier.
+
+    ``top(q)`` is ``(n,)``: the score of the argmax of ``q`` minus that of column ``best``
+    (:func:`routed_gain`, willingness to pay 0, the best quality regardless of cost).
+    ``frontier(q)`` (where ``cost (n, m)`` is given) is ``(n,)``: the mean over :data:`LAM_GRID` of
+    the realised utility (score minus ``lam`` x $) of the argmax of ``q - lam * cost`` minus that of
+    ``prior - lam * cost`` (the single model the prior picks at that willingness to pay: what the
+    utility policy serves with no head), ``lam = x / ref_cost`` per row, each divided by ``1 + x``
+    so that every ``x`` weighs on a comparable scale (score points at small ``x``, $ relative to
+    ``ref_cost`` at large ``x``). ``gain(q)`` is ``(top, frontier or None)``."""
+
+    def __init__(
+        self,
+        Y: np.ndarray,
+        best: np.ndarray,
+        prior: np.ndarray,
+        cost: np.ndarray | None = None,
+        ref_cost: np.ndarray | None = None,
+    ):
+        self.Y0, self.best = np.nan_to_num(np.asarray(Y, np.float64), nan=0.0), np.asarray(best)
+        self.rows = np.arange(len(self.Y0))
+        self.cost = None if cost is None else np.asarray(cost, np.float64)
+        if self.cost is None:
+            return
+        if ref_cost is None or self.cost.shape != self.Y0.shape:
+            raise ValueError(
+                f"UtilityGain: cost {self.cost.shape} must match Y {self.Y0.shape}, with ref_cost"
+            )
+        ref = np.maximum(np.asarray(ref_cost, np.float64), 1e-12)
+        self.lams = [x / ref for x in LAM_GRID]
+        P = np.broadcast_to(np.asarray(prior, np.float64), self.Y0.shape)
+        self.prior_u = [self._utility(P, lam) for lam in self.lams]
+
+    def _utility(self, q: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        pick = np.argmax(q - lam[:, None] * self.cost, axis=1)
+        return self.Y0[self.rows, pick] - lam * self.cost[self.rows, pick]
+
+    def top(self, q: np.ndarray) -> np.ndarray:
+        return self.Y0[self.rows, np.argmax(q, axis=1)] - self.Y0[self.rows, self.best]
+
+    def frontier(self, q: np.ndarray) -> np.ndarray:
+        if self.cost is None:
+            raise ValueError("UtilityGain.frontier: needs the calls' cost")
+        u = sum(
+            (self._utility(q, lam) - pu) / (1.0 + x)
+            for x, lam, pu in zip(LAM_GRID, self.lams, self.prior_u, strict=True)
+        )
+        return u / len(LAM_GRID)
+
+    def __call__(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.top(q), (None if self.cost is None else self.frontier(q))
 
 
 @dataclass
@@ -529,6 +600,7 @@ class NoveltyGuard(BasePredictor):
         fit_predict: FitPredict,
         texts: Sequence[str] | None = None,
         calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
+        cost: np.ndarray | None = None,
     ) -> NoveltyGuard:
         """Fit on the training prompts ``X (n, d)``, outcomes ``Y (n, m)`` and their task
         ``families`` (n,); ``fit_predict`` fits the quality head on some rows and predicts others;
@@ -539,12 +611,23 @@ class NoveltyGuard(BasePredictor):
         intervals' residuals are all fitted on the scale the router serves the guard (an isotonic
         calibrator turns a head's spread of estimates into steps and can move the argmax: a margin
         fitted on the raw scale and served on the calibrated one routed 1.1 points below).
+        ``cost (n, m)``: each training prompt's $ per model (NaN: that model's mean); with it, grid
+        points (and, in ``mode="auto"``, rules) that route the out-of-fold rows equally well at the
+        top are told apart by the utility the policy serves at every willingness to pay
+        (:class:`UtilityGain`); without it the first of them is kept.
         Needs at least two families (the out-of-family folds hold whole families out)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
 
         self.__dict__.pop("bank_", None)  # refitting: the width is the new X's
         X, Y = self._prep(X, "fit"), np.asarray(Y, np.float64)
+        if cost is not None:
+            cost = np.asarray(cost, np.float64)
+            if cost.shape != Y.shape:
+                raise ValueError(f"NoveltyGuard.fit: cost {cost.shape} must have Y's shape {Y.shape}")
+            cost = np.where(np.isnan(cost), np.nan_to_num(np.nanmean(cost, axis=0), nan=0.0), cost)
+            if not np.any(cost > 0):  # no prices: the top alone
+                cost = None
         fam = np.asarray([str(f) for f in families])
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(fam) != len(X):
             raise ValueError(
@@ -579,10 +662,10 @@ class NoveltyGuard(BasePredictor):
             "random": rng.integers(0, self.folds, len(X)),
         }
         Yfill = _fill(Y)
-        oof, knn, pri, spr = {}, {}, {}, {}
+        oof, knn, pri, spr, ref = {}, {}, {}, {}, {}
         for kind, g in groups.items():
             Q, F, best = np.zeros_like(Y), np.zeros((len(X), len(FEATURES))), np.zeros(len(X), np.int64)
-            Yk, P, S = np.zeros_like(Y), np.zeros_like(Y), np.zeros_like(Y)
+            Yk, P, S, R = np.zeros_like(Y), np.zeros_like(Y), np.zeros_like(Y), np.zeros(len(X))
             values = np.unique(g)
             for i, v in enumerate(values):
                 te, tr = np.where(g == v)[0], np.where(g != v)[0]
@@ -597,11 +680,18 @@ class NoveltyGuard(BasePredictor):
                 P[te] = np.nan_to_num(np.nanmean(Y[tr], axis=0), nan=0.0)
                 best[te] = int(np.argmax(P[te[0]]))
                 S[te] = family_spread(Y[tr], fam[tr], int(best[te[0]]))
-            oof[kind], knn[kind], pri[kind], spr[kind] = (Q, F, best), Yk, P, S
+                if cost is not None:  # the fold's best single model's $ per request: lam's unit
+                    R[te] = cost[tr, best[te[0]]].mean()
+            oof[kind], knn[kind], pri[kind], spr[kind], ref[kind] = (Q, F, best), Yk, P, S, R
         (Qf, Ff, bf), (Qi, Fi, bi) = oof["family"], oof["random"]
         if calibrate is not None:  # what the router serves the guard: the calibrated estimates
             Qf, Qi = calibrate(Qf), calibrate(Qi)
         Pf, Pi, Sf, Si = pri["family"], pri["random"], spr["family"], spr["random"]
+        # what a pick earns over the prior's, at the top or over the frontier (with costs)
+        gain = {
+            "i": UtilityGain(Y, bi, Pi, cost, ref["random"]),
+            "f": UtilityGain(Y, bf, Pf, cost, ref["family"]),
+        }
 
         # novelty: out-of-family (1) against in-distribution (0) out-of-fold prompts
         Fall = np.vstack([Fi, Ff])[:, cols]
@@ -625,19 +715,31 @@ class NoveltyGuard(BasePredictor):
         keep = self.keep_in_distribution
         gi_raw = routed_gain(Qi, Y, bi).mean()  # the unguarded head's, in distribution
 
-        def objective(gi: np.ndarray, gf: np.ndarray) -> float:
+        def objective(gi: np.ndarray, gf: np.ndarray, constrained: bool = True) -> float:
             per_fam = np.array([gf[r].mean() for r in fam_rows])
             novel = gf.mean() + self.family_loss_weight * np.minimum(per_fam, 0.0).mean()
-            if keep is None:
+            if keep is None or not constrained:
                 return gi.mean() + novel
             # the in-distribution gain is a constraint, not a price: within ``keep`` of the head's
             # own (the grid's no-guard point always qualifies), the best out of family
             return novel + 1e-3 * gi.mean() if gi.mean() >= gi_raw - keep else -1e9 + gi.mean()
 
-        def fit_shrink(spread: bool) -> tuple[float, tuple[float, float, float], tuple[float, float]]:
+        def score(gi: tuple, gf: tuple) -> tuple[float, float]:
+            """Lexicographic: the objective at the top (the best quality regardless of cost), then,
+            with costs, the same over the frontier (:class:`UtilityGain`) among rules that tie at
+            the top: the frontier breaks ties, it never buys utility with top quality."""
+            front = objective(gi[1], gf[1], constrained=False) if gi[1] is not None else 0.0
+            return objective(gi[0], gf[0]), front
+
+        def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+            return a[0] > b[0] + 1e-12 or (a[0] >= b[0] - 1e-12 and a[1] > b[1] + 1e-12)
+
+        def fit_shrink(
+            spread: bool,
+        ) -> tuple[tuple[float, float], tuple[float, float, float], tuple[float, float]]:
             """The (w_id, w_novel, t) shrinkage (and family-spread risk) of the grid with the best
             out-of-fold routing (each fold's own prior and spread): (objective, weights, risk)."""
-            best_obj, best_w, best_k = -np.inf, (0.0, 0.0, 0.0), (0.0, 0.0)
+            best_obj, best_w, best_k = (-np.inf, -np.inf), (0.0, 0.0, 0.0), (0.0, 0.0)
             ks = SPREAD_GRID if spread else (0.0,)
             # the novelty floor: below it only w_id, so prompts like the training ones keep the
             # head's estimates where the out-of-fold rows say that pays (floor 0: linear in novelty)
@@ -649,15 +751,15 @@ class NoveltyGuard(BasePredictor):
                         base = {"i": self._shrink(Qi, nu_i, wt, Pi), "f": self._shrink(Qf, nu_f, wt, Pf)}
                         for k0 in ks:
                             for k1 in (k for k in ks if k >= k0):
-                                obj = objective(
-                                    routed_gain(base["i"] - (k0 + (k1 - k0) * nu_i)[:, None] * Si, Y, bi),
-                                    routed_gain(base["f"] - (k0 + (k1 - k0) * nu_f)[:, None] * Sf, Y, bf),
+                                obj = score(
+                                    gain["i"](base["i"] - (k0 + (k1 - k0) * nu_i)[:, None] * Si),
+                                    gain["f"](base["f"] - (k0 + (k1 - k0) * nu_f)[:, None] * Sf),
                                 )
-                                if obj > best_obj + 1e-12:
+                                if better(obj, best_obj):
                                     best_obj, best_w, best_k = obj, wt, (k0, k1)
             return best_obj, best_w, best_k
 
-        def fit_margin() -> tuple[float, tuple[float, float, float]]:
+        def fit_margin() -> tuple[tuple[float, float], tuple[float, float, float]]:
             """Decide, don't blend: the (a, b, t) of m(nu) = a + b * max(nu - t, 0) with the best
             out-of-fold routing when the head's pick is kept only where its predicted advantage over
             the prior's model (the fold's best single model) exceeds it: (objective, margin)."""
@@ -666,18 +768,28 @@ class NoveltyGuard(BasePredictor):
                 r = np.arange(len(Q))
                 pick = np.argmax(Q, axis=1)
                 adv = Q[r, pick] - Q[r, b]
-                sw[kind] = (nu, adv, routed_gain(Q, Y, b))
+                sw[kind] = (nu, adv, routed_gain(Q, Y, b), Q, b)
+
+            def margin_gain(kind: str, m: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                _, adv, gh, Q, b = sw[kind]
+                top = np.where(adv > m, gh, 0.0)  # the head's pick where it clears the margin
+                if cost is None:
+                    return top, None
+                Qm = Q - m[:, None]  # as served (_apply): every model but the prior's lowered
+                Qm[np.arange(len(Q)), b] = Q[np.arange(len(Q)), b]
+                return top, gain[kind].frontier(Qm)
+
             floors = np.r_[0.0, np.quantile(nu_i, FLOOR_QUANTILES)]
-            best_obj, best_m = -np.inf, (0.0, 0.0, 0.0)
+            best_obj, best_m = (-np.inf, -np.inf), (0.0, 0.0, 0.0)
             for a in MARGIN_BASE:
                 for bslope in MARGIN_SLOPE:
                     for t in floors if bslope > 0 else (0.0,):
                         g = {
-                            kind: np.where(adv > a + bslope * np.maximum(nu - t, 0.0), gh, 0.0)
-                            for kind, (nu, adv, gh) in sw.items()
+                            kind: margin_gain(kind, a + bslope * np.maximum(sw[kind][0] - t, 0.0))
+                            for kind in sw
                         }
-                        obj = objective(g["i"], g["f"])
-                        if obj > best_obj + 1e-12:
+                        obj = score(g["i"], g["f"])
+                        if better(obj, best_obj):
                             best_obj, best_m = obj, (a, bslope, float(t))
             return best_obj, best_m
 
@@ -696,10 +808,18 @@ class NoveltyGuard(BasePredictor):
             shrunk = fit_shrink(self.mode == "spread") if self.mode != "margin" else None
             margin = fit_margin() if self.mode in ("margin", "auto") else None
             # each fitted rule's objective on the out-of-fold rows (fit-time only, not saved)
+            # (at the top, and over the frontier where the costs were given, else 0)
             self.cv_objective_ = {
-                name: float(r[0]) for name, r in (("shrink", shrunk), ("margin", margin)) if r is not None
+                name: float(r[0][0]) for name, r in (("shrink", shrunk), ("margin", margin)) if r is not None
             }
-            if margin is not None and (shrunk is None or margin[0] > shrunk[0] + 1e-12):
+            self.cv_frontier_ = {
+                name: float(r[0][1]) for name, r in (("shrink", shrunk), ("margin", margin)) if r is not None
+            }
+            # the margin only where it routes better at the top: where the two tie there, the
+            # shrinkage (which moves toward the prior's own frontier; the margin holds the prior's
+            # top model at every budget, and the inner folds' frontier did not foresee a new
+            # family's: on ZeroEval it chose the margin on 2 of 3 folds, AIQ 0.0016 below the shrinkage)
+            if margin is not None and (shrunk is None or margin[0][0] > shrunk[0][0] + 1e-12):
                 self.margin_ = np.asarray(margin[1], np.float64)
             else:
                 self.shrink_ = np.asarray(shrunk[1], np.float64)
