@@ -180,9 +180,10 @@ TEXT_SPACES = ("char", "word")
 INTERVALS = ("pooled", "family", "family_equal", "wider", "wider_equal")
 #: novelty floors ``t``: these quantiles of the in-distribution out-of-fold novelty (and 0)
 FLOOR_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
-#: willingness to pay the objective also averages over where ``fit`` is given the calls' costs:
-#: ``lam = x / ref`` (``ref`` the fold's best single model's mean $ per request), from "a few
-#: points of quality are worth ten times the best model's price" to "a point is worth a hundredth of it"
+#: willingness to pay the frontier averages over where ``fit`` is given the calls' costs:
+#: ``lam = x / ref`` (``ref`` the fold's best single model's mean $ per request), so utility =
+#: score - x * $ / ref: at x = 0.01 that model's whole price is worth one point of score (quality
+#: first), at x = 100 a hundredth of it outweighs the whole score scale (price first)
 LAM_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
