@@ -214,8 +214,8 @@ def fit_guard(
     """A :class:`~router_ml.predictors.guard.NoveltyGuard` for the quality head ``head_name`` /
     ``params`` on these training prompts (embeddings ``X (n, d)``, the head's own features ``H``
     when it reads encoder layers, the guard's ``G`` when it does (:func:`guard_layers`),
-    ``Y (n, m)``, ``cost (n, m)`` their $ per model: the guard is fitted on the utility policy's
-    whole frontier), fitted by family-grouped CV
+    ``Y (n, m)``, ``cost (n, m)`` their $ per model: the guard's ties at the top are broken over
+    the utility policy's frontier), fitted by family-grouped CV
     of that head over ``cfg.guard.family_by``, its intervals on the scale of the router's fitted
     ``calibrator`` (if any); None when ``guard.enabled`` is false or the prompts hold fewer than two
     families (nothing to hold out)."""
