@@ -321,7 +321,7 @@ class UtilityGain:
         return self.Y0[self.rows, pick] - lam * self.cost[self.rows, pick]
 
     def top(self, q: np.ndarray) -> np.ndarray:
-        return self.Y0[self.rows, np.argmax(q, axis=1)] - self.Y0[self.rows, self.best]
+        return routed_gain(q, self.Y0, self.best)
 
     def frontier(self, q: np.ndarray) -> np.ndarray:
         if self.cost is None:
