@@ -55,6 +55,7 @@ from router_ml.metrics import (
 )
 from router_ml.predictors import TaskClassifier, build_calibrator, build_quality_predictor
 from router_ml.predictors.calibration import expected_calibration_error
+from router_ml.predictors.guard import MODES
 from router_ml.predictors.tuning import fit_head, nested_cv_scores, predict_head, tune_quality_head
 from router_ml.training import fit_calibrator, out_of_fold, split_data, task_training_data
 
@@ -443,8 +444,8 @@ def main() -> None:
     ap.add_argument(
         "--guard-mode",
         default="shrink",
-        choices=["shrink", "spread", "margin", "trust"],
-        help="the guard's mode",
+        choices=list(MODES),
+        help="the guard's mode (the main job's default: auto)",
     )
     args = ap.parse_args()
     if args.speed_only:
