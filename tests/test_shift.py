@@ -45,6 +45,28 @@ def test_lofo_holds_out_exactly_one_family_per_fold(small_table):
     assert [f for f, _, _ in sh.lofo_folds(small_table, families=["mbpp"])] == ["mbpp"]
 
 
+def test_family_groups_hold_a_groups_families_out_together(small_table):
+    table, col = sh.group_families(small_table, "source_task", {"code": ["mbpp", "human_eval"]})
+    assert col == "source_task_group" and set(small_table.columns) < set(table.columns)
+    folds = {f: (tr, te) for f, tr, te in sh.lofo_folds(table, col)}
+    assert "code" in folds and "mbpp" not in folds and "human_eval" not in folds
+    train, test = folds["code"]
+    assert set(test["source_task"]) == {"mbpp", "human_eval"}
+    assert not {"mbpp", "human_eval"} & set(train["source_task"])
+    others = sorted(set(small_table["source_task"]) - {"mbpp", "human_eval"})
+    assert sorted(set(folds) - {"code"}) == others  # every other family keeps its own fold
+    ctx = _context(table, {"knn": {"name": "knn", "task_key": "task", "params": {"k": 5}}})
+    ctx.family_by = col
+    (fs,) = sh.fold_scores(ctx, "code", train, {"original": test})
+    assert set(fs.family) == {"code"} and len(fs.family) == test["prompt_id"].nunique()
+    with pytest.raises(ValueError, match="no family 'arc' in 'source_task'"):
+        sh.group_families(small_table, "source_task", {"x": ["arc"]})
+    with pytest.raises(ValueError, match="'mbpp' is in both 'a' and 'b'"):
+        sh.group_families(small_table, "source_task", {"a": ["mbpp"], "b": ["mbpp", "gsm8k"]})
+    with pytest.raises(ValueError, match="non-empty list"):
+        sh.group_families(small_table, "source_task", {"a": "mbpp"})
+
+
 def test_shift_table_keeps_models_covering_every_family(small_table):
     t = small_table[~((small_table["model"] == "codegemma-7b") & (small_table["source_task"] == "gsm8k"))]
     kept, dropped = sh.shift_table(t)

@@ -9,7 +9,9 @@ Modes (``cfg.shift.name``):
   fitted on the OTHER families only: the quality heads, their calibration (out-of-fold predictions
   over the training families and a ``val_size`` part of them), the utility policy and the best
   single model. Training prompts whose normalised text also occurs in the held-out family are
-  dropped (:func:`split_tasks`).
+  dropped (:func:`split_tasks`). ``shift.family_groups`` (``{group: [family, ...]}``) holds
+  families out together (:func:`group_families`: routerdc_7models' ARC-Easy and ARC-Challenge
+  files are one benchmark).
 - ``in_distribution``: the same pipeline over ``folds`` folds of prompt groups (stratified by task),
   so every prompt is tested once by a router that saw its family: the like-for-like reference.
 - ``format``: the ``in_distribution`` folds, trained on the ``train_rendering`` of the training
@@ -101,6 +103,36 @@ class FoldScores:
 
 
 # ---- data and folds --------------------------------------------------------------------------
+def group_families(
+    table: pd.DataFrame, family_by: str, groups: Mapping[str, Sequence[str]]
+) -> tuple[pd.DataFrame, str]:
+    """``(table, column)``: ``table`` with a column ``<family_by>_group`` in which the families of
+    each ``groups`` entry (``{group: [family, ...]}``, e.g. one benchmark split into two files) carry
+    the group's name, the other families their own; that column is the one to hold out by, so a
+    group's families leave training together. Unknown families and a family in two groups raise."""
+    if family_by not in table.columns:
+        raise KeyError(f"shift: the table has no family column {family_by!r}")
+    present = set(table[family_by].astype(str).unique())
+    group_of: dict[str, str] = {}
+    for group, members in groups.items():
+        if isinstance(members, str) or not members:
+            raise ValueError(
+                f"shift.family_groups.{group}: give a non-empty list of families, got {members!r}"
+            )
+        for fam in map(str, members):
+            if fam not in present:
+                raise ValueError(
+                    f"shift.family_groups.{group}: no family {fam!r} in {family_by!r}; present: {sorted(present)}"
+                )
+            if fam in group_of:
+                raise ValueError(f"shift.family_groups: {fam!r} is in both {group_of[fam]!r} and {group!r}")
+            group_of[fam] = str(group)
+    column = f"{family_by}_group"
+    out = table.copy()
+    out[column] = out[family_by].astype(str).map(lambda f: group_of.get(f, f))
+    return out, column
+
+
 def shift_table(
     table: pd.DataFrame, family_by: str = "source_task", min_coverage: float = 0.98
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -195,6 +227,16 @@ class _Context:
         return est, cost
 
 
+def _wide(long: pd.DataFrame, ctx: _Context) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """:func:`to_wide` over the run's models, its prompts frame carrying the family column
+    (``family_by`` may be one that ``to_wide`` does not keep, e.g. :func:`group_families`')."""
+    prompts, Y, models = to_wide(long, ctx.models)
+    if ctx.family_by not in prompts.columns:
+        fam = long.drop_duplicates("prompt_id").set_index("prompt_id")[ctx.family_by]
+        prompts[ctx.family_by] = prompts["prompt_id"].map(fam).to_numpy()
+    return prompts, Y, models
+
+
 def fold_scores(
     ctx: _Context, fold: str, train: pd.DataFrame, tests: Mapping[str, pd.DataFrame]
 ) -> list[FoldScores]:
@@ -207,7 +249,7 @@ def fold_scores(
     from router_ml.training import fit_calibrator, guard_layers
 
     parts = split_prompts(train, test_size=0.0, val_size=ctx.val_size, seed=ctx.seed)
-    (p_tr, Y_tr, _), (p_va, Y_va, _) = (to_wide(parts[s], ctx.models) for s in ("train", "val"))
+    (p_tr, Y_tr, _), (p_va, Y_va, _) = (_wide(parts[s], ctx) for s in ("train", "val"))
     best = best_single_model(Y_tr)
     C_tr = wide_column(parts["train"], p_tr, ctx.models, "cost_usd")  # what the guard's utility reads
     ref_cost = float(np.nanmean(C_tr[:, best]))
@@ -280,7 +322,7 @@ def fold_scores(
         )
     out = []
     for rendering, test in tests.items():
-        p_te, Y_te, _ = to_wide(test, ctx.models)
+        p_te, Y_te, _ = _wide(test, ctx)
         est, cost = ctx.estimates(p_te, Y_te, test)
         X_te, t_te = ctx.X(p_te), list(p_te["prompt"])
         G_te = ctx.X(p_te, glay) if glay else X_te
@@ -520,6 +562,8 @@ def _folds(
     s = cfg["shift"]
     mode = s["name"]
     family_by = s.get("family_by", "source_task")
+    if s.get("family_groups"):
+        family_by = f"{family_by}_group"  # evaluate_shift added it (group_families)
     if mode == "leave_one_family_out":
         fams = s.get("families")
         return [(f, tr, {"original": te}) for f, tr, te in lofo_folds(table, family_by, fams)]
@@ -555,6 +599,8 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
     seed = int((cfg.get("seeds") or [cfg.get("seed", 0)])[0])
     family_by = s.get("family_by", "source_task")
     table = load_routing_data(cfg["data"], seed=seed)
+    if s.get("family_groups"):
+        table, family_by = group_families(table, family_by, s["family_groups"])
     table, dropped = shift_table(table, family_by, float(s.get("min_model_coverage", 0.98)))
     models = sorted(table["model"].unique())
     folds = _folds(cfg, table, seed)
