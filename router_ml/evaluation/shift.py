@@ -554,16 +554,15 @@ def _embed_and_tasks(
 
 
 def _folds(
-    cfg: Mapping[str, Any], table: pd.DataFrame, seed: int
+    cfg: Mapping[str, Any], table: pd.DataFrame, seed: int, family_by: str | None = None
 ) -> list[tuple[str, pd.DataFrame, dict[str, pd.DataFrame]]]:
-    """``[(fold, train table, {rendering: test table})]`` for the run's shift mode."""
+    """``[(fold, train table, {rendering: test table})]`` for the run's shift mode; ``family_by``:
+    the column to hold out by (default ``shift.family_by``; :func:`group_families`' column)."""
     from router_ml.evaluation.renderings import llmrouter_choices, render_table
 
     s = cfg["shift"]
     mode = s["name"]
-    family_by = s.get("family_by", "source_task")
-    if s.get("family_groups"):
-        family_by = f"{family_by}_group"  # evaluate_shift added it (group_families)
+    family_by = family_by or s.get("family_by", "source_task")
     if mode == "leave_one_family_out":
         fams = s.get("families")
         return [(f, tr, {"original": te}) for f, tr, te in lofo_folds(table, family_by, fams)]
@@ -603,7 +602,7 @@ def evaluate_shift(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any
         table, family_by = group_families(table, family_by, s["family_groups"])
     table, dropped = shift_table(table, family_by, float(s.get("min_model_coverage", 0.98)))
     models = sorted(table["model"].unique())
-    folds = _folds(cfg, table, seed)
+    folds = _folds(cfg, table, seed, family_by)
     texts = sorted(
         {t for _, tr, tests in folds for df in (tr, *tests.values()) for t in df["prompt"].unique()}
     )

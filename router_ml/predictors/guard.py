@@ -274,6 +274,16 @@ def shrink_weight(nu: np.ndarray, shrink: Sequence[float]) -> np.ndarray:
     return np.clip(w0 + (w1 - w0) * r, 0.0, 1.0)
 
 
+def margin_lowered(q: np.ndarray, m: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """``q (n, m)`` with every model but the prior's (column ``prior (n,)``) lowered by the margin
+    ``m (n,)``: its argmax is the head's pick where that leads the prior's model by more than
+    ``m``, else the prior's model (never a third one)."""
+    r = np.arange(len(q))
+    out = q - m[:, None]
+    out[r, prior] = q[r, prior]
+    return out
+
+
 def routed_gain(q: np.ndarray, Y: np.ndarray, best: np.ndarray) -> np.ndarray:
     """(n,) score of the argmax of ``q`` minus the score of column ``best`` (n,), per row; NaN
     outcomes count as 0."""
@@ -776,9 +786,7 @@ class NoveltyGuard(BasePredictor):
                 top = np.where(adv > m, gh, 0.0)  # the head's pick where it clears the margin
                 if cost is None:
                     return top, None
-                Qm = Q - m[:, None]  # as served (_apply): every model but the prior's lowered
-                Qm[np.arange(len(Q)), b] = Q[np.arange(len(Q)), b]
-                return top, gain[kind].frontier(Qm)
+                return top, gain[kind].frontier(margin_lowered(Q, m, b))  # as served (_apply)
 
             floors = np.r_[0.0, np.quantile(nu_i, FLOOR_QUANTILES)]
             best_obj, best_m = (-np.inf, -np.inf), (0.0, 0.0, 0.0)
@@ -1065,8 +1073,7 @@ class NoveltyGuard(BasePredictor):
             m = np.where(trust > self.trust_tau_[0], 0.0, np.maximum(q.max(axis=1) - q[r, p], 0.0) + 1e-6)
         else:
             m = self.margin(nu)
-        out = q - m[:, None]
-        out[r, p] = q[r, p]
+        out = margin_lowered(q, m, p)
         pick = np.argmax(shrunk, axis=1)
         overrode = (pick != p) & (np.argmax(out, axis=1) == p)
         return out, np.where(overrode, 1.0, w)
